@@ -1,0 +1,71 @@
+// fastllm._C: the only file that includes pybind11.
+//
+// Every launcher takes integer device pointers, sizes, strides, a device index and a stream
+// handle, and returns an int status (0, a cudaError_t, or a fastllm code from common.h).
+// Python (python/fastllm/_ext.py) checks tensors before the call and raises on non-zero.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "common/common.h"
+#include "int8/quantize_per_token.h"
+
+namespace py = pybind11;
+
+#ifndef FASTLLM_BUILT_ARCHS
+#error "FASTLLM_BUILT_ARCHS must be defined by the build (CMakeLists.txt)"
+#endif
+
+namespace {
+
+// Number of devices, or a negative cudaError_t (e.g. -35 "insufficient driver" on a
+// machine without a GPU driver): this lets `import fastllm` work everywhere.
+int device_count() {
+  int n = 0;
+  cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky-free error so later calls start clean
+    return -static_cast<int>(e);
+  }
+  return n;
+}
+
+// (major, minor) of a device, or raises with the CUDA error string.
+std::vector<int> device_capability(int device) {
+  cudaDeviceProp p{};
+  cudaError_t e = cudaGetDeviceProperties(&p, device);
+  if (e != cudaSuccess) throw std::runtime_error(cudaGetErrorString(e));
+  return {p.major, p.minor, p.multiProcessorCount};
+}
+
+int runtime_version() {
+  int v = 0;
+  cudaRuntimeGetVersion(&v);
+  return v;
+}
+
+int driver_version() {
+  int v = 0;
+  if (cudaDriverGetVersion(&v) != cudaSuccess) return 0;
+  return v;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastllm CUDA kernels (no libtorch; pointers in, status code out)";
+  m.attr("built_archs") = std::string(FASTLLM_BUILT_ARCHS);
+  m.attr("ERR_BASE") = static_cast<int>(fastllm::kErrBase);
+  m.def("error_string", &fastllm::status_string, "message for a status code");
+  m.def("device_count", &device_count);
+  m.def("device_capability", &device_capability);
+  m.def("runtime_version", &runtime_version);
+  m.def("driver_version", &driver_version);
+
+  // Kernels run without the GIL so other Python threads are not held up by launches.
+  m.def("quantize_per_token", &fastllm::quantize_per_token, py::call_guard<py::gil_scoped_release>(),
+        py::arg("device"), py::arg("x"), py::arg("dtype"), py::arg("M"), py::arg("K"),
+        py::arg("stride_x"), py::arg("q"), py::arg("scale"), py::arg("stream"));
+}

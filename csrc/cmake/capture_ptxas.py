@@ -1,0 +1,24 @@
+"""CMake compiler launcher: runs nvcc, saves its ptxas resource report next to the object.
+
+`ptxas -v` prints one block per kernel and arch (registers, shared memory, spills). The
+report of each object goes to `<object>.ptxas` so setup.py can collect it into
+`_build_info.json` even on incremental builds; the console keeps everything except those
+info lines, which would drown real warnings.
+"""
+import re
+import subprocess
+import sys
+
+cmd = sys.argv[1:]
+proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+out = cmd[cmd.index("-o") + 1] if "-o" in cmd else None
+lines = proc.stderr.splitlines(True)
+is_info = [l.startswith("ptxas info") or re.match(r"^\s+\d+ bytes stack frame", l) for l in lines]
+info = [l for l, i in zip(lines, is_info) if i]
+rest = [l for l, i in zip(lines, is_info) if not i]
+if out and proc.returncode == 0:
+    with open(out + ".ptxas", "w") as f:
+        f.writelines(info)
+sys.stdout.write(proc.stdout)
+sys.stderr.writelines(rest)
+sys.exit(proc.returncode)

@@ -1,0 +1,60 @@
+// fastllm common: error codes, dtype codes and the device guard every launcher uses.
+//
+// The extension never sees a torch tensor (DESIGN.md, decision 1). A launcher gets raw
+// device pointers, sizes, strides, a dtype code and a stream, checks what it can, launches,
+// and returns an int: 0 on success, a cudaError_t value on a CUDA failure, or one of the
+// fastllm codes below (>= kErrBase) when the arguments are wrong. Python turns a non-zero
+// code into an exception through fastllm_error_string().
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cstdint>
+
+namespace fastllm {
+
+// Own codes start well above every cudaError_t value so the two never collide.
+enum Status : int {
+  kOk = 0,
+  kErrBase = 10000,
+  kErrUnsupportedDtype = 10001,  // dtype code the kernel has no instantiation for
+  kErrBadShape = 10002,          // a size is negative / zero where it must not be
+  kErrMisaligned = 10003,        // a pointer or stride breaks the kernel's alignment needs
+  kErrUnsupportedArch = 10004,   // the device's arch has no code in this build
+  kErrLast
+};
+
+// Must match python/fastllm/_ext.py DTYPE_CODES.
+enum DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kInt8 = 3, kInt32 = 4 };
+
+inline const char* status_string(int code) {
+  switch (code) {
+    case kErrUnsupportedDtype: return "unsupported dtype for this kernel";
+    case kErrBadShape: return "invalid shape passed to the kernel launcher";
+    case kErrMisaligned: return "pointer or stride not aligned as the kernel requires";
+    case kErrUnsupportedArch: return "no code for this GPU architecture in this build";
+    default: return cudaGetErrorString(static_cast<cudaError_t>(code));
+  }
+}
+
+// Makes `device` current for the launch and restores the caller's device afterwards, so a
+// launch never changes the device PyTorch (or the user) thinks is current.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    status_ = cudaGetDevice(&previous_);
+    if (status_ == cudaSuccess && previous_ != device) status_ = cudaSetDevice(device);
+  }
+  ~DeviceGuard() {
+    if (status_ == cudaSuccess) cudaSetDevice(previous_);
+  }
+  cudaError_t status() const { return status_; }
+
+ private:
+  int previous_ = 0;
+  cudaError_t status_ = cudaSuccess;
+};
+
+// Launch epilogue: a bad grid or missing arch shows up here, not at the next sync.
+inline int launch_status() { return static_cast<int>(cudaGetLastError()); }
+
+}  // namespace fastllm

@@ -1,0 +1,6 @@
+"""Public ops. Each is a torch.library custom op (fastllm::<name>) with a fake impl, served
+by the cuda, triton or torch backend chosen through fastllm.ops.registry."""
+from .quantize import quantize_per_token
+from .registry import BACKENDS, OPS
+
+__all__ = ["quantize_per_token", "BACKENDS", "OPS"]

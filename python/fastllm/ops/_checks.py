@@ -1,0 +1,27 @@
+"""Argument checks shared by the public ops: each error names the op, the argument and
+what was expected, so bad input never reaches a kernel."""
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _fmt(dtypes):
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(op, name, t, *, ndim=None, dtypes=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{op}: argument '{name}' must be {ndim}-D, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{op}: argument '{name}' must have dtype in ({_fmt(dtypes)}), got "
+                        f"{str(t.dtype).replace('torch.', '')}")
+    return t
+
+
+def unit_stride_reason(name, t, dim=-1):
+    """Reason string (for a backend's `supports`) when `t` is not unit-stride along `dim`."""
+    if t.size(dim) > 1 and t.stride(dim) != 1:
+        return f"'{name}' needs unit stride in dim {dim} (got strides {tuple(t.stride())})"
+    return None

@@ -1,0 +1,133 @@
+"""Backend registry: which of cuda / triton / torch serves a call, and why the others don't.
+
+Each op registers one implementation per backend plus a `supports(*args, **kw)` predicate
+that returns None when it can serve the call, else a short reason. On top of that every
+backend has device-level conditions checked here once (extension built? arch built?
+Triton importable? interpreter?).
+
+`backend="auto"` (or FASTLLM_BACKEND unset) walks the op's preference order (cuda, triton,
+torch by default) and takes the first that can serve. A forced backend that cannot serve
+the call raises BackendUnavailableError with the reason: never a silent fallback.
+"""
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from .. import _ext
+from ..errors import BackendUnavailableError
+
+BACKENDS = ("cuda", "triton", "torch")
+log = logging.getLogger("fastllm")
+
+
+def _triton_state():
+    """(module, reason): fastllm.triton_kernels if usable, else None and why."""
+    try:
+        from .. import triton_kernels
+    except ImportError as e:
+        return None, f"Triton is not importable ({e}); pip install triton"
+    return triton_kernels, None
+
+
+def device_reason(backend: str, device: torch.device, auto: bool) -> Optional[str]:
+    """Device-level reason `backend` cannot run on `device`, or None."""
+    if backend == "torch":
+        return None
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"needs CUDA tensors (got {device.type})"
+        reason = _ext.unavailable_reason()
+        if reason:
+            return reason
+        return _ext.arch_reason(device.index if device.index is not None else torch.cuda.current_device())
+    if backend == "triton":
+        tk, reason = _triton_state()
+        if reason:
+            return reason
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu":
+            if not tk.interpreting():
+                return "CPU tensors need TRITON_INTERPRET=1 set before triton is imported"
+            if auto:
+                return "auto uses the reference on CPU (the Triton interpreter is a test tool; force backend='triton')"
+            return None
+        return f"needs CUDA tensors (got {device.type})"
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+@dataclass
+class Op:
+    """One op's implementations and support predicates, keyed by backend."""
+
+    name: str
+    order: Tuple[str, ...] = BACKENDS
+    impls: Dict[str, Callable] = field(default_factory=dict)
+    supports: Dict[str, Callable[..., Optional[str]]] = field(default_factory=dict)
+    _announced: set = field(default_factory=set)
+
+    def register(self, backend: str, supports: Optional[Callable[..., Optional[str]]] = None):
+        """Decorator: `@OP.register("triton", supports=pred)` on the implementation."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}")
+
+        def deco(fn):
+            self.impls[backend] = fn
+            self.supports[backend] = supports or (lambda *a, **k: None)
+            return fn
+
+        return deco
+
+    def reason(self, backend: str, device: torch.device, *args, auto: bool = False, **kw) -> Optional[str]:
+        if backend not in self.impls:
+            return f"{self.name} has no {backend} implementation"
+        return device_reason(backend, device, auto) or self.supports[backend](*args, **kw)
+
+    def reasons(self, device: torch.device, *args, **kw) -> Dict[str, Optional[str]]:
+        """Every backend -> None (can serve) or why not, as auto would see it."""
+        return {b: self.reason(b, device, *args, auto=True, **kw) for b in self.order}
+
+    def select(self, backend: str, device: torch.device, *args, **kw) -> str:
+        """Resolve `backend` ("auto" or a name) for this call; raises if forced and unable."""
+        backend = resolve_request(backend)
+        if backend != "auto":
+            why = self.reason(backend, device, *args, **kw)
+            if why:
+                raise BackendUnavailableError(f"{self.name}: backend '{backend}' cannot serve this call: {why}")
+            return backend
+        tried = []
+        for b in self.order:
+            why = self.reason(b, device, *args, auto=True, **kw)
+            if why is None:
+                if (b, device.type) not in self._announced:
+                    self._announced.add((b, device.type))
+                    log.info("%s: backend '%s' on %s (%s)", self.name, b, device.type,
+                             "; ".join(tried) or "first choice")
+                return b
+            tried.append(f"{b}: {why}")
+        raise BackendUnavailableError(f"{self.name}: no backend can serve this call: " + "; ".join(tried))
+
+
+def resolve_request(backend: str) -> str:
+    """backend= argument, with FASTLLM_BACKEND standing in for "auto"."""
+    if not isinstance(backend, str):
+        raise TypeError(f"argument 'backend' must be a str, got {type(backend).__name__}")
+    if backend == "auto":
+        backend = os.environ.get("FASTLLM_BACKEND", "auto").strip() or "auto"
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"FASTLLM_BACKEND={backend!r}: expected one of auto, {', '.join(BACKENDS)}")
+    elif backend not in BACKENDS:
+        raise ValueError(f"argument 'backend' must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
+    return backend
+
+
+OPS: Dict[str, Op] = {}
+
+
+def new_op(name: str, order: Tuple[str, ...] = BACKENDS) -> Op:
+    op = Op(name, order)
+    OPS[name] = op
+    return op

@@ -1,0 +1,45 @@
+"""Test setup. Without a GPU, Triton kernels run in Triton's CPU interpreter: that needs
+TRITON_INTERPRET=1 before triton is first imported, so it is set here, at collection."""
+import os
+import shutil
+import subprocess
+
+
+def _has_gpu():
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+HAS_GPU = _has_gpu()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Backend names the test device can run: the interpreter serves Triton on CPU.
+DEVICE = "cuda" if HAS_GPU and torch.cuda.is_available() else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and DEVICE != "cuda":
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    # Fresh random inputs every run; the seed is printed (shown on failure) to reproduce it.
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    print(f"torch.manual_seed({seed})")
