@@ -21,6 +21,9 @@ def _kernel_supports(x):
     return unit_stride_reason("x", x, 1)
 
 
+OP.example = lambda: ("x (4096, 4096) bf16", (torch.empty(4096, 4096, dtype=torch.bfloat16, device="meta"),), {})
+
+
 @OP.register("torch")
 def _torch(x):
     return ref.quantize_per_token(x)

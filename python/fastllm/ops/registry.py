@@ -67,6 +67,9 @@ class Op:
     order: Tuple[str, ...] = BACKENDS
     impls: Dict[str, Callable] = field(default_factory=dict)
     supports: Dict[str, Callable[..., Optional[str]]] = field(default_factory=dict)
+    # example(device) -> (description, args, kwargs) of a typical call, for `fastllm.info`.
+    # Meta tensors are fine: `supports` looks at shapes, dtypes and strides only.
+    example: Optional[Callable] = None
     _announced: set = field(default_factory=set)
 
     def register(self, backend: str, supports: Optional[Callable[..., Optional[str]]] = None):

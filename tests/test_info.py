@@ -1,0 +1,32 @@
+"""`python -m fastllm.info` tells the truth about this machine."""
+import json
+import subprocess
+import sys
+
+import torch
+
+from conftest import DEVICE
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "fastllm.info", *args], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_info_text():
+    out = _run("--kernels")
+    assert out.startswith("fastllm ")
+    assert "quantize_per_token" in out
+    if DEVICE == "cpu":
+        assert "-> torch" in out and "needs CUDA tensors (got cpu)" in out
+
+
+def test_info_json_matches_build():
+    from fastllm import _ext
+    info = json.loads(_run("--json"))
+    assert info["torch"] == torch.__version__
+    bi = _ext.build_info()
+    assert info["build"].get("archs") == bi.get("archs")
+    row = next(r for r in info["ops"] if r["op"] == "quantize_per_token")
+    assert set(row["reasons"]) == {"cuda", "triton", "torch"}
+    assert row["backend"] == ("torch" if DEVICE == "cpu" else row["backend"])

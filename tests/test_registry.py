@@ -1,0 +1,102 @@
+"""Backend registry: auto selection, forcing (argument and FASTLLM_BACKEND), no silent
+fallback, arch messages."""
+import pytest
+import torch
+
+import fastllm
+from fastllm import _ext
+from fastllm.ops import registry
+from fastllm.ops.quantize import OP as QOP
+
+from conftest import DEVICE
+
+
+def test_auto_on_cpu_uses_reference(monkeypatch):
+    monkeypatch.delenv("FASTLLM_BACKEND", raising=False)
+    x = torch.randn(3, 5)
+    assert QOP.select("auto", x.device, x) == "torch"
+    reasons = QOP.reasons(x.device, x)
+    assert reasons["torch"] is None
+    assert "CUDA tensors" in reasons["cuda"]
+    assert reasons["triton"]  # the interpreter is never auto-picked on CPU
+
+
+def test_env_forces_backend(monkeypatch):
+    x = torch.randn(3, 5)
+    monkeypatch.setenv("FASTLLM_BACKEND", "triton")
+    assert QOP.select("auto", x.device, x) == "triton"
+    monkeypatch.setenv("FASTLLM_BACKEND", "torch")
+    assert QOP.select("auto", x.device, x) == "torch"
+    assert QOP.select("triton", x.device, x) == "triton"  # the argument wins over the env
+
+
+def test_env_forcing_unavailable_backend_raises(monkeypatch):
+    monkeypatch.setenv("FASTLLM_BACKEND", "cuda")
+    with pytest.raises(fastllm.BackendUnavailableError, match="backend 'cuda' cannot serve this call: needs CUDA"):
+        fastllm.ops.quantize_per_token(torch.randn(3, 5))
+
+
+def test_env_bad_value(monkeypatch):
+    monkeypatch.setenv("FASTLLM_BACKEND", "fast")
+    with pytest.raises(ValueError, match="FASTLLM_BACKEND='fast'"):
+        fastllm.ops.quantize_per_token(torch.randn(3, 5))
+
+
+def test_forced_triton_without_triton_raises(monkeypatch):
+    monkeypatch.setattr(registry, "_triton_state", lambda: (None, "Triton is not importable (test)"))
+    x = torch.randn(3, 5)
+    with pytest.raises(fastllm.BackendUnavailableError, match="Triton is not importable"):
+        fastllm.ops.quantize_per_token(x, backend="triton")
+    assert QOP.select("auto", x.device, x) == "torch"
+
+
+def test_missing_impl_is_a_reason():
+    op = registry.Op("only_torch")
+    op.register("torch")(lambda x: x)
+    assert "has no cuda implementation" in op.reason("cuda", torch.device("cpu"), None)
+    with pytest.raises(fastllm.BackendUnavailableError, match="no triton implementation"):
+        op.select("triton", torch.device("cpu"), None)
+
+
+@pytest.mark.parametrize("built,cap,ok", [
+    ("80", (8, 0), True), ("80", (8, 6), True), ("80", (8, 9), True), ("86", (8, 0), False),
+    ("80", (9, 0), False), ("90a", (9, 0), True), ("90", (9, 0), True), ("90a", (10, 0), False),
+    ("89", (8, 9), True), ("100a", (10, 3), False),
+])
+def test_sass_compatibility_rule(built, cap, ok):
+    assert _ext._runs_on(built, *cap) is ok
+
+
+def test_unbuilt_arch_message_names_archs_and_fix(monkeypatch):
+    monkeypatch.setattr(_ext, "built_archs", lambda: ["90a"])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA A10")
+    _ext.arch_reason.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning) as rec:
+            msg = _ext.arch_reason(0)
+    finally:
+        _ext.arch_reason.cache_clear()
+    assert "sm_86" in msg and "built for: sm_90a" in msg and 'FASTLLM_CUDA_ARCHS="86"' in msg
+    assert "Triton" in msg and str(rec[0].message) == msg
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="checks the no-driver path")
+def test_no_driver_is_a_clear_python_error():
+    if _ext.unavailable_reason():
+        pytest.skip(_ext.unavailable_reason())
+    lib = _ext.lib()
+    assert lib.device_count() < 0  # negative cudaError_t: no driver here
+    code = lib.quantize_per_token(0, 0, 0, 1, 1, 1, 0, 0, 0)
+    with pytest.raises(fastllm.CudaUnavailableError, match="no usable CUDA driver"):
+        _ext.check(code, "quantize_per_token")
+
+
+def test_launcher_validates_shapes():
+    if _ext.unavailable_reason():
+        pytest.skip(_ext.unavailable_reason())
+    lib = _ext.lib()
+    code = lib.quantize_per_token(0, 0, 0, -1, 4, 4, 0, 0, 0)
+    assert code == lib.ERR_BASE + 2
+    with pytest.raises(fastllm.CudaError, match="invalid shape"):
+        _ext.check(code, "quantize_per_token")
