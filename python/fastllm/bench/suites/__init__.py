@@ -1,0 +1,1 @@
+"""Benchmark suites: each exposes run(ctx) -> list of row dicts, and COLUMNS / PLOT."""

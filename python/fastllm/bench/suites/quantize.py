@@ -1,0 +1,42 @@
+"""Per-token int8 quantization: GB/s (bytes read + written) of each backend vs the copy ceiling.
+
+Shapes: activations of real models (hidden sizes of Llama-3-8B/70B, their MLP widths) at
+decode and prefill token counts. The op is memory bound: x read once (the kernels re-read
+it from L2), q and scales written once.
+"""
+import torch
+
+import fastllm
+from fastllm import ref
+
+COLUMNS = ["impl", "dtype", "M", "K", "ms", "GB/s", "frac_copy_peak", "ok"]
+PLOT = dict(x="M", y="GB/s", series="impl")
+
+SHAPES = {"llama3-8b": [4096, 14336], "llama3-70b": [8192, 28672]}
+TOKENS = [1, 16, 512, 4096, 16384]
+QUICK_TOKENS = [1, 512, 4096]
+CPU_SHAPES = [(1, 4096), (64, 4096), (512, 4096)]
+
+
+def run(ctx):
+    dev = ctx.device
+    dtypes = ctx.dtypes
+    shapes = CPU_SHAPES if dev.type == "cpu" else [
+        (m, k) for ks in (SHAPES[s] for s in ctx.presets(SHAPES)) for k in ks
+        for m in (QUICK_TOKENS if ctx.quick else TOKENS)]
+    rows = []
+    for dtype in dtypes:
+        for M, K in ctx.progress(shapes, f"quantize {dtype}"):
+            x = torch.randn(M, K, device=dev, dtype=dtype) * 3
+            want = ref.quantize_per_token(x)
+            nbytes = x.numel() * x.element_size() + M * K + 4 * M
+            for impl in ctx.backends(fastllm.ops.OPS["quantize_per_token"], x.device, x):
+                fn = lambda: fastllm.ops.quantize_per_token(x, backend=impl)  # noqa: E731
+                got = fn()
+                ok = torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+                t = ctx.timer(fn) if ok else None
+                rows.append(dict(impl=impl, dtype=str(dtype).replace("torch.", ""), M=M, K=K,
+                                 ms=t and t * 1e3, **{"GB/s": t and nbytes / t / 1e9},
+                                 frac_copy_peak=t and nbytes / t / 1e9 / ctx.peaks["copy_gbs"],
+                                 ok="yes" if ok else "WRONG"))
+    return rows
