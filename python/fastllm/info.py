@@ -59,7 +59,7 @@ def collect():
     from .ops.registry import _triton_state
     tk, treason = _triton_state()
     return {
-        "fastllm": __version__,
+        "fastllm": _ext.build_info().get("version", __version__),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": _version("triton"),
