@@ -1,0 +1,98 @@
+"""Reference exact attention (prefill): the semantics every flash-attention backend matches.
+
+    out, lse = flash_attention(q, k, v, causal=True)
+    q: (B, Hq, Sq, D)   k, v: (B, Hkv, Skv, D)   Hq a multiple of Hkv (GQA / MQA)
+    out: (B, Sq, Hq, D) contiguous, q.dtype     lse: (B, Hq, Sq) float32 (float64 for float64)
+
+Computed the plain way, with the whole (Sq, Skv) score matrix materialized, in float32
+(float64 when the inputs are float64: the tests' ground truth):
+
+    s[i, j] = scale * <q_i, k_j>                       scale defaults to 1/sqrt(D)
+    s       = softcap * tanh(s / softcap)              if softcap (Gemma 2)
+    allowed[i, j] = mask[b, 0, i, j]                   mask: bool, True = attend
+                  & (j <= p_i)                         if causal
+                  & (j > p_i - window)                 if window (W keys, own included)
+    with p_i = i + Skv - Sq the absolute position of query i (bottom-right alignment: the
+    queries are the last Sq tokens of a sequence whose first Skv tokens are the keys).
+    lse_i = log sum_{allowed j} exp(s[i, j])           (-inf when nothing is allowed)
+    out_i = sum_{allowed j} exp(s[i, j] - lse_i) v_j   (0 when nothing is allowed)
+
+Query head h reads kv head h // (Hq // Hkv).
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def allowed_keys(Sq: int, Skv: int, *, causal: bool, window: Optional[int] = None,
+                 mask: Optional[torch.Tensor] = None, device=None) -> torch.Tensor:
+    """Bool (B or 1, 1, Sq, Skv): which key each query may attend to (see module docstring)."""
+    pos = torch.arange(Sq, device=device)[:, None] + (Skv - Sq)   # absolute query positions
+    key = torch.arange(Skv, device=device)[None, :]
+    allowed = torch.ones(Sq, Skv, dtype=torch.bool, device=device)
+    if causal:
+        allowed &= key <= pos
+    if window is not None and window > 0:
+        allowed &= key > pos - window
+    allowed = allowed[None, None]
+    if mask is not None:
+        allowed = allowed & mask.to(device=device, dtype=torch.bool)
+    return allowed
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                    scale: Optional[float] = None, mask: Optional[torch.Tensor] = None,
+                    window: Optional[int] = None, softcap: Optional[float] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, Sq, Hq, D) contiguous in q.dtype, lse (B, Hq, Sq) float32/float64)."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    acc = _acc_dtype(q.dtype)
+    group = Hq // Hkv
+    qf = q.to(acc)
+    kf = k.to(acc).repeat_interleave(group, dim=1)   # readable, not memory-frugal
+    vf = v.to(acc).repeat_interleave(group, dim=1)
+
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale                       # (B, Hq, Sq, Skv)
+    if softcap is not None and softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    allowed = allowed_keys(Sq, Skv, causal=causal, window=window, mask=mask, device=q.device)
+    s = s.masked_fill(~allowed, float("-inf"))
+
+    lse = torch.logsumexp(s, dim=-1)                                          # -inf: empty row
+    lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    p = torch.exp(s - lse_safe[..., None])                                    # exp(-inf) = 0
+    out = torch.matmul(p, vf)                                                 # (B, Hq, Sq, D)
+    out = out.transpose(1, 2).to(q.dtype).contiguous()
+    return out, lse.contiguous()
+
+
+def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *, causal: bool,
+                           scale: Optional[float] = None, window: Optional[int] = None,
+                           softcap: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Packed sequences (flash-attn's varlen layout): q (total_q, Hq, D), k/v (total_k, Hkv, D),
+    cu_seqlens_* int32 (B + 1,) prefix sums. Sequence b is q[cu_q[b]:cu_q[b+1]] against
+    k/v[cu_k[b]:cu_k[b+1]], with the semantics of flash_attention (causal bottom-right aligned
+    per sequence). Returns (out (total_q, Hq, D), lse (Hq, total_q) float32) as flash-attn."""
+    total_q, Hq, D = q.shape
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.full((Hq, total_q), float("-inf"), dtype=_acc_dtype(q.dtype), device=q.device)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        if q1 == q0:
+            continue
+        o, l = flash_attention(q[q0:q1].transpose(0, 1)[None], k[k0:k1].transpose(0, 1)[None],
+                               v[k0:k1].transpose(0, 1)[None], causal=causal, scale=scale,
+                               window=window, softcap=softcap)
+        out[q0:q1] = o[0]
+        lse[:, q0:q1] = l[0]
+    return out, lse

@@ -1,0 +1,471 @@
+"""flash_attention / flash_attention_varlen: every backend vs a float64 reference.
+
+Tolerance (STYLE.md, FlashAttention's rule): a backend's max error vs the float64 reference is
+at most 2x the max error of PyTorch's own computation in the same dtype (the materialized
+attention computed in that dtype: scores, softmax and P V all in q.dtype, as FlashAttention's
+tests do), plus one ulp of the dtype at the output's magnitude (so that an exact baseline,
+e.g. a single key, does not demand a bit-exact kernel). The same rule holds for lse (an fp32
+output: one fp32 ulp). For float32 inputs both errors are summation-order noise of a few ulps
+(PyTorch's BLAS and the kernel's tiles add in different orders), so their ratio means
+nothing: there the floor is FP32_FLOOR_ULPS ulps. Rows with no allowed key must be exactly 0
+with lse = -inf.
+
+Triton runs through the CPU interpreter here (tests/conftest.py); the grid is chosen to keep
+this file around a minute on a 2-core machine. The `gpu` tests run a bigger grid natively.
+"""
+import importlib.util
+import math
+
+import pytest
+import torch
+
+import fastllm
+from fastllm import ref
+from fastllm.ops import flash_attention, flash_attention_varlen
+from fastllm.ref.attention import allowed_keys
+
+from conftest import DEVICE
+
+KERNEL_BACKENDS = ["triton"] + (["cuda"] if DEVICE == "cuda" else [])
+BACKENDS = KERNEL_BACKENDS + ["torch"]
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+LOW = [torch.float16, torch.bfloat16]
+FP32_FLOOR_ULPS = 8   # observed: up to ~6 ulps for lse, ~11 for out at D=128 (both backends)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+def rand(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
+
+
+def qkv(B, Hq, Hkv, Sq, Skv, D, dtype, q_scale=1.0):
+    return (rand(B, Hq, Sq, D, dtype=dtype, scale=q_scale), rand(B, Hkv, Skv, D, dtype=dtype),
+            rand(B, Hkv, Skv, D, dtype=dtype))
+
+
+def pytorch_same_dtype(q, k, v, *, causal, scale=None, mask=None, window=None, softcap=None):
+    """PyTorch's own attention in q.dtype (materialized; the baseline error to beat)."""
+    B, Hq, Sq, D = q.shape
+    g = Hq // k.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = torch.matmul(q, kk.transpose(-1, -2)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    allowed = allowed_keys(q.shape[2], k.shape[2], causal=causal, window=window, mask=mask, device=q.device)
+    s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return torch.matmul(p, vv).transpose(1, 2), lse
+
+
+def truth(q, k, v, **kw):
+    return ref.flash_attention(q.double(), k.double(), v.double(), **kw)
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def check(out, lse, exact, base, dtype):
+    """out/lse of a backend vs the float64 `exact` and the same-dtype PyTorch `base`."""
+    t_out, t_lse = exact
+    b_out, b_lse = base
+    assert out.shape == t_out.shape and out.dtype == dtype and out.is_contiguous()
+    assert lse.shape == t_lse.shape and lse.dtype == torch.float32
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    ulp = torch.finfo(dtype).eps * (FP32_FLOOR_ULPS if dtype == torch.float32 else 1)
+    err, b_err = max_err(out, t_out), max_err(b_out, t_out)
+    assert err <= 2 * b_err + ulp * max(1.0, t_out.abs().max().item()), \
+        f"out error {err:.3g} > 2 x PyTorch's {b_err:.3g} ({dtype})"
+    empty = torch.isinf(t_lse)
+    assert torch.equal(torch.isneginf(lse.cpu()), empty.cpu()), "lse must be -inf exactly on empty rows"
+    rows = ~empty
+    if rows.any():
+        err, b_err = max_err(lse[rows], t_lse[rows]), max_err(b_lse[rows], t_lse[rows])
+        ulps = FP32_FLOOR_ULPS if dtype == torch.float32 else 1
+        floor = torch.finfo(torch.float32).eps * ulps * max(1.0, t_lse[rows].abs().max().item())
+        assert err <= 2 * b_err + floor, f"lse error {err:.3g} > 2 x PyTorch's {b_err:.3g} ({dtype})"
+
+
+def run_and_check(backend, q, k, v, **kw):
+    out, lse = flash_attention(q, k, v, backend=backend, return_lse=True, **kw)
+    check(out, lse, truth(q, k, v, **kw), pytorch_same_dtype(q, k, v, **kw), q.dtype)
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# Numerics on a representative grid (B, Hq, Hkv, Sq, Skv, D, causal)
+
+CASES = [
+    (1, 8, 8, 1, 1, 64, True),
+    (2, 8, 2, 1, 128, 128, True),       # decode-like row against a cache
+    (3, 8, 1, 17, 17, 80, True),        # MQA
+    (2, 8, 2, 17, 97, 96, True),        # continuation: bottom-right causal
+    (1, 8, 8, 97, 97, 64, False),
+    (2, 4, 1, 97, 128, 40, True),       # odd head dim (padded tile)
+    (1, 8, 2, 128, 128, 128, True),
+    (1, 2, 1, 17, 128, 256, False),
+    (1, 4, 2, 128, 17, 72, True),       # Sq > Skv: the first rows see nothing
+    (2, 2, 2, 97, 1, 64, False),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}_H{}/{}_S{}x{}_D{}_{}".format(*c[:6], "causal" if c[6] else "full"))
+def test_matches_reference(backend, dtype, case):
+    B, Hq, Hkv, Sq, Skv, D, causal = case
+    q, k, v = qkv(B, Hq, Hkv, Sq, Skv, D, dtype)
+    out, lse = run_and_check(backend, q, k, v, causal=causal)
+    if causal and Sq > Skv:
+        assert (out[:, :Sq - Skv] == 0).all() and torch.isneginf(lse[:, :, :Sq - Skv]).all()
+
+
+def test_reference_matches_sdpa():
+    # The reference's semantics vs PyTorch's SDPA (float64): causal bottom-right, GQA, scale, mask.
+    q, k, v = qkv(2, 6, 2, 9, 23, 32, torch.float64)
+    mask = torch.rand(2, 1, 9, 23, device=DEVICE) > 0.3
+    mask[..., -1] = True
+    for kw in (dict(causal=False), dict(causal=False, mask=mask), dict(causal=False, scale=0.3)):
+        out, _ = ref.flash_attention(q, k, v, **kw)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=kw.get("mask"), scale=kw.get("scale"), enable_gqa=True).transpose(1, 2)
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    causal = torch.ones(9, 23, dtype=torch.bool, device=DEVICE).tril(23 - 9)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal, enable_gqa=True)
+    torch.testing.assert_close(ref.flash_attention(q, k, v, causal=True)[0], want.transpose(1, 2),
+                               rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks, windows, softcap, strides
+
+def padding_mask(B, Sq, Skv, side, causal):
+    """transformers-style (B, 1, Sq, Skv) bool mask: sequence b has b * 5 padding tokens on the
+    left or right; with left padding the padded query rows see nothing under causal."""
+    keep = torch.ones(B, Skv, dtype=torch.bool, device=DEVICE)
+    for b in range(B):
+        n = min(5 * b, Skv - 1)
+        if n:
+            if side == "left":
+                keep[b, :n] = False
+            else:
+                keep[b, Skv - n:] = False
+    mask = keep[:, None, None, :].expand(B, 1, Sq, Skv)
+    if causal:
+        mask = mask & torch.ones(Sq, Skv, dtype=torch.bool, device=DEVICE).tril(Skv - Sq)
+    return mask
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_padding_mask(backend, dtype, side, causal):
+    B, Sq, Skv = 3, 17, 33
+    q, k, v = qkv(B, 4, 2, Sq, Skv, 64, dtype)
+    mask = padding_mask(B, Sq, Skv, side, causal=False)
+    if side == "left":
+        mask = mask.clone()
+        mask[2, 0, :3] = False           # fully masked query rows (padding queries)
+    out, lse = run_and_check(backend, q, k, v, causal=causal, mask=mask)
+    if side == "left":
+        assert (out[2, :3] == 0).all() and torch.isneginf(lse[2, :, :3]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_broadcast_and_expanded(backend):
+    dtype = torch.float16
+    q, k, v = qkv(2, 4, 4, 17, 40, 64, dtype)
+    keys = torch.rand(1, 1, 1, 40, device=DEVICE) > 0.5
+    keys[..., 0] = True
+    run_and_check(backend, q, k, v, causal=False, mask=keys)                       # (1, 1, 1, Skv)
+    run_and_check(backend, q, k, v, causal=True, mask=keys.expand(2, 1, 17, 40))   # stride-0 view
+    rows = torch.rand(2, 1, 17, 1, device=DEVICE) > 0.3                             # whole rows off
+    out, lse = run_and_check(backend, q, k, v, causal=False, mask=rows)
+    assert (out.transpose(1, 2)[~rows.expand(2, 4, 17, 1).squeeze(-1)] == 0).all()
+    everything_off = torch.zeros(2, 1, 17, 40, dtype=torch.bool, device=DEVICE)
+    out, lse = run_and_check(backend, q, k, v, causal=False, mask=everything_off)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("causal,window,Sq,Skv", [
+    (True, 1, 17, 17), (True, 16, 97, 128), (True, 50, 17, 97), (False, 20, 97, 97), (False, 7, 1, 128),
+])
+def test_sliding_window(backend, dtype, causal, window, Sq, Skv):
+    q, k, v = qkv(2, 4, 2, Sq, Skv, 64, dtype)
+    run_and_check(backend, q, k, v, causal=causal, window=window)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_softcap(backend, dtype, causal):
+    # Scores scaled up so tanh saturates on many entries (Gemma 2 uses softcap 50 on logits
+    # that size); scale given explicitly, as Gemma does (query_pre_attn_scalar).
+    q, k, v = qkv(2, 4, 2, 33, 65, 80, dtype, q_scale=4.0)
+    run_and_check(backend, q, k, v, causal=causal, softcap=5.0, scale=0.25)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW)
+def test_everything_together(backend, dtype):
+    B, Sq, Skv = 2, 33, 70
+    q, k, v = qkv(B, 8, 2, Sq, Skv, 96, dtype, q_scale=2.0)
+    mask = padding_mask(B, Sq, Skv, "left", causal=False)
+    run_and_check(backend, q, k, v, causal=True, mask=mask, window=20, softcap=30.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW)
+def test_strided_views(backend, dtype):
+    # transformers hands q as a transposed view of a (B, S, H, D) projection output; k/v
+    # here are slices of a wider buffer (row stride D + 8) transposed the same way.
+    B, Sq, Skv, D = 2, 17, 45, 64
+    q = rand(B, Sq, 8, D, dtype=dtype).transpose(1, 2)
+    k = rand(B, Skv, 2, D + 8, dtype=dtype)[..., :D].transpose(1, 2)
+    v = rand(B, Skv, 2, D + 8, dtype=dtype)[..., 8:].transpose(1, 2)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    out, _ = run_and_check(backend, q, k, v, causal=True)
+    contiguous = flash_attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True, backend=backend)
+    assert torch.equal(out, contiguous)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_and_no_keys(backend):
+    q, k, v = qkv(2, 4, 2, 0, 9, 64, torch.float16)
+    out, lse = flash_attention(q, k, v, causal=True, backend=backend, return_lse=True)
+    assert out.shape == (2, 0, 4, 64) and lse.shape == (2, 4, 0)
+    q, k, v = qkv(2, 4, 2, 5, 0, 64, torch.float16)
+    out, lse = flash_attention(q, k, v, causal=False, backend=backend, return_lse=True)
+    assert out.shape == (2, 5, 4, 64) and (out == 0).all() and torch.isneginf(lse).all()
+
+
+def test_return_lse_flag_and_default_scale():
+    q, k, v = qkv(1, 2, 2, 5, 7, 64, torch.float32)
+    out = flash_attention(q, k, v, causal=True)
+    assert isinstance(out, torch.Tensor)
+    out2, _ = flash_attention(q, k, v, causal=True, scale=1 / 8, return_lse=True)
+    assert torch.equal(out, out2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Varlen
+
+def varlen_inputs(lens_q, lens_k, Hq, Hkv, D, dtype):
+    cu_q = torch.tensor([0] + lens_q, device=DEVICE).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + lens_k, device=DEVICE).cumsum(0).to(torch.int32)
+    q = rand(int(cu_q[-1]), Hq, D, dtype=dtype)
+    k = rand(int(cu_k[-1]), Hkv, D, dtype=dtype)
+    v = rand(int(cu_k[-1]), Hkv, D, dtype=dtype)
+    return q, k, v, cu_q, cu_k
+
+
+def varlen_same_dtype(q, k, v, cu_q, cu_k, **kw):
+    out = torch.zeros_like(q)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=q.dtype, device=q.device)
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for b in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        if q1 > q0:
+            o, l = pytorch_same_dtype(q[q0:q1].transpose(0, 1)[None], k[k0:k1].transpose(0, 1)[None],
+                                      v[k0:k1].transpose(0, 1)[None], **kw)
+            out[q0:q1], lse[:, q0:q1] = o[0], l[0]
+    return out, lse
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(causal=False), dict(causal=True, window=9, softcap=20.0)],
+                         ids=["causal", "full", "window_softcap"])
+def test_varlen(backend, dtype, kw):
+    lens_q, lens_k = [1, 17, 0, 97, 40], [1, 30, 5, 97, 33]   # includes q_len > k_len and an empty q
+    q, k, v, cu_q, cu_k = varlen_inputs(lens_q, lens_k, 8, 2, 72, dtype)
+    out, lse = flash_attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), backend=backend,
+                                      return_lse=True, **kw)
+    exact = ref.flash_attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, **kw)
+    check(out, lse, exact, varlen_same_dtype(q, k, v, cu_q, cu_k, **kw), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_equals_padded_batch(backend):
+    # One sequence packed == the batched op on that sequence (same kernel, same arithmetic).
+    q, k, v, cu_q, cu_k = varlen_inputs([23], [50], 4, 1, 64, torch.bfloat16)
+    out = flash_attention_varlen(q, k, v, cu_q, cu_k, 23, 50, causal=True, backend=backend)
+    batched = flash_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                              causal=True, backend=backend)
+    assert torch.equal(out, batched[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry, CUDA hook, bad inputs
+
+def test_triton_rejects_big_head_dim_auto_uses_reference():
+    q, k, v = qkv(1, 2, 2, 3, 5, 320, torch.float32)
+    with pytest.raises(fastllm.BackendUnavailableError, match="head dim 320"):
+        flash_attention(q, k, v, causal=True, backend="triton")
+    out = flash_attention(q, k, v, causal=True)              # auto: the reference serves it
+    torch.testing.assert_close(out, ref.flash_attention(q, k, v, causal=True)[0], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fastllm.ops._attention_cuda") is not None,
+                    reason="the CUDA attention module exists")
+def test_cuda_hook_without_module():
+    from fastllm.ops.attention import _cuda_supports, _cuda_varlen_supports
+    q, k, v = qkv(1, 2, 2, 3, 5, 64, torch.float16)
+    assert _cuda_supports(q, k, v, None, True, 0.125, 0, 0.0) == "CUDA attention kernel not built yet"
+    assert _cuda_varlen_supports(q[0], k[0], v[0], None, None, 3, 5, True, 0.125, 0, 0.0).startswith(
+        "CUDA attention kernel not built yet")
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="CPU-only check")
+def test_cuda_forced_on_cpu_raises():
+    q, k, v = qkv(1, 2, 2, 3, 5, 64, torch.float16)
+    with pytest.raises(fastllm.BackendUnavailableError, match="cuda"):
+        flash_attention(q, k, v, causal=True, backend="cuda")
+
+
+def test_bad_inputs():
+    f16 = torch.float16
+    q, k, v = qkv(2, 8, 2, 5, 7, 64, f16)
+    with pytest.raises(TypeError, match="argument 'q' must be a torch.Tensor"):
+        flash_attention(q.tolist(), k, v, causal=True)
+    with pytest.raises(ValueError, match="argument 'q' must be 4-D"):
+        flash_attention(q[0], k, v, causal=True)
+    with pytest.raises(TypeError, match=r"argument 'q' must have dtype in \(float16, bfloat16, float32\)"):
+        flash_attention(q.double(), k.double(), v.double(), causal=True)
+    with pytest.raises(TypeError, match="argument 'k' must have the dtype of 'q'"):
+        flash_attention(q, k.float(), v, causal=True)
+    with pytest.raises(TypeError, match="argument 'v' must have the dtype of 'q'"):
+        flash_attention(q, k, v.to(torch.bfloat16), causal=True)
+    with pytest.raises(ValueError, match="arguments 'k' and 'v' must have the same shape"):
+        flash_attention(q, k, v[:, :, :6], causal=True)
+    with pytest.raises(ValueError, match="argument 'k' must have the head dim of 'q'"):
+        flash_attention(q, k[..., :32], v[..., :32], causal=True)
+    with pytest.raises(ValueError, match=r"query heads \(8\) must be a multiple of the number of kv heads .* \(3\)"):
+        flash_attention(q, rand(2, 3, 7, 64, dtype=f16), rand(2, 3, 7, 64, dtype=f16), causal=True)
+    with pytest.raises(ValueError, match="argument 'k' must have the batch size of 'q'"):
+        flash_attention(q, k[:1], v[:1], causal=True)
+    with pytest.raises(ValueError, match="argument 'q' must have unit stride in the head dim"):
+        flash_attention(q.transpose(2, 3).contiguous().transpose(2, 3), k, v, causal=True)
+    with pytest.raises(ValueError, match="argument 'v' must have unit stride in the head dim"):
+        flash_attention(q, k, v.transpose(2, 3).contiguous().transpose(2, 3), causal=True)
+    with pytest.raises(TypeError, match="argument 'mask' must have dtype bool"):
+        flash_attention(q, k, v, causal=False, mask=torch.zeros(2, 1, 5, 7, dtype=f16))
+    with pytest.raises(ValueError, match=r"argument 'mask' must be broadcastable as \(2 or 1, 1, 5, 7\)"):
+        flash_attention(q, k, v, causal=False, mask=torch.ones(2, 8, 5, 7, dtype=torch.bool))
+    with pytest.raises(ValueError, match="argument 'mask' must be broadcastable"):
+        flash_attention(q, k, v, causal=False, mask=torch.ones(5, 7, dtype=torch.bool))
+    with pytest.raises(ValueError, match="argument 'mask' must be broadcastable"):
+        flash_attention(q, k, v, causal=False, mask=torch.ones(2, 1, 5, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="argument 'window' must be >= 1"):
+        flash_attention(q, k, v, causal=True, window=0)
+    with pytest.raises(TypeError, match="argument 'window' must be an int"):
+        flash_attention(q, k, v, causal=True, window=2.5)
+    with pytest.raises(ValueError, match="argument 'softcap' must be a finite float > 0"):
+        flash_attention(q, k, v, causal=True, softcap=0.0)
+    with pytest.raises(ValueError, match="argument 'softcap' must be a finite float > 0"):
+        flash_attention(q, k, v, causal=True, softcap=-1.0)
+    with pytest.raises(TypeError, match="argument 'causal' must be a bool"):
+        flash_attention(q, k, v, causal=None)
+    with pytest.raises(TypeError, match="missing 1 required keyword-only argument: 'causal'"):
+        flash_attention(q, k, v)
+    with pytest.raises(ValueError, match="argument 'backend' must be one of"):
+        flash_attention(q, k, v, causal=True, backend="sdpa")
+
+
+def test_bad_varlen_inputs():
+    q, k, v, cu_q, cu_k = varlen_inputs([3, 4], [3, 6], 4, 2, 64, torch.float16)
+    with pytest.raises(ValueError, match="argument 'q' must be 3-D"):
+        flash_attention_varlen(q[None], k, v, cu_q, cu_k, 4, 6, causal=True)
+    with pytest.raises(TypeError, match=r"argument 'cu_seqlens_q' must have dtype in \(int32\)"):
+        flash_attention_varlen(q, k, v, cu_q.long(), cu_k, 4, 6, causal=True)
+    with pytest.raises(ValueError, match="'cu_seqlens_q' and 'cu_seqlens_k' must have the same length"):
+        flash_attention_varlen(q, k, v, cu_q, cu_k[:2], 4, 6, causal=True)
+    with pytest.raises(TypeError, match="argument 'max_seqlen_k' must be an int >= 0"):
+        flash_attention_varlen(q, k, v, cu_q, cu_k, 4, -1, causal=True)
+    with pytest.raises(ValueError, match=r"query heads \(4\) must be a multiple"):
+        flash_attention_varlen(q, k[:, :1].expand(-1, 3, -1), v[:, :1].expand(-1, 3, -1), cu_q, cu_k, 4, 6,
+                               causal=True)
+    with pytest.raises(ValueError, match="argument 'window' must be >= 1"):
+        flash_attention_varlen(q, k, v, cu_q, cu_k, 4, 6, causal=True, window=-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library / torch.compile
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    q, k, v = qkv(2, 4, 2, 9, 20, 64, torch.float16)
+    mask = padding_mask(2, 9, 20, "left", causal=False)
+    torch.library.opcheck(torch.ops.fastllm.flash_attention.default, (q, k, v, mask, True, 0.125, 0, 0.0, backend))
+    torch.library.opcheck(torch.ops.fastllm.flash_attention.default, (q, k, v, None, False, 0.2, 5, 10.0, backend))
+    q, k, v, cu_q, cu_k = varlen_inputs([3, 9], [5, 12], 4, 2, 64, torch.bfloat16)
+    torch.library.opcheck(torch.ops.fastllm.flash_attention_varlen.default,
+                          (q, k, v, cu_q, cu_k, 9, 12, True, 0.125, 0, 0.0, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    def f(q, k, v, mask):
+        return flash_attention(q, k, v, causal=True, mask=mask, window=8, backend=backend) * 2
+
+    q, k, v = qkv(2, 4, 2, 9, 20, 64, torch.float16)
+    mask = padding_mask(2, 9, 20, "right", causal=False)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, mask)
+    assert torch.equal(got, f(q, k, v, mask))
+
+    def g(q, k, v, cu_q, cu_k):
+        return flash_attention_varlen(q, k, v, cu_q, cu_k, 9, 12, causal=True, backend=backend)
+
+    args = varlen_inputs([3, 9], [5, 12], 4, 2, 64, torch.float16)
+    assert torch.equal(torch.compile(g, fullgraph=True, backend="aot_eager")(*args), g(*args))
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the full grid, natively
+
+GPU_SEQ = [(1, 1), (1, 1025), (17, 97), (97, 97), (128, 128), (113, 203), (1025, 1025), (512, 1025)]
+
+
+# The CUDA kernel's own grid (every compiled head dim, layouts, windows) is in
+# tests/test_attention_cuda.py; this one covers Triton's any-D support natively.
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [40, 59, 64, 80, 96, 128, 160, 256])
+@pytest.mark.parametrize("Sq,Skv", GPU_SEQ)
+@pytest.mark.parametrize("heads", [(8, 8), (8, 2), (8, 1)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_grid(backend, dtype, D, Sq, Skv, heads, causal):
+    q, k, v = qkv(2, heads[0], heads[1], Sq, Skv, D, dtype)
+    try:
+        run_and_check(backend, q, k, v, causal=causal)
+    except fastllm.BackendUnavailableError as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_gpu_features(backend, dtype, D):
+    B, Sq, Skv = 3, 300, 1025
+    q, k, v = qkv(B, 8, 2, Sq, Skv, D, dtype, q_scale=2.0)
+    mask = padding_mask(B, Sq, Skv, "left", causal=False)
+    try:
+        run_and_check(backend, q, k, v, causal=True, mask=mask, window=256, softcap=30.0)
+        run_and_check(backend, q, k, v, causal=False, window=100)
+        lens_q, lens_k = [1, 300, 0, 1025, 77], [1, 1025, 5, 1025, 33]
+        q, k, v, cu_q, cu_k = varlen_inputs(lens_q, lens_k, 8, 2, D, dtype)
+        out, lse = flash_attention_varlen(q, k, v, cu_q, cu_k, 1025, 1025, causal=True, backend=backend,
+                                          return_lse=True)
+    except fastllm.BackendUnavailableError as e:
+        pytest.skip(str(e))
+    exact = ref.flash_attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, causal=True)
+    check(out, lse, exact, varlen_same_dtype(q, k, v, cu_q, cu_k, causal=True), dtype)
