@@ -32,6 +32,37 @@ def _quantize():
             assert torch.equal(q, rq) and torch.equal(s, rs), (dtype, M, K)
 
 
+@case("flash_attention")
+def _flash_attention():
+    # Odd lengths (tails of the 128-row / 64-key tiles), GQA, a padding mask with an empty
+    # batch row, causal with Sq > Skv, window + softcap; every dtype and head dim once.
+    from fastllm.ops._attention_cuda import HEAD_DIMS, flash_attention_cuda
+    cases = [dict(B=2, Hq=4, Hkv=2, Sq=37, Skv=70, causal=True),
+             dict(B=2, Hq=4, Hkv=1, Sq=70, Skv=37, causal=True),
+             dict(B=2, Hq=2, Hkv=2, Sq=19, Skv=133, causal=False, window=40, softcap=20.0, mask=True)]
+    for i, D in enumerate(HEAD_DIMS):
+        for dtype in (torch.float16, torch.bfloat16):
+            c = dict(cases[i % len(cases)])
+            B, Hq, Hkv, Sq, Skv = (c.pop(n) for n in ("B", "Hq", "Hkv", "Sq", "Skv"))
+            q = torch.randn(B, Sq, Hq, D, device="cuda", dtype=dtype).transpose(1, 2)
+            k = torch.randn(B, Skv, Hkv, D, device="cuda", dtype=dtype).transpose(1, 2)
+            v = torch.randn(B, Skv, Hkv, D, device="cuda", dtype=dtype).transpose(1, 2)
+            mask = None
+            if c.pop("mask", False):
+                mask = torch.rand(B, 1, 1, Skv, device="cuda") > 0.3
+                mask[1] = False
+            scale = D ** -0.5
+            out, lse = flash_attention_cuda(q, k, v, mask, c["causal"], scale, c.get("window", 0),
+                                            c.get("softcap", 0.0))
+            rout, rlse = ref.flash_attention(q.float(), k.float(), v.float(), scale=scale, mask=mask, **c)
+            assert not out.isnan().any() and not lse.isnan().any(), (D, dtype)
+            err = (out.float() - rout).abs().max().item()
+            assert err < 2e-2, (D, dtype, err)
+            empty = torch.isinf(rlse)
+            assert torch.equal(torch.isinf(lse), empty), (D, dtype)
+            assert (lse[~empty] - rlse[~empty]).abs().max().item() < 1e-2, (D, dtype)
+
+
 def main(names):
     for name in names or CASES:
         CASES[name]()

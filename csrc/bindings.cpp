@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "attention/flash_fwd.h"
 #include "common/common.h"
 #include "int8/quantize_per_token.h"
 
@@ -68,4 +69,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("quantize_per_token", &fastllm::quantize_per_token, py::call_guard<py::gil_scoped_release>(),
         py::arg("device"), py::arg("x"), py::arg("dtype"), py::arg("M"), py::arg("K"),
         py::arg("stride_x"), py::arg("q"), py::arg("scale"), py::arg("stream"));
+  m.def("flash_attention_fwd", &fastllm::flash_attention_fwd, py::call_guard<py::gil_scoped_release>(),
+        py::arg("device"), py::arg("dtype"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+        py::arg("lse"), py::arg("mask"), py::arg("batch"), py::arg("heads_q"), py::arg("heads_kv"),
+        py::arg("seqlen_q"), py::arg("seqlen_kv"), py::arg("head_dim"), py::arg("q_batch_stride"),
+        py::arg("q_head_stride"), py::arg("q_row_stride"), py::arg("k_batch_stride"),
+        py::arg("k_head_stride"), py::arg("k_row_stride"), py::arg("v_batch_stride"),
+        py::arg("v_head_stride"), py::arg("v_row_stride"), py::arg("mask_batch_stride"),
+        py::arg("mask_row_stride"), py::arg("mask_col_stride"), py::arg("scale"), py::arg("window"),
+        py::arg("softcap"), py::arg("causal"), py::arg("stream"));
 }

@@ -1,0 +1,18 @@
+// Launcher declaration for the prefill flash-attention forward (csrc/attention/flash_fwd_launcher.cu).
+#pragma once
+#include <cstdint>
+
+namespace fastllm {
+// out = softmax(scale * q k^T [softcapped, masked]) v, plus the natural-log lse of each row.
+// Shapes and layouts: see csrc/attention/flash_params.h. Strides in elements (mask: bytes).
+// mask == 0: no mask. window <= 0: none. softcap == 0: none. Returns 0 or an error code
+// (common.h Status or a cudaError_t).
+int flash_attention_fwd(int device, int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
+                        uintptr_t lse, uintptr_t mask, int64_t batch, int64_t heads_q, int64_t heads_kv,
+                        int64_t seqlen_q, int64_t seqlen_kv, int64_t head_dim, int64_t q_batch_stride,
+                        int64_t q_head_stride, int64_t q_row_stride, int64_t k_batch_stride,
+                        int64_t k_head_stride, int64_t k_row_stride, int64_t v_batch_stride,
+                        int64_t v_head_stride, int64_t v_row_stride, int64_t mask_batch_stride,
+                        int64_t mask_row_stride, int64_t mask_col_stride, double scale, int64_t window,
+                        double softcap, bool causal, uintptr_t stream);
+}  // namespace fastllm

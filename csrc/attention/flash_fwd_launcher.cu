@@ -1,0 +1,142 @@
+// Prefill flash-attention forward: the launcher (argument checks, params, dispatch).
+//
+// What the kernel computes and how: flash_fwd_kernel.cuh. This unit holds no kernel; it maps
+// (arch, dtype, head dim) to an instantiation (flash_fwd_hdim{D}_{dtype}.cu) whose tile config
+// is in flash_traits.h. Python (python/fastllm/ops/_attention_cuda.py) checks the tensors
+// first; the checks here repeat what the kernel relies on, so a bad call gets a status code
+// instead of a fault. The one kernel here serves calls without keys (Skv == 0).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <climits>
+#include <cmath>
+
+#include "attention/flash_fwd.h"
+#include "attention/flash_params.h"
+#include "common/common.h"
+
+namespace fastllm {
+namespace attention {
+namespace {
+
+constexpr double kLog2e = 1.4426950408889634;
+
+// Skv == 0: every row is empty, so out = 0 and lse = -inf; a plain fill, instead of launching
+// the attention kernel (and its shared-memory opt-in) for nothing. Grid-stride over 16-byte
+// chunks of out (D * 2 bytes is a multiple of 16) and over lse.
+constexpr int kFillThreads = 256;
+__global__ void __launch_bounds__(kFillThreads) flash_fwd_no_keys_kernel(uint4* out, int64_t out_chunks, float* lse,
+                                                                         int64_t lse_len) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kFillThreads;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(kFillThreads) + threadIdx.x; i < out_chunks; i += stride)
+    out[i] = make_uint4(0, 0, 0, 0);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(kFillThreads) + threadIdx.x; i < lse_len; i += stride)
+    lse[i] = -INFINITY;
+}
+
+int launch_no_keys(const FlashFwdParams& p, int head_dim, cudaStream_t stream) {
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q;
+  const int64_t chunks = rows * head_dim / 8;
+  const int64_t blocks = (chunks + kFillThreads - 1) / kFillThreads;
+  const unsigned grid = static_cast<unsigned>(blocks < 1024 ? blocks : 1024);
+  flash_fwd_no_keys_kernel<<<grid, kFillThreads, 0, stream>>>(static_cast<uint4*>(p.out), chunks, p.lse, rows);
+  return launch_status();
+}
+
+template <typename T>
+int run_sm80_head_dim(const FlashFwdParams& p, int head_dim, cudaStream_t stream) {
+  switch (head_dim) {
+    case 64: return run_flash_fwd_sm80<T, 64>(p, stream);
+    case 80: return run_flash_fwd_sm80<T, 80>(p, stream);
+    case 96: return run_flash_fwd_sm80<T, 96>(p, stream);
+    case 128: return run_flash_fwd_sm80<T, 128>(p, stream);
+    case 256: return run_flash_fwd_sm80<T, 256>(p, stream);
+    default: return kErrBadShape;
+  }
+}
+
+// The one place that picks a kernel family by GPU arch.
+int dispatch(const FlashFwdParams& p, int device, int dtype, int head_dim, cudaStream_t stream) {
+  int major = 0;
+  const cudaError_t e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (e != cudaSuccess) return static_cast<int>(e);
+  if (major < 8) return kErrUnsupportedArch;  // cp.async / bf16 mma.sync need sm80
+  if (p.seqlen_kv == 0) return launch_no_keys(p, head_dim, stream);
+  // Hopper (major == 9, FASTLLM_HAS_SM90A builds): a wgmma + TMA kernel in
+  // flash_fwd_*_sm90a.cu belongs here. Until it exists, sm90 runs the sm80 (mma.sync) kernel.
+  switch (dtype) {
+    case kFloat16: return run_sm80_head_dim<__half>(p, head_dim, stream);
+    case kBFloat16: return run_sm80_head_dim<__nv_bfloat16>(p, head_dim, stream);
+    default: return kErrUnsupportedDtype;
+  }
+}
+
+bool aligned16(uintptr_t ptr) { return ptr % 16 == 0; }
+// 16-byte vector loads along D need every row start 16-byte aligned: strides in elements
+// must be multiples of 8 (fp16/bf16).
+bool strides_ok(int64_t a, int64_t b, int64_t c) { return a % 8 == 0 && b % 8 == 0 && c % 8 == 0; }
+
+}  // namespace
+}  // namespace attention
+
+int flash_attention_fwd(int device, int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
+                        uintptr_t lse, uintptr_t mask, int64_t batch, int64_t heads_q, int64_t heads_kv,
+                        int64_t seqlen_q, int64_t seqlen_kv, int64_t head_dim, int64_t q_batch_stride,
+                        int64_t q_head_stride, int64_t q_row_stride, int64_t k_batch_stride,
+                        int64_t k_head_stride, int64_t k_row_stride, int64_t v_batch_stride,
+                        int64_t v_head_stride, int64_t v_row_stride, int64_t mask_batch_stride,
+                        int64_t mask_row_stride, int64_t mask_col_stride, double scale, int64_t window,
+                        double softcap, bool causal, uintptr_t stream) {
+  using namespace attention;
+  if (dtype != kFloat16 && dtype != kBFloat16) return kErrUnsupportedDtype;
+  if (head_dim != 64 && head_dim != 80 && head_dim != 96 && head_dim != 128 && head_dim != 256)
+    return kErrBadShape;
+  // Grid: x = query blocks, y = heads (<= 65535), z = batch (<= 65535). Positions i + Skv - Sq
+  // and block ends m0 + kBlockM stay well inside int with the INT_MAX / 2 bound.
+  if (batch < 0 || heads_q < 0 || heads_kv < 1 || seqlen_q < 0 || seqlen_kv < 0) return kErrBadShape;
+  if (batch > 65535 || heads_q > 65535 || seqlen_q > INT_MAX / 2 || seqlen_kv > INT_MAX / 2)
+    return kErrBadShape;
+  if (heads_q % heads_kv != 0) return kErrBadShape;
+  // scale > 0: the kernel takes the row max of unscaled scores (scale folded into exp2's FMA).
+  if (!(scale > 0.0) || !std::isfinite(scale) || !(softcap >= 0.0) || !std::isfinite(softcap))
+    return kErrBadShape;
+  if (batch == 0 || heads_q == 0 || seqlen_q == 0) return kOk;
+  if (!aligned16(q) || !aligned16(k) || !aligned16(v) || !aligned16(out) || lse % 4 != 0)
+    return kErrMisaligned;
+  if (!strides_ok(q_batch_stride, q_head_stride, q_row_stride) ||
+      !strides_ok(k_batch_stride, k_head_stride, k_row_stride) ||
+      !strides_ok(v_batch_stride, v_head_stride, v_row_stride))
+    return kErrMisaligned;
+
+  FlashFwdParams p{};
+  p.q = reinterpret_cast<const void*>(q);
+  p.k = reinterpret_cast<const void*>(k);
+  p.v = reinterpret_cast<const void*>(v);
+  p.out = reinterpret_cast<void*>(out);
+  p.lse = reinterpret_cast<float*>(lse);
+  p.mask = reinterpret_cast<const uint8_t*>(mask);
+  p.q_batch_stride = q_batch_stride, p.q_head_stride = q_head_stride, p.q_row_stride = q_row_stride;
+  p.k_batch_stride = k_batch_stride, p.k_head_stride = k_head_stride, p.k_row_stride = k_row_stride;
+  p.v_batch_stride = v_batch_stride, p.v_head_stride = v_head_stride, p.v_row_stride = v_row_stride;
+  p.mask_batch_stride = mask_batch_stride, p.mask_row_stride = mask_row_stride;
+  p.mask_col_stride = mask_col_stride;
+  p.batch = static_cast<int>(batch);
+  p.heads_q = static_cast<int>(heads_q);
+  p.heads_kv = static_cast<int>(heads_kv);
+  p.group = static_cast<int>(heads_q / heads_kv);
+  p.seqlen_q = static_cast<int>(seqlen_q);
+  p.seqlen_kv = static_cast<int>(seqlen_kv);
+  p.causal = causal;
+  // A window of >= Skv keys restricts nothing (every key j >= 0 > p - W for p <= Skv - 1).
+  p.window = (window > 0 && window < seqlen_kv) ? static_cast<int>(window) : 0;
+  p.has_softcap = softcap > 0.0;
+  p.scale_log2 = static_cast<float>(scale * kLog2e);
+  p.softcap_in = p.has_softcap ? static_cast<float>(scale / softcap) : 0.f;
+  p.softcap_out = p.has_softcap ? static_cast<float>(softcap * kLog2e) : 0.f;
+
+  DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return guard.status();
+  return dispatch(p, device, dtype, static_cast<int>(head_dim), reinterpret_cast<cudaStream_t>(stream));
+}
+
+}  // namespace fastllm

@@ -1,0 +1,49 @@
+// The plain parameter struct the prefill flash-attention kernels see (no tensors, no torch),
+// and the declarations tying the launcher (flash_fwd_launcher.cu) to the per-(dtype, head dim)
+// instantiation units (flash_fwd_hdim*_*.cu).
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cstdint>
+
+namespace fastllm {
+namespace attention {
+
+// All strides are in elements. Layouts:
+//   q   (B, Hq,  Sq,  D)  any batch/head/seq strides, unit stride along D, 16-byte aligned rows
+//   k,v (B, Hkv, Skv, D)  same rules; query head h reads kv head h / group
+//   out (B, Sq, Hq, D)    contiguous (written by the kernel, layout fixed)
+//   lse (B, Hq, Sq)       contiguous fp32
+//   mask (B, Sq, Skv)     optional uint8/bool, any strides (0 where broadcast), nonzero = attend
+struct FlashFwdParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  float* lse;
+  const uint8_t* mask;  // nullptr: no mask
+
+  int64_t q_batch_stride, q_head_stride, q_row_stride;
+  int64_t k_batch_stride, k_head_stride, k_row_stride;
+  int64_t v_batch_stride, v_head_stride, v_row_stride;
+  int64_t mask_batch_stride, mask_row_stride, mask_col_stride;
+
+  int batch, heads_q, heads_kv, group;  // group = heads_q / heads_kv
+  int seqlen_q, seqlen_kv;
+
+  bool causal;        // bottom-right aligned: query i sits at key position i + Skv - Sq
+  int window;         // > 0: query at position p sees keys > p - window; 0: none
+  bool has_softcap;
+  // Scores live in the log2 domain inside the kernel (exp2 is the hardware instruction):
+  float scale_log2;     // no softcap: s_log2 = (q.k) * scale * log2(e)
+  float softcap_in;     // softcap:    s_log2 = tanh((q.k) * softcap_in) * softcap_out
+  float softcap_out;    //             softcap_in = scale / softcap, softcap_out = softcap * log2(e)
+};
+
+// One per instantiation unit: runs the sm80 (mma.sync) kernel for element type T and head
+// dim D. Returns 0 or a cudaError_t.
+template <typename T, int D>
+int run_flash_fwd_sm80(const FlashFwdParams& params, cudaStream_t stream);
+
+}  // namespace attention
+}  // namespace fastllm

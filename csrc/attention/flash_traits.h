@@ -1,0 +1,66 @@
+// Tile configuration of the prefill flash-attention kernels: the ONE place that maps a head
+// dim to (kBlockM, kBlockN, kNWarps, Q residency) and derives the shared-memory layout.
+// Python never repeats these numbers; the launcher and the kernel read them from here.
+//
+// Shared by every config:
+//   * one warp owns 16 query rows (one m16n8k16 M tile), so kBlockM = 16 * kNWarps; a row's
+//     softmax state (max, sum) then lives in the 4 threads of a quad and reductions are two
+//     shuffles;
+//   * K and V tiles are double-buffered (cp.async stage s+1 loads while stage s computes);
+//   * O accumulates in fp32 registers: 16 x D per warp = D / 2 floats per thread.
+// Per-thread register budget (the binding constraint): Q fragments D / 4 (when resident in
+// registers) + O accumulator D / 2 + S tile kBlockN / 2 + addressing. ptxas -v results land
+// in python/fastllm/_build_info.json; every config must report 0 spill bytes.
+#pragma once
+
+namespace fastllm {
+namespace attention {
+
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, bool kQInRegs_, int kMinBlocksPerSM_ = 1>
+struct FlashFwdTile {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;   // query rows per CTA
+  static constexpr int kBlockN = kBlockN_;   // keys per K/V tile (one main-loop iteration)
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kThreads = kNWarps * 32;
+  // true: Q fragments are loaded from shared memory into registers once, before the loop.
+  // false: Q stays resident in shared memory and is re-read with ldmatrix per k-step
+  // (only where D / 4 extra registers would push the kernel into spills).
+  static constexpr bool kQInRegs = kQInRegs_;
+  static constexpr int kStages = 2;          // K/V double buffering
+  // __launch_bounds__ min blocks per SM: 2 caps registers at 65536 / (2 * kThreads) so two
+  // CTAs fit an SM (only where their shared memory fits too); 1 lets ptxas use up to 255.
+  static constexpr int kMinBlocksPerSM = kMinBlocksPerSM_;
+
+  static_assert(kBlockM == 16 * kNWarps, "one 16-row mma tile per warp");
+  static_assert(kHeadDim % 16 == 0, "head dim must be a multiple of the mma K (16)");
+  static_assert(kBlockN % 16 == 0, "kBlockN must be a multiple of 16 (P is the A operand of P.V)");
+
+  // Shared memory tiles are rows of kChunks 16-byte chunks (8 fp16/bf16 elements), swizzled
+  // (see SmemTile in flash_fwd_kernel.cuh).
+  static constexpr int kChunks = kHeadDim / 8;
+  static constexpr int kSmemQElems = kBlockM * kHeadDim;   // also the O staging tile
+  static constexpr int kSmemKVElems = kBlockN * kHeadDim;  // one K (or V) stage
+  static constexpr int kSmemBytes = (kSmemQElems + 2 * kStages * kSmemKVElems) * 2;
+  // sm86 / sm89 allow at most 99 KB of dynamic shared memory per block.
+  static_assert(kSmemBytes <= 99 * 1024, "tile does not fit the smallest sm80+ shared memory");
+};
+
+template <int D> struct FlashFwdTraits;
+
+// D=64: 8 warps x 16 rows; 128 query rows per CTA halve K/V re-reads from L2 compared with 64.
+// 48 KB smem. (kMinBlocksPerSM = 2, i.e. <= 128 registers, spills ~50 bytes: left at 1.)
+template <> struct FlashFwdTraits<64> : FlashFwdTile<64, 128, 64, 8, true> {};
+// D=80 / 96: same shape as 64; 60 KB / 72 KB smem. (80 is Phi-2/StableLM-2; 96 is Phi-3-mini.)
+template <> struct FlashFwdTraits<80> : FlashFwdTile<80, 128, 64, 8, true> {};
+template <> struct FlashFwdTraits<96> : FlashFwdTile<96, 128, 64, 8, true> {};
+// D=128: 128 x 64 tiles; 96 KB smem (fits sm86/89's 99 KB); Q 32 + O 64 + S 32 registers
+// of state, the rest is ptxas keeping K/V fragments in flight.
+template <> struct FlashFwdTraits<128> : FlashFwdTile<128, 128, 64, 8, true> {};
+// D=256: O alone is 128 registers per thread, so 4 warps x 16 rows and 32-key tiles keep the
+// S tile at 16 registers; 96 KB smem. Q stays resident in shared memory (re-read by ldmatrix
+// each k-step): with Q in registers too (64 more) ptxas spills at the 255-register cap.
+template <> struct FlashFwdTraits<256> : FlashFwdTile<256, 64, 32, 4, false> {};
+
+}  // namespace attention
+}  // namespace fastllm

@@ -1,0 +1,128 @@
+"""Glue between fastllm.ops.flash_attention and the hand-written CUDA kernel (csrc/attention/).
+
+Imported lazily by python/fastllm/ops/attention.py (the "cuda" backend). Two functions:
+
+    cuda_supports(q, k, v, mask, causal, scale, window, softcap) -> None or a reason string
+    flash_attention_cuda(q, k, v, mask, causal, scale, window, softcap) -> (out, lse)
+
+Arguments arrive normalized by the op layer (scale a float, window an int <= 0 for none,
+softcap a float 0.0 for none, mask None or a bool tensor broadcastable to (B, 1, Sq, Skv));
+the backend registry has already checked that the tensors are on CUDA and that the extension
+has code for this GPU. q (B, Hq, Sq, D) and k, v (B, Hkv, Skv, D) are read in place through
+their strides (typically transposed views of (B, S, H, D) buffers), never copied; the mask is
+read through its (possibly zero, i.e. broadcast) strides. out is (B, Sq, Hq, D) contiguous,
+lse (B, Hq, Sq) float32. The kernel's tile sizes live in C++ only (csrc/attention/flash_traits.h).
+"""
+import math
+from typing import Optional
+
+import torch
+
+from .. import _ext
+
+# Head dims with a compiled instantiation (csrc/attention/generate_instantiations.py
+# HEAD_DIMS; the launcher rejects any other with a status code).
+HEAD_DIMS = (64, 80, 96, 128, 256)
+DTYPES = (torch.float16, torch.bfloat16)
+_GRID_YZ_MAX = 65535          # heads and batch are grid dims y and z
+_SEQ_MAX = (2 ** 31 - 1) // 2  # positions are int32 in the kernel
+
+
+def _dt(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def _strides(t):
+    """(batch, head, seq) strides in elements, 0 for a dim of size 1 (never stepped over)."""
+    return tuple(t.stride(i) if t.size(i) > 1 else 0 for i in range(3))
+
+
+def _mask_view(mask, B, Sq, Skv):
+    """The mask as a (B, Sq, Skv) view (zero strides where broadcast), no copy."""
+    m = torch.broadcast_to(mask, (B, 1, Sq, Skv))[:, 0]
+    return m
+
+
+def cuda_supports(q, k, v, mask, causal, scale, window, softcap) -> Optional[str]:
+    """None if the CUDA kernel can serve this call, else a short reason (metadata only: works
+    on meta and CPU tensors)."""
+    if q.dtype not in DTYPES:
+        return f"dtype {_dt(q.dtype)} not supported by the CUDA kernel (fp16/bf16)"
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            return f"'{name}' dtype {_dt(t.dtype)} differs from q's {_dt(q.dtype)}"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return "q, k, v must be 4-D (B, H, S, D)"
+    B, Hq, Sq, D = q.shape
+    if D not in HEAD_DIMS:
+        return (f"head dim {D} not compiled (CUDA kernel has "
+                f"{', '.join(str(d) for d in HEAD_DIMS)})")
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        return f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}"
+    Hkv, Skv = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv != 0:
+        return f"query heads ({Hq}) not a multiple of kv heads ({Hkv})"
+    if B > _GRID_YZ_MAX or Hq > _GRID_YZ_MAX:
+        return f"batch {B} or heads {Hq} above the kernel's grid limit {_GRID_YZ_MAX}"
+    if Sq > _SEQ_MAX or Skv > _SEQ_MAX:
+        return f"sequence length above {_SEQ_MAX}"
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        return f"scale {scale!r} must be a finite float > 0 for the CUDA kernel"
+    if softcap is not None and not (math.isfinite(softcap) and softcap >= 0):
+        return f"softcap {softcap!r} must be finite and >= 0"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(3) != 1:
+            return f"'{name}' needs unit stride in the head dim (strides {tuple(t.stride())})"
+        if t.numel() == 0:
+            continue
+        if t.data_ptr() % 16 != 0:
+            return f"'{name}' data pointer is not 16-byte aligned (16-byte vector loads along D)"
+        if any(s % 8 != 0 for s in _strides(t)):
+            return (f"'{name}' strides {tuple(t.stride())} are not multiples of 8 elements "
+                    f"(16-byte vector loads along D)")
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            return f"mask dtype {_dt(mask.dtype)} (the CUDA kernel reads bool masks)"
+        if mask.device != q.device:
+            return f"mask on {mask.device}, q on {q.device}"
+        try:
+            _mask_view(mask, B, Sq, Skv)
+        except RuntimeError:
+            return f"mask shape {tuple(mask.shape)} not broadcastable to ({B}, 1, {Sq}, {Skv})"
+    return None
+
+
+def flash_attention_cuda(q, k, v, mask, causal, scale, window, softcap):
+    """(out (B, Sq, Hq, D) contiguous q.dtype, lse (B, Hq, Sq) float32) from the CUDA kernel."""
+    B, Hq, Sq, D = q.shape
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    window = int(window) if window is not None and window > 0 else 0
+    softcap = float(softcap) if softcap is not None and softcap > 0 else 0.0
+    reason = cuda_supports(q, k, v, mask, causal, scale, window, softcap)
+    if reason is not None:
+        raise ValueError(f"flash_attention (cuda backend): {reason}")
+    Hkv, Skv = k.shape[1], k.shape[2]
+    out = torch.empty((B, Sq, Hq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    if mask is not None:
+        m = _mask_view(mask, B, Sq, Skv)
+        # A dim of size 1 is never stepped over; its stride may be anything.
+        m_ptr = m.data_ptr()
+        m_strides = tuple(m.stride(i) if m.size(i) > 1 else 0 for i in range(3))
+    else:
+        m_ptr, m_strides = 0, (0, 0, 0)
+    qs, ks, vs = _strides(q), _strides(k), _strides(v)
+    code = _ext.lib().flash_attention_fwd(
+        q.device.index, _ext.DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(),
+        out.data_ptr(), lse.data_ptr(), m_ptr, B, Hq, Hkv, Sq, Skv, D, *qs, *ks, *vs, *m_strides,
+        float(scale), window, softcap, bool(causal), _ext.stream_of(q))
+    _ext.check(code, "flash_attention")
+    return out, lse
+
+
+def cuda_varlen_supports(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap):
+    """The CUDA kernel has no packed (varlen) entry point yet; the Triton backend serves it."""
+    return "varlen (packed sequences) not implemented in the CUDA kernel yet"

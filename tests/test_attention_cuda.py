@@ -1,0 +1,263 @@
+"""The CUDA prefill flash-attention kernel (csrc/attention/) against a float64 reference.
+
+GPU tests (marked gpu) require the kernel's error vs float64 to be at most 2x the error of
+plain PyTorch attention computed in the same dtype (matmuls in fp16/bf16, softmax in fp32),
+plus a tiny floor; rows with no allowed key must give out = 0 and lse = -inf, never NaN.
+The tests without the marker check cuda_supports on CPU / meta tensors (metadata only).
+"""
+import math
+import os
+import re
+
+import pytest
+import torch
+
+from fastllm.ref.attention import allowed_keys, flash_attention as ref_attention
+from fastllm.ops._attention_cuda import HEAD_DIMS, cuda_supports, cuda_varlen_supports, flash_attention_cuda
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = (torch.float16, torch.bfloat16)
+SEQS = (1, 17, 97, 128, 1025)
+SEQ_PAIRS = [(sq, skv) for sq in SEQS for skv in SEQS if sq <= skv]
+HEADS = ((8, 8), (8, 2), (8, 1))
+OUT_FLOOR = 1e-4   # absolute floor on |out - ref| (outputs are O(1); fp16's ulp at 1 is 1e-3)
+LSE_FLOOR = 1e-4
+
+
+# ------------------------------------------------------------------------------------------
+# Reference and baseline.
+
+def reference(q, k, v, **kw):
+    """(out (B, Sq, Hq, D), lse (B, Hq, Sq)) in float64 from float64 copies of the inputs."""
+    return ref_attention(q.double(), k.double(), v.double(), **kw)
+
+
+def torch_lowp(q, k, v, *, causal, scale, mask=None, window=None, softcap=None):
+    """Plain PyTorch attention in q.dtype: PyTorch's own error sets the tolerance."""
+    B, Hq, Sq, D = q.shape
+    Skv, g = k.shape[2], q.shape[1] // k.shape[1]
+    kf, vf = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = (q @ kf.transpose(-1, -2)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~allowed_keys(Sq, Skv, causal=causal, window=window, mask=mask, device=q.device), float("-inf"))
+    lse = torch.logsumexp(s.float(), -1)
+    p = torch.softmax(s.float(), -1).nan_to_num(0.0).to(q.dtype)
+    return (p @ vf).transpose(1, 2), lse
+
+
+# ------------------------------------------------------------------------------------------
+# Running the kernel.
+
+def _poison_allocator(device, *nbytes):
+    """Fill freed blocks of these sizes with NaN so the caching allocator hands NaN-filled
+    memory to the kernel's outputs: rows the kernel forgets to write then show as NaN."""
+    blocks = [torch.full((n // 4 + 1,), float("nan"), dtype=torch.float32, device=device) for n in nbytes]
+    del blocks
+
+
+def run_cuda(q, k, v, *, causal, scale=None, mask=None, window=None, softcap=None):
+    B, Hq, Sq, D = q.shape
+    _poison_allocator(q.device, B * Sq * Hq * D * q.element_size(), B * Hq * Sq * 4)
+    try:
+        from fastllm.ops import flash_attention
+    except ImportError:
+        flash_attention = None
+    if flash_attention is not None:
+        out, lse = flash_attention(q, k, v, causal=causal, scale=scale, mask=mask, window=window,
+                                   softcap=softcap, return_lse=True, backend="cuda")
+    else:
+        out, lse = flash_attention_cuda(q, k, v, mask, causal, scale if scale else D ** -0.5,
+                                        window or 0, softcap or 0.0)
+    torch.cuda.synchronize()
+    return out, lse
+
+
+def make_qkv(B, Hq, Hkv, Sq, Skv, D, dtype, *, q_layout="bshd", kv_layout="bshd", device="cuda"):
+    """q (B, Hq, Sq, D), k/v (B, Hkv, Skv, D) as views of the given memory layout:
+    'bshd' = transposed view of a (B, S, H, D) buffer (what transformers passes), 'bhsd' =
+    contiguous, 'padded' = (B, S, H, D + 8) buffer sliced to D (row stride != D)."""
+    def one(H, S, layout):
+        if layout == "bhsd":
+            return torch.randn(B, H, S, D, device=device, dtype=dtype)
+        if layout == "padded":
+            return torch.randn(B, S, H, D + 8, device=device, dtype=dtype)[..., :D].transpose(1, 2)
+        return torch.randn(B, S, H, D, device=device, dtype=dtype).transpose(1, 2)
+    return one(Hq, Sq, q_layout), one(Hkv, Skv, kv_layout), one(Hkv, Skv, kv_layout)
+
+
+def check(q, k, v, *, causal, scale=None, mask=None, window=None, softcap=None):
+    D = q.shape[-1]
+    scale_ = scale if scale is not None else 1.0 / math.sqrt(D)
+    kw = dict(causal=causal, mask=mask, window=window, softcap=softcap)
+    out, lse = run_cuda(q, k, v, scale=scale, **kw)
+    out_ref, lse_ref = reference(q, k, v, scale=scale_, **kw)
+    out_pt, lse_pt = torch_lowp(q, k, v, scale=scale_, **kw)
+
+    B, Hq, Sq, _ = q.shape
+    assert out.shape == (B, Sq, Hq, D) and out.dtype == q.dtype and out.is_contiguous()
+    assert lse.shape == (B, Hq, Sq) and lse.dtype == torch.float32
+    assert not torch.isnan(out).any(), "NaN in out"
+    assert not torch.isnan(lse).any(), "NaN in lse"
+
+    empty = torch.isinf(lse_ref) & (lse_ref < 0)                    # (B, Hq, Sq)
+    assert torch.equal(torch.isinf(lse) & (lse < 0), empty), "lse = -inf exactly on rows with no key"
+    empty_o = empty.transpose(1, 2)                                   # (B, Sq, Hq)
+    assert (out.float()[empty_o] == 0).all(), "rows with no allowed key must be 0"
+    ok = ~empty_o
+    if ok.any():
+        err = (out.double() - out_ref)[ok].abs().max().item()
+        err_pt = (out_pt.double() - out_ref)[ok].abs().max().item()
+        assert err <= 2 * err_pt + OUT_FLOOR, f"out error {err:.3g} > 2 x PyTorch's {err_pt:.3g} + floor"
+        lok = ~empty
+        lerr = (lse.double() - lse_ref)[lok].abs().max().item()
+        lerr_pt = (lse_pt.double() - lse_ref)[lok].abs().max().item()
+        assert lerr <= 2 * lerr_pt + LSE_FLOOR, f"lse error {lerr:.3g} > 2 x PyTorch's {lerr_pt:.3g} + floor"
+    return out, lse
+
+
+# ------------------------------------------------------------------------------------------
+# GPU tests.
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Hq,Hkv", HEADS)
+@pytest.mark.parametrize("Sq,Skv", SEQ_PAIRS)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_reference(dtype, D, Sq, Skv, Hq, Hkv, causal):
+    q, k, v = make_qkv(2, Hq, Hkv, Sq, Skv, D, dtype)
+    check(q, k, v, causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_layout,kv_layout", [("bhsd", "bhsd"), ("bshd", "bhsd"), ("padded", "padded"),
+                                                ("bhsd", "padded")])
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_layouts(q_layout, kv_layout, D):
+    q, k, v = make_qkv(3, 8, 2, 97, 130, D, torch.float16, q_layout=q_layout, kv_layout=kv_layout)
+    check(q, k, v, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Sq,Skv", [(17, 1), (128, 97), (1025, 128)])
+@pytest.mark.parametrize("D", (64, 128))
+def test_causal_more_queries_than_keys(Sq, Skv, D):
+    # bottom-right alignment: the first Sq - Skv query rows see nothing (out 0, lse -inf)
+    q, k, v = make_qkv(2, 8, 2, Sq, Skv, D, torch.bfloat16)
+    check(q, k, v, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_padding_mask(dtype, D, causal):
+    # Left padding as transformers builds it ((B, 1, 1, Skv) expanded), batch 1 fully padded
+    # on its first 40 keys, batch 2 entirely padded (every row empty).
+    B, Sq, Skv = 3, 97, 1025
+    q, k, v = make_qkv(B, 8, 2, Sq, Skv, D, dtype)
+    keep = torch.ones(B, 1, 1, Skv, dtype=torch.bool, device="cuda")
+    keep[1, ..., :40] = False
+    keep[2] = False
+    check(q, k, v, causal=causal, mask=keep)
+    # A full (B, 1, Sq, Skv) random mask with some rows entirely masked, as an expanded view
+    # of a (1, 1, Sq, Skv) tensor (batch stride 0).
+    m = torch.rand(1, 1, Sq, Skv, device="cuda") > 0.3
+    m[..., ::7, :] = False
+    check(q, k, v, causal=causal, mask=m.expand(B, 1, Sq, Skv))
+    # A non-contiguous mask: a transposed buffer.
+    mt = (torch.rand(B, 1, Skv, Sq, device="cuda") > 0.5).transpose(-1, -2)
+    check(q, k, v, causal=causal, mask=mt)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [1, 16, 100, 5000])
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_window(D, window, causal):
+    for Sq, Skv in ((97, 1025), (1025, 1025), (17, 17)):
+        q, k, v = make_qkv(2, 8, 2, Sq, Skv, D, torch.float16)
+        check(q, k, v, causal=causal, window=window)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("softcap", [5.0, 50.0])
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softcap(dtype, D, softcap):
+    q, k, v = make_qkv(2, 8, 1, 97, 1025, D, dtype)
+    check(q, k, v, causal=True, softcap=softcap, scale=0.3)
+    keep = torch.rand(2, 1, 1, 1025, device="cuda") > 0.2
+    check(q, k, v, causal=False, softcap=softcap, window=64, mask=keep)
+
+
+@pytest.mark.gpu
+def test_large_scores_no_overflow():
+    # scores ~ +-300: the running max must keep exp2 finite; fp16 inputs near their limit
+    q, k, v = make_qkv(1, 4, 4, 128, 257, 64, torch.float16)
+    check(q * 8, k * 8, v, causal=True, scale=1.0)
+
+
+@pytest.mark.gpu
+def test_no_keys():
+    q = torch.randn(2, 4, 17, 64, device="cuda", dtype=torch.float16)
+    k = torch.randn(2, 4, 0, 64, device="cuda", dtype=torch.float16)
+    out, lse = flash_attention_cuda(q, k, k, None, False, 0.125, 0, 0.0)
+    torch.cuda.synchronize()
+    assert (out == 0).all() and torch.isinf(lse).all() and (lse < 0).all()
+
+
+# ------------------------------------------------------------------------------------------
+# CPU tests: what cuda_supports accepts and the reasons it gives (metadata only).
+
+def _q(D=64, dtype=torch.float16, S=17, H=8, B=2, device="cpu"):
+    return torch.empty(B, S, H, D, dtype=dtype, device=device).transpose(1, 2)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_supports_common_calls(device):
+    for D in HEAD_DIMS:
+        for dtype in DTYPES:
+            q, kv = _q(D, dtype, device=device), _q(D, dtype, H=2, S=33, device=device)
+            assert cuda_supports(q, kv, kv, None, True, D ** -0.5, 0, 0.0) is None
+            m = torch.ones(2, 1, 1, 33, dtype=torch.bool, device=device)
+            assert cuda_supports(q, kv, kv, m, False, 0.1, 16, 30.0) is None
+
+
+def test_supports_reasons():
+    q = _q()
+    assert "head dim 72" in cuda_supports(_q(72), _q(72), _q(72), None, True, 0.1, 0, 0.0)
+    assert "head dim 32" in cuda_supports(_q(32), _q(32), _q(32), None, True, 0.1, 0, 0.0)
+    f32 = _q(dtype=torch.float32)
+    assert "float32" in cuda_supports(f32, f32, f32, None, True, 0.1, 0, 0.0)
+    # strides not a multiple of 8 elements: rows of 68 elements
+    odd = torch.empty(2, 17, 8, 68, dtype=torch.float16)[..., :64].transpose(1, 2)
+    assert "multiples of 8" in cuda_supports(odd, q, q, None, True, 0.1, 0, 0.0)
+    # a data pointer 2 bytes past a 16-byte boundary
+    flat = torch.empty(2 * 17 * 8 * 64 + 8, dtype=torch.float16)
+    mis = flat[1:1 + 2 * 17 * 8 * 64].view(2, 17, 8, 64).transpose(1, 2)
+    assert "aligned" in cuda_supports(mis, q, q, None, True, 0.1, 0, 0.0)
+    # non-unit stride in D
+    nd = torch.empty(2, 8, 17, 128, dtype=torch.float16)[..., ::2]
+    assert "unit stride" in cuda_supports(nd, nd, nd, None, True, 0.1, 0, 0.0)
+    # masks: bool only, broadcastable only
+    assert "mask dtype" in cuda_supports(q, q, q, torch.zeros(2, 1, 17, 17), True, 0.1, 0, 0.0)
+    bad = torch.ones(2, 2, 17, 17, dtype=torch.bool)
+    assert "broadcastable" in cuda_supports(q, q, q, bad, True, 0.1, 0, 0.0)
+    # heads and scale
+    assert "multiple" in cuda_supports(q, _q(H=3), _q(H=3), None, True, 0.1, 0, 0.0)
+    assert "scale" in cuda_supports(q, q, q, None, True, -0.1, 0, 0.0)
+    assert "scale" in cuda_supports(q, q, q, None, True, 0.0, 0, 0.0)
+    assert "dtype" in cuda_supports(q, _q(dtype=torch.bfloat16), q, None, True, 0.1, 0, 0.0)
+    assert "varlen" in cuda_varlen_supports(q, q, q, None, None, 1, 1, True, 0.1, 0, 0.0)
+
+
+def test_head_dims_match_the_compiled_instantiations():
+    # Python's list of head dims is the generator's, and every instantiation unit exists.
+    gen = open(os.path.join(ROOT, "csrc", "attention", "generate_instantiations.py")).read()
+    dims = tuple(int(d) for d in re.search(r"HEAD_DIMS = \(([^)]*)\)", gen).group(1).split(","))
+    assert dims == HEAD_DIMS
+    for d in HEAD_DIMS:
+        for name in ("fp16", "bf16"):
+            assert os.path.exists(os.path.join(ROOT, "csrc", "attention", f"flash_fwd_hdim{d}_{name}.cu"))
