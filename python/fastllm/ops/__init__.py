@@ -1,7 +1,9 @@
 """Public ops. Each is a torch.library custom op (fastllm::<name>) with a fake impl, served
 by the cuda, triton or torch backend chosen through fastllm.ops.registry."""
 from .attention import flash_attention, flash_attention_varlen
+from .int8 import int8_matmul, int8_matmul_int32, w8a16_matmul
 from .quantize import quantize_per_token
 from .registry import BACKENDS, OPS
 
-__all__ = ["flash_attention", "flash_attention_varlen", "quantize_per_token", "BACKENDS", "OPS"]
+__all__ = ["flash_attention", "flash_attention_varlen", "quantize_per_token", "int8_matmul", "int8_matmul_int32",
+           "w8a16_matmul", "BACKENDS", "OPS"]

@@ -1,6 +1,8 @@
 """Pure-PyTorch references of every op: the tests' ground truth, the CPU backend and the
 benchmarks' baseline. Written for clarity, in float32 (or exact integer) arithmetic."""
 from .attention import flash_attention, flash_attention_varlen
+from .int8 import int8_matmul, int8_matmul_int32, w8a16_matmul
 from .quantize import quantize_per_token
 
-__all__ = ["flash_attention", "flash_attention_varlen", "quantize_per_token"]
+__all__ = ["flash_attention", "flash_attention_varlen", "quantize_per_token", "int8_matmul", "int8_matmul_int32",
+           "w8a16_matmul"]

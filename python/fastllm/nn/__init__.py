@@ -1,0 +1,4 @@
+"""Drop-in nn.Modules backed by fastllm's kernels."""
+from .int8_linear import MODES as INT8_MODES, Int8Linear
+
+__all__ = ["Int8Linear", "INT8_MODES"]

@@ -1,0 +1,86 @@
+"""Calibration: run user batches through a model and record, for chosen nn.Linear layers, the
+per-input-channel abs-maximum of their inputs.
+
+    amax = calibrate(model, batches)                     # {"layers.0.q_proj": (K,) fp32, ...}
+    amax = calibrate(model, batches, layers=["fc1"])     # names (or modules) to watch
+
+These maxima drive SmoothQuant (fastllm.quant.smoothquant) and static activation scales
+(max over channels / 127). The hooks are forward pre-hooks, removed when calibration ends,
+also on an exception. Batches: a dict is passed as model(**batch), a tuple/list as
+model(*batch), anything else as model(batch); the model runs under torch.no_grad().
+"""
+from typing import Dict, Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+
+def _select(model: nn.Module, layers) -> Dict[str, nn.Linear]:
+    named = dict(model.named_modules())
+    if layers is None:
+        chosen = {n: m for n, m in named.items() if isinstance(m, nn.Linear)}
+    else:
+        by_id = {id(m): n for n, m in named.items()}
+        chosen = {}
+        for item in layers:
+            if isinstance(item, str):
+                if item not in named:
+                    raise ValueError(f"calibrate: argument 'layers': the model has no module named {item!r}")
+                name, mod = item, named[item]
+            elif isinstance(item, nn.Module):
+                if id(item) not in by_id:
+                    raise ValueError(f"calibrate: argument 'layers': {type(item).__name__} is not a submodule "
+                                     "of the model")
+                name, mod = by_id[id(item)], item
+            else:
+                raise TypeError(f"calibrate: argument 'layers' must hold module names or modules, got "
+                                f"{type(item).__name__}")
+            if not isinstance(mod, nn.Linear):
+                raise TypeError(f"calibrate: argument 'layers': {name!r} is a {type(mod).__name__}, not an nn.Linear")
+            chosen[name] = mod
+    if not chosen:
+        raise ValueError("calibrate: the model has no nn.Linear layer to calibrate")
+    return chosen
+
+
+def calibrate(model: nn.Module, batches: Iterable, layers: Optional[Iterable[Union[str, nn.Module]]] = None
+              ) -> Dict[str, torch.Tensor]:
+    """Per-input-channel max |x| of each chosen Linear's input over all batches: {name: (K,) fp32}.
+
+    layers: None (every nn.Linear that runs; unused ones are left out of the result) or names /
+    module objects. Raises ValueError when `batches` yields nothing, or a layer named in `layers`
+    never ran (its statistics would be meaningless).
+    """
+    chosen = _select(model, layers)
+    amax: Dict[str, torch.Tensor] = {}
+
+    def hook_for(name):
+        def hook(mod, args):
+            x = args[0]
+            if not isinstance(x, torch.Tensor) or x.numel() == 0:
+                return
+            m = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+            amax[name] = m if name not in amax else torch.maximum(amax[name], m)
+        return hook
+
+    handles = [mod.register_forward_pre_hook(hook_for(name)) for name, mod in chosen.items()]
+    n = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                if isinstance(batch, dict):
+                    model(**batch)
+                elif isinstance(batch, (tuple, list)):
+                    model(*batch)
+                else:
+                    model(batch)
+                n += 1
+    finally:
+        for h in handles:
+            h.remove()
+    if n == 0:
+        raise ValueError("calibrate: argument 'batches' yielded no batch; calibration needs at least one")
+    missing = [name for name in chosen if name not in amax]
+    if missing and (layers is not None or not amax):
+        raise ValueError(f"calibrate: these layers never ran on the calibration batches: {', '.join(missing)}")
+    return amax

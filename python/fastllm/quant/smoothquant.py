@@ -1,0 +1,78 @@
+"""SmoothQuant (Xiao et al., 2023): move activation outliers into the weights before int8.
+
+LLM activations have a few input channels 10-100x larger than the rest; per-token int8 then
+spends its 255 levels on those channels and rounds the others to a handful of levels. With a
+per-input-channel factor s (K,),  X W^T = (X / s) (W * s)^T  exactly, and
+    s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)       (alpha = migration strength, 0.5 default)
+balances the channel ranges of X / s and W * s so both quantize well.
+
+Where X / s goes:
+- smooth_norm_linears(norm, linears, act_amax): folded into the weight (and bias) of the norm
+  that produces X, when every consumer of that norm's output is in `linears` (e.g. an
+  attention block's q/k/v projections after input_layernorm). Free at run time. The caller
+  says it is allowed: the norm must compute `normalized * weight (+ bias)` (LayerNorm,
+  RMSNorm, Llama/Mistral/Qwen RMSNorm; NOT Gemma's `* (1 + weight)`), and nothing else may read
+  its output.
+- otherwise Int8Linear.from_linear(..., act_amax=..., smooth_alpha=alpha) keeps 1 / s as an
+  input-scale buffer and multiplies X by it before quantizing (one elementwise pass).
+"""
+from typing import Iterable, Sequence, Union
+
+import torch
+from torch import nn
+
+_EPS = 1e-5  # floor for both maxima: an all-zero channel must not give s = 0 or inf
+
+
+def _weight_amax(weights) -> torch.Tensor:
+    ws = [weights] if isinstance(weights, torch.Tensor) else list(weights)
+    if not ws:
+        raise ValueError("smooth_scales: argument 'weights' is empty")
+    K = ws[0].shape[-1]
+    for w in ws:
+        if w.dim() != 2 or w.shape[1] != K:
+            raise ValueError(f"smooth_scales: every weight must be (N, K) with K = {K}, got {tuple(w.shape)}")
+    return torch.stack([w.detach().abs().float().amax(dim=0) for w in ws]).amax(dim=0)
+
+
+def smooth_scales(act_amax: torch.Tensor, weights: Union[torch.Tensor, Sequence[torch.Tensor]],
+                  alpha: float = 0.5) -> torch.Tensor:
+    """s (K,) fp32: s_j = max|X_j|^alpha / max|W_j|^(1-alpha), the weight maximum taken over the
+    rows of every given (N_i, K) weight (linears sharing one input share one s)."""
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"smooth_scales: argument 'alpha' must be a number in [0, 1], got {alpha!r}")
+    w_amax = _weight_amax(weights)
+    if not isinstance(act_amax, torch.Tensor) or tuple(act_amax.shape) != tuple(w_amax.shape):
+        raise ValueError(f"smooth_scales: argument 'act_amax' must be a ({w_amax.shape[0]},) tensor (one max per "
+                         f"input channel), got {tuple(act_amax.shape) if isinstance(act_amax, torch.Tensor) else act_amax!r}")
+    a = act_amax.detach().float().to(w_amax.device).clamp(min=_EPS)
+    w = w_amax.clamp(min=_EPS)
+    return a.pow(alpha) / w.pow(1.0 - alpha)
+
+
+@torch.no_grad()
+def smooth_norm_linears(norm: nn.Module, linears: Iterable[nn.Linear], act_amax: torch.Tensor,
+                        alpha: float = 0.5) -> torch.Tensor:
+    """Fold SmoothQuant into `norm` (weight /= s, bias /= s) and `linears` (weight[:, j] *= s_j),
+    in place; the float model computes the same function (up to rounding). `act_amax` is the
+    calibrated max |input| per channel of the linears (all read the norm's output). Returns s;
+    the smoothed activations' maxima are act_amax / s (for static activation scales)."""
+    linears = list(linears)
+    if not linears or not all(isinstance(m, nn.Linear) for m in linears):
+        raise TypeError("smooth_norm_linears: argument 'linears' must be a non-empty list of nn.Linear")
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        raise TypeError(f"smooth_norm_linears: argument 'norm' ({type(norm).__name__}) must have a 1-D "
+                        "elementwise 'weight' to fold the smoothing into")
+    s = smooth_scales(act_amax, [m.weight for m in linears], alpha)
+    if weight.shape[0] != s.shape[0]:
+        raise ValueError(f"smooth_norm_linears: norm.weight has {weight.shape[0]} channels, the linears take "
+                         f"{s.shape[0]}")
+    s = s.to(weight.device)
+    weight.copy_((weight.float() / s).to(weight.dtype))
+    bias = getattr(norm, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        bias.copy_((bias.float() / s).to(bias.dtype))
+    for m in linears:
+        m.weight.copy_((m.weight.float() * s.to(m.weight.device)).to(m.weight.dtype))
+    return s

@@ -1,0 +1,393 @@
+"""int8 matmuls in Triton: W8A8 (int8 x int8 -> int32, fused dequant epilogue) and W8A16
+(int8 weights dequantized in registers against fp16/bf16/fp32 activations).
+Semantics: fastllm/ref/int8.py. Run the tests with `pytest tests/test_int8.py` (no GPU: the
+Triton interpreter runs these kernels on CPU tensors).
+
+W8A8.  C[m, n] = (fp32(sum_k A[m, k] * B[n, k]) * a_scale[m]) * w_scale[n] + bias[n]
+  A (M, K) int8 activations, B (N, K) int8 weights (nn.Linear layout, read as B^T tiles).
+  Each program owns a BLOCK_M x BLOCK_N tile of C, walks K in BLOCK_K steps with
+  tl.dot(int8, int8) -> int32 (exact; tensor-core IMMA on a GPU, ~2x the bf16 rate), and
+  applies the scales and bias in registers before the single store: the int32 accumulator
+  never reaches memory (unless the caller asks for it: SCALED=False stores it raw).
+  Bytes moved (naive): M*K + N*K in, M*N*out_bytes out; FLOPs 2*M*N*K.
+
+W8A16. C[m, n] = sum_k X[m, k] * (W[n, k] * s[n, k // group]) + bias[n]
+  For decode (M = 1..16) the weights are the cost: N*K bytes (half of fp16) for 2*M*N*K
+  FLOPs, so the kernel is bandwidth-bound and wants every SM streaming weights: BLOCK_M is
+  small (16: tl.dot's minimum) and K is split across SPLIT_K programs when the N tiles alone
+  do not fill the GPU; the SPLIT_K fp32 partial tiles (M*N*4 bytes each, tiny next to the
+  weights at decode sizes) are summed by the wrapper. The int8 tile is converted to the
+  activation dtype in registers (exact: |w| <= 128) and fed to tl.dot with an fp32
+  accumulator. Per-channel scales multiply the accumulator once at the end; per-group scales
+  multiply each BLOCK_K partial product (BLOCK_K divides group_size, so a K tile never
+  straddles two groups) -- no rounding of dequantized weights to 16 bits at all.
+
+Out-of-range rows/columns are not masked on load: their indices wrap (offs % M), so they read
+valid memory and are simply never stored. K is masked only when BLOCK_K does not divide it
+(EVEN_K is a constexpr, so the common case carries no masks).
+
+Interpreter: a bf16 tl.dot multiplies raw bits there (triton#11584), so under INTERPRET the
+W8A16 operands are upcast to fp32 (exact: both are exact in fp32 and the products are too).
+int8 tl.dot is exact in the interpreter and on GPUs.
+
+Tile configs live in ONE place, pick_config(); nothing else knows a tile size.
+"""
+import functools
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+class Config(NamedTuple):
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    SPLIT_K: int = 1
+    GROUP_M: int = 8      # programs along M sharing the same N tiles, for L2 reuse of B
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def pick_config(kind: str, M: int, N: int, K: int, *, group_size: int = 0, sms: int = 132,
+                interpret: bool = False) -> Config:
+    """The tile config for kind "w8a8" or "w8a16" at this (M bucket, N, K).
+
+    GPU configs are the usual Hopper/Ampere shapes for 8-bit operands: int8 tl.dot needs
+    BLOCK_K >= 32 (one m16n8k32 MMA); 128 int8 = 128 bytes per row per stage, the same bytes
+    as a 64-wide bf16 tile. Small M gets BLOCK_M = 16 (nothing is gained computing padding
+    rows) and wider N/K per program; large M gets 128x128/128x256 tiles with 8 warps.
+    Under the interpreter the configs are fixed and small: tiles far below the test shapes so
+    that partial tiles, masked K and split-K are all exercised, with few enough programs to
+    keep the CPU run short.
+    """
+    if kind == "w8a8":
+        if interpret:
+            return Config(16 if M <= 16 else 32, 32, 32, GROUP_M=2, num_stages=1)
+        if M <= 16:
+            cfg = Config(16, 64, 256, num_warps=4, num_stages=4)
+        elif M <= 32:
+            cfg = Config(32, 64, 256, num_warps=4, num_stages=4)
+        elif M <= 64:
+            cfg = Config(64, 128, 128, num_warps=4, num_stages=4)
+        elif M <= 128:
+            cfg = Config(128, 128, 128, num_warps=8, num_stages=3)
+        else:
+            cfg = Config(128, 256, 128, num_warps=8, num_stages=3)
+        # Do not walk K in steps far larger than K itself (min 32: int8 MMA k-width).
+        return cfg._replace(BLOCK_K=max(32, min(cfg.BLOCK_K, triton.next_power_of_2(K))))
+
+    if kind != "w8a16":
+        raise ValueError(f"unknown kind {kind!r}")
+    if interpret:
+        cfg = Config(16 if M <= 16 else 32, 32, 32, GROUP_M=2, num_stages=1)
+    elif M <= 16:
+        cfg = Config(16, 64, 256, num_warps=4, num_stages=4)
+    elif M <= 64:
+        cfg = Config(M if M <= 32 else 64, 64, 128, num_warps=4, num_stages=4)
+        cfg = cfg._replace(BLOCK_M=triton.next_power_of_2(cfg.BLOCK_M))
+    elif M <= 128:
+        cfg = Config(128, 128, 64, num_warps=8, num_stages=3)
+    else:
+        cfg = Config(128, 256, 64, num_warps=8, num_stages=3)
+    bk = max(16, min(cfg.BLOCK_K, triton.next_power_of_2(K)))
+    if group_size:
+        bk = min(bk, group_size & -group_size)  # a K tile must sit inside one group
+    cfg = cfg._replace(BLOCK_K=bk)
+    # Split K while the (M, N) tiles alone leave SMs idle, keeping >= 4 K tiles per split
+    # (2 under the interpreter, so the tests run split-K on their small shapes).
+    if M <= 16:
+        tiles = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
+        k_tiles = triton.cdiv(K, bk)
+        per_split = 2 if interpret else 4
+        target = 2 if interpret else sms
+        split = 1
+        while tiles * split < target and k_tiles // (split * 2) >= per_split:
+            split *= 2
+        cfg = cfg._replace(SPLIT_K=split)
+    return cfg
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped ordering: GROUP_M consecutive programs share one column of B tiles (L2 reuse).
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_rows
+    pid_n = (pid % num_pid_in_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def _store_out(ptrs, x, mask, INTERPRET: tl.constexpr):
+    """Store fp32 `x` rounded to the pointer's dtype. The interpreter's fp32 -> bf16 cast
+    truncates (a GPU rounds to nearest even), so there the rounding is done on the bits first:
+    add 0x7FFF plus the lowest kept bit, clear the low half; the cast is then exact."""
+    if INTERPRET and ptrs.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def int8_matmul_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
+                       M, N, K,
+                       stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
+                       stride_as, stride_ws, stride_bias,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+                       SCALED: tl.constexpr, A_SCALE_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       INTERPRET: tl.constexpr):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rm = (offs_m % M).to(tl.int64)  # wrapped: loads stay in bounds, these rows are not stored
+    rn = (offs_n % N).to(tl.int64)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + rn[None, :] * stride_bn   # B^T tile (K, N)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = offs_k < K - kt * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+    c_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    if SCALED:
+        out = acc.to(tl.float32)
+        if A_SCALE_PER_ROW:
+            out = out * tl.load(a_scale_ptr + rm * stride_as)[:, None]
+        else:
+            out = out * tl.load(a_scale_ptr)
+        out = out * tl.load(w_scale_ptr + rn * stride_ws)[None, :]
+        if HAS_BIAS:
+            out = out + tl.load(bias_ptr + rn * stride_bias).to(tl.float32)[None, :]
+        _store_out(c_ptrs, out, c_mask, INTERPRET)
+    else:
+        tl.store(c_ptrs, acc, mask=c_mask)
+
+
+@triton.jit
+def w8a16_matmul_kernel(x_ptr, w_ptr, c_ptr, s_ptr, bias_ptr,
+                        M, N, K, group_size,
+                        stride_xm, stride_xk, stride_wn, stride_wk, stride_cs, stride_cm, stride_cn,
+                        stride_sn, stride_sg, stride_bias,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+                        PER_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IEEE: tl.constexpr,
+                        INTERPRET: tl.constexpr):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
+    x_base = x_ptr + rm[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_base = w_ptr + offs_k[:, None] * stride_wk + rn[None, :] * stride_wn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Split s of SPLIT_K takes K tiles s, s + SPLIT_K, ...
+    for kt in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
+        k0 = kt * BLOCK_K
+        if EVEN_K:
+            x = tl.load(x_base + k0 * stride_xk)
+            w = tl.load(w_base + k0 * stride_wk)
+        else:
+            k_ok = offs_k < K - k0
+            x = tl.load(x_base + k0 * stride_xk, mask=k_ok[None, :], other=0.0)
+            w = tl.load(w_base + k0 * stride_wk, mask=k_ok[:, None], other=0)
+        if INTERPRET:
+            part = tl.dot(x.to(tl.float32), w.to(tl.float32))
+        elif DOT_IEEE:
+            part = tl.dot(x, w.to(x.dtype), input_precision="ieee")
+        else:
+            part = tl.dot(x, w.to(x.dtype))
+        if PER_GROUP:
+            g = k0 // group_size
+            acc += part * tl.load(s_ptr + rn * stride_sn + g * stride_sg)[None, :]
+        else:
+            acc += part
+    if not PER_GROUP:
+        acc = acc * tl.load(s_ptr + rn * stride_sn)[None, :]
+
+    c_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    c_ptrs = c_ptr + pid_k * stride_cs + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + rn * stride_bias).to(tl.float32)[None, :]
+        _store_out(c_ptrs, acc, c_mask, INTERPRET)
+    else:
+        tl.store(c_ptrs, acc, mask=c_mask)  # fp32 partial; the wrapper sums the splits
+
+
+def _interp() -> bool:
+    from . import interpreting
+    return interpreting()
+
+
+def _sms(t: torch.Tensor) -> int:
+    return _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device()) \
+        if t.device.type == "cuda" else 132
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: Optional[torch.Tensor] = None,
+                w_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                out_dtype: torch.dtype = torch.bfloat16, config: Optional[Config] = None,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a (M, K) int8, b (N, K) int8, any strides. With a_scale is None: the raw int32 a @ b.T.
+    Else a_scale (M,) or 1 element fp32, w_scale (N,) fp32, bias (N,) float or None -> out_dtype.
+    config overrides pick_config; out (M, N), any strides, is written in place (tests poison it)."""
+    M, K = a.shape
+    N = b.shape[0]
+    scaled = a_scale is not None
+    if out is None:
+        out = torch.empty((M, N), dtype=out_dtype if scaled else torch.int32, device=a.device)
+    if M == 0 or N == 0:
+        return out
+    cfg = config or pick_config("w8a8", M, N, K, sms=_sms(a), interpret=_interp())
+    grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
+    per_row = scaled and a_scale.numel() > 1
+    dummy = out  # never read when the matching flag is off
+    int8_matmul_kernel[grid](
+        a, b, out, a_scale if scaled else dummy, w_scale if scaled else dummy,
+        bias if bias is not None else dummy,
+        M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        a_scale.stride(0) if per_row else 0, w_scale.stride(0) if scaled else 0,
+        bias.stride(0) if bias is not None else 0,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        EVEN_K=K % cfg.BLOCK_K == 0, SCALED=scaled, A_SCALE_PER_ROW=per_row, HAS_BIAS=bias is not None,
+        INTERPRET=_interp(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def w8a16_matmul(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 group_size: int = 0, config: Optional[Config] = None,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x (M, K) fp16/bf16/fp32, w (N, K) int8, w_scale (N,) (group_size 0) or (N, K // group_size)
+    fp32, bias (N,) or None -> (M, N) in x.dtype. Any strides. config / out as in int8_matmul."""
+    M, K = x.shape
+    N = w.shape[0]
+    if out is None:
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return out
+    interp = _interp()
+    cfg = config or pick_config("w8a16", M, N, K, group_size=group_size, sms=_sms(x), interpret=interp)
+    if group_size and group_size % cfg.BLOCK_K:
+        raise ValueError(f"BLOCK_K {cfg.BLOCK_K} must divide group_size {group_size}")
+    split = cfg.SPLIT_K
+    c = out if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N), split)
+    w8a16_matmul_kernel[grid](
+        x, w, c, w_scale, bias if bias is not None else c,
+        M, N, K, group_size,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        c.stride(0) if split > 1 else 0, c.stride(-2), c.stride(-1),
+        w_scale.stride(0), w_scale.stride(1) if group_size else 0,
+        bias.stride(0) if bias is not None else 0,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_K=split, GROUP_M=cfg.GROUP_M,
+        EVEN_K=K % cfg.BLOCK_K == 0, PER_GROUP=bool(group_size), HAS_BIAS=bias is not None,
+        DOT_IEEE=x.dtype == torch.float32, INTERPRET=interp,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if split > 1:
+        acc = c.sum(0)
+        if bias is not None:
+            acc += bias.to(torch.float32)
+        out.copy_(acc)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark (GPU): python -m fastllm.triton_kernels.int8_matmul [--sweep]
+# W8A8 in TOP/s beside cuBLAS int8 (torch._int_mm, M > 16 only) and bf16 (torch.matmul);
+# W8A16 at decode sizes in GB/s of weight bytes beside bf16 (which reads twice the bytes).
+
+def _bench(sweep: bool = False):
+    from triton.testing import do_bench
+    dev = "cuda"
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    shapes = [(M, 4096, 4096) for M in (1, 16, 32, 64, 128, 512, 4096)] + [(M, 11008, 4096) for M in (16, 4096)]
+    print("W8A8 (bf16 out, per-token scales)      TOP/s:  triton   _int_mm   bf16 mm")
+    for M, N, K in shapes:
+        a = torch.randint(-127, 128, (M, K), dtype=torch.int8, device=dev)
+        b = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=dev)
+        sa, sw = torch.rand(M, device=dev), torch.rand(N, device=dev)
+        xa, xb = a.bfloat16(), b.bfloat16()
+        ops = 2 * M * N * K
+        t_tr = do_bench(lambda: int8_matmul(a, b, sa, sw, None, torch.bfloat16))
+        t_cb = do_bench(lambda: torch._int_mm(a, b.t())) if M > 16 else float("nan")
+        t_bf = do_bench(lambda: xa @ xb.t())
+        print(f"  M={M:5d} N={N:5d} K={K:5d}  {pick_config('w8a8', M, N, K, sms=_sms(a))}\n"
+              f"{'':40s}{ops / t_tr * 1e-9:8.1f}  {ops / t_cb * 1e-9:8.1f}  {ops / t_bf * 1e-9:8.1f}")
+        if sweep and N == 4096 and M in (1, 32, 128, 4096):
+            best = []
+            for bm in (16, 32, 64, 128):
+                for bn in (64, 128, 256):
+                    for bk in (128, 256):
+                        for w, st in ((4, 4), (8, 3)):
+                            if bm > max(16, triton.next_power_of_2(M)) or bm * bn * bk > 128 * 256 * 128:
+                                continue
+                            cfg = Config(bm, bn, bk, num_warps=w, num_stages=st)
+                            try:
+                                t = do_bench(lambda: int8_matmul(a, b, sa, sw, None, torch.bfloat16, config=cfg))
+                            except Exception:  # noqa: BLE001 - out of shared memory etc.
+                                continue
+                            best.append((t, cfg))
+            best.sort(key=lambda p: p[0])
+            for t, cfg in best[:3]:
+                print(f"{'':8s}sweep {ops / t * 1e-9:8.1f} TOP/s  {cfg}")
+    print("W8A16 (bf16 x, per-channel / group 128)  GB/s of weights:  per-chan  group128  bf16 mm")
+    for M, N, K in [(1, 4096, 4096), (4, 4096, 4096), (16, 4096, 4096), (1, 11008, 4096), (1, 4096, 11008),
+                    (16, 11008, 4096), (128, 4096, 4096)]:
+        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+        w = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=dev)
+        s, sg = torch.rand(N, device=dev), torch.rand(N, K // 128, device=dev)
+        wb = w.bfloat16()
+        t1 = do_bench(lambda: w8a16_matmul(x, w, s))
+        t2 = do_bench(lambda: w8a16_matmul(x, w, sg, None, 128))
+        t3 = do_bench(lambda: x @ wb.t())
+        print(f"  M={M:5d} N={N:5d} K={K:5d}  {pick_config('w8a16', M, N, K, sms=_sms(x))}\n"
+              f"{'':40s}{N * K / t1 * 1e-6:8.0f}  {N * K / t2 * 1e-6:8.0f}  {2 * N * K / t3 * 1e-6:8.0f}"
+              f"   (time us: {t1 * 1e3:.1f} {t2 * 1e3:.1f} {t3 * 1e3:.1f})")
+        if sweep and M in (1, 16) and N * K < 11008 * 4096 or (M, N) == (1, 11008):
+            best = []
+            for bn in (32, 64, 128):
+                for bk in (128, 256):
+                    for split in (1, 2, 4, 8):
+                        for w_, st in ((4, 4),):
+                            cfg = Config(16, bn, bk, SPLIT_K=split, num_warps=w_, num_stages=st)
+                            try:
+                                t = do_bench(lambda: w8a16_matmul(x, w, s, config=cfg))
+                            except Exception:  # noqa: BLE001
+                                continue
+                            best.append((t, cfg))
+            best.sort(key=lambda p: p[0])
+            for t, cfg in best[:3]:
+                print(f"{'':8s}sweep {N * K / t * 1e-6:8.0f} GB/s  {cfg}")
+
+
+if __name__ == "__main__":
+    import sys
+    _bench(sweep="--sweep" in sys.argv)
