@@ -1,0 +1,139 @@
+"""The attention function fastllm registers with transformers' AttentionInterface.
+
+transformers (>= 5.0; checked against 5.17 and 5.23) calls, from every attention module that
+dispatches through `ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, ...)`:
+
+    out, weights = fn(module, query, key, value, attention_mask, dropout=p, scaling=s, **kwargs)
+
+    query  (B, Hq, Sq, D)   a transposed view of the (B, Sq, Hq, D) projection
+    key    (B, Hkv, Skv, D) value likewise; GQA heads NOT repeated; already concatenated with
+                            the KV cache (so Skv >= Sq; for a StaticCache, Skv = max_cache_len)
+    attention_mask          what the mask function registered under the same name built. We
+                            register transformers' own `sdpa_mask`, so it is None or a bool
+                            (B, 1, Sq, Skv), True = attend. A model given a 4-D mask by the user
+                            passes that through unchanged (it may be a float additive mask).
+    kwargs                  softcap (Gemma 2: attn_logit_softcapping, maybe None),
+                            sliding_window (Mistral / Qwen2 / Qwen3 / Gemma 2 / Phi-3),
+                            is_causal (overrides module.is_causal; seq2seq models), plus the
+                            model's forward kwargs (position_ids, output_attentions, ...).
+    returns                 out (B, Sq, Hq, D), weights (None: never materialized)
+
+What the mask means when it is None (`sdpa_mask` skips building it, exactly as for SDPA):
+  * Sq == 1: the single query attends to every key (decode, nothing padded);
+  * Sq > 1, causal module: causal with top-left alignment. Either Skv == Sq (no cache, no
+    padding), or Skv > Sq when prefilling an empty StaticCache: the keys past Sq are unwritten
+    cache slots (sdpa_mask only skips when q_offset == 0). Like transformers' sdpa
+    integration we slice k/v to the first Sq keys; then top-left == bottom-right alignment;
+  * not causal (encoders: module.is_causal False; is_causal=False kwarg): attend to all.
+When a mask is given it already holds causality, padding and the sliding window, in absolute
+cache positions, so the op gets causal=False and no window: its bottom-right aligned `window`
+would be wrong against a StaticCache (Skv = max_cache_len, not the number of tokens seen).
+`sliding_window` is therefore never passed on; that is what SDPA and eager do too (the mask
+carries it). Passing it as a tile-skipping hint where positions allow is a later optimisation.
+
+Dropout: transformers passes dropout=0.0 in eval mode and config.attention_dropout while
+training. The kernels have no dropout, so dropout > 0 raises (model.eval(), or set the
+config's attention dropout to 0) rather than silently computing something else. The op has no
+backward yet: forward works with grad enabled, backward raises torch's "no autograd formula".
+
+Kernel routing, prefill vs decode, lives in one place: `_kernel_for`.
+"""
+import torch
+
+from ..ops.attention import flash_attention
+
+#: Name prefix registered with transformers. Neutral on purpose: transformers treats names
+#: containing "flash", "sdpa" or "flex_attention" specially (kernels hub, FA checks, ...).
+IMPL_PREFIX = "fastllm"
+
+#: kwargs that change attention in ways the kernels do not implement: raise, never ignore.
+UNSUPPORTED_KWARGS = {
+    "s_aux": "attention sinks (gpt-oss)",
+    "sinks": "attention sinks",
+    "position_bias": "an additive position bias (T5-style relative attention)",
+    "cache": "a paged KV cache (continuous batching)",
+}
+
+
+def impl_name(backend: str) -> str:
+    """The AttentionInterface name for a backend request: "fastllm" (auto), "fastllm_triton", ..."""
+    return IMPL_PREFIX if backend == "auto" else f"{IMPL_PREFIX}_{backend}"
+
+
+def _kernel_for(q_len):
+    """THE place that picks the attention kernel for a call.
+
+    The issue routes small Sq (decode against a KV cache) to a split-KV decode kernel. That op
+    does not exist yet, so every call goes to flash_attention; when it lands this becomes
+    `return decode_attention if q_len <= DECODE_MAX_Q else flash_attention`.
+    """
+    return flash_attention
+
+
+def kernel_name_for(q_len) -> str:
+    """What the report says serves a call with this many queries."""
+    return _kernel_for(q_len).__name__
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                      *, _fastllm_backend="auto", **kwargs):
+    """transformers AttentionInterface function backed by fastllm.ops.flash_attention."""
+    if dropout:   # a float; 0.0 in eval mode
+        raise ValueError(
+            f"fastllm attention has no dropout, but {type(module).__name__} asked for dropout={dropout} "
+            "(the model is in training mode with attention dropout). Call model.eval(), set the "
+            "config's attention dropout to 0, or fastllm.unpatch(model) to train.")
+    for name, what in UNSUPPORTED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(
+                f"fastllm attention does not implement {what} ({name}=...), which "
+                f"{type(module).__name__} uses; fastllm.unpatch(model) to run it.")
+    mask = attention_mask
+    q_len = query.shape[2]
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(
+                "fastllm attention takes the boolean masks transformers builds for it (True = attend); "
+                f"got a {mask.dtype} 4-D mask, probably passed in by the caller as an additive mask. "
+                "Pass the 2-D padding mask instead, or build the 4-D mask as bool.")
+        causal = False   # the mask holds causality (and padding, window) in cache positions
+    else:
+        is_causal = kwargs.get("is_causal")
+        if is_causal is None:
+            is_causal = getattr(module, "is_causal", True)
+        causal = bool(is_causal) and q_len > 1
+        if causal and key.shape[2] > q_len:
+            # Prefill into an empty StaticCache: keys past q_len are unwritten slots.
+            key = key[:, :, :q_len]
+            value = value[:, :, :q_len]
+    softcap = kwargs.get("softcap")
+    out = _kernel_for(q_len)(query, key, value, causal=causal, scale=scaling, mask=mask,
+                             softcap=softcap if softcap else None, backend=_fastllm_backend)
+    return out, None
+
+
+_REGISTERED = set()
+
+
+def register(backend: str) -> str:
+    """Register the attention function and its mask function with transformers under
+    impl_name(backend); returns the name. Idempotent. The registrations are global in
+    transformers (a name in a dict); they change nothing until a model selects the name."""
+    name = impl_name(backend)
+    if name in _REGISTERED:
+        return name
+    import functools
+
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    fn = functools.partial(attention_forward, _fastllm_backend=backend)
+    functools.update_wrapper(fn, attention_forward)
+    AttentionInterface.register(name, fn)
+    # Without a mask function of the same name, transformers' mask builders return None for
+    # any name they do not know (see masking_utils._preprocess_mask_arguments): padded batches
+    # would silently attend to padding. sdpa_mask gives bool masks and None where SDPA's
+    # is_causal would do (the cases handled above).
+    AttentionMaskInterface.register(name, sdpa_mask)
+    _REGISTERED.add(name)
+    return name

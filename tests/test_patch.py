@@ -1,0 +1,510 @@
+"""fastllm.patch on tiny random transformers models (built from configs; no downloads; fp32).
+
+Every comparison is patched vs unpatched on the same instance. Logit checks follow STYLE.md:
+the error vs a float64 eager copy of the model must be at most ~2x the error of transformers'
+own attention (sdpa; eager for Gemma 2) in float32, plus a float32 rounding floor. Greedy
+generations must agree token for token, except after a step where the unpatched model itself
+had a near-tie between the two tokens (random weights make ties possible).
+"""
+import copy
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import fastllm  # noqa: E402
+from fastllm.errors import BackendUnavailableError, FastllmError  # noqa: E402
+from fastllm.patch import UnsupportedModelError, is_patched  # noqa: E402
+from fastllm.patch import _attention  # noqa: E402
+
+T = transformers
+VOCAB = 128
+DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3"]
+WINDOW = 5   # sliding window well below the test sequence lengths, so it matters
+
+
+def build(kind, hidden=64, layers=2):
+    """A tiny random model of `kind` in eval mode (fresh weights from the per-test seed)."""
+    common = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                  num_hidden_layers=layers, num_attention_heads=4, pad_token_id=0, bos_token_id=1,
+                  eos_token_id=2, max_position_embeddings=256)
+    if kind == "llama":
+        model = T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=2, **common))
+    elif kind == "mistral":      # sliding window on every layer
+        model = T.MistralForCausalLM(T.MistralConfig(num_key_value_heads=2, sliding_window=WINDOW, **common))
+    elif kind == "qwen2":        # layer 0 full, layer 1 sliding (max_window_layers=1)
+        model = T.Qwen2ForCausalLM(T.Qwen2Config(num_key_value_heads=2, use_sliding_window=True,
+                                                 sliding_window=WINDOW, max_window_layers=1, **common))
+    elif kind == "qwen3":        # MQA, q/k norms, head_dim != hidden / heads
+        model = T.Qwen3ForCausalLM(T.Qwen3Config(num_key_value_heads=1, head_dim=24, **common))
+    elif kind == "gemma2":       # softcap, query_pre_attn_scalar scaling, sliding/full alternating
+        model = T.Gemma2ForCausalLM(T.Gemma2Config(
+            num_key_value_heads=2, head_dim=16, sliding_window=WINDOW, attn_logit_softcapping=2.0,
+            final_logit_softcapping=30.0, query_pre_attn_scalar=20, **common))
+    elif kind == "phi3":         # fused qkv, partial sliding window config
+        model = T.Phi3ForCausalLM(T.Phi3Config(num_key_value_heads=2, sliding_window=WINDOW, **common))
+    elif kind == "bert":         # bidirectional encoder
+        model = T.BertModel(T.BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
+                                         num_attention_heads=4, intermediate_size=2 * hidden,
+                                         max_position_embeddings=256, pad_token_id=0))
+    else:
+        raise ValueError(kind)
+    return model.eval()
+
+
+def batch(B=3, S=13, pad=(4, 0, 7)):
+    """Left-padded batch: row b has pad[b] padding tokens (mask 0) in front."""
+    ids = torch.randint(3, VOCAB, (B, S))
+    mask = torch.ones_like(ids)
+    for b, p in enumerate(pad[:B]):
+        ids[b, :p] = 0
+        mask[b, :p] = 0
+    return ids, mask
+
+
+@torch.no_grad()
+def out(model, ids, mask=None):
+    o = model(ids, attention_mask=mask)
+    return (o.logits if hasattr(o, "logits") else o.last_hidden_state).float()
+
+
+@torch.no_grad()
+def float64_reference(model, ids, mask=None):
+    """Ground truth in float64, independent of transformers' and fastllm's mask handling.
+
+    Decoders: each row run alone without its padding, eager attention (RoPE makes the logits
+    independent of the position offset the padding adds). Eager cannot take the padded batch
+    in float64: it adds finfo(float64).min and softmaxes in float32, so fully-masked pad rows
+    become NaN and spread. BERT (absolute position embeddings, no fully-masked rows): the
+    padded batch through sdpa in float64.
+    """
+    m = copy.deepcopy(model).double()
+    if isinstance(model, T.BertModel):
+        m.set_attn_implementation("sdpa")
+        return out(m, ids, mask).double()
+    m.set_attn_implementation("eager")
+    mask = torch.ones_like(ids) if mask is None else mask
+    res = None
+    for b in range(ids.shape[0]):
+        keep = mask[b].bool()
+        row = out(m, ids[b:b + 1, keep]).double()
+        if res is None:
+            res = torch.full((*ids.shape, row.shape[-1]), float("nan"), dtype=torch.float64)
+        res[b, keep] = row[0]
+    return res
+
+
+def assert_close_to_reference(got, base, ref, valid, what):
+    """got (fastllm) vs ref (float64) within 2x base's (transformers' attention) error + rounding."""
+    ref = ref.double()
+    err = (got.double() - ref)[valid].abs().max().item()
+    base_err = (base.double() - ref)[valid].abs().max().item()
+    floor = 4 * torch.finfo(torch.float32).eps * ref[valid].abs().max().item()
+    assert err <= 2 * base_err + floor, f"{what}: error {err:.3g} vs transformers' {base_err:.3g} (floor {floor:.3g})"
+
+
+@torch.no_grad()
+def greedy(model, ids, mask, n=6, **kw):
+    o = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                       pad_token_id=0, return_dict_in_generate=True, output_logits=True, **kw)
+    return o.sequences[:, ids.shape[1]:], torch.stack(o.logits, 1).float()
+
+
+def assert_same_tokens(ref_tokens, ref_logits, tokens, what):
+    """Token-identical, except after a step where ref itself had a near-tie between the two."""
+    for b in range(ref_tokens.shape[0]):
+        for t in range(ref_tokens.shape[1]):
+            a, c = ref_tokens[b, t].item(), tokens[b, t].item()
+            if a != c:
+                lg = ref_logits[b, t]
+                gap = (lg[a] - lg[c]).abs().item()
+                assert gap <= 1e-4 * lg.abs().max().item(), (
+                    f"{what}: row {b} step {t}: token {c} != {a} (reference logit gap {gap:.3g}: not a tie)")
+                break
+
+
+def state_snapshot(model):
+    """Weights, and which config object every module holds (identity, not value)."""
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [(m, a, v) for m in model.modules() for a, v in vars(m).items()
+             if isinstance(v, T.PretrainedConfig)])
+
+
+def assert_untouched(model, cfg, impl, snapshot):
+    sd, refs = snapshot
+    assert not is_patched(model)
+    assert model.config is cfg and cfg._attn_implementation == impl
+    assert all(m.__dict__[a] is v for m, a, v in refs)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    now = model.state_dict()
+    assert now.keys() == sd.keys() and all(torch.equal(now[k], sd[k]) for k in sd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Exactness: logits and generation.
+
+@pytest.mark.parametrize("kind", DECODERS + ["bert"])
+def test_logits_match(kind):
+    model = build(kind)
+    ids, mask = batch()
+    ref = float64_reference(model, ids, mask)
+    base = out(model, ids, mask)
+    fastllm.patch(model, backend="torch")
+    got = out(model, ids, mask)
+    assert_close_to_reference(got, base, ref, mask.bool(), kind)
+    # Unpadded batch: the masks are skipped (None) and causality comes from `causal`.
+    ids2 = torch.randint(3, VOCAB, (2, 11))
+    got2 = out(model, ids2)
+    fastllm.unpatch(model)
+    assert_close_to_reference(got2, out(model, ids2), float64_reference(model, ids2),
+                              torch.ones(2, 11, dtype=torch.bool), kind + " unpadded")
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("kind", DECODERS)
+def test_generate_left_padded(kind, cache):
+    model = build(kind)
+    ids, mask = batch()
+    kw = {"cache_implementation": "static"} if cache == "static" else {}
+    ref_tokens, ref_logits = greedy(model, ids, mask, **kw)
+    fastllm.patch(model, backend="torch")
+    tokens, _ = greedy(model, ids, mask, **kw)
+    assert_same_tokens(ref_tokens, ref_logits, tokens, f"{kind} {cache}")
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_generate_static_unpadded(kind):
+    """No padding: the StaticCache prefill gets mask=None with Skv = max_cache_len > Sq."""
+    model = build(kind)
+    ids, mask = batch(pad=(0, 0, 0))
+    ref_tokens, ref_logits = greedy(model, ids, mask, cache_implementation="static")
+    fastllm.patch(model, backend="torch")
+    tokens, _ = greedy(model, ids, mask, cache_implementation="static")
+    assert_same_tokens(ref_tokens, ref_logits, tokens, f"{kind} static unpadded")
+
+
+def test_static_cache_prefill_slices_unwritten_slots():
+    """mask None with Sq > 1 and Skv > Sq (empty StaticCache prefill): top-left causal."""
+    q = torch.randn(2, 4, 5, 8).transpose(1, 2).contiguous().transpose(1, 2)  # (B, H, S, D) view
+    k, v = torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    module = torch.nn.Module()
+    module.is_causal = True
+    got, w = _attention.attention_forward(module, q, k, v, None, scaling=0.3, _fastllm_backend="torch")
+    assert w is None
+    ref = fastllm.ops.flash_attention(q, k[:, :, :5], v[:, :, :5], causal=True, scale=0.3, backend="torch")
+    assert torch.equal(got, ref)
+    # Sq == 1 with no mask: attends to every key.
+    got1, _ = _attention.attention_forward(module, q[:, :, :1], k, v, None, scaling=0.3, _fastllm_backend="torch")
+    assert torch.equal(got1, fastllm.ops.flash_attention(q[:, :, :1], k, v, causal=False, scale=0.3, backend="torch"))
+
+
+def test_attention_function_rejects_what_it_cannot_do():
+    q = torch.randn(1, 2, 3, 8)
+    module = torch.nn.Module()
+    with pytest.raises(TypeError, match="boolean masks"):
+        _attention.attention_forward(module, q, q, q, torch.zeros(1, 1, 3, 3))
+    with pytest.raises(NotImplementedError, match="sinks"):
+        _attention.attention_forward(module, q, q, q, None, s_aux=torch.zeros(2))
+    with pytest.raises(ValueError, match="dropout"):
+        _attention.attention_forward(module, q, q, q, None, dropout=0.1)
+
+
+def test_training_with_attention_dropout_raises():
+    model = build("llama")
+    model.config.attention_dropout = 0.1   # before patch: the attention modules read it at init...
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    fastllm.patch(model, backend="torch")
+    ids, _ = batch(B=1, pad=(0,))
+    model.train()
+    with pytest.raises(ValueError, match="dropout"):
+        model(ids)
+    model.eval()
+    model(ids)   # dropout=0.0 in eval mode
+
+
+def test_torch_compile_fullgraph():
+    model = build("llama")
+    ids, mask = batch()
+    fastllm.patch(model, backend="auto")
+    eager = out(model, ids, mask)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    try:
+        got = out(compiled, ids, mask)
+        got_unpadded = out(compiled, ids[1:2])
+    finally:
+        torch._dynamo.reset()
+    valid = mask.bool()
+    assert torch.allclose(got[valid], eager[valid], rtol=0, atol=0) or \
+        (got - eager)[valid].abs().max() <= 4 * torch.finfo(torch.float32).eps * eager.abs().max()
+    assert torch.allclose(got_unpadded, out(model, ids[1:2]), rtol=1e-6, atol=1e-6)
+
+
+def _triton_attention_available():
+    try:
+        import fastllm.triton_kernels.flash_attention  # noqa: F401
+    except ImportError as e:
+        return str(e)
+    from fastllm.ops.registry import device_reason
+    return device_reason("triton", torch.device("cpu"), auto=False)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_triton_backend_logits(kind):
+    """The real Triton kernel (interpreter on CPU) inside the model: tiny on purpose (slow)."""
+    why = _triton_attention_available()
+    if why:
+        pytest.skip(f"Triton flash attention unavailable here: {why}")
+    model = build(kind)
+    ids, mask = batch(B=2, S=13, pad=(4, 0))
+    ref = float64_reference(model, ids, mask)
+    base = out(model, ids, mask)
+    fastllm.patch(model, backend="triton")
+    assert fastllm.patch_report(model).ops[0].selected == "triton"
+    got = out(model, ids, mask)
+    assert_close_to_reference(got, base, ref, mask.bool(), kind + " triton")
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_triton_backend_generate(cache):
+    """Decode steps (Sq = 1, masks over a StaticCache) through the Triton kernel."""
+    why = _triton_attention_available()
+    if why:
+        pytest.skip(f"Triton flash attention unavailable here: {why}")
+    model = build("mistral")
+    ids, mask = batch(B=2, S=9, pad=(3, 0))
+    kw = {"cache_implementation": "static"} if cache == "static" else {}
+    ref_tokens, ref_logits = greedy(model, ids, mask, n=4, **kw)
+    fastllm.patch(model, backend="triton")
+    tokens, _ = greedy(model, ids, mask, n=4, **kw)
+    assert_same_tokens(ref_tokens, ref_logits, tokens, f"triton {cache}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reversibility, isolation, idempotence, errors.
+
+def test_unpatch_round_trip_is_exact():
+    model = build("qwen2")
+    cfg, impl = model.config, model.config._attn_implementation
+    cfg_dict = cfg.to_dict()
+    sd = state_snapshot(model)
+    ids, mask = batch()
+    before = out(model, ids, mask)
+    fastllm.patch(model, backend="torch", skip_attention=1)
+    assert model.config is not cfg and model.config._attn_implementation == "fastllm_torch"
+    assert cfg._attn_implementation == impl          # the original object is never written
+    fastllm.unpatch(model)
+    assert_untouched(model, cfg, impl, sd)
+    assert cfg.to_dict() == cfg_dict
+    assert all(getattr(m, "config", cfg) is cfg for m in model.modules())
+    assert torch.equal(out(model, ids, mask), before)
+    with pytest.raises(ValueError, match="not patched"):
+        fastllm.unpatch(model)
+
+
+def test_config_not_shared_with_sibling():
+    cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    a, b = T.LlamaForCausalLM(cfg).eval(), T.LlamaForCausalLM(cfg).eval()
+    assert a.config is b.config
+    fastllm.patch(a)
+    assert a.config._attn_implementation == "fastllm"
+    assert b.config is cfg and cfg._attn_implementation == "sdpa"
+    assert all(m.config is cfg for m in b.modules() if hasattr(m, "config"))
+    assert all(m.config is a.config for m in a.modules() if hasattr(m, "config"))
+    fastllm.unpatch(a)
+    assert a.config is cfg
+
+
+def test_patch_twice():
+    model = build("llama")
+    fastllm.patch(model, backend="torch")
+    state = model._fastllm_patch
+    assert fastllm.patch(model, backend="torch") is model      # same options: no-op
+    assert model._fastllm_patch is state
+    with pytest.raises(FastllmError, match="already patched"):
+        fastllm.patch(model, backend="torch", skip_attention=1)
+    assert model._fastllm_patch is state
+
+
+def test_lossy_options_not_implemented_before_touching():
+    model = build("llama")
+    cfg, sd = model.config, state_snapshot(model)
+    for kw in ({"quantize": "w8a8"}, {"sparsity": "2:4"}, {"calibration": [torch.zeros(1, 3)]}):
+        with pytest.raises(NotImplementedError, match="issue"):
+            fastllm.patch(model, **kw)
+        assert_untouched(model, cfg, "sdpa", sd)
+
+
+def test_bad_arguments():
+    model = build("llama")
+    with pytest.raises(ValueError, match="backend"):
+        fastllm.patch(model, backend="fast")
+    with pytest.raises(TypeError, match="skip_attention"):
+        fastllm.patch(model, skip_attention="last")
+    with pytest.raises(ValueError, match="between 0"):
+        fastllm.patch(model, skip_attention=3)
+    with pytest.raises(ValueError, match="out of range"):
+        fastllm.patch(model, skip_attention=[2])
+    with pytest.raises(TypeError, match="include"):
+        fastllm.patch(model, include=3)
+    assert not is_patched(model)
+
+
+def test_forced_backend_that_cannot_run_raises_before_touching():
+    model = build("llama")
+    cfg, sd = model.config, state_snapshot(model)
+    with pytest.raises(BackendUnavailableError, match="cuda"):
+        fastllm.patch(model, backend="cuda")
+    assert_untouched(model, cfg, "sdpa", sd)
+
+
+def _gpt_oss():
+    return T.GptOssForCausalLM(T.GptOssConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1, pad_token_id=0))
+
+
+@pytest.mark.parametrize("make, match", [
+    (_gpt_oss, "s_aux"),                                                   # attention sinks
+    (lambda: T.MambaForCausalLM(T.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                              state_size=4, pad_token_id=0)), "AttentionInterface"),
+    (lambda: T.T5ForConditionalGeneration(T.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=32,
+                                                     num_layers=1, num_heads=4, pad_token_id=0)),
+     "_supports_attention_backend"),
+])
+def test_unsupported_model_raises_and_is_untouched(make, match):
+    model = make().eval()
+    cfg, impl, sd = model.config, model.config._attn_implementation, state_snapshot(model)
+    with pytest.raises(UnsupportedModelError, match=match):
+        fastllm.patch(model)
+    assert_untouched(model, cfg, impl, sd)
+
+
+def test_unknown_layer_type_raises():
+    model = build("llama")
+    model.config.layer_types = ["full_attention", "linear_attention"]
+    cfg, sd = model.config, state_snapshot(model)
+    with pytest.raises(UnsupportedModelError, match="linear_attention"):
+        fastllm.patch(model)
+    assert_untouched(model, cfg, "sdpa", sd)
+    with pytest.raises(UnsupportedModelError, match="PreTrainedModel"):
+        fastllm.patch(torch.nn.Linear(2, 2))
+
+
+def test_import_without_transformers():
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["transformers"] = None
+        import fastllm
+        try:
+            fastllm.patch(object())
+        except ImportError as e:
+            print("ImportError:", e)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "ImportError: fastllm.patch needs transformers" in r.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# skip_attention.
+
+def test_skip_attention_is_zeroed_attention_and_reversible():
+    model = build("llama", layers=3)
+    ids, mask = batch()
+    before = out(model, ids, mask)
+    # Reference: the same model with the skipped layers' o_proj zeroed (attention output 0).
+    zeroed = copy.deepcopy(model)
+    for i in (0, 2):
+        torch.nn.init.zeros_(zeroed.model.layers[i].self_attn.o_proj.weight)
+    fastllm.patch(model, backend="torch", skip_attention=[0, -1])
+    rep = fastllm.patch_report(model)
+    assert [m.name for m in rep.skipped] == ["model.layers.0.self_attn", "model.layers.2.self_attn"]
+    got = out(model, ids, mask)
+    valid = mask.bool()
+    assert (got - before)[valid].abs().max() > 1e-3                      # outputs change
+    assert torch.allclose(got[valid], out(zeroed, ids, mask)[valid], rtol=1e-5, atol=1e-5)
+    # Generation with a cache (layer 0 skipped: the cache lengths must still be right).
+    for kw in ({}, {"cache_implementation": "static"}):
+        ref_tokens, ref_logits = greedy(zeroed, ids, mask, **kw)
+        tokens, _ = greedy(model, ids, mask, **kw)
+        assert_same_tokens(ref_tokens, ref_logits, tokens, f"skip {kw}")
+    fastllm.unpatch(model)
+    assert torch.equal(out(model, ids, mask), before)
+
+
+def test_skip_attention_without_fastllm_attention():
+    model = build("gemma2")
+    ids, mask = batch()
+    before = out(model, ids, mask)
+    fastllm.patch(model, attention=False, skip_attention=1)
+    assert model.config._attn_implementation == "eager"
+    assert len(fastllm.patch_report(model).skipped) == 1
+    assert (out(model, ids, mask) - before)[mask.bool()].abs().max() > 1e-4
+    greedy(model, ids, mask, n=3)
+    fastllm.unpatch(model)
+    assert torch.equal(out(model, ids, mask), before)
+
+
+def test_skip_attention_needs_decoder_layers():
+    model = build("bert")
+    cfg, sd = model.config, state_snapshot(model)
+    with pytest.raises(UnsupportedModelError, match="self_attn"):
+        fastllm.patch(model, skip_attention=1)
+    assert_untouched(model, cfg, "sdpa", sd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Report, save / load.
+
+def test_report():
+    model = build("mistral")
+    fastllm.patch(model, backend="torch", include="*mlp*")
+    rep = fastllm.patch_report(model)
+    names = [m.name for m in rep.replaced]
+    assert names == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert rep.bytes_saved == 0 and rep.skipped == []
+    assert rep.ops[0].op == "flash_attention" and rep.ops[0].selected == "torch"
+    assert rep.ops[0].reasons["cuda"]                      # why not cuda, in words
+    assert any(m.name == "lm_head" and m.action == "left" for m in rep.modules)
+    text = str(rep)
+    for s in ("flash_attention", "model.layers.1.self_attn", "replaced", "lm_head", "bytes saved",
+              "include / exclude"):
+        assert s in text
+    assert rep.to_dict()["options"]["backend"] == "torch"
+    fastllm.unpatch(model)
+    with pytest.raises(ValueError, match="not patched"):
+        fastllm.patch_report(model)
+
+
+def test_save_and_load(tmp_path):
+    model = build("qwen3")
+    ids, mask = batch()
+    fastllm.patch(model, backend="torch", skip_attention=1)
+    expected = out(model, ids, mask)
+    fastllm.save_pretrained(model, tmp_path)
+    assert (tmp_path / "fastllm_config.json").exists()
+    loaded = fastllm.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert is_patched(loaded)
+    assert loaded._fastllm_patch.options == model._fastllm_patch.options
+    assert torch.equal(out(loaded, ids, mask), expected)
+    # The saved directory is a plain transformers checkpoint too.
+    plain = T.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert plain.config._attn_implementation != "fastllm_torch"
+    fastllm.unpatch(model)
+    assert torch.equal(out(plain, ids, mask), out(model, ids, mask))
+    with pytest.raises(FileNotFoundError, match="fastllm.save_pretrained"):
+        fastllm.from_pretrained(tmp_path / "nowhere")
+
+
+def test_demo_runs(capsys):
+    from fastllm import demo
+    demo.main(["--tokens", "3", "--batch", "2", "--prompt-len", "8", "--skip-attention", "1"])
+    text = capsys.readouterr().out
+    assert "max |logit difference|" in text and "tokens/s" in text and "skip_attention=1" in text
