@@ -63,6 +63,22 @@ def _flash_attention():
             assert (lse[~empty] - rlse[~empty]).abs().max().item() < 1e-2, (D, dtype)
 
 
+@case("flash_attention_varlen")
+def _flash_attention_varlen():
+    # Packed sequences with an empty query run, an empty key run and q longer than k.
+    from fastllm.ops._attention_cuda import flash_attention_varlen_cuda
+    lens_q, lens_k = [3, 0, 70, 19], [40, 5, 37, 0]
+    cu_q = torch.tensor([0] + lens_q, device="cuda").cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + lens_k, device="cuda").cumsum(0).to(torch.int32)
+    for D, dtype in ((64, torch.float16), (256, torch.bfloat16)):
+        q = torch.randn(int(cu_q[-1]), 4, D, device="cuda", dtype=dtype)
+        k = torch.randn(int(cu_k[-1]), 2, D, device="cuda", dtype=dtype)
+        v = torch.randn(int(cu_k[-1]), 2, D, device="cuda", dtype=dtype)
+        out, lse = flash_attention_varlen_cuda(q, k, v, cu_q, cu_k, 70, 40, True, D ** -0.5, 0, 0.0)
+        rout, rlse = ref.flash_attention_varlen(q.float(), k.float(), v.float(), cu_q, cu_k, causal=True)
+        assert (out.float() - rout).abs().max().item() < 2e-2, (D, dtype)
+        assert torch.equal(torch.isinf(lse), torch.isinf(rlse)), (D, dtype)
+
 def main(names):
     for name in names or CASES:
         CASES[name]()

@@ -250,7 +250,45 @@ def test_supports_reasons():
     assert "scale" in cuda_supports(q, q, q, None, True, -0.1, 0, 0.0)
     assert "scale" in cuda_supports(q, q, q, None, True, 0.0, 0, 0.0)
     assert "dtype" in cuda_supports(q, _q(dtype=torch.bfloat16), q, None, True, 0.1, 0, 0.0)
-    assert "varlen" in cuda_varlen_supports(q, q, q, None, None, 1, 1, True, 0.1, 0, 0.0)
+
+
+def test_varlen_supports():
+    t = torch.empty(40, 8, 64, dtype=torch.float16)
+    cu = torch.tensor([0, 17, 40], dtype=torch.int32)
+    assert cuda_varlen_supports(t, t, t, cu, cu, 23, 23, True, 0.1, 0, 0.0) is None
+    assert "3-D" in cuda_varlen_supports(t[None], t, t, cu, cu, 23, 23, True, 0.1, 0, 0.0)
+    assert "head dim 72" in cuda_varlen_supports(*[torch.empty(40, 8, 72, dtype=torch.float16)] * 3, cu, cu,
+                                                 23, 23, True, 0.1, 0, 0.0)
+    assert "int32" in cuda_varlen_supports(t, t, t, cu.long(), cu, 23, 23, True, 0.1, 0, 0.0)
+    assert "multiple" in cuda_varlen_supports(t, t[:, :3], t[:, :3], cu, cu, 23, 23, True, 0.1, 0, 0.0)
+    wide = torch.empty(40, 8, 68, dtype=torch.float16)[..., :64]     # rows of 68: misaligned
+    assert "multiples of 8" in cuda_varlen_supports(wide, t, t, cu, cu, 23, 23, True, 0.1, 0, 0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_varlen_matches_per_sequence(dtype, D):
+    # Packed sequences (one without queries, one without keys, q longer than k) == the dense
+    # kernel run on each sequence alone.
+    from fastllm.ops._attention_cuda import flash_attention_varlen_cuda
+    lens_q, lens_k = [1, 130, 0, 97, 40, 5], [1, 200, 7, 97, 33, 0]
+    cu_q = torch.tensor([0] + lens_q, device="cuda").cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + lens_k, device="cuda").cumsum(0).to(torch.int32)
+    q = torch.randn(int(cu_q[-1]), 8, D, device="cuda", dtype=dtype)
+    k = torch.randn(int(cu_k[-1]), 2, D, device="cuda", dtype=dtype)
+    v = torch.randn(int(cu_k[-1]), 2, D, device="cuda", dtype=dtype)
+    for causal, window, softcap in ((True, 0, 0.0), (False, 0, 0.0), (True, 50, 20.0)):
+        out, lse = flash_attention_varlen_cuda(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal,
+                                               D ** -0.5, window, softcap)
+        for b in range(len(lens_q)):
+            q0, q1, k0, k1 = cu_q[b].item(), cu_q[b + 1].item(), cu_k[b].item(), cu_k[b + 1].item()
+            if q1 == q0:
+                continue
+            o, l = flash_attention_cuda(q[q0:q1].transpose(0, 1)[None], k[k0:k1].transpose(0, 1)[None],
+                                        v[k0:k1].transpose(0, 1)[None], None, causal, D ** -0.5, window, softcap)
+            assert torch.equal(out[q0:q1], o[0]), (b, causal)
+            assert torch.equal(lse[:, q0:q1], l[0]), (b, causal)
 
 
 def test_head_dims_match_the_compiled_instantiations():

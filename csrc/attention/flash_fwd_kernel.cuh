@@ -7,7 +7,8 @@
 //              with p_i = i + Skv - Sq (bottom-right aligned causal)
 //   lse[i]   = log sum_{allowed j} exp(s[i, j])        (-inf if nothing is allowed)
 //   out[i]   = sum_{allowed j} exp(s[i, j] - lse[i]) v_j   (0 if nothing is allowed)
-// out is (B, Sq, Hq, D) contiguous, lse (B, Hq, Sq) fp32. The reference is
+// out is (B, Sq, Hq, D) contiguous, lse (B, Hq, Sq) fp32; varlen (packed sequences, see
+// flash_params.h) is the same kernel reading per-sequence offsets. The reference is
 // python/fastllm/ref/attention.py.
 //
 // Algorithm (one CTA = kBlockM query rows of one (b, h); one warp = 16 of those rows):
@@ -143,13 +144,25 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSM) fla
   const int m_block = gridDim.x - 1 - blockIdx.x;
   const int head = blockIdx.y, batch = blockIdx.z;
   const int kv_head = head / p.group;
-  const int Sq = p.seqlen_q, Skv = p.seqlen_kv;
+  int Sq = p.seqlen_q, Skv = p.seqlen_kv;
+  int q_start = 0, k_start = 0;  // varlen: this sequence's first row in the packed tensors
+  if (p.cu_seqlens_q != nullptr) {
+    q_start = p.cu_seqlens_q[batch];
+    Sq = p.cu_seqlens_q[batch + 1] - q_start;
+    k_start = p.cu_seqlens_k[batch];
+    Skv = p.cu_seqlens_k[batch + 1] - k_start;
+  }
   const int offset = Skv - Sq;  // absolute position of query i is i + offset
   const int m0 = m_block * kBM;
+  if (m0 >= Sq) return;  // varlen: a shorter sequence than the grid's maximum (CTA-uniform)
 
-  T* out_base = static_cast<T*>(p.out) + ((int64_t)batch * Sq * p.heads_q + head) * kD;
+  // Output addresses, computed where they are used (early exit, epilogue) rather than kept live
+  // across the main loop: the D=256 config sits at the register cap.
+  auto out_ptr = [&]() {
+    return static_cast<T*>(p.out) + batch * p.out_batch_stride + ((int64_t)q_start * p.heads_q + head) * kD;
+  };
+  auto lse_ptr = [&]() { return p.lse + batch * p.lse_batch_stride + head * p.lse_head_stride + q_start; };
   const int64_t out_row_stride = (int64_t)p.heads_q * kD;
-  float* lse_base = p.lse + ((int64_t)batch * p.heads_q + head) * Sq;
 
   // Keys any row of this CTA can see: [n_lo, n_hi).
   const int row_last = min(m0 + kBM, Sq) - 1;
@@ -157,6 +170,8 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSM) fla
   if (p.causal) n_hi = min(Skv, row_last + offset + 1);
   if (p.window > 0) n_lo = max(0, m0 + offset - p.window + 1);
   if (n_hi <= n_lo) {  // no row of this CTA sees any key: out = 0, lse = -inf
+    T* out_base = out_ptr();
+    float* lse_base = lse_ptr();
     for (int i = tid; i < kBM * kChunks; i += kThreads) {
       const int r = i / kChunks, c = i % kChunks;
       if (m0 + r < Sq)
@@ -171,9 +186,11 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSM) fla
   const int n_tiles = nb_last - nb_first + 1;
 
   const T* gQ = static_cast<const T*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride +
-                m0 * p.q_row_stride;
-  const T* gK = static_cast<const T*>(p.k) + batch * p.k_batch_stride + kv_head * p.k_head_stride;
-  const T* gV = static_cast<const T*>(p.v) + batch * p.v_batch_stride + kv_head * p.v_head_stride;
+                (int64_t)(q_start + m0) * p.q_row_stride;
+  const T* gK = static_cast<const T*>(p.k) + batch * p.k_batch_stride + kv_head * p.k_head_stride +
+                (int64_t)k_start * p.k_row_stride;
+  const T* gV = static_cast<const T*>(p.v) + batch * p.v_batch_stride + kv_head * p.v_head_stride +
+                (int64_t)k_start * p.v_row_stride;
 
   // Prologue: group 0 = Q, group 1 = K/V of the first (highest) key tile, into stage 0.
   load_tile_async<kBM, kChunks, kThreads>(sQ_u32, gQ, p.q_row_stride, Sq - m0, tid);
@@ -354,6 +371,8 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSM) fla
 
   // ---- epilogue: l over the quad, lse, O / l staged in smem (own 16 rows of the Q tile, which
   // only this warp ever read), then 16-byte coalesced stores.
+  T* out_base = out_ptr();
+  float* lse_base = lse_ptr();
   float inv[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {

@@ -61,7 +61,9 @@ int dispatch(const FlashFwdParams& p, int device, int dtype, int head_dim, cudaS
   const cudaError_t e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (e != cudaSuccess) return static_cast<int>(e);
   if (major < 8) return kErrUnsupportedArch;  // cp.async / bf16 mma.sync need sm80
-  if (p.seqlen_kv == 0) return launch_no_keys(p, head_dim, stream);
+  // Dense calls without keys: a plain fill. Varlen key counts live on the device, so there
+  // the kernel writes out = 0 / lse = -inf for a sequence without keys itself.
+  if (p.seqlen_kv == 0 && p.cu_seqlens_q == nullptr) return launch_no_keys(p, head_dim, stream);
   // Hopper (major == 9, FASTLLM_HAS_SM90A builds): a wgmma + TMA kernel in
   // flash_fwd_*_sm90a.cu belongs here. Until it exists, sm90 runs the sm80 (mma.sync) kernel.
   switch (dtype) {
@@ -76,18 +78,9 @@ bool aligned16(uintptr_t ptr) { return ptr % 16 == 0; }
 // must be multiples of 8 (fp16/bf16).
 bool strides_ok(int64_t a, int64_t b, int64_t c) { return a % 8 == 0 && b % 8 == 0 && c % 8 == 0; }
 
-}  // namespace
-}  // namespace attention
-
-int flash_attention_fwd(int device, int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
-                        uintptr_t lse, uintptr_t mask, int64_t batch, int64_t heads_q, int64_t heads_kv,
-                        int64_t seqlen_q, int64_t seqlen_kv, int64_t head_dim, int64_t q_batch_stride,
-                        int64_t q_head_stride, int64_t q_row_stride, int64_t k_batch_stride,
-                        int64_t k_head_stride, int64_t k_row_stride, int64_t v_batch_stride,
-                        int64_t v_head_stride, int64_t v_row_stride, int64_t mask_batch_stride,
-                        int64_t mask_row_stride, int64_t mask_col_stride, double scale, int64_t window,
-                        double softcap, bool causal, uintptr_t stream) {
-  using namespace attention;
+// Checks shared by the dense and varlen entry points.
+int check_common(int dtype, int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t seqlen_q, int64_t seqlen_kv,
+                 int64_t head_dim, double scale, double softcap) {
   if (dtype != kFloat16 && dtype != kBFloat16) return kErrUnsupportedDtype;
   if (head_dim != 64 && head_dim != 80 && head_dim != 96 && head_dim != 128 && head_dim != 256)
     return kErrBadShape;
@@ -100,6 +93,40 @@ int flash_attention_fwd(int device, int dtype, uintptr_t q, uintptr_t k, uintptr
   // scale > 0: the kernel takes the row max of unscaled scores (scale folded into exp2's FMA).
   if (!(scale > 0.0) || !std::isfinite(scale) || !(softcap >= 0.0) || !std::isfinite(softcap))
     return kErrBadShape;
+  return kOk;
+}
+
+void set_common(FlashFwdParams& p, int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t seqlen_q,
+                int64_t seqlen_kv, double scale, int64_t window, double softcap, bool causal) {
+  p.batch = static_cast<int>(batch);
+  p.heads_q = static_cast<int>(heads_q);
+  p.heads_kv = static_cast<int>(heads_kv);
+  p.group = static_cast<int>(heads_q / heads_kv);
+  p.seqlen_q = static_cast<int>(seqlen_q);
+  p.seqlen_kv = static_cast<int>(seqlen_kv);
+  p.causal = causal;
+  // A window of >= Skv keys restricts nothing (every key j >= 0 > p - W for p <= Skv - 1).
+  p.window = (window > 0 && window < seqlen_kv) ? static_cast<int>(window) : 0;
+  p.has_softcap = softcap > 0.0;
+  p.scale_log2 = static_cast<float>(scale * kLog2e);
+  p.softcap_in = p.has_softcap ? static_cast<float>(scale / softcap) : 0.f;
+  p.softcap_out = p.has_softcap ? static_cast<float>(softcap * kLog2e) : 0.f;
+}
+
+}  // namespace
+}  // namespace attention
+
+int flash_attention_fwd(int device, int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
+                        uintptr_t lse, uintptr_t mask, int64_t batch, int64_t heads_q, int64_t heads_kv,
+                        int64_t seqlen_q, int64_t seqlen_kv, int64_t head_dim, int64_t q_batch_stride,
+                        int64_t q_head_stride, int64_t q_row_stride, int64_t k_batch_stride,
+                        int64_t k_head_stride, int64_t k_row_stride, int64_t v_batch_stride,
+                        int64_t v_head_stride, int64_t v_row_stride, int64_t mask_batch_stride,
+                        int64_t mask_row_stride, int64_t mask_col_stride, double scale, int64_t window,
+                        double softcap, bool causal, uintptr_t stream) {
+  using namespace attention;
+  const int st = check_common(dtype, batch, heads_q, heads_kv, seqlen_q, seqlen_kv, head_dim, scale, softcap);
+  if (st != kOk) return st;
   if (batch == 0 || heads_q == 0 || seqlen_q == 0) return kOk;
   if (!aligned16(q) || !aligned16(k) || !aligned16(v) || !aligned16(out) || lse % 4 != 0)
     return kErrMisaligned;
@@ -120,20 +147,48 @@ int flash_attention_fwd(int device, int dtype, uintptr_t q, uintptr_t k, uintptr
   p.v_batch_stride = v_batch_stride, p.v_head_stride = v_head_stride, p.v_row_stride = v_row_stride;
   p.mask_batch_stride = mask_batch_stride, p.mask_row_stride = mask_row_stride;
   p.mask_col_stride = mask_col_stride;
-  p.batch = static_cast<int>(batch);
-  p.heads_q = static_cast<int>(heads_q);
-  p.heads_kv = static_cast<int>(heads_kv);
-  p.group = static_cast<int>(heads_q / heads_kv);
-  p.seqlen_q = static_cast<int>(seqlen_q);
-  p.seqlen_kv = static_cast<int>(seqlen_kv);
-  p.causal = causal;
-  // A window of >= Skv keys restricts nothing (every key j >= 0 > p - W for p <= Skv - 1).
-  p.window = (window > 0 && window < seqlen_kv) ? static_cast<int>(window) : 0;
-  p.has_softcap = softcap > 0.0;
-  p.scale_log2 = static_cast<float>(scale * kLog2e);
-  p.softcap_in = p.has_softcap ? static_cast<float>(scale / softcap) : 0.f;
-  p.softcap_out = p.has_softcap ? static_cast<float>(softcap * kLog2e) : 0.f;
+  p.out_batch_stride = seqlen_q * heads_q * head_dim;
+  p.lse_batch_stride = heads_q * seqlen_q;
+  p.lse_head_stride = seqlen_q;
+  set_common(p, batch, heads_q, heads_kv, seqlen_q, seqlen_kv, scale, window, softcap, causal);
+  DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return guard.status();
+  return dispatch(p, device, dtype, static_cast<int>(head_dim), reinterpret_cast<cudaStream_t>(stream));
+}
 
+int flash_attention_varlen_fwd(int device, int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
+                               uintptr_t lse, uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k, int64_t batch,
+                               int64_t total_q, int64_t heads_q, int64_t heads_kv, int64_t max_seqlen_q,
+                               int64_t max_seqlen_k, int64_t head_dim, int64_t q_head_stride, int64_t q_row_stride,
+                               int64_t k_head_stride, int64_t k_row_stride, int64_t v_head_stride,
+                               int64_t v_row_stride, double scale, int64_t window, double softcap, bool causal,
+                               uintptr_t stream) {
+  using namespace attention;
+  const int st = check_common(dtype, batch, heads_q, heads_kv, max_seqlen_q, max_seqlen_k, head_dim, scale, softcap);
+  if (st != kOk) return st;
+  if (total_q < 0 || total_q > INT_MAX / 2) return kErrBadShape;
+  if (batch == 0 || heads_q == 0 || max_seqlen_q == 0 || total_q == 0) return kOk;
+  if (cu_seqlens_q == 0 || cu_seqlens_k == 0 || cu_seqlens_q % 4 != 0 || cu_seqlens_k % 4 != 0) return kErrMisaligned;
+  if (!aligned16(q) || !aligned16(k) || !aligned16(v) || !aligned16(out) || lse % 4 != 0) return kErrMisaligned;
+  if (!strides_ok(0, q_head_stride, q_row_stride) || !strides_ok(0, k_head_stride, k_row_stride) ||
+      !strides_ok(0, v_head_stride, v_row_stride))
+    return kErrMisaligned;
+
+  FlashFwdParams p{};
+  p.q = reinterpret_cast<const void*>(q);
+  p.k = reinterpret_cast<const void*>(k);
+  p.v = reinterpret_cast<const void*>(v);
+  p.out = reinterpret_cast<void*>(out);
+  p.lse = reinterpret_cast<float*>(lse);
+  p.cu_seqlens_q = reinterpret_cast<const int*>(cu_seqlens_q);
+  p.cu_seqlens_k = reinterpret_cast<const int*>(cu_seqlens_k);
+  p.q_head_stride = q_head_stride, p.q_row_stride = q_row_stride;
+  p.k_head_stride = k_head_stride, p.k_row_stride = k_row_stride;
+  p.v_head_stride = v_head_stride, p.v_row_stride = v_row_stride;
+  p.lse_head_stride = total_q;  // lse (Hq, total_q); batch strides stay 0
+  // The window is per sequence (each has its own Skv <= max_seqlen_k): keep it as given.
+  set_common(p, batch, heads_q, heads_kv, max_seqlen_q, max_seqlen_k, scale, 0, softcap, causal);
+  p.window = window > 0 ? static_cast<int>(window < INT_MAX ? window : INT_MAX) : 0;
   DeviceGuard guard(device);
   if (guard.status() != cudaSuccess) return guard.status();
   return dispatch(p, device, dtype, static_cast<int>(head_dim), reinterpret_cast<cudaStream_t>(stream));

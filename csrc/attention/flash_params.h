@@ -15,6 +15,11 @@ namespace attention {
 //   out (B, Sq, Hq, D)    contiguous (written by the kernel, layout fixed)
 //   lse (B, Hq, Sq)       contiguous fp32
 //   mask (B, Sq, Skv)     optional uint8/bool, any strides (0 where broadcast), nonzero = attend
+// Varlen (cu_seqlens_q != nullptr, flash-attn's packed layout): sequence b is rows
+// [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q / out and [cu_seqlens_k[b], ..) of k / v; batch
+// strides are then 0, seqlen_q / seqlen_kv are only the maxima that size the grid, and each
+// row offset (q_start, k_start) is added through the row strides. out is (total_q, Hq, D),
+// lse (Hq, total_q); no mask.
 struct FlashFwdParams {
   const void* q;
   const void* k;
@@ -22,11 +27,15 @@ struct FlashFwdParams {
   void* out;
   float* lse;
   const uint8_t* mask;  // nullptr: no mask
+  const int* cu_seqlens_q;  // nullptr: dense batch
+  const int* cu_seqlens_k;
 
   int64_t q_batch_stride, q_head_stride, q_row_stride;
   int64_t k_batch_stride, k_head_stride, k_row_stride;
   int64_t v_batch_stride, v_head_stride, v_row_stride;
   int64_t mask_batch_stride, mask_row_stride, mask_col_stride;
+  int64_t out_batch_stride;                   // out row stride is always heads_q * D
+  int64_t lse_batch_stride, lse_head_stride;  // lse row stride is 1
 
   int batch, heads_q, heads_kv, group;  // group = heads_q / heads_kv
   int seqlen_q, seqlen_kv;

@@ -1,6 +1,6 @@
 """Glue between fastllm.ops.flash_attention and the hand-written CUDA kernel (csrc/attention/).
 
-Imported lazily by python/fastllm/ops/attention.py (the "cuda" backend). Two functions:
+Imported lazily by python/fastllm/ops/attention.py (the "cuda" backend). Functions:
 
     cuda_supports(q, k, v, mask, causal, scale, window, softcap) -> None or a reason string
     flash_attention_cuda(q, k, v, mask, causal, scale, window, softcap) -> (out, lse)
@@ -123,6 +123,43 @@ def flash_attention_cuda(q, k, v, mask, causal, scale, window, softcap):
     return out, lse
 
 
-def cuda_varlen_supports(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap):
-    """The CUDA kernel has no packed (varlen) entry point yet; the Triton backend serves it."""
-    return "varlen (packed sequences) not implemented in the CUDA kernel yet"
+def cuda_varlen_supports(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap) -> Optional[str]:
+    """None if the CUDA kernel can serve this packed (varlen) call, else a short reason."""
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        return "q, k, v must be 3-D (total, H, D) for varlen"
+    # The (total, H, D) tensors seen as (1, H, total, D) views: the dense checks apply.
+    as4 = [t.transpose(0, 1)[None] for t in (q, k, v)]
+    reason = cuda_supports(*as4, None, causal, scale, window, softcap)
+    if reason is not None:
+        return reason
+    B = cu_q.shape[0] - 1
+    if B > _GRID_YZ_MAX:
+        return f"{B} sequences above the kernel's grid limit {_GRID_YZ_MAX}"
+    if max(max_q, max_k, q.shape[0], k.shape[0]) > _SEQ_MAX:
+        return f"sequence length above {_SEQ_MAX}"
+    for name, t in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+        if t.device != q.device or t.dtype != torch.int32 or (t.numel() > 1 and t.stride(0) != 1):
+            return f"'{name}' must be a contiguous int32 tensor on q's device"
+    return None
+
+
+def flash_attention_varlen_cuda(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap):
+    """(out (total_q, Hq, D) contiguous, lse (Hq, total_q) float32) from the CUDA kernel."""
+    total_q, Hq, D = q.shape
+    window = int(window) if window is not None and window > 0 else 0
+    softcap = float(softcap) if softcap is not None and softcap > 0 else 0.0
+    reason = cuda_varlen_supports(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap)
+    if reason is not None:
+        raise ValueError(f"flash_attention_varlen (cuda backend): {reason}")
+    out = torch.empty((total_q, Hq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((Hq, total_q), dtype=torch.float32, device=q.device)
+    B = cu_q.shape[0] - 1
+    if out.numel() == 0 or B == 0 or max_q == 0:
+        return out, lse
+    code = _ext.lib().flash_attention_varlen_fwd(
+        q.device.index, _ext.DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(),
+        out.data_ptr(), lse.data_ptr(), cu_q.data_ptr(), cu_k.data_ptr(), B, total_q, Hq, k.shape[1],
+        int(max_q), int(max_k), D, q.stride(1), q.stride(0), k.stride(1), k.stride(0), v.stride(1), v.stride(0),
+        float(scale), window, softcap, bool(causal), _ext.stream_of(q))
+    _ext.check(code, "flash_attention_varlen")
+    return out, lse
