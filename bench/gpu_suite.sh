@@ -15,6 +15,10 @@ mkdir -p "$OUT_DIR"
 exec > >(tee "$OUT_DIR/suite.log") 2>&1
 T0=$SECONDS
 phase() { echo "=== [$((SECONDS - T0))s] $*"; }
+# The whole suite must fit one 10-minute device call: each phase gets its own cap, cut to what
+# is left of BUDGET (default 560 s) so a slow phase cannot starve the benchmarks of a result.
+BUDGET=${BUDGET:-560}
+cap() { local left=$((BUDGET - (SECONDS - T0))); echo $(( left < $1 ? (left > 10 ? left : 10) : $1 )); }
 status=0
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -37,7 +41,7 @@ PYEOF
 cat "$OUT_DIR/env.json"
 
 phase "build (native arch of this GPU unless FASTLLM_CUDA_ARCHS is set)"
-if ! MAX_JOBS=${MAX_JOBS:-16} FASTLLM_BUILD_CUDA=1 timeout 300 $PY -m pip install -v --no-build-isolation \
+if ! MAX_JOBS=${MAX_JOBS:-16} FASTLLM_BUILD_CUDA=1 timeout $(cap 240) $PY -m pip install -v --no-build-isolation \
      --no-deps -e . > "$OUT_DIR/build.tmp" 2>&1; then
   tail -50 "$OUT_DIR/build.tmp"; echo "BUILD FAILED"; exit 1
 fi
@@ -46,13 +50,13 @@ cp python/fastllm/_build_info.json "$OUT_DIR/build_info.json"
 $PY -m fastllm.info --kernels | head -40
 
 phase "tests (all, gpu-marked included)"
-FASTLLM_REQUIRE_CUDA_BUILD=1 timeout 240 $PY -m pytest -q -p no:cacheprovider tests \
+FASTLLM_REQUIRE_CUDA_BUILD=1 timeout $(cap 240) $PY -m pytest -q -p no:cacheprovider tests \
   --junitxml="$OUT_DIR/tests.xml" -rfEs 2>&1 | tail -40 || status=1
 
 phase "compute-sanitizer (memcheck, racecheck) on small cases"
 : > "$OUT_DIR/sanitizer.log"
 for tool in memcheck racecheck; do
-  if ! timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 $PY bench/sanitize_cases.py \
+  if ! timeout $(cap 90) compute-sanitizer --tool $tool --error-exitcode 9 $PY bench/sanitize_cases.py \
        >> "$OUT_DIR/sanitizer.log" 2>&1; then
     echo "compute-sanitizer $tool: FAILED"; status=1
   else
@@ -63,7 +67,7 @@ tail -5 "$OUT_DIR/sanitizer.log"
 
 phase "benchmarks"
 if $PY -c "import fastllm.bench" 2>/dev/null; then
-  timeout 150 $PY -m fastllm.bench all --quick --json "$OUT_DIR/bench.json" || status=1
+  timeout $(cap 200) $PY -m fastllm.bench all --quick --json "$OUT_DIR/bench.json" || status=1
 else
   echo "fastllm.bench not there yet (benchmark issue): no benchmarks run"
 fi
