@@ -1,5 +1,6 @@
 """Backend registry: auto selection, forcing (argument and FASTLLM_BACKEND), no silent
 fallback, arch messages."""
+import os
 import pytest
 import torch
 
@@ -100,3 +101,17 @@ def test_launcher_validates_shapes():
     assert code == lib.ERR_BASE + 2
     with pytest.raises(fastllm.CudaError, match="invalid shape"):
         _ext.check(code, "quantize_per_token")
+
+
+def test_interpreting_follows_how_triton_built_the_kernels():
+    # Regression: interpreting() once returned True everywhere, so GPUs would have run the
+    # interpreter-only code paths (fp32-upcast dots).
+    import subprocess
+    import sys
+
+    import fastllm.triton_kernels as tk
+    assert tk.interpreting() == (os.environ.get("TRITON_INTERPRET") == "1")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", "import fastllm.triton_kernels as t; print(t.interpreting())"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"

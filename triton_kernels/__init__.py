@@ -8,9 +8,12 @@ import triton  # noqa: F401  (fail here, not at first launch, when Triton is mis
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 was set
-    before triton was imported): CPU tensors then work, bf16 tl.dot does not."""
+    before triton was imported): CPU tensors then work, bf16 tl.dot does not. Decided by what
+    @triton.jit produced, so it agrees with the kernels whatever the environment says now."""
+    from triton.runtime.interpreter import InterpretedFunction
+
     from .quantize_per_token import quantize_per_token_kernel
-    return not hasattr(quantize_per_token_kernel, "cache")  # JITFunction has .cache
+    return isinstance(quantize_per_token_kernel, InterpretedFunction)
 
 
 INTERPRET_ENV = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -3,7 +3,7 @@
 One program per row: pass 1 reduces |x| to amax (and spots NaN/inf), pass 2 writes
 q = rne(x * (127 / amax)). Bit-exact with the reference and the CUDA kernel: the division
 is IEEE (div_rn) and the multiply is rounded on its own before rounding to integer; on a GPU
-that needs fmul_rn + rint from libdevice (a plain `*` may be fused into an FMA), which the
+that needs mul_rn + rint from libdevice (a plain `*` may be fused into an FMA), which the
 interpreter lacks, so INTERPRET selects numpy-exact equivalents there.
 """
 import torch
@@ -12,7 +12,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 # Rounds to nearest-even for |y| < 2**22: adding 1.5 * 2**23 leaves no fraction bits.
-_RNE_MAGIC = 12582912.0
+_RNE_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit
@@ -43,7 +43,7 @@ def quantize_per_token_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x,
         if INTERPRET:
             y = (v * inv + _RNE_MAGIC) - _RNE_MAGIC
         else:
-            y = libdevice.rint(libdevice.fmul_rn(v, inv))
+            y = libdevice.rint(libdevice.mul_rn(v, inv))
         y = tl.where(row_bad, 0.0, tl.minimum(tl.maximum(y, -127.0), 127.0))
         tl.store(q_row + k + offs, y.to(tl.int8), mask=m)
 
