@@ -332,15 +332,6 @@ def test_patch_twice():
     assert model._fastllm_patch is state
 
 
-def test_lossy_options_not_implemented_before_touching():
-    model = build("llama")
-    cfg, sd = model.config, state_snapshot(model)
-    for kw in ({"quantize": "w8a8"}, {"sparsity": "2:4"}, {"calibration": [torch.zeros(1, 3)]}):
-        with pytest.raises(NotImplementedError, match="issue"):
-            fastllm.patch(model, **kw)
-        assert_untouched(model, cfg, "sdpa", sd)
-
-
 def test_bad_arguments():
     model = build("llama")
     with pytest.raises(ValueError, match="backend"):

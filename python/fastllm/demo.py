@@ -3,13 +3,15 @@
     python -m fastllm.demo                        # CPU: seconds; GPU: bf16, a larger model
     python -m fastllm.demo --device cuda --dtype bfloat16 --backend triton --tokens 128
     python -m fastllm.demo --skip-attention 1     # also measure skipping the last layer's attention
+    python -m fastllm.demo --quantize w8a8        # also measure int8 linears (w8a8 | w8a8-static | w8a16)
 
 Builds the model from a config with random weights (no download), then on one left-padded
 batch of random prompts:
   1. unpatched: prompt logits, greedy generate timed (tokens/s);
   2. fastllm.patch(model): the patch report, the same logits (max |difference|), the same
      generate timed, and whether the greedy tokens agree;
-  3. optionally skip_attention=k (lossy): tokens/s and how far the logits move.
+  3. optionally skip_attention=k (lossy): tokens/s and how far the logits move;
+  4. optionally quantize=... (lossy int8 linears): tokens/s, logit change, bytes saved.
 Random weights make the text meaningless; the numbers (speed, agreement) are what it shows.
 On CPU the reference (PyTorch) backend serves fastllm's attention: the demo says so rather than
 suggesting a speedup.
@@ -98,6 +100,8 @@ def main(argv=None):
                     help="auto: large on GPU, small on CPU")
     ap.add_argument("--skip-attention", type=int, default=0, metavar="K",
                     help="also measure skip_attention=K (skip the last K layers' attention; lossy)")
+    ap.add_argument("--quantize", choices=["w8a8", "w8a8-static", "w8a16"],
+                    help="also measure fastllm.patch(model, quantize=...) (int8 linears; lossy)")
     args = ap.parse_args(argv)
 
     import fastllm
@@ -150,8 +154,10 @@ def main(argv=None):
     if served == "torch":
         print("  note: the torch backend is fastllm's pure-PyTorch reference (the CPU fallback): it is "
               "correct, not fast. The speedup comes from the cuda / triton kernels on a GPU.")
-    print("  note: decode steps (1 query) also run the prefill flash_attention kernel; no decode "
-          "(split-KV) kernel yet.")
+    from fastllm.patch import _attention
+    if _attention.kernel_name_for(1) == _attention.kernel_name_for(512):
+        print("  note: decode steps (1 query) also run the prefill flash_attention kernel; no decode "
+              "(split-KV) kernel yet.")
 
     if args.skip_attention:
         k = args.skip_attention
@@ -168,6 +174,28 @@ def main(argv=None):
         print(f"  prompt logits: max |diff| {d.abs().max().item():.3g}, mean |diff| {d.abs().mean().item():.3g}, "
               f"top-1 agreement {top1:.1%}; greedy tokens equal {agree:.1%}")
         print("  (random weights: the accuracy cost on a trained model must be measured on that model)")
+
+    if args.quantize:
+        fastllm.unpatch(model)
+        cal = None
+        if args.quantize == "w8a8-static":   # static activation scales are calibrated on other prompts
+            c_ids, c_mask = prompts(2, args.prompt_len, cfg.vocab_size, device)
+            cal = [{"input_ids": c_ids, "attention_mask": c_mask}]
+        fastllm.patch(model, backend=args.backend, quantize=args.quantize, calibration=cal, keep_original=True)
+        rep = fastllm.patch_report(model)
+        q_logits = logits(model, ids, mask)
+        q_out, q_tps = timed_generate(model, ids, mask, args.tokens)
+        d = (q_logits - ref_logits)[valid]
+        rel = (d.norm() / ref_logits[valid].norm()).item()
+        agree, _ = agreement(ref_out, q_out, ids.shape[1])
+        ops = ", ".join(f"{o.op}: {o.selected}" for o in rep.ops)
+        print(f"\nquantize={args.quantize!r} ({len([m for m in rep.replaced if 'Int8' in m.detail])} linears -> "
+              f"Int8Linear, {rep.bytes_saved / 2 ** 20:.1f} MiB saved; {ops}; lossy):")
+        print(f"  tokens/s {q_tps:,.0f} ({q_tps / ref_tps:.2f}x vs unpatched)")
+        print(f"  prompt logits: max |diff| {d.abs().max().item():.3g}, relative error {rel:.3g}; "
+              f"greedy tokens equal {agree:.1%}")
+    else:
+        print("\n(lossy int8 linears too: python -m fastllm.demo --quantize w8a8 | w8a8-static | w8a16)")
 
     fastllm.unpatch(model)
     assert model.config._attn_implementation == base_impl

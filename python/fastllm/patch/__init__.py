@@ -2,19 +2,21 @@
 model instance (no class in transformers is modified).
 
     model = fastllm.patch(model)          # attention -> fastllm.ops.flash_attention
+    model = fastllm.patch(model, quantize="w8a8")   # + nn.Linear -> fastllm.nn.Int8Linear (lossy)
     print(fastllm.patch_report(model))    # what was replaced / skipped, backend per op, why
     fastllm.unpatch(model)                # the original model again (bit-identical state_dict)
     fastllm.save_pretrained(model, d); model = fastllm.from_pretrained(d)
 
 transformers is imported only when these are called (it is an optional extra).
 Modules: core.py (patch / unpatch / save / load), _attention.py (the AttentionInterface
-function and the prefill / decode routing), rules.py (what is replaced, as data),
-report.py (PatchReport).
+function and the prefill / decode routing), rules.py (what is replaced, as data), _linear.py
+(linear swaps: selection, calibration, SmoothQuant folding, commit / undo), _serialize.py
+(save / load of swapped models), report.py (PatchReport).
 """
-from .core import (PatchState, UnsupportedModelError, from_pretrained, is_patched, patch,
-                   patch_report, save_pretrained, unpatch)
+from .core import (OriginalsDiscardedError, PatchState, UnsupportedModelError, from_pretrained, is_patched,
+                   patch, patch_report, save_pretrained, unpatch)
 from .report import PatchReport
 from .rules import RULES, Rule
 
 __all__ = ["patch", "unpatch", "patch_report", "save_pretrained", "from_pretrained", "is_patched",
-           "PatchReport", "PatchState", "UnsupportedModelError", "RULES", "Rule"]
+           "PatchReport", "PatchState", "UnsupportedModelError", "OriginalsDiscardedError", "RULES", "Rule"]

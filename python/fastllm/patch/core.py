@@ -13,15 +13,23 @@ What patch(model) changes, all of it on this instance and all of it undone by un
      switches the (copied) configs to it. No class in transformers is modified.
   3. skip_attention: the chosen layers' attention sub-layer gets an instance-level `forward`
      returning zeros (see _skipped_attention_forward); deleting it restores the class forward.
-Weights and buffers are not touched (state_dict bit-identical across patch / unpatch).
-The record of all this is kept in model._fastllm_patch (a PatchState).
+  4. quantize / sparsity (lossy, opt-in): nn.Linear modules chosen by the rules table
+     (rules.py; include / exclude; lm_head and embeddings left alone by default) are replaced
+     by fastllm.nn.Int8Linear / Sparse24Linear, built off the model first (_linear.py: calibration
+     through hooks, SmoothQuant folded into norms where an exact probe allows). The originals
+     are dropped, or kept (keep_original=True, moved to CPU memory) for unpatch.
+Without 4, weights and buffers are not touched (state_dict bit-identical across patch /
+unpatch); with 4 and keep_original=True, unpatch restores them bit-identically too.
+Every argument is checked, and all calibration and module building done, before the model is
+touched; an error during the changes undoes them. The record of all this is kept in
+model._fastllm_patch (a PatchState).
 """
 import copy
 import fnmatch
 import functools
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -30,10 +38,10 @@ from torch import nn
 from .. import __version__
 from ..errors import BackendUnavailableError, FastllmError
 from ..ops.registry import OPS, resolve_request
-from . import _attention
+from . import _attention, _linear
 from .report import ModuleEntry, OpEntry, PatchReport
-from .rules import (ATTENTION_SUBLAYER_NAMES, LINEAR_DEFAULT_EXCLUDE, PLANNED, RULES,
-                    SUPPORTED_LAYER_TYPES, attention_unsupported_reason, is_linear)
+from .rules import (ATTENTION_SUBLAYER_NAMES, INT8_MODES, LINEAR_DEFAULT_EXCLUDE, PRUNE, RULES, SPARSITY,
+                    SUPPORTED_LAYER_TYPES, attention_unsupported_reason, sparse24_class)
 
 STATE_ATTR = "_fastllm_patch"
 CONFIG_FILE = "fastllm_config.json"
@@ -41,6 +49,10 @@ CONFIG_FILE = "fastllm_config.json"
 
 class UnsupportedModelError(FastllmError, ValueError):
     """fastllm.patch cannot serve this model; the model was left untouched."""
+
+
+class OriginalsDiscardedError(FastllmError):
+    """unpatch cannot restore quantized / pruned layers: patch dropped the originals."""
 
 
 @dataclass
@@ -51,6 +63,10 @@ class PatchState:
     skipped: List[Tuple[str, nn.Module]]                 # attention modules with zeroed output
     report: PatchReport
     original_impl: Optional[str] = None                  # before patch (for information)
+    swaps: List["_linear.Swap"] = field(default_factory=list)   # linear swaps (old kept or None)
+    folds: List["_linear.Fold"] = field(default_factory=list)   # SmoothQuant folds into norms
+    originals_kept: bool = True                          # False: unpatch cannot undo the swaps
+    offload_device: Optional[torch.device] = None        # where the kept originals came from
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,14 +92,43 @@ def _check_patterns(name, value) -> Optional[Tuple[str, ...]]:
     return tuple(value)
 
 
-def _normalize_options(attention, quantize, sparsity, calibration, skip_attention, backend,
-                       include, exclude) -> Dict[str, object]:
-    for opt, val in (("quantize", quantize), ("sparsity", sparsity), ("calibration", calibration)):
-        if val is not None:
-            shown = repr(val) if isinstance(val, (str, int, float)) else "..."
-            raise NotImplementedError(
-                f"fastllm.patch({opt}={shown}) is not implemented yet; it comes with "
-                f"{PLANNED[opt]}. Nothing was changed.")
+def _check_calibration(calibration, options):
+    """The calibration batches as a list (checked), or None; errors before the model is touched."""
+    needs = _linear.calibration_needs(options)
+    why = {"int8_linear": (f"quantize={options['quantize']!r}" if options["smooth_alpha"] is None else
+                           f"SmoothQuant (smooth_alpha={options['smooth_alpha']})") + " needs per-channel "
+                          "activation maxima",
+           "sparse24_linear": "prune='wanda' needs per-input-channel activation norms"}
+    if calibration is None:
+        if needs:
+            raise ValueError(f"argument 'calibration': {'; '.join(why[n] for n in needs)}: pass "
+                             "calibration=<an iterable of input batches> (dicts of model inputs or "
+                             "input_ids tensors). Nothing was changed.")
+        return None
+    if not needs:
+        raise ValueError("argument 'calibration' was given but nothing uses it (it serves quantize="
+                         "'w8a8-static', smooth_alpha=... and prune='wanda'). Nothing was changed.")
+    if isinstance(calibration, (torch.Tensor, dict, str, bytes)):
+        raise TypeError(f"argument 'calibration' must be an iterable of batches, got one "
+                        f"{type(calibration).__name__} (wrap a single batch in a list: [batch])")
+    try:
+        batches = list(calibration)
+    except TypeError:
+        raise TypeError(f"argument 'calibration' must be an iterable of batches, got "
+                        f"{type(calibration).__name__}") from None
+    if not batches:
+        raise ValueError("argument 'calibration' is empty: calibration needs at least one batch. "
+                         "Nothing was changed.")
+    for i, b in enumerate(batches):
+        if not isinstance(b, (torch.Tensor, dict, tuple, list)):
+            raise TypeError(f"argument 'calibration': batch {i} is a {type(b).__name__}; expected a dict of "
+                            "model inputs, an input_ids tensor, or a tuple of positional inputs")
+    return batches
+
+
+def _normalize_options(attention, quantize, sparsity, prune, calibration, smooth_alpha, group_size,
+                       keep_original, skip_attention, backend, include, exclude):
+    """(options dict, calibration batches or None). Raises before anything is touched."""
     if not isinstance(attention, bool):
         raise TypeError(f"argument 'attention' must be a bool, got {attention!r}")
     resolve_request(backend)   # validates the name (and FASTLLM_BACKEND)
@@ -95,8 +140,48 @@ def _normalize_options(attention, quantize, sparsity, calibration, skip_attentio
             if not all(isinstance(i, int) and not isinstance(i, bool) for i in skip_attention):
                 raise TypeError(f"argument 'skip_attention': layer indices must be ints, got {skip_attention!r}")
             skip_attention = list(skip_attention)
-    return {"attention": attention, "backend": backend, "skip_attention": skip_attention,
-            "include": _check_patterns("include", include), "exclude": _check_patterns("exclude", exclude)}
+    if quantize is not None and quantize not in INT8_MODES:
+        raise ValueError(f"argument 'quantize' must be None or one of {', '.join(map(repr, INT8_MODES))}, "
+                         f"got {quantize!r}")
+    if sparsity is not None and sparsity not in SPARSITY:
+        raise ValueError(f"argument 'sparsity' must be None or one of {', '.join(map(repr, SPARSITY))}, "
+                         f"got {sparsity!r}")
+    if prune is not None:
+        if sparsity is None:
+            raise ValueError(f"argument 'prune'={prune!r} is for sparsity='2:4' (sparsity is None)")
+        if prune not in PRUNE:
+            raise ValueError(f"argument 'prune' must be one of {', '.join(map(repr, PRUNE))}, got {prune!r}")
+    if sparsity is not None:
+        prune = prune or "magnitude"
+        if sparse24_class() is None:
+            raise NotImplementedError(
+                f"fastllm.patch(sparsity={sparsity!r}): fastllm.nn has no Sparse24Linear in this build yet "
+                "(the 2:4 sparse GEMM work adds it). Nothing was changed.")
+        if quantize not in (None, "w8a8"):
+            raise ValueError(f"sparsity='2:4' combines with quantize='w8a8' only (2:4 + int8 is W8A8 with "
+                             f"per-token activations), got quantize={quantize!r}")
+    if smooth_alpha is not None:
+        if isinstance(smooth_alpha, bool) or not isinstance(smooth_alpha, (int, float)) \
+                or not 0.0 <= smooth_alpha <= 1.0:
+            raise ValueError(f"argument 'smooth_alpha' must be None or a number in [0, 1], got {smooth_alpha!r}")
+        if quantize not in ("w8a8", "w8a8-static") or sparsity is not None:
+            raise ValueError("argument 'smooth_alpha' (SmoothQuant) is for quantize='w8a8' / 'w8a8-static' "
+                             f"without sparsity (quantize={quantize!r}, sparsity={sparsity!r})")
+        smooth_alpha = float(smooth_alpha)
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or group_size % 16:
+            raise ValueError(f"argument 'group_size' must be None or a positive multiple of 16, got {group_size!r}")
+        if quantize != "w8a16":
+            raise ValueError(f"argument 'group_size' is for quantize='w8a16' (quantize={quantize!r})")
+    if not isinstance(keep_original, bool):
+        raise TypeError(f"argument 'keep_original' must be a bool, got {keep_original!r}")
+    options = {"attention": attention, "backend": backend, "skip_attention": skip_attention,
+               "include": _check_patterns("include", include), "exclude": _check_patterns("exclude", exclude),
+               "quantize": quantize, "sparsity": sparsity, "prune": prune, "smooth_alpha": smooth_alpha,
+               "group_size": group_size, "keep_original": keep_original}
+    batches = _check_calibration(calibration, options)
+    options["calibration"] = None if batches is None else len(batches)
+    return options, batches
 
 
 def _model_info(model):
@@ -172,22 +257,76 @@ def _example_call(model, device, dtype):
 def _op_entry(model, backend, device, dtype) -> OpEntry:
     op = OPS["flash_attention"]
     args = _example_call(model, device, dtype)
+    entry = _entry(op, backend, device, args)
+    prefill, decode = _attention.kernel_name_for(512), _attention.kernel_name_for(1)
+    note = (f"every call goes to {prefill}, decode (Sq = 1) included: no decode kernel yet" if prefill == decode
+            else f"prefill calls go to {prefill}, decode calls (few queries) to {decode}")
+    if backend != resolve_request(backend):
+        note += f"; FASTLLM_BACKEND={resolve_request(backend)}"
+    entry.note = note
+    return entry
+
+
+def _entry(op, backend, device, args) -> OpEntry:
     req = resolve_request(backend)
     if req == "auto":
         reasons = op.reasons(device, *args)
     else:
-        reasons = {b: (op.reason(b, device, *args) if b == req else "not requested")
-                   for b in op.order}
+        reasons = {b: (op.reason(b, device, *args) if b == req else "not requested") for b in op.order}
     selected = next((b for b in op.order if reasons[b] is None), None)
     if selected is not None:
         # Resolve once eagerly: the registry logs its choice on the first call per device, and a
         # logging call inside a torch.compile(fullgraph=True) trace is a graph break.
         op.select(backend, device, *args)
-    note = (f"every call goes to {_attention.kernel_name_for(1)}, decode (Sq = 1) included: "
-            "no decode kernel yet")
-    if backend != req:
-        note += f"; FASTLLM_BACKEND={req}"
-    return OpEntry("flash_attention", backend, selected, reasons, note)
+    return OpEntry(op.name, backend, selected, reasons)
+
+
+def _linear_example(name, linear, options, device, dtype):
+    """Arguments of a typical call of registry op `name` for a swapped `linear` (16 tokens)."""
+    K, N, M = linear.in_features, linear.out_features, 16
+    e = functools.partial(torch.empty, device=device)
+    if name == "quantize_per_token":
+        return (e(M, K, dtype=dtype),)
+    if name == "int8_matmul":
+        return (e(M, K, dtype=torch.int8), e(N, K, dtype=torch.int8), e(M), e(N), None, dtype)
+    if name == "w8a16_matmul":
+        gs = options["group_size"]
+        return (e(M, K, dtype=dtype), e(N, K, dtype=torch.int8), e(N, K // gs) if gs else e(N), None, gs or 0)
+    return None
+
+
+def _linear_op_entries(options, chosen, backend, device, dtype) -> Tuple[List[OpEntry], List[str]]:
+    """OpEntry per registry op the swapped linears use (checked on the first chosen layer's shapes)."""
+    entries, notes, seen = [], [], set()
+    for rule in _linear.swap_rules(options):
+        layers = [(n, m) for n, m, r in chosen if r is rule]
+        if not layers:
+            continue
+        for name in rule.ops(options):
+            if name in seen:
+                continue
+            seen.add(name)
+            op = OPS.get(name)
+            if op is None:
+                if rule.name != "sparse24_linear":
+                    notes.append(f"{rule.name}: op {name} is not registered")
+                continue
+            args = _linear_example(name, layers[0][1], options, device, dtype)
+            if args is None:   # an op whose call we do not model: device-level reasons only
+                from ..ops.registry import device_reason
+                reasons = {b: (device_reason(b, device, auto=resolve_request(backend) == "auto")
+                               if b in op.impls else f"{name} has no {b} implementation") for b in op.order}
+                sel = next((b for b in op.order if reasons[b] is None), None)
+                entries.append(OpEntry(name, backend, sel, reasons, f"used by {rule.name} (device-level check)"))
+                continue
+            ent = _entry(op, backend, device, args)
+            ent.note = f"used by {rule.name} ({len(layers)} layers)"
+            if name in ("int8_matmul", "int8_matmul_int32") and device.type == "cpu" and ent.selected == "torch":
+                from ..ops.int8 import cpu_int_mm_ok
+                ent.note += ("; on CPU torch._int_mm (exactness-probed)" if cpu_int_mm_ok()
+                             else "; on CPU the int32 reference matmul")
+            entries.append(ent)
+    return entries, notes
 
 
 def _decoder_layers(model) -> Tuple[str, nn.ModuleList, str]:
@@ -303,7 +442,8 @@ def _restore_configs(refs):
 
 def patch(model, *, attention: bool = True, quantize=None, sparsity=None, calibration=None,
           skip_attention: Union[None, int, Sequence[int]] = None, backend: str = "auto",
-          include=None, exclude=None):
+          include=None, exclude=None, keep_original: bool = False, smooth_alpha=None, prune=None,
+          group_size=None):
     """Make a transformers model use fastllm's kernels; returns the same model object.
 
     attention:      route attention through fastllm.ops.flash_attention (exact).
@@ -311,18 +451,37 @@ def patch(model, *, attention: bool = True, quantize=None, sparsity=None, calibr
                     that cannot serve a call raises (never a silent fallback).
     skip_attention: int k = skip the attention sub-layer of the last k decoder layers, or a
                     list of layer indices (lossy; arXiv 2404.05741). Outputs change.
-    include / exclude: fnmatch patterns on module names for linear swaps (with quantize /
-                    sparsity; lm_head and embeddings excluded unless included).
-    quantize / sparsity / calibration: not implemented yet; raise NotImplementedError.
+    quantize:       None | "w8a8" (int8 weights per channel, activations per token at run
+                    time) | "w8a8-static" (one calibrated activation scale per layer) |
+                    "w8a16" (int8 weights, 16-bit activations; group_size= for per-group
+                    scales). Lossy; nn.Linear -> fastllm.nn.Int8Linear.
+    sparsity:       None | "2:4" (prune="magnitude" | "wanda"): nn.Linear ->
+                    fastllm.nn.Sparse24Linear; with quantize="w8a8", 2:4 + int8.
+    calibration:    iterable of input batches (dicts of model inputs, input_ids tensors, or
+                    tuples of positional inputs) run through the unpatched model: required by
+                    "w8a8-static", smooth_alpha and prune="wanda", rejected otherwise.
+    smooth_alpha:   SmoothQuant migration strength in [0, 1] (w8a8 modes), folded into the
+                    preceding norm where that is exact, else applied inside the layer.
+    include / exclude: fnmatch patterns on module names for the linear swaps (lm_head and
+                    embeddings are left alone unless `include` names them).
+    keep_original:  keep the original nn.Linear modules (in CPU memory) so unpatch can
+                    restore them; without it unpatch of a quantized / pruned model raises.
 
-    Patching a patched model with the same options returns it unchanged; with other options
-    raises (fastllm.unpatch first). An unsupported model raises UnsupportedModelError and is
-    left untouched. fastllm.patch_report(model) says what was done; fastllm.unpatch(model)
-    undoes it.
+    Every argument is checked and all calibration and module building done before the model is
+    changed; an error leaves it untouched. Patching a patched model with the same options
+    returns it unchanged; with other options raises (fastllm.unpatch first). An unsupported
+    model raises UnsupportedModelError. fastllm.patch_report(model) says what was done.
     """
-    options = _normalize_options(attention, quantize, sparsity, calibration, skip_attention, backend,
-                                 include, exclude)
+    options, batches = _normalize_options(attention, quantize, sparsity, prune, calibration, smooth_alpha,
+                                          group_size, keep_original, skip_attention, backend, include, exclude)
+    return _patch(model, options, batches)
+
+
+def _patch(model, options, batches, loaded=None):
+    """patch() after argument checks. loaded: (directory, [(name, module)]) for from_pretrained:
+    linear swaps already made by the loader (recorded, not recomputed)."""
     transformers = _transformers()
+    backend = options["backend"]
     state = getattr(model, STATE_ATTR, None)
     if state is not None:
         if state.options == options:
@@ -333,13 +492,25 @@ def patch(model, *, attention: bool = True, quantize=None, sparsity=None, calibr
     skips = _resolve_skip(model, options["skip_attention"])
     device, dtype = _model_info(model)
     op_entry = _op_entry(model, backend, device, dtype) if options["attention"] else None
-    if op_entry is not None and resolve_request(backend) != "auto" and op_entry.selected is None:
+    forced = resolve_request(backend) != "auto"
+    if op_entry is not None and forced and op_entry.selected is None:
         raise BackendUnavailableError(
             f"fastllm.patch(backend={backend!r}): flash_attention cannot run on {device} "
             f"({dtype}): {op_entry.reasons[resolve_request(backend)]}. Model left unchanged.")
+    chosen, left = ([], []) if loaded else _linear.select(model, options)
+    lin_ops, lin_notes = _linear_op_entries(options, chosen, backend, device, dtype)
+    for e in lin_ops:
+        if forced and e.selected is None:
+            raise BackendUnavailableError(
+                f"fastllm.patch(backend={backend!r}): {e.op} cannot run on {device} ({dtype}): "
+                f"{e.reasons[resolve_request(backend)]}. Model left unchanged.")
+    plan = _linear.Plan()
+    if chosen or left:
+        plan = _linear.plan(model, options, batches, device, chosen, left)
+    plan.notes += lin_notes
 
     original_impl = model.config._attn_implementation
-    refs, impl, installed = [], None, []
+    refs, impl, installed, committed = [], None, [], False
     try:
         if options["attention"]:
             refs = _privatize_configs(model, transformers)
@@ -355,25 +526,53 @@ def patch(model, *, attention: bool = True, quantize=None, sparsity=None, calibr
         for _, m in skips:
             _install_skip(m, cfg)
             installed.append(m)
+        _linear.commit(model, plan)
+        committed = True
     except BaseException:
+        if committed:
+            _linear.restore(model, plan.swaps, plan.folds)
         for m in installed:
             _remove_skip(m)
         _restore_configs(refs)
         raise
 
-    report = _build_report(model, options, attn, skips, op_entry, device, dtype, transformers)
+    report = _build_report(model, options, attn, skips, op_entry, device, dtype, transformers, plan,
+                           lin_ops, loaded)
+    keep = options["keep_original"] and not loaded
+    offload = _linear.offload(plan.swaps) if keep else None
+    if not keep:   # drop the originals: this is where the memory is saved
+        for sw in plan.swaps:
+            sw.old = None
+        for f in plan.folds:
+            f.old = {}
     state = PatchState(options=options, impl=impl, config_refs=refs, skipped=skips, report=report,
-                       original_impl=original_impl)
+                       original_impl=original_impl, swaps=plan.swaps, folds=plan.folds,
+                       originals_kept=keep or not plan.swaps, offload_device=offload)
+    if loaded:
+        state.swaps = [_linear.Swap(n, None, m, "loaded", "", 0) for n, m in loaded[1]]
+        state.originals_kept = not state.swaps
     model.__dict__[STATE_ATTR] = state
     return model
 
 
 def unpatch(model):
     """Undo fastllm.patch: original config objects and attention implementation, skip
-    wrappers removed. Returns the model. Raises ValueError if it is not patched."""
+    wrappers removed, and (keep_original=True) the original linear modules and norm weights.
+    Returns the model. Raises ValueError if it is not patched, and OriginalsDiscardedError
+    (the model staying patched and working) when quantized / pruned layers were not kept."""
     state = model.__dict__.get(STATE_ATTR)
     if state is None:
         raise ValueError(f"{type(model).__name__} is not patched by fastllm (nothing to undo)")
+    if not state.originals_kept:
+        o = state.options
+        how = ", ".join(f"{k}={o[k]!r}" for k in ("quantize", "sparsity") if o.get(k)) or "loaded quantized"
+        raise OriginalsDiscardedError(
+            f"fastllm.unpatch: the original weights of {len(state.swaps)} layers ({how}) are gone: "
+            "patch() was called without keep_original=True (or the model was loaded quantized), so "
+            "they were dropped to save memory. The model is still patched and works. Reload the "
+            "float model to get it back, or patch with keep_original=True to be able to unpatch.")
+    _linear.restore_devices(state.swaps, state.offload_device)
+    _linear.restore(model, state.swaps, state.folds)
     for _, m in state.skipped:
         _remove_skip(m)
     _restore_configs(state.config_refs)
@@ -393,14 +592,16 @@ def patch_report(model) -> PatchReport:
     return state.report
 
 
-def _build_report(model, options, attn, skips, op_entry, device, dtype, transformers) -> PatchReport:
+def _build_report(model, options, attn, skips, op_entry, device, dtype, transformers, plan, lin_ops,
+                  loaded) -> PatchReport:
     report = PatchReport(
         model=type(model).__name__, device=str(device), dtype=str(dtype).replace("torch.", ""),
-        options=dict(options, quantize=None, sparsity=None),
+        options=dict(options),
         versions={"fastllm": __version__, "transformers": transformers.__version__,
                   "torch": torch.__version__})
     if op_entry is not None:
         report.ops.append(op_entry)
+    report.ops += lin_ops
     skipped_ids = {id(m) for _, m in skips}
     impl = _attention.impl_name(options["backend"])
     for n, m in attn:
@@ -413,53 +614,82 @@ def _build_report(model, options, attn, skips, op_entry, device, dtype, transfor
         report.modules.append(ModuleEntry(
             n, type(m).__name__, "skipped",
             "skip_attention: output replaced by zeros, KV cache fed zeros (lossy; arXiv 2404.05741)"))
-    linears = [(n, m) for n, m in model.named_modules() if is_linear(n, m)]
-    excluded = [n for n, _ in linears if any(fnmatch.fnmatchcase(n, p) for p in LINEAR_DEFAULT_EXCLUDE)]
-    for n in excluded:
-        report.modules.append(ModuleEntry(n, "Linear", "left",
-                                          "excluded from linear swaps by default (lm_head / embeddings)"))
+    if loaded:
+        for n, m in loaded[1]:
+            report.modules.append(ModuleEntry(n, "Linear", "replaced",
+                                              f"{type(m).__name__}({m.extra_repr()}), loaded from {loaded[0]}"))
+    for sw in plan.swaps:
+        report.modules.append(ModuleEntry(sw.name, type(sw.old).__name__, "replaced", sw.detail, sw.bytes_saved))
+    for f in plan.folds:
+        report.modules.append(ModuleEntry(f.name, type(f.module).__name__, "replaced",
+                                          f"SmoothQuant 1/s folded into its weight (for {', '.join(f.consumers)})"))
+    swapping = bool(_linear.swap_rules(options))
+    left = plan.entries
+    if not swapping and not loaded:
+        left = [ModuleEntry(n, "Linear", "left", "excluded from linear swaps by default (lm_head / embeddings)")
+                for n, m in model.named_modules() if type(m) is nn.Linear and
+                any(fnmatch.fnmatchcase(n, p) for p in LINEAR_DEFAULT_EXCLUDE)]
+        rest = sum(type(m) is nn.Linear for _, m in model.named_modules()) - len(left)
+        if rest:
+            left.append(ModuleEntry(f"{rest} x nn.Linear", "Linear", "left",
+                                    "no linear swap requested (quantize= / sparsity=)"))
+        if options["include"] or options["exclude"]:
+            report.notes.append("include / exclude apply to linear swaps (quantize= / sparsity=), which were "
+                                "not requested: they changed nothing")
+    report.modules += left
     for n, m in model.named_modules():
         if isinstance(m, nn.Embedding):
             report.modules.append(ModuleEntry(n, type(m).__name__, "left", "embeddings are never swapped"))
-    rest = len(linears) - len(excluded)
-    if rest:
-        report.modules.append(ModuleEntry(
-            f"{rest} x nn.Linear", "Linear", "left",
-            "no linear swap requested (quantize / sparsity not implemented yet)"))
-    if options["include"] or options["exclude"]:
-        report.notes.append("include / exclude apply to linear swaps (quantize / sparsity), which "
-                            "do not exist yet: they changed nothing")
+    report.notes += plan.notes
     report.notes.append("attention bytes saved are 0 by construction: exact attention, weights untouched")
+    if plan.swaps:
+        report.notes.append(
+            "bytes saved = the float layer's parameters minus the new layer's parameters and buffers; "
+            + ("the originals are kept in CPU memory for unpatch (keep_original=True)" if options["keep_original"]
+               else "the originals were dropped (unpatch cannot restore them: keep_original=False)"))
     if device.type == "cpu" and op_entry is not None and op_entry.selected == "torch":
         report.notes.append("on CPU the reference (PyTorch) backend serves attention: correct, not faster")
     return report
 
 
 # ----------------------------------------------------------------------------------------------
-# save / load (attention-only patching: the weights are the HF ones).
+# save / load. Attention-only patching: the weights are the HF ones, saved by transformers.
+# Linear swaps (int8 / 2:4): _serialize.py writes the swapped state in safetensors.
 
 def save_pretrained(model, save_directory, **kwargs):
-    """model.save_pretrained(save_directory, **kwargs) plus fastllm_config.json with the patch
-    options, so fastllm.from_pretrained reloads and re-patches it. The saved config.json is the
-    model's own (transformers does not serialize the attention implementation)."""
+    """Save a patched model so fastllm.from_pretrained reloads it patched, with identical outputs.
+
+    Attention-only: model.save_pretrained(save_directory, **kwargs) (a plain transformers
+    checkpoint) plus fastllm_config.json with the patch options. With quantized / pruned
+    layers: config.json, the whole state (int8 / 2:4 weights and scales, folded norms) in
+    model.fastllm.safetensors, and fastllm_config.json recording each swapped layer; that
+    directory needs fastllm.from_pretrained (no calibration data needed to reload)."""
     state = model.__dict__.get(STATE_ATTR)
     if state is None:
         raise ValueError(f"{type(model).__name__} is not patched by fastllm; use model.save_pretrained")
-    model.save_pretrained(save_directory, **kwargs)
     transformers = _transformers()
+    if state.swaps:
+        from . import _serialize
+        return _serialize.save(model, state, save_directory, transformers)
+    model.save_pretrained(save_directory, **kwargs)
     with open(os.path.join(save_directory, CONFIG_FILE), "w") as f:
         json.dump({"fastllm_version": __version__, "transformers_version": transformers.__version__,
-                   "patch": {k: (list(v) if isinstance(v, tuple) else v) for k, v in state.options.items()}},
-                  f, indent=2)
+                   "patch": _json_options(state.options)}, f, indent=2)
     return save_directory
+
+
+def _json_options(options):
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()}
 
 
 def from_pretrained(load_directory, *, model_class=None, patch_overrides=None, **kwargs):
     """Load a model saved by fastllm.save_pretrained and patch it with the saved options.
 
     model_class: a transformers model class (default: config.json's `architectures[0]`).
-    patch_overrides: dict of patch() options replacing saved ones (e.g. {"backend": "torch"}).
-    kwargs go to model_class.from_pretrained (dtype=, device_map=, ...).
+    patch_overrides: dict of patch() options replacing saved ones (e.g. {"backend": "torch"});
+    for quantized / pruned checkpoints only attention, backend and skip_attention.
+    kwargs go to model_class.from_pretrained (dtype=, device_map=, ...); for quantized / pruned
+    checkpoints only dtype= (default: the saved one) and device=.
     """
     transformers = _transformers()
     path = os.path.join(load_directory, CONFIG_FILE)
@@ -476,5 +706,12 @@ def from_pretrained(load_directory, *, model_class=None, patch_overrides=None, *
             raise ValueError(f"cannot tell the model class from {load_directory}/config.json "
                              f"(architectures={archs}); pass model_class=")
         model_class = getattr(transformers, archs[0])
+    if saved.get("layers"):
+        from . import _serialize
+        model, loaded, options = _serialize.load(load_directory, saved, model_class, patch_overrides or {},
+                                                 kwargs, transformers)
+        return _patch(model, options, None, loaded=(str(load_directory), loaded))
     model = model_class.from_pretrained(load_directory, **kwargs)
+    options.pop("calibration", None)
     return patch(model, **options)
+

@@ -1,20 +1,23 @@
 """What fastllm.patch replaces, as data: one Rule per kind of replacement, no per-model code.
 
 A rule says which modules it matches (a predicate on (qualified name, module)), which patch()
-option turns it on, how it is applied, and which registry op serves it (for the report).
+option turns it on, how it is applied, and which registry ops serve it (for the report).
 Two kinds:
 
   "attention_interface"  the model's attention implementation is switched to fastllm's
                          function (transformers' AttentionInterface); modules stay in place.
-  "module_swap"          each matching module is replaced by `replace(module, options)` and
-                         the original kept for unpatch. Matches are filtered by the patch()
-                         arguments include / exclude (fnmatch patterns on qualified module
-                         names); `default_exclude` holds what is left alone unless included
-                         explicitly (lm_head, embeddings).
+  "module_swap"          each matching module is replaced by `replace(module, options, layer)`
+                         (layer: this module's calibration statistics). Matches are filtered by
+                         the patch() arguments include / exclude (fnmatch patterns on qualified
+                         module names); `default_exclude` holds what is left alone unless
+                         `include` names it explicitly (lm_head, embeddings). The first enabled
+                         module_swap rule that matches a module wins: the 2:4 rule comes first
+                         and takes quantize="w8a8" along (2:4 + int8 in one module).
 
-Today only the attention rule exists. The int8 (quantize="w8a8" / "w8a16") and 2:4
-(sparsity="2:4") rules are module swaps of nn.Linear for fastllm.nn modules; they are listed in
-PLANNED so patch() can say which piece of work adds them.
+`unsupported(module, options)` says why a matching module cannot be swapped (it is then left
+in place and reported as skipped, with that reason); `calibration(options)` which statistics
+the rule needs from calibration batches ("amax": per-input-channel max |x|, for SmoothQuant and
+static int8; "l2": per-input-channel L2 norm over all tokens, for Wanda), or ().
 """
 import inspect
 import re
@@ -75,25 +78,80 @@ class Rule:
     option: str                                 # patch() argument that enables it
     kind: str                                   # "attention_interface" | "module_swap"
     match: Callable[[str, nn.Module], bool]     # (qualified name, module) -> bool
-    op: str                                     # fastllm.ops.registry.OPS key serving it
-    replace: Optional[Callable] = None          # module_swap: (module, options) -> new module
+    ops: Callable[[dict], Tuple[str, ...]]      # options -> fastllm.ops.registry.OPS keys serving it
+    replace: Optional[Callable] = None          # module_swap: (module, options, layer stats) -> module
+    unsupported: Callable[[nn.Module, dict], Optional[str]] = lambda m, o: None
+    calibration: Callable[[dict], Tuple[str, ...]] = lambda o: ()
     default_exclude: Tuple[str, ...] = ()
     note: str = ""
 
 
+# ----------------------------------------------------------------------------------------------
+# int8 (fastllm.nn.Int8Linear) and 2:4 (fastllm.nn.Sparse24Linear) linear swaps.
+
+#: patch(quantize=...) -> Int8Linear mode. "w8a8" is dynamic: activations quantized per token.
+INT8_MODES = {"w8a8": "w8a8-dynamic", "w8a8-static": "w8a8-static", "w8a16": "w8a16"}
+INT8_OPS = {"w8a8": ("quantize_per_token", "int8_matmul"), "w8a8-static": ("int8_matmul",),
+            "w8a16": ("w8a16_matmul",)}
+SPARSITY = ("2:4",)
+PRUNE = ("magnitude", "wanda")
+#: Registry ops a Sparse24Linear may use (listed in the report when they are registered).
+SPARSE24_OPS = ("sparse24_matmul", "sparse24_int8_matmul")
+
+
+def sparse24_class():
+    """fastllm.nn.Sparse24Linear, or None while the 2:4 work has not landed."""
+    from .. import nn as fnn
+    return getattr(fnn, "Sparse24Linear", None)
+
+
+def _int8_unsupported(m, options):
+    if m.in_features % 16 or m.out_features % 16:
+        return (f"in_features={m.in_features}, out_features={m.out_features}: the int8 kernels need "
+                "multiples of 16; kept in floating point")
+    gs = options.get("group_size")
+    if gs and m.in_features % gs:
+        return f"in_features={m.in_features} is not a multiple of group_size={gs}; kept in floating point"
+    return None
+
+
+def _int8_calibration(options):
+    return ("amax",) if options["quantize"] == "w8a8-static" or options["smooth_alpha"] is not None else ()
+
+
+def _int8_replace(linear, options, layer):
+    from ..nn.int8_linear import Int8Linear
+    return Int8Linear.from_linear(linear, INT8_MODES[options["quantize"]], act_amax=layer.get("amax"),
+                                  smooth_alpha=layer.get("smooth_alpha"), group_size=options["group_size"],
+                                  backend=options["backend"])
+
+
+def _sparse_unsupported(m, options):
+    if m.in_features % 4:
+        return f"in_features={m.in_features} is not a multiple of 4 (2:4 groups); kept dense"
+    if options["quantize"] and (m.in_features % 16 or m.out_features % 16):
+        return (f"in_features={m.in_features}, out_features={m.out_features}: 2:4 + int8 needs multiples "
+                "of 16; kept dense")
+    return None
+
+
+def _sparse_replace(linear, options, layer):
+    return sparse24_class().from_linear(linear, prune=options["prune"], act_norm=layer.get("l2"),
+                                        int8=options["quantize"] is not None, backend=options["backend"])
+
+
 RULES: Tuple[Rule, ...] = (
     Rule(name="attention", option="attention", kind="attention_interface",
-         match=uses_attention_interface, op="flash_attention",
+         match=uses_attention_interface, ops=lambda o: ("flash_attention",),
          note="exact; transformers' AttentionInterface, weights untouched (0 bytes saved)"),
+    Rule(name="sparse24_linear", option="sparsity", kind="module_swap", match=is_linear,
+         ops=lambda o: SPARSE24_OPS, replace=_sparse_replace, unsupported=_sparse_unsupported,
+         calibration=lambda o: ("l2",) if o["prune"] == "wanda" else (),
+         default_exclude=LINEAR_DEFAULT_EXCLUDE,
+         note="lossy: weights pruned to 2 of every 4 (prune=magnitude | wanda) and compressed; "
+              "with quantize='w8a8' also int8"),
+    Rule(name="int8_linear", option="quantize", kind="module_swap", match=is_linear,
+         ops=lambda o: INT8_OPS[o["quantize"]], replace=_int8_replace, unsupported=_int8_unsupported,
+         calibration=_int8_calibration, default_exclude=LINEAR_DEFAULT_EXCLUDE,
+         note="lossy: int8 weights per output channel (w8a16: or per group); w8a8 also int8 activations"),
 )
-
-#: Rules that will exist once their kernels land: option value -> what adds it. patch() raises
-#: NotImplementedError naming it when one of these options is passed.
-PLANNED = {
-    "quantize": ("int8 linears (W8A8 / W8A16): the int8 matmul issue "
-                 "(fastllm.ops int8 GEMM + fastllm.nn.Int8Linear, a module_swap rule on nn.Linear)"),
-    "sparsity": ("2:4 sparse linears: the 2:4 sparse GEMM issue "
-                 "(mma.sp kernel + fastllm.nn.Sparse24Linear, a module_swap rule on nn.Linear)"),
-    "calibration": ("calibration batches are used by quantize / sparsity, which the int8 and "
-                    "2:4 issues add"),
-}

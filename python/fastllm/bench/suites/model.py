@@ -1,0 +1,189 @@
+"""End to end: a transformers model built from a config, unpatched (SDPA) vs fastllm.patch in
+each mode: prefill tokens/s, decode tokens/s with a StaticCache, peak memory, logit difference.
+
+    python -m fastllm.bench model [--quick] [--shapes llama3.2-1b] [--json out.json]
+
+Model: Llama-3.2-1B shapes by default (hidden 2048, 16 layers, 32 / 8 heads, head dim 64, MLP
+8192, vocab 128256), random weights, bf16 on GPU. On CPU a tiny config in fp32 (the numbers
+are labelled CPU: a harness smoke test, not kernel speed).
+
+Modes: unpatched (transformers' SDPA), exact (fastllm attention), w8a16, w8a8 (dynamic),
+2:4 and 2:4+int8 (when fastllm.nn.Sparse24Linear exists, else listed as missing),
+skip_attention (the last quarter of the layers; lossy, arXiv 2404.05741). Each mode patches a
+fresh copy of the unpatched model, so every mode sees the same weights.
+
+Rows:
+  prefill  batch 1, S = 512..8192 prompt tokens, one forward (logits of the last position
+           only, logits_to_keep=1): tokens/s = S / time.
+  decode   batch B = 1..64, one token per sequence against a StaticCache holding a
+           512-token prompt (max_cache_len 1024): tokens/s = B / time of one step. Eager
+           (no CUDA graphs, no torch.compile), the same for every mode.
+Before timing, each mode's prompt logits are compared with the unpatched model's: the relative
+error ||patched - unpatched|| / ||unpatched|| must stay under the mode's bound (exact 0.05 in
+bf16 / 1e-4 in fp32; int8 0.15 / 0.25; lossy modes unchecked) or the mode is reported WRONG and
+not timed. peak_MiB: torch.cuda.max_memory_allocated over the mode's runs (GPU only);
+weights_MiB: parameters + buffers of the patched model.
+"""
+import copy
+import math
+
+import torch
+
+import fastllm
+
+COLUMNS = ["mode", "dtype", "phase", "B", "S", "ms", "tokens/s", "speedup", "weights_MiB", "peak_MiB", "rel_err",
+           "max_logit_diff", "ok"]
+PLOT = dict(x="n", y="tokens/s", series="series")
+
+# name: (hidden, layers, heads, kv heads, head dim, intermediate, vocab, tie embeddings)
+CONFIGS = {
+    "llama3.2-1b": (2048, 16, 32, 8, 64, 8192, 128256, True),
+    "llama3-8b": (4096, 32, 32, 8, 128, 14336, 128256, False),
+}
+CPU_CONFIG = (128, 2, 4, 2, 32, 256, 512, False)
+
+PREFILL = [512, 1024, 2048, 4096, 8192]
+QUICK_PREFILL = [512, 2048, 8192]
+DECODE = [1, 4, 16, 64]
+QUICK_DECODE = [1, 16, 64]
+DECODE_CONTEXT = 512
+CPU_PREFILL, CPU_DECODE, CPU_CONTEXT = [32, 128], [1, 4], 32
+
+#: mode -> patch() keyword arguments (None: the unpatched model).
+MODES = {
+    "unpatched": None,
+    "exact": {},
+    "w8a16": {"quantize": "w8a16"},
+    "w8a8": {"quantize": "w8a8"},
+    "2:4": {"sparsity": "2:4"},
+    "2:4+int8": {"sparsity": "2:4", "quantize": "w8a8"},
+    "skip_attention": {"skip_attention": "quarter"},
+}
+EXACT_BOUND = {torch.float32: 1e-4, torch.bfloat16: 0.05, torch.float16: 0.02}
+LOSSY_BOUND = {"w8a16": 0.15, "w8a8": 0.25}
+
+
+def build(spec, device, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    hidden, layers, heads, kv, hd, inter, vocab, tie = spec
+    cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv, head_dim=hd, intermediate_size=inter, vocab_size=vocab,
+                      tie_word_embeddings=tie, max_position_embeddings=16384, rope_theta=500000.0,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)
+    return model.to(dtype).eval()
+
+
+def _bytes(model):
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def _sparse_available():
+    from fastllm.patch.rules import sparse24_class
+    return sparse24_class() is not None
+
+
+@torch.no_grad()
+def _decode_step_fn(model, B, context, vocab, device):
+    """A callable running one decode step (B tokens at position `context`) on a StaticCache
+    prefilled with `context` random tokens; calling it again rewrites the same slot."""
+    from transformers import StaticCache
+    cache = StaticCache(config=model.config, max_cache_len=2 * context)
+    prompt = torch.randint(3, vocab, (B, context), device=device)
+    model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1,
+          cache_position=torch.arange(context, device=device))
+    tok = torch.randint(3, vocab, (B, 1), device=device)
+    pos = torch.tensor([context], device=device)
+    mask = torch.ones(B, context + 1, dtype=torch.long, device=device)
+    return lambda: model(tok, attention_mask=mask, past_key_values=cache, use_cache=True, cache_position=pos)
+
+
+def run(ctx):
+    dev = ctx.device
+    on_gpu = dev.type == "cuda"
+    dtype = (ctx.dtypes[0] if ctx.dtypes and ctx.dtypes[0] != torch.float16 else torch.bfloat16) if on_gpu \
+        else torch.float32
+    if on_gpu:
+        names = ctx.presets(CONFIGS) if ctx.shapes else ["llama3.2-1b"]
+        specs = [(n, CONFIGS[n]) for n in names]
+        prefill, decode = (QUICK_PREFILL, QUICK_DECODE) if ctx.quick else (PREFILL, DECODE)
+        context = DECODE_CONTEXT
+    else:
+        specs = [("tiny-llama (CPU)", CPU_CONFIG)]
+        prefill, decode = ([CPU_PREFILL[0]], [CPU_DECODE[0]]) if ctx.quick else (CPU_PREFILL, CPU_DECODE)
+        context = CPU_CONTEXT
+    rows = []
+    for cfg_name, spec in specs:
+        base = build(spec, dev, dtype)
+        vocab = base.config.vocab_size
+        n_layers = base.config.num_hidden_layers
+        check_ids = torch.randint(3, vocab, (1, min(256, prefill[0])), device=dev)
+        with torch.no_grad():
+            ref = base(check_ids).logits.float()
+        base_tps = {}
+        for mode in ctx.progress(list(MODES), f"model {cfg_name}"):
+            kw = MODES[mode]
+            if kw is not None and "sparsity" in kw and not _sparse_available():
+                ctx.missing.append((f"model mode {mode}", "fastllm.nn.Sparse24Linear does not exist in this build"))
+                continue
+            if kw is not None and kw.get("skip_attention") == "quarter":
+                kw = {"skip_attention": max(1, n_layers // 4)}
+            model = base
+            if kw is not None:
+                model = copy.deepcopy(base)
+                try:
+                    fastllm.patch(model, **kw)
+                except (NotImplementedError, fastllm.BackendUnavailableError, ValueError) as e:
+                    ctx.missing.append((f"model mode {mode}", str(e).splitlines()[0][:160]))
+                    del model
+                    continue
+            if on_gpu:
+                torch.cuda.synchronize(dev)
+                torch.cuda.reset_peak_memory_stats(dev)
+            with torch.no_grad():
+                got = model(check_ids).logits.float()
+            diff = (got - ref).abs().max().item()
+            rel = ((got - ref).norm() / ref.norm()).item()
+            bound = None if mode == "unpatched" else (EXACT_BOUND[dtype] if mode == "exact" else LOSSY_BOUND.get(mode))
+            ok = math.isfinite(rel) and (bound is None or rel <= bound)
+            status = ("yes" if bound is not None else "reference" if mode == "unpatched" else "lossy (unchecked)") \
+                if ok else \
+                f"WRONG (rel err {rel:.3g} > {bound})"
+            common = dict(mode=mode, config=cfg_name, dtype=str(dtype).replace("torch.", ""),
+                          weights_MiB=_bytes(model) / 2 ** 20, rel_err=rel, max_logit_diff=diff, ok=status)
+            mode_rows = []
+            for S in prefill:
+                ids = torch.randint(3, vocab, (1, S), device=dev)
+                t = None
+                if ok:
+                    with torch.no_grad():
+                        t = ctx.timer(lambda: model(ids, use_cache=False, logits_to_keep=1))
+                mode_rows.append(dict(common, phase="prefill", B=1, S=S, n=S, t=t, tokens=S))
+            for B in decode:
+                t = None
+                if ok:
+                    step = _decode_step_fn(model, B, context, vocab, dev)
+                    with torch.no_grad():
+                        t = ctx.timer(step)
+                    del step
+                mode_rows.append(dict(common, phase="decode", B=B, S=context, n=B, t=t, tokens=B))
+            peak = torch.cuda.max_memory_allocated(dev) / 2 ** 20 if on_gpu else None
+            for r in mode_rows:
+                t = r.pop("t")
+                tps = t and r.pop("tokens") / t
+                r.pop("tokens", None)
+                key = (r["phase"], r["B"], r["S"])
+                if mode == "unpatched":
+                    base_tps[key] = tps
+                r.update({"ms": t and t * 1e3, "tokens/s": tps, "peak_MiB": peak,
+                          "speedup": tps and base_tps.get(key) and tps / base_tps[key],
+                          "series": f"{mode} {r['phase']}"})
+                rows.append(r)
+            if model is not base:
+                del model
+            if on_gpu:
+                torch.cuda.empty_cache()
+        del base
+    return rows
