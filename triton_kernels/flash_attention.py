@@ -47,11 +47,20 @@ from triton.language.extra import libdevice
 # family. The one place these live. Shared memory per stage is (BLOCK_M + ...) tiles:
 # Q (BLOCK_M x D) stays resident, each pipeline stage holds one K and one V tile
 # (BLOCK_N x D); sm80/sm90 have ~164/228 KB, sm86/sm89 only ~100 KB, hence smaller tiles.
-# fp32 inputs halve BLOCK_M (twice the bytes per element). UNVERIFIED on GPU: to be tuned.
+# Compiled for sm_80 / sm_86 / sm_90 by bench/triton_compile_check.py (registers, spills, shared
+# memory checked in the tests); never run on a GPU: timings UNVERIFIED, to be tuned.
 _CONFIGS = {
-    "sm80": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
-    "sm86": {64: (128, 64, 4, 3), 128: (128, 32, 4, 2), 256: (64, 32, 4, 1)},
-    "sm90": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)},
+    "sm80": {64: (128, 64, 4, 3), 128: (128, 32, 8, 3), 256: (64, 32, 8, 2)},
+    "sm86": {64: (128, 64, 4, 3), 128: (128, 32, 8, 3), 256: (64, 32, 8, 2)},
+    "sm90": {64: (128, 64, 4, 3), 128: (128, 32, 8, 3), 256: (128, 32, 8, 3)},
+}
+# float32 inputs (IEEE fp32 dots, no tensor cores: a correctness path, not a fast one). ptxas
+# register use of these FMA dots is erratic; these are the smallest-spill configs found by
+# bench/triton_compile_check.py (sm_90: none; sm_80 / sm_86 D >= 128: a few hundred bytes).
+_CONFIGS_FP32 = {
+    "sm80": {64: (16, 64, 4, 2), 128: (16, 32, 2, 2), 256: (16, 32, 2, 2)},
+    "sm86": {64: (16, 64, 4, 2), 128: (16, 32, 2, 2), 256: (16, 32, 2, 2)},
+    "sm90": {64: (16, 64, 4, 2), 128: (16, 64, 4, 2), 256: (16, 64, 4, 2)},
 }
 # The interpreter runs each tl op as a numpy call per program: bigger tiles mean fewer
 # programs and less Python overhead; 64 keeps causal block skipping meaningful.
@@ -67,10 +76,8 @@ def tile_config(head_dim: int, dtype: torch.dtype, max_seqlen_q: int, device: to
     else:
         major, minor = torch.cuda.get_device_capability(device)
         family = "sm90" if major >= 9 else ("sm86" if (major, minor) in ((8, 6), (8, 7), (8, 9)) else "sm80")
-        table = _CONFIGS[family]
+        table = (_CONFIGS_FP32 if dtype == torch.float32 else _CONFIGS)[family]
         bm, bn, warps, stages = table[min(d for d in table if d >= block_d)]
-        if dtype == torch.float32:
-            bm, stages = max(16, bm // 2), min(stages, 2)
     # Short query blocks (decode-like or tiny prefill): do not compute rows that do not exist.
     bm = min(bm, max(16, triton.next_power_of_2(max(max_seqlen_q, 1))))
     return bm, bn, block_d, warps, stages

@@ -79,7 +79,9 @@ def pick_config(kind: str, M: int, N: int, K: int, *, group_size: int = 0, sms: 
         elif M <= 128:
             cfg = Config(128, 128, 128, num_warps=8, num_stages=3)
         else:
-            cfg = Config(128, 256, 128, num_warps=8, num_stages=3)
+            # BLOCK_K 64, not 128: with 128 the raw-int32 variant spills on sm_80/86
+            # (bench/triton_compile_check.py); one more stage keeps the same bytes in flight.
+            cfg = Config(128, 256, 64, num_warps=8, num_stages=4)
         # Do not walk K in steps far larger than K itself (min 32: int8 MMA k-width).
         return cfg._replace(BLOCK_K=max(32, min(cfg.BLOCK_K, triton.next_power_of_2(K))))
 
@@ -93,6 +95,9 @@ def pick_config(kind: str, M: int, N: int, K: int, *, group_size: int = 0, sms: 
         cfg = Config(M if M <= 32 else 64, 64, 128, num_warps=4, num_stages=4)
         cfg = cfg._replace(BLOCK_M=triton.next_power_of_2(cfg.BLOCK_M))
     elif M <= 128:
+        cfg = Config(128, 128, 64, num_warps=8, num_stages=3)
+    elif group_size:
+        # Per-group scales keep a second (partial) accumulator live: 128 x 256 spills.
         cfg = Config(128, 128, 64, num_warps=8, num_stages=3)
     else:
         cfg = Config(128, 256, 64, num_warps=8, num_stages=3)

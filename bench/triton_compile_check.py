@@ -1,0 +1,235 @@
+"""Compile every Triton kernel for real GPU targets on a machine without a GPU, and report what
+ptxas says: registers, spills, shared memory against the arch's limit.
+
+Triton's interpreter (the CPU tests) never runs the GPU code path: the configs in the
+autotune tables, num_warps / num_stages, libdevice calls and the non-INTERPRET branches are
+only compiled on a GPU. This script runs each op's real Python wrapper on small CPU tensors
+with a stand-in Triton driver whose target is the chosen GPU: the wrapper picks its tile
+config for that arch (torch.cuda.get_device_capability answers for it) and calls the kernel;
+JITFunction._do_compile is replaced by a recorder of the exact (signature, constexprs,
+attributes, options) of that launch, which then is not compiled or run. Each capture is then compiled through Triton's NVIDIA backend to PTX and the PTX through
+Triton's bundled ptxas -v.
+
+    python bench/triton_compile_check.py [--arch 80 86 90] [--case NAME ...] [--json]
+
+Exit status 1 if a kernel needs more shared memory than the arch has, or spills (float32
+kernels excepted: their IEEE FMA dots are correctness paths; their spills are reported). Run in a
+process WITHOUT TRITON_INTERPRET (the test suite runs it in a subprocess). Cases: CASES below;
+each calls wrappers the way the ops do on a GPU, at shapes that reach every config.
+"""
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "python"))
+if os.environ.get("TRITON_INTERPRET"):
+    sys.exit("run without TRITON_INTERPRET: the interpreter never compiles for a GPU")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+# Largest dynamic shared memory per block (opt-in), bytes.
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+class _TargetDriver:
+    """The few members of Triton's active driver that JITFunction.run touches before compiling."""
+
+    def __init__(self, arch):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+@contextlib.contextmanager
+def capturing(arch):
+    """Inside: Triton kernel launches are recorded (not compiled, not run) as if on a GPU of
+    this arch: JITFunction.run binds and specializes the arguments for that target, then
+    calls _do_compile, which here records (function, signature, constexprs, attrs, options)
+    and returns None, which makes run return without launching."""
+    captured = []
+
+    def record(self, key, signature, device, constexprs, options, attrs, warmup):
+        captured.append((self, dict(signature=signature, constants=constexprs, attrs=attrs, options=options)))
+        return None
+
+    old_compile, old_cap, old_driver = JITFunction._do_compile, torch.cuda.get_device_capability, driver._active
+    driver.set_active(_TargetDriver(arch))
+    JITFunction._do_compile = record
+    torch.cuda.get_device_capability = lambda device=None: (arch // 10, arch % 10)
+    try:
+        yield captured
+    finally:
+        JITFunction._do_compile = old_compile
+        torch.cuda.get_device_capability = old_cap
+        driver._active = old_driver   # (reset_active() would look for a real GPU driver)
+
+
+def _ptxas(ptx, arch):
+    sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        res = subprocess.run([PTXAS, f"-arch={sm}", "-v", "-o", os.devnull, f.name], capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    if res.returncode != 0:
+        raise RuntimeError(f"ptxas failed for {sm}: {res.stderr[-2000:]}")
+    out = res.stderr + res.stdout
+    num = lambda pat: int(m.group(1)) if (m := re.search(pat, out)) else 0   # noqa: E731
+    return {"registers": num(r"Used (\d+) registers"), "spill_stores": num(r"(\d+) bytes spill stores"),
+            "spill_loads": num(r"(\d+) bytes spill loads"), "stack": num(r"(\d+) bytes stack frame")}
+
+
+def compile_captured(fn, compile_kwargs, arch):
+    """Compile one captured launch for `arch`; returns its resource report."""
+    target = GPUTarget("cuda", arch, 32)
+    c = dict(compile_kwargs)
+    src = ASTSource(fn, c.pop("signature"), c.pop("constants"), c.pop("attrs"))
+    options = c.pop("options")
+    ck = triton.compile(src, target=target, options=options.__dict__)
+    report = _ptxas(ck.asm["ptx"], arch)
+    report.update(kernel=fn.__name__, shared=ck.metadata.shared, num_warps=options.num_warps,
+                  num_stages=options.num_stages,
+                  constexprs={str(fn.arg_names[k[0]]): v for k, v in ck.src.constants.items()
+                              if isinstance(v, (int, bool, str))})
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Cases: each runs wrappers at shapes that reach every tile config of its kernels.
+
+CASES = {}
+
+
+def case(name):
+    def deco(f):
+        CASES[name] = f
+        return f
+    return deco
+
+
+def _t(*shape, dtype=torch.float16):
+    return torch.zeros(*shape, dtype=dtype)
+
+
+@case("flash_attention")
+def _flash_attention():
+    # Per dtype family and head-dim config, the register-heaviest variant (every feature on).
+    from fastllm.triton_kernels.flash_attention import flash_attention, flash_attention_varlen
+    for dtype in (torch.float16, torch.float32):
+        for D in (64, 128, 256):
+            q, k = _t(1, 4, 256, D, dtype=dtype), _t(1, 2, 256, D, dtype=dtype)
+            flash_attention(q, k, k, torch.ones(1, 1, 256, 256, dtype=torch.bool), True, 0.1, 64, 30.0)
+    q = _t(300, 4, 128, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 100, 300], dtype=torch.int32)
+    flash_attention_varlen(q, q[:, :2], q[:, :2], cu, cu, 200, 200, True, 0.1, 0, 0.0)
+
+
+@case("int8_matmul")
+def _int8_matmul():
+    # Every M bucket of pick_config, raw int32 and the fused epilogue; W8A16 per channel and
+    # per group, fp16 and bf16 activations.
+    from fastllm.triton_kernels.int8_matmul import int8_matmul, w8a16_matmul
+    N = K = 4096
+    w = _t(N, K, dtype=torch.int8)
+    ws, bias = torch.ones(N), _t(N, dtype=torch.bfloat16)
+    for M in (1, 32, 64, 128, 1024):
+        a = _t(M, K, dtype=torch.int8)
+        int8_matmul(a, w)
+        int8_matmul(a, w, torch.ones(M), ws, bias, out_dtype=torch.bfloat16)
+    for M in (1, 16, 64, 128, 1024):
+        for dtype in (torch.float16, torch.bfloat16):
+            w8a16_matmul(_t(M, K, dtype=dtype), w, ws, bias.to(dtype))
+        w8a16_matmul(_t(M, K, dtype=torch.bfloat16), w, torch.ones(N, K // 128), None, group_size=128)
+
+
+@case("quantize_per_token")
+def _quantize():
+    from fastllm.triton_kernels.quantize_per_token import quantize_per_token
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        quantize_per_token(_t(64, 4096, dtype=dtype))
+
+
+def _data_dtype(signature):
+    """The element type of the first floating-point pointer argument ("fp16", "bf16", ...)."""
+    for t in signature.values():
+        if isinstance(t, str) and t.startswith("*") and t[1:] in ("fp16", "bf16", "fp32"):
+            return t[1:]
+    return next((t[1:] for t in signature.values() if isinstance(t, str) and t.startswith("*")), "?")
+
+
+def run(archs, names):
+    results, seen = [], set()
+    for arch in archs:
+        for name in names:
+            with capturing(arch) as captured:
+                CASES[name]()
+            for fn, kw in captured:
+                key = (arch, fn.__name__, repr(sorted(kw["constants"].items())), kw["options"].num_warps,
+                       kw["options"].num_stages, str(kw["signature"]))
+                if key in seen:
+                    continue
+                seen.add(key)
+                r = compile_captured(fn, kw, arch)
+                r.update(case=name, arch=arch, smem_limit=SMEM_LIMIT[arch], dtype=_data_dtype(kw["signature"]))
+                # float32 kernels (IEEE FMA dots) are correctness paths: spills are reported,
+                # not failed on; every kernel must fit the arch's shared memory.
+                spills = r["spill_stores"] + r["spill_loads"]
+                r["ok"] = r["shared"] <= SMEM_LIMIT[arch] and (spills == 0 or r["dtype"] == "fp32")
+                results.append(r)
+    return results
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 86, 90], choices=sorted(SMEM_LIMIT))
+    ap.add_argument("--case", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--json", action="store_true", help="print the reports as JSON")
+    args = ap.parse_args()
+    if len(args.arch) == 1:
+        results = run(args.arch, args.case)
+    else:
+        # One process per arch: compiling the same kernel for a second target in one process
+        # returned the first target's binary (Triton 3.6 caches per function, not per target).
+        results = []
+        for arch in args.arch:
+            res = subprocess.run([sys.executable, __file__, "--arch", str(arch), "--json", "--case", *args.case],
+                                 capture_output=True, text=True)
+            if not res.stdout.strip():
+                sys.exit(f"sm{arch}: {res.stderr[-3000:]}")
+            results += json.loads(res.stdout.strip().splitlines()[-1])
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print(f"{'arch':>4} {'dtype':>5} {'regs':>4} {'spill':>5} {'smem':>7} {'warps':>5} {'stg':>3}  kernel  constexprs")
+        for r in results:
+            flags = ",".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.isupper())
+            print(f"sm{r['arch']:<2} {r['dtype']:>5} {r['registers']:>4} {r['spill_stores'] + r['spill_loads']:>5} "
+                  f"{r['shared']:>7} {r['num_warps']:>5} {r['num_stages']:>3}  {r['kernel']}  {flags}"
+                  + ("" if r["ok"] else "   <-- SPILLS / SMEM OVER LIMIT")
+                  + ("   (fp32: spills tolerated)" if r["ok"] and r["dtype"] == "fp32"
+                     and r["spill_stores"] + r["spill_loads"] else ""))
+    sys.exit(0 if all(r["ok"] for r in results) else 1)
+
+
+if __name__ == "__main__":
+    main()
