@@ -186,9 +186,11 @@ class CMakeBuild(build_ext):
         kernels, units = [], {}
         for rep in sorted(glob.glob(os.path.join(build_dir, "**", "*.o.ptxas"), recursive=True)):
             unit = os.path.relpath(rep, build_dir).split("csrc/", 1)[-1][: -len(".o.ptxas")]
-            rows = parse_ptxas(open(rep).read(), "csrc/" + unit)
+            text = open(rep).read()
+            rows = parse_ptxas(text, "csrc/" + unit)
             kernels += rows
-            units["csrc/" + unit] = sorted({r["arch"] for r in rows})
+            targets = re.findall(r"^# targets: (.*)$", text, re.M)
+            units["csrc/" + unit] = sorted({r["arch"] for r in rows} | set(" ".join(targets).split()))
         info = {
             "version": self.distribution.get_version(),
             "cuda": True,

@@ -79,6 +79,84 @@ def _flash_attention_varlen():
         assert (out.float() - rout).abs().max().item() < 2e-2, (D, dtype)
         assert torch.equal(torch.isinf(lse), torch.isinf(rlse)), (D, dtype)
 
+@case("int8_matmul")
+def _int8_matmul():
+    # W8A8 with tails on every tile config (M 1 / 17 / 37 / 129, K and N multiples of 16 but
+    # not of the tiles), per-token and per-tensor scales, a bias; W8A16 at M 3 and 11 with a K
+    # tail block and per-group scales.
+    for M, K, N in ((1, 272, 48), (17, 80, 112), (37, 208, 80), (129, 144, 272)):
+        a = torch.randint(-128, 128, (M, K), dtype=torch.int8, device="cuda")
+        b = torch.randint(-128, 128, (N, K), dtype=torch.int8, device="cuda")
+        acc = fastllm.ops.int8_matmul_int32(a, b, backend="cuda")
+        assert torch.equal(acc.cpu(), ref.int8_matmul_int32(a.cpu(), b.cpu())), (M, K, N)
+        a_s = torch.rand(M, device="cuda") if M % 2 else torch.rand(1, device="cuda")
+        w_s, bias = torch.rand(N, device="cuda"), torch.randn(N, device="cuda", dtype=torch.float16)
+        out = fastllm.ops.int8_matmul(a, b, a_s, w_s, bias, out_dtype=torch.float32, backend="cuda")
+        want = ref.int8_matmul(a.cpu(), b.cpu(), a_s.cpu(), w_s.cpu(), bias.cpu(), torch.float32)
+        assert torch.allclose(out.cpu(), want, rtol=1e-5, atol=1e-3), (M, K, N)
+    for M, K, N, g in ((3, 208, 48, None), (11, 256, 32, 64)):
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        w = torch.randint(-128, 128, (N, K), dtype=torch.int8, device="cuda")
+        s = torch.rand((N,) if g is None else (N, K // g), device="cuda") * 0.01
+        out = fastllm.ops.w8a16_matmul(x, w, s, group_size=g, backend="cuda")
+        want = ref.w8a16_matmul(x.cpu().float(), w.cpu(), s.cpu(), None, g)
+        assert torch.allclose(out.float().cpu(), want, rtol=2e-2, atol=2e-2), (M, K, N, g)
+
+
+@case("sparse24")
+def _sparse24():
+    # 2:4 GEMM on both tile configs (M 3 / 77) with W-row tails (N 48 / 144 vs 64 / 128-row tiles),
+    # K tails (192 / 320 vs 128 / 256-column stages), a strided x; fp16, bf16 + bias, int8 raw and
+    # with the epilogue.
+    from fastllm.sparse import compress, prune_24
+    for M, K, N in ((3, 192, 48), (77, 320, 144)):
+        for dtype in (torch.float16, torch.bfloat16):
+            w, _ = prune_24(torch.randn(N, K, device="cuda").to(dtype))
+            values, meta = compress(w)
+            x = torch.randn(M, K + 8, device="cuda").to(dtype)[:, :K]
+            bias = torch.randn(N, device="cuda").to(dtype) if dtype == torch.bfloat16 else None
+            out = fastllm.ops.sparse24_matmul(x, values, meta, bias, backend="cuda")
+            want = ref.sparse24_matmul(x.float(), values.float(), meta, bias)
+            assert (out.float() - want).abs().max().item() < 5e-2 * max(1.0, want.abs().max().item()), (M, K, dtype)
+        w, _ = prune_24(torch.randint(-128, 128, (N, K), dtype=torch.int8, device="cuda"))
+        values, meta = compress(w)
+        a = torch.randint(-128, 128, (M, K), dtype=torch.int8, device="cuda")
+        acc = fastllm.ops.sparse24_int8_matmul_int32(a, values, meta, backend="cuda")
+        assert torch.equal(acc.cpu(), ref.int8_matmul_int32(a.cpu(), w.cpu())), (M, K, N)
+        a_s, w_s = torch.rand(M, device="cuda"), torch.rand(N, device="cuda")
+        out = fastllm.ops.sparse24_int8_matmul(a, values, meta, a_s, w_s, out_dtype=torch.float32, backend="cuda")
+        want = ref.sparse24_int8_matmul(a.cpu(), values.cpu(), meta.cpu(), a_s.cpu(), w_s.cpu(), None, torch.float32)
+        assert torch.allclose(out.cpu(), want, rtol=1e-5, atol=1e-3), (M, K, N)
+
+
+@case("decode_attention")
+def _decode_attention():
+    # Odd lengths (tile tails), a length past the capacity (clamped), GQA packing over two
+    # 16-row blocks (group 8 x Sq 3 = 24 rows), pages of 7 with an out-of-range id (clamped),
+    # window + softcap, several splits and one; every head dim once.
+    from fastllm.ops._decode_cuda import HEAD_DIMS, decode_attention_cuda
+    for i, D in enumerate(HEAD_DIMS):
+        dtype = (torch.float16, torch.bfloat16)[i % 2]
+        B, Hq, Hkv, Sq, S = 3, 16, 2, 3, 203
+        q = torch.randn(B, Sq, Hq, D, device="cuda", dtype=dtype).transpose(1, 2)
+        k = torch.randn(B, Hkv, S, D, device="cuda", dtype=dtype)
+        v = torch.randn(B, Hkv, S, D, device="cuda", dtype=dtype)
+        lens = torch.tensor([1, 150, 10 ** 6], dtype=torch.int32, device="cuda")
+        kw = dict(window=40 * (i % 2), softcap=20.0 * (i % 2), splits=1 + 4 * (i % 3))
+        args = (q, k, v, lens, None)
+        if i % 2:
+            pages = k.transpose(1, 2).reshape(B * 29, 7, Hkv, D), v.transpose(1, 2).reshape(B * 29, 7, Hkv, D)
+            table = torch.arange(B * 29, dtype=torch.int32, device="cuda").reshape(B, 29)
+            table[1, 3] = 10 ** 6
+            args = (q, pages[0], pages[1], lens, table)
+        out, lse = decode_attention_cuda(*args, None, D ** -0.5, kw["window"], kw["softcap"], kw["splits"])
+        rout, rlse = ref.decode_attention(*(t.float() for t in args[:3]), cache_seqlens=lens, block_table=args[4],
+                                          scale=D ** -0.5, window=kw["window"] or None, softcap=kw["softcap"] or None)
+        assert not out.isnan().any() and not lse.isnan().any(), (D, dtype)
+        assert (out.float() - rout).abs().max().item() < 2e-2, (D, dtype)
+        assert torch.equal(torch.isinf(lse), torch.isinf(rlse)), (D, dtype)
+
+
 def main(names):
     for name in names or CASES:
         CASES[name]()

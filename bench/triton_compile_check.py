@@ -162,6 +162,40 @@ def _int8_matmul():
         w8a16_matmul(_t(M, K, dtype=torch.bfloat16), w, torch.ones(N, K // 128), None, group_size=128)
 
 
+@case("decode_attention")
+def _decode_attention():
+    # Contiguous cache with every feature on and the most rows a program takes (GQA 8 x Sq 8 =
+    # BLOCK_M 64); paged cache at plain decode (GQA 8 x Sq 1 = BLOCK_M 16). Split + combine.
+    from fastllm.triton_kernels.decode_attention import decode_attention
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for D in (64, 128, 256):
+            q = _t(2, 16, 8, D, dtype=dtype)
+            kc = _t(2, 2, 4096, D, dtype=dtype)
+            lens = torch.full((2,), 4096, dtype=torch.int32)
+            mask = torch.ones(2, 1, 8, 4096, dtype=torch.bool)
+            decode_attention(q, kc, kc, lens, None, mask, 0.1, 512, 30.0, 8)
+            pages = _t(64, 16, 2, D, dtype=dtype)
+            table = torch.zeros(2, 32, dtype=torch.int32)
+            decode_attention(q[:, :, :1], pages, pages, lens.clamp(max=512), table, None, 0.1, 0, 0.0, 4)
+
+
+@case("sparse24_matmul")
+def _sparse24_matmul():
+    # Every M bucket of pick_config: 16-bit activations, int8 raw int32 and the fused epilogue.
+    from fastllm.triton_kernels.sparse24_gemm import sparse24_matmul
+    N = K = 4096
+    for M in (1, 32, 64, 128, 1024):
+        for dtype in (torch.float16, torch.bfloat16, torch.int8):
+            vals, meta = _t(N, K // 2, dtype=dtype), _t(N // 16, K // 2, dtype=torch.int32)
+            x = _t(M, K, dtype=dtype)
+            if dtype == torch.int8:
+                sparse24_matmul(x, vals, meta)
+                sparse24_matmul(x, vals, meta, _t(N, dtype=torch.bfloat16), torch.ones(M), torch.ones(N),
+                                out_dtype=torch.bfloat16)
+            else:
+                sparse24_matmul(x, vals, meta, _t(N, dtype=dtype))
+
+
 @case("quantize_per_token")
 def _quantize():
     from fastllm.triton_kernels.quantize_per_token import quantize_per_token
@@ -170,10 +204,9 @@ def _quantize():
 
 
 def _data_dtype(signature):
-    """The element type of the first floating-point pointer argument ("fp16", "bf16", ...)."""
-    for t in signature.values():
-        if isinstance(t, str) and t.startswith("*") and t[1:] in ("fp16", "bf16", "fp32"):
-            return t[1:]
+    """The element type of the first pointer argument, the kernel's input ("fp16", "i8", ...).
+    (Not the first float pointer: an int8 GEMM's fp32 scale vector would make it an "fp32"
+    kernel whose spills are tolerated.)"""
     return next((t[1:] for t in signature.values() if isinstance(t, str) and t.startswith("*")), "?")
 
 

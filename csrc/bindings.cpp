@@ -10,8 +10,11 @@
 #include <vector>
 
 #include "attention/flash_fwd.h"
+#include "decode/decode.h"
 #include "common/common.h"
+#include "int8/int8_gemm.h"
 #include "int8/quantize_per_token.h"
+#include "sparse24/sparse24_gemm.h"
 
 namespace py = pybind11;
 
@@ -69,6 +72,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("quantize_per_token", &fastllm::quantize_per_token, py::call_guard<py::gil_scoped_release>(),
         py::arg("device"), py::arg("x"), py::arg("dtype"), py::arg("M"), py::arg("K"),
         py::arg("stride_x"), py::arg("q"), py::arg("scale"), py::arg("stream"));
+  m.def("int8_gemm", &fastllm::int8_gemm, py::call_guard<py::gil_scoped_release>(), py::arg("device"), py::arg("a"),
+        py::arg("lda"), py::arg("b"), py::arg("ldb"), py::arg("out"), py::arg("out_dtype"), py::arg("a_scale"),
+        py::arg("a_scale_len"), py::arg("w_scale"), py::arg("bias"), py::arg("bias_dtype"), py::arg("M"),
+        py::arg("N"), py::arg("K"), py::arg("stream"));
+  m.def("w8a16_gemm", &fastllm::w8a16_gemm, py::call_guard<py::gil_scoped_release>(), py::arg("device"),
+        py::arg("dtype"), py::arg("x"), py::arg("ldx"), py::arg("w"), py::arg("ldw"), py::arg("w_scale"),
+        py::arg("s_stride_n"), py::arg("s_stride_g"), py::arg("group_size"), py::arg("bias"), py::arg("bias_dtype"),
+        py::arg("out"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("stream"));
   m.def("flash_attention_fwd", &fastllm::flash_attention_fwd, py::call_guard<py::gil_scoped_release>(),
         py::arg("device"), py::arg("dtype"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("lse"), py::arg("mask"), py::arg("batch"), py::arg("heads_q"), py::arg("heads_kv"),
@@ -85,4 +96,18 @@ PYBIND11_MODULE(_C, m) {
         py::arg("max_seqlen_k"), py::arg("head_dim"), py::arg("q_head_stride"), py::arg("q_row_stride"),
         py::arg("k_head_stride"), py::arg("k_row_stride"), py::arg("v_head_stride"), py::arg("v_row_stride"),
         py::arg("scale"), py::arg("window"), py::arg("softcap"), py::arg("causal"), py::arg("stream"));
+  m.def("sparse24_gemm", &fastllm::sparse24_gemm, py::call_guard<py::gil_scoped_release>(), py::arg("device"),
+        py::arg("dtype"), py::arg("x"), py::arg("values"), py::arg("meta"), py::arg("out"), py::arg("out_dtype"),
+        py::arg("M"), py::arg("N"), py::arg("K"), py::arg("x_row_stride"), py::arg("bias"), py::arg("bias_dtype"),
+        py::arg("a_scale"), py::arg("a_scale_per_row"), py::arg("w_scale"), py::arg("stream"));
+  m.def("decode_attention_fwd", &fastllm::decode_attention_fwd, py::call_guard<py::gil_scoped_release>(),
+        py::arg("device"), py::arg("dtype"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+        py::arg("lse"), py::arg("out_partial"), py::arg("lse_partial"), py::arg("cache_seqlens"),
+        py::arg("block_table"), py::arg("mask"), py::arg("batch"), py::arg("heads_q"), py::arg("heads_kv"),
+        py::arg("seqlen_q"), py::arg("head_dim"), py::arg("capacity"), py::arg("page_size"), py::arg("num_pages"),
+        py::arg("block_table_stride"), py::arg("q_batch_stride"), py::arg("q_head_stride"), py::arg("q_row_stride"),
+        py::arg("k_batch_stride"), py::arg("k_head_stride"), py::arg("k_row_stride"), py::arg("v_batch_stride"),
+        py::arg("v_head_stride"), py::arg("v_row_stride"), py::arg("mask_batch_stride"), py::arg("mask_row_stride"),
+        py::arg("mask_col_stride"), py::arg("scale"), py::arg("window"), py::arg("softcap"), py::arg("num_splits"),
+        py::arg("stream"));
 }

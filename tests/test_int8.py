@@ -298,7 +298,7 @@ def test_bad_inputs_int8_matmul():
     for exc, msg, args, kw in cases:
         with pytest.raises(exc, match=msg):
             int8_matmul(*args, **kw)
-    with pytest.raises(fastllm.BackendUnavailableError, match="no cuda implementation"):
+    with pytest.raises(fastllm.BackendUnavailableError, match=r"needs CUDA tensors \(got cpu\)"):
         int8_matmul(a, b, sa, sw, backend="cuda")
     with pytest.raises(ValueError, match=r"argument 'a': K = 131072 > 131071"):
         int8_matmul_int32(torch.zeros(1, 131072, dtype=torch.int8), torch.zeros(16, 131072, dtype=torch.int8))
@@ -337,8 +337,9 @@ def test_opcheck(backend):
     torch.library.opcheck(torch.ops.fastllm.int8_matmul_int32.default, (a, b, backend))
     torch.library.opcheck(torch.ops.fastllm.int8_matmul.default,
                           (a, b, sa, sw, torch.randn(32, device=DEVICE), torch.bfloat16, backend))
+    # fp16 out: scales of real magnitude (|acc| reaches ~1e5 here, past fp16's range unscaled).
     torch.library.opcheck(torch.ops.fastllm.int8_matmul.default,
-                          (a, b, sa[:1], sw, None, torch.float16, backend))
+                          (a, b, sa[:1] * 1e-3, sw, None, torch.float16, backend))
     x = torch.randn(5, 48, device=DEVICE, dtype=torch.bfloat16)
     torch.library.opcheck(torch.ops.fastllm.w8a16_matmul.default, (x, b, sw, None, 0, backend))
     torch.library.opcheck(torch.ops.fastllm.w8a16_matmul.default,
@@ -358,7 +359,7 @@ def test_examples_for_info():
     for name in ("int8_matmul", "int8_matmul_int32", "w8a16_matmul"):
         desc, args, kw = OPS[name].example()
         reasons = OPS[name].reasons(torch.device("cpu"), *args, **kw)
-        assert reasons["torch"] is None and "no cuda implementation" in reasons["cuda"]
+        assert reasons["torch"] is None and "needs CUDA tensors" in reasons["cuda"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -350,24 +350,11 @@ def test_triton_backend_int8(mode):
 
 
 # ----------------------------------------------------------------------------------------------
-# 2:4 sparsity (fastllm.nn.Sparse24Linear comes with the 2:4 work).
+# 2:4 sparsity (fastllm.nn.Sparse24Linear).
 
 SPARSE = sparse24_class()
-needs_sparse = pytest.mark.skipif(SPARSE is None, reason="fastllm.nn.Sparse24Linear does not exist in this build yet")
 
 
-@pytest.mark.skipif(SPARSE is not None, reason="Sparse24Linear exists: the real 2:4 tests run instead")
-def test_sparsity_not_implemented_before_touching():
-    model = build("llama")
-    cfg, sd = model.config, state_snapshot(model)
-    for kw in ({"sparsity": "2:4"}, {"sparsity": "2:4", "quantize": "w8a8"},
-               {"sparsity": "2:4", "prune": "wanda", "calibration": calib(1)}):
-        with pytest.raises(NotImplementedError, match="Sparse24Linear"):
-            fastllm.patch(model, **kw)
-        assert_untouched(model, cfg, "sdpa", sd)
-
-
-@needs_sparse
 @pytest.mark.parametrize("kw", [{"prune": "magnitude"}, {"prune": "wanda", "calibration": "cal"},
                                 {"quantize": "w8a8"}])
 def test_sparsity_24(tmp_path, kw):
@@ -394,7 +381,6 @@ def test_sparsity_24(tmp_path, kw):
     assert torch.equal(out(model, ids, mask), ref)
 
 
-@needs_sparse
 def test_wanda_needs_calibration():
     with pytest.raises(ValueError, match="calibration"):
         fastllm.patch(build("llama"), sparsity="2:4", prune="wanda")
@@ -402,67 +388,37 @@ def test_wanda_needs_calibration():
         fastllm.patch(build("llama"), sparsity="2:4", quantize="w8a16")
 
 
-class _StandIn24(torch.nn.Module):
-    """The announced Sparse24Linear API over a dense masked weight: tests patch's 2:4 wiring
-    (rule, Wanda statistics, 2:4 + int8 flag, save / load, unpatch) before the real one lands."""
-
-    calls = []
-
-    def __init__(self, weight, bias, int8):
-        super().__init__()
-        self.in_features, self.out_features, self.int8 = weight.shape[1], weight.shape[0], int8
-        self.register_buffer("weight", weight)
-        self.register_buffer("bias", bias)
-
-    @classmethod
-    def from_linear(cls, linear, prune=None, act_norm=None, int8=False, backend="auto"):
-        cls.calls.append(dict(prune=prune, act_norm=act_norm, int8=int8, backend=backend))
-        w = linear.weight.detach().float()
-        score = w.abs() * (act_norm[None, :] if prune == "wanda" else 1.0)
-        g = score.reshape(w.shape[0], -1, 4)
-        keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.topk(2, dim=-1).indices, True)
-        b = None if linear.bias is None else linear.bias.detach().clone()
-        return cls((w * keep.reshape(w.shape)).to(linear.weight.dtype), b, int8)
-
-    def forward(self, x):
-        return torch.nn.functional.linear(x, self.weight.to(x.dtype), self.bias)
-
-    def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8={self.int8}"
-
-
 @pytest.mark.parametrize("kw", [{"prune": "wanda"}, {"quantize": "w8a8"}])
-def test_sparsity_wiring_with_stand_in(monkeypatch, tmp_path, kw):
-    import fastllm.nn
-    if SPARSE is None:
-        monkeypatch.setattr(fastllm.nn, "Sparse24Linear", _StandIn24, raising=False)
-    else:
-        pytest.skip("the real Sparse24Linear exists: test_sparsity_24 covers it")
-    _StandIn24.calls = []
+def test_sparsity_wiring(monkeypatch, tmp_path, kw):
+    """What patch hands Sparse24Linear.from_linear: the prune method, the int8 flag and, for
+    Wanda, the per-input-channel L2 norm of the layer's inputs over all calibration tokens."""
+    calls, real = [], SPARSE.from_linear.__func__
+
+    def spy(cls, linear, prune=None, act_norm=None, int8=False, backend="auto"):
+        calls.append(dict(prune=prune, act_norm=act_norm, int8=int8, backend=backend))
+        return real(cls, linear, prune=prune, act_norm=act_norm, int8=int8, backend=backend)
+
+    monkeypatch.setattr(SPARSE, "from_linear", classmethod(spy))
     model = build("llama")
     cfg, sd = model.config, state_snapshot(model)
     ids, mask = batch()
     ref = out(model, ids, mask)
     cal = calib() if kw.get("prune") == "wanda" else None
     norms = {}
-    if cal:   # the Wanda statistic, independently: per-input-channel L2 norm over all tokens
+    if cal:   # the Wanda statistic, independently
         h = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(
             lambda m, a: norms.__setitem__("s", norms.get("s", 0) + a[0].reshape(-1, a[0].shape[-1]).pow(2).sum(0)))
         for b in cal:
             out(model, b)
         h.remove()
     fastllm.patch(model, sparsity="2:4", backend="torch", keep_original=True, calibration=cal, **kw)
-    assert len(_StandIn24.calls) == 14 and type(model.lm_head) is torch.nn.Linear
-    assert all(c["prune"] == kw.get("prune", "magnitude") and c["int8"] == ("quantize" in kw) for c in _StandIn24.calls)
+    assert len(calls) == 14 and type(model.lm_head) is torch.nn.Linear
+    assert all(c["prune"] == kw.get("prune", "magnitude") and c["int8"] == ("quantize" in kw) for c in calls)
     if cal:
-        assert torch.allclose(_StandIn24.calls[-1]["act_norm"], norms["s"].sqrt(), rtol=1e-5)
+        assert torch.allclose(calls[-1]["act_norm"], norms["s"].sqrt(), rtol=1e-5)
     rep = fastllm.patch_report(model)
-    assert len([m for m in rep.replaced if "_StandIn24" in m.detail]) == 14
-    got = out(model, ids, mask)
-    assert not torch.equal(got, ref)
-    fastllm.save_pretrained(model, tmp_path)
-    loaded = fastllm.from_pretrained(tmp_path)
-    assert torch.equal(out(loaded, ids, mask), got)
+    assert len([m for m in rep.replaced if "Sparse24Linear" in m.detail]) == 14
+    assert not torch.equal(out(model, ids, mask), ref)
     fastllm.unpatch(model)
     assert_untouched(model, cfg, "sdpa", sd)
 
@@ -543,6 +499,5 @@ def test_model_bench_cpu_smoke():
     assert exact[0]["ok"] == "yes" and exact[0]["rel_err"] <= 1e-4
     assert all(r["ok"] == "yes" for r in rows if r["mode"] in ("w8a16", "w8a8"))
     assert [r for r in rows if r["mode"] == "w8a8"][0]["weights_MiB"] < exact[0]["weights_MiB"]
-    if sparse24_class() is None:
-        assert {w for w, _ in ctx.missing} == {"model mode 2:4", "model mode 2:4+int8"}
+    assert {"2:4", "2:4+int8"} <= modes and not ctx.missing
     assert "tokens/s" in report.markdown(rows, suite.COLUMNS)

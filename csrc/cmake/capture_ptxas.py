@@ -16,8 +16,12 @@ lines = proc.stderr.splitlines(True)
 is_info = [l.startswith("ptxas info") or re.match(r"^\s+\d+ bytes stack frame", l) for l in lines]
 info = [l for l, i in zip(lines, is_info) if i]
 rest = [l for l, i in zip(lines, is_info) if not i]
+# The native targets from `-gencode=arch=...,code=sm_XX`: a unit with no kernels (a launcher)
+# prints no per-arch block, yet setup.py must still see which archs it was built for.
+targets = sorted({m for a in cmd for m in re.findall(r"code=\[?(?:[\w,]*,)?(sm_\w+)", a)})
 if out and proc.returncode == 0:
     with open(out + ".ptxas", "w") as f:
+        f.write("# targets: " + " ".join(targets) + "\n")
         f.writelines(info)
 sys.stdout.write(proc.stdout)
 sys.stderr.writelines(rest)

@@ -16,7 +16,7 @@ import torch
 from . import report
 from .timing import Timer, measure_peaks
 
-SUITES = ["attention", "quantize", "model"]
+SUITES = ["attention", "decode", "quantize", "model", "sparse24", "int8"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

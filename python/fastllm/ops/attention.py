@@ -75,7 +75,6 @@ OP_VARLEN.example = lambda: ("packed 4096 tokens, 32/8 heads, D 128 bf16, causal
                              _example_qkv(4096) + (torch.empty(3, dtype=torch.int32, device="meta"),
                                                    torch.empty(3, dtype=torch.int32, device="meta"),
                                                    2048, 2048, True, 128 ** -0.5, 0, 0.0), {})
-_CUDA_NOT_BUILT = "CUDA attention kernel not built yet"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,10 +101,7 @@ def _triton(q, k, v, mask, causal, scale, window, softcap):
 
 
 def _cuda_supports(q, k, v, mask, causal, scale, window, softcap):
-    try:
-        from ._attention_cuda import cuda_supports
-    except ImportError:
-        return _CUDA_NOT_BUILT
+    from ._attention_cuda import cuda_supports
     return cuda_supports(q, k, v, mask, causal, scale, window, softcap)
 
 
@@ -129,10 +125,7 @@ def _triton_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, sof
 
 
 def _cuda_varlen_supports(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap):
-    try:
-        from ._attention_cuda import cuda_varlen_supports
-    except ImportError:
-        return _CUDA_NOT_BUILT + " (varlen)"
+    from ._attention_cuda import cuda_varlen_supports
     return cuda_varlen_supports(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap)
 
 

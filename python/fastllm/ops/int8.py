@@ -20,12 +20,19 @@ w8a16_matmul(x, w_int8, w_scale, bias=None, *, group_size=None, backend="auto")
 
 Shapes: any M >= 0; K and N multiples of 16 (the int8 MMA's granularity; the CUDA kernel's
 tiles rely on it), K * 128 * 128 < 2**31 so the int32 accumulator cannot overflow. Any strides
-(the Triton kernels take them; the CUDA kernel, when it comes, states its own needs in
-`supports`). Semantics: fastllm/ref/int8.py.
+on the triton and torch backends; the cuda backend states its own needs in `supports`
+(unit stride along K, 16-byte aligned rows). Semantics: fastllm/ref/int8.py.
 
-Backends: "triton" (triton_kernels/int8_matmul.py), "torch" (on CPU PyTorch's own int8 GEMM,
-torch._int_mm, where this build has it and it passes an exactness probe: ~10-30x faster
-than an int32 matmul here; else the reference). No "cuda" implementation is registered yet.
+Backends, in auto's order:
+  "cuda"   csrc/int8 through fastllm/ops/_int8_cuda.py. W8A8: mma.sync m16n8k32 s8 with a
+           cp.async ring and swizzled shared memory, tile config per M bucket chosen in
+           csrc/int8/int8_traits.h; int32 or scaled fp16/bf16/fp32 out, per-token or
+           per-tensor a_scale, optional bias. W8A16: decode kernel for M <= 16, fp16/bf16 x,
+           per-channel or per-group scales with group_size % 64 == 0 (other calls: triton).
+           UNVERIFIED: compiled for sm_80/sm_90a, not yet run on a GPU.
+  "triton" triton_kernels/int8_matmul.py (any M, strides, group size).
+  "torch"  on CPU PyTorch's own int8 GEMM, torch._int_mm, where this build has it and it passes
+           an exactness probe (~10-30x faster than an int32 matmul here); else the reference.
 Custom ops: fastllm::int8_matmul_int32, fastllm::int8_matmul, fastllm::w8a16_matmul.
 """
 import functools
@@ -125,6 +132,42 @@ def _w8a16_triton(x, w, w_scale, bias, group_size):
     return w8a16_matmul(x, w, w_scale, bias, group_size)
 
 
+# cuda: the glue module is imported lazily (the kernels need the extension only when they
+# run; the supports functions look at metadata and work on any device).
+
+def _cuda_int32_supports(a, b):
+    from ._int8_cuda import gemm_supports
+    return gemm_supports(a, b, torch.int32)
+
+
+@OP_INT32.register("cuda", supports=_cuda_int32_supports)
+def _int32_cuda(a, b):
+    from ._int8_cuda import int8_gemm_cuda
+    return int8_gemm_cuda(a, b, None, None, None, torch.int32)
+
+
+def _cuda_mm_supports(a, b, a_scale, w_scale, bias, out_dtype):
+    from ._int8_cuda import gemm_supports
+    return gemm_supports(a, b, out_dtype, a_scale, w_scale, bias)
+
+
+@OP.register("cuda", supports=_cuda_mm_supports)
+def _mm_cuda(a, b, a_scale, w_scale, bias, out_dtype):
+    from ._int8_cuda import int8_gemm_cuda
+    return int8_gemm_cuda(a, b, a_scale, w_scale, bias, out_dtype)
+
+
+def _cuda_w8a16_supports(x, w, w_scale, bias, group_size):
+    from ._int8_cuda import w8a16_supports
+    return w8a16_supports(x, w, w_scale, bias, group_size)
+
+
+@OP_W8A16.register("cuda", supports=_cuda_w8a16_supports)
+def _w8a16_cuda(x, w, w_scale, bias, group_size):
+    from ._int8_cuda import w8a16_cuda
+    return w8a16_cuda(x, w, w_scale, bias, group_size)
+
+
 # ----------------------------------------------------------------------------------------------
 # Custom ops (the backend is an argument, resolved before the op is entered).
 
@@ -199,9 +242,30 @@ def _check_int8_pair(op, a, b):
 
 def int8_matmul_int32(a: torch.Tensor, b: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """Exact a @ b.T in int32: a (M, K) int8, b (N, K) int8 -> (M, N) int32. K, N multiples of 16.
-    backend: "auto" | "triton" | "torch"."""
+    backend: "auto" | "cuda" | "triton" | "torch"."""
     _check_int8_pair("int8_matmul_int32", a, b)
     return _op_int32(a, b, OP_INT32.select(backend, a.device, a, b))
+
+
+def check_epilogue(op, a, M, N, a_scale, w_scale, bias, out_dtype, n_what):
+    """Check the int8 epilogue's arguments (shared with the 2:4 int8 matmul); returns a_scale as
+    a float32 tensor of shape (M,) or (1,) (a Python float becomes one)."""
+    if isinstance(a_scale, numbers.Real) and not isinstance(a_scale, bool):
+        a_scale = torch.tensor([float(a_scale)], dtype=torch.float32, device=a.device)
+    check_tensor(op, "a_scale", a_scale, dtypes=(torch.float32,))
+    if a_scale.numel() == 1 and a_scale.dim() <= 1:
+        a_scale = a_scale.reshape(1)
+    elif tuple(a_scale.shape) != (M,):
+        raise ValueError(f"{op}: argument 'a_scale' must have shape ({M},) (one scale per row of a) or be a "
+                         f"single element (per-tensor), got shape {tuple(a_scale.shape)}")
+    _check_vector(op, "w_scale", w_scale, N, f"one scale per {n_what}", (torch.float32,))
+    if bias is not None:
+        _check_vector(op, "bias", bias, N, f"one per {n_what}", FLOAT_DTYPES)
+    if not isinstance(out_dtype, torch.dtype) or out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: argument 'out_dtype' must be one of torch.float16, torch.bfloat16, "
+                        f"torch.float32, got {out_dtype!r}")
+    _check_same_device(op, "a", a, a_scale=a_scale, w_scale=w_scale, bias=bias)
+    return a_scale
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: Union[torch.Tensor, float], w_scale: torch.Tensor,
@@ -211,26 +275,12 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: Union[torch.Tensor, f
 
     a (M, K) int8; b (N, K) int8; a_scale float32 (M,) per token, or one element / a Python
     float (per tensor); w_scale float32 (N,); bias (N,) float or None; out_dtype float16,
-    bfloat16 or float32. K, N multiples of 16. backend: "auto" | "triton" | "torch".
+    bfloat16 or float32. K, N multiples of 16. backend: "auto" | "cuda" | "triton" | "torch".
     """
     op = "int8_matmul"
     _check_int8_pair(op, a, b)
     M, N = a.shape[0], b.shape[0]
-    if isinstance(a_scale, numbers.Real) and not isinstance(a_scale, bool):
-        a_scale = torch.tensor([float(a_scale)], dtype=torch.float32, device=a.device)
-    check_tensor(op, "a_scale", a_scale, dtypes=(torch.float32,))
-    if a_scale.numel() == 1 and a_scale.dim() <= 1:
-        a_scale = a_scale.reshape(1)
-    elif tuple(a_scale.shape) != (M,):
-        raise ValueError(f"{op}: argument 'a_scale' must have shape ({M},) (one scale per row of a) or be a "
-                         f"single element (per-tensor), got shape {tuple(a_scale.shape)}")
-    _check_vector(op, "w_scale", w_scale, N, "one scale per row of b", (torch.float32,))
-    if bias is not None:
-        _check_vector(op, "bias", bias, N, "one per row of b", FLOAT_DTYPES)
-    if not isinstance(out_dtype, torch.dtype) or out_dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: argument 'out_dtype' must be one of torch.float16, torch.bfloat16, "
-                        f"torch.float32, got {out_dtype!r}")
-    _check_same_device(op, "a", a, a_scale=a_scale, w_scale=w_scale, bias=bias)
+    a_scale = check_epilogue(op, a, M, N, a_scale, w_scale, bias, out_dtype, "row of b")
     be = OP.select(backend, a.device, a, b, a_scale, w_scale, bias, out_dtype)
     return _op_mm(a, b, a_scale, w_scale, bias, out_dtype, be)
 
@@ -241,7 +291,7 @@ def w8a16_matmul(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, b
 
     x (M, K) float16/bfloat16/float32; w_int8 (N, K) int8; w_scale float32 (N,), or
     (N, K // group_size) when group_size (a multiple of 16 dividing K) is given; bias (N,) or None.
-    backend: "auto" | "triton" | "torch".
+    backend: "auto" | "cuda" | "triton" | "torch".
     """
     op = "w8a16_matmul"
     check_tensor(op, "x", x, ndim=2, dtypes=FLOAT_DTYPES)

@@ -36,11 +36,18 @@ training. The kernels have no dropout, so dropout > 0 raises (model.eval(), or s
 config's attention dropout to 0) rather than silently computing something else. The op has no
 backward yet: forward works with grad enabled, backward raises torch's "no autograd formula".
 
-Kernel routing, prefill vs decode, lives in one place: `_kernel_for`.
+Kernel routing, prefill vs decode, lives in one place: `_kernel_for`. A decode call (Sq <= 16
+queries against more keys, Skv > Sq) goes to decode_attention (split-KV: the key range is cut
+across SMs, partials merged) with the same meaning: a given bool mask is passed as its `mask`
+(exactly the mask decides, as with flash_attention(causal=False, mask=...)); without a mask
+only Sq == 1 is routed there, where "no cache_seqlens, no mask" means every key. Everything
+else (prefill, a non-causal Sq > 1 call without a mask) goes to flash_attention.
 """
 import torch
 
 from ..ops.attention import flash_attention
+from ..ops.decode import MAX_QUERIES as DECODE_MAX_Q
+from ..ops.decode import decode_attention
 
 #: Name prefix registered with transformers. Neutral on purpose: transformers treats names
 #: containing "flash", "sdpa" or "flex_attention" specially (kernels hub, FA checks, ...).
@@ -60,13 +67,12 @@ def impl_name(backend: str) -> str:
     return IMPL_PREFIX if backend == "auto" else f"{IMPL_PREFIX}_{backend}"
 
 
-def _kernel_for(q_len):
-    """THE place that picks the attention kernel for a call.
-
-    The issue routes small Sq (decode against a KV cache) to a split-KV decode kernel. That op
-    does not exist yet, so every call goes to flash_attention; when it lands this becomes
-    `return decode_attention if q_len <= DECODE_MAX_Q else flash_attention`.
-    """
+def _kernel_for(q_len, kv_len=None, has_mask=True):
+    """THE place that picks the attention kernel for a call: decode_attention for a few
+    queries against a longer cache (kv_len None: assume so), when its semantics equal the
+    call's (a bool mask, or one query seeing every key); flash_attention otherwise."""
+    if q_len <= DECODE_MAX_Q and (kv_len is None or kv_len > q_len) and (has_mask or q_len == 1):
+        return decode_attention
     return flash_attention
 
 
@@ -77,7 +83,8 @@ def kernel_name_for(q_len) -> str:
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                       *, _fastllm_backend="auto", **kwargs):
-    """transformers AttentionInterface function backed by fastllm.ops.flash_attention."""
+    """transformers AttentionInterface function backed by fastllm.ops.flash_attention and
+    fastllm.ops.decode_attention (see `_kernel_for`)."""
     if dropout:   # a float; 0.0 in eval mode
         raise ValueError(
             f"fastllm attention has no dropout, but {type(module).__name__} asked for dropout={dropout} "
@@ -106,9 +113,14 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             # Prefill into an empty StaticCache: keys past q_len are unwritten slots.
             key = key[:, :, :q_len]
             value = value[:, :, :q_len]
-    softcap = kwargs.get("softcap")
-    out = _kernel_for(q_len)(query, key, value, causal=causal, scale=scaling, mask=mask,
-                             softcap=softcap if softcap else None, backend=_fastllm_backend)
+    softcap = kwargs.get("softcap") or None
+    if _kernel_for(q_len, key.shape[2], mask is not None) is decode_attention:
+        # mask given: it alone decides (causal is False above); else Sq == 1 sees every key.
+        out = decode_attention(query, key, value, scale=scaling, mask=mask, softcap=softcap,
+                               backend=_fastllm_backend)
+    else:
+        out = flash_attention(query, key, value, causal=causal, scale=scaling, mask=mask,
+                              softcap=softcap, backend=_fastllm_backend)
     return out, None
 
 

@@ -35,10 +35,10 @@ def _record(m: nn.Module, options) -> dict:
                 "bias": m.bias is not None, "mode": m.mode, "group_size": m.group_size,
                 "smooth": m.smooth is not None,
                 "bias_dtype": str(m.bias.dtype).replace("torch.", "") if m.bias is not None else None}
-    cls = sparse24_class()
-    if cls is not None and isinstance(m, cls):
+    if isinstance(m, sparse24_class()):
         return {"class": "Sparse24Linear", "in_features": m.in_features, "out_features": m.out_features,
-                "bias": getattr(m, "bias", None) is not None, "int8": options["quantize"] is not None}
+                "bias": m.bias is not None, "int8": m.int8,
+                "bias_dtype": str(m.bias.dtype).replace("torch.", "") if m.bias is not None else None}
     raise TypeError(f"fastllm.save_pretrained: cannot record a swapped {type(m).__name__}")
 
 
@@ -69,14 +69,10 @@ def _build(rec, device, dtype, backend):
                           group_size=rec["group_size"], smooth=rec["smooth"], bias_dtype=bias_dtype, device=device,
                           backend=backend)
     if rec["class"] == "Sparse24Linear":
-        cls = sparse24_class()
-        if cls is None:
-            raise NotImplementedError("this checkpoint has 2:4 sparse layers, and fastllm.nn has no Sparse24Linear "
-                                      "in this build")
-        # The module's buffers depend only on the sizes: build one from a random layer, then
-        # load_model overwrites every tensor with the saved ones.
-        dummy = nn.Linear(rec["in_features"], rec["out_features"], bias=rec["bias"], device=device, dtype=dtype)
-        return cls.from_linear(dummy, prune="magnitude", int8=rec["int8"], backend=backend)
+        # Empty buffers of the right sizes and dtypes; load_model then overwrites every tensor.
+        bias_dtype = getattr(torch, rec["bias_dtype"]) if rec.get("bias_dtype") else None
+        return sparse24_class()(rec["in_features"], rec["out_features"], rec["bias"], int8=rec["int8"],
+                                dtype=dtype, bias_dtype=bias_dtype, device=device, backend=backend)
     raise ValueError(f"fastllm.from_pretrained: unknown layer class {rec['class']!r} in fastllm_config.json")
 
 

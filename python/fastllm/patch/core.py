@@ -153,10 +153,6 @@ def _normalize_options(attention, quantize, sparsity, prune, calibration, smooth
             raise ValueError(f"argument 'prune' must be one of {', '.join(map(repr, PRUNE))}, got {prune!r}")
     if sparsity is not None:
         prune = prune or "magnitude"
-        if sparse24_class() is None:
-            raise NotImplementedError(
-                f"fastllm.patch(sparsity={sparsity!r}): fastllm.nn has no Sparse24Linear in this build yet "
-                "(the 2:4 sparse GEMM work adds it). Nothing was changed.")
         if quantize not in (None, "w8a8"):
             raise ValueError(f"sparsity='2:4' combines with quantize='w8a8' only (2:4 + int8 is W8A8 with "
                              f"per-token activations), got quantize={quantize!r}")

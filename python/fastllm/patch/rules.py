@@ -100,9 +100,9 @@ SPARSE24_OPS = ("sparse24_matmul", "sparse24_int8_matmul")
 
 
 def sparse24_class():
-    """fastllm.nn.Sparse24Linear, or None while the 2:4 work has not landed."""
-    from .. import nn as fnn
-    return getattr(fnn, "Sparse24Linear", None)
+    """fastllm.nn.Sparse24Linear (imported late: fastllm.nn imports the ops)."""
+    from ..nn import Sparse24Linear
+    return Sparse24Linear
 
 
 def _int8_unsupported(m, options):

@@ -9,13 +9,13 @@ These maxima drive SmoothQuant (fastllm.quant.smoothquant) and static activation
 also on an exception. Batches: a dict is passed as model(**batch), a tuple/list as
 model(*batch), anything else as model(batch); the model runs under torch.no_grad().
 """
-from typing import Dict, Iterable, Optional, Union
+from typing import Callable, Dict, Iterable, Optional, Union
 
 import torch
 from torch import nn
 
 
-def _select(model: nn.Module, layers) -> Dict[str, nn.Linear]:
+def _select(model: nn.Module, layers, who: str) -> Dict[str, nn.Linear]:
     named = dict(model.named_modules())
     if layers is None:
         chosen = {n: m for n, m in named.items() if isinstance(m, nn.Linear)}
@@ -25,42 +25,39 @@ def _select(model: nn.Module, layers) -> Dict[str, nn.Linear]:
         for item in layers:
             if isinstance(item, str):
                 if item not in named:
-                    raise ValueError(f"calibrate: argument 'layers': the model has no module named {item!r}")
+                    raise ValueError(f"{who}: argument 'layers': the model has no module named {item!r}")
                 name, mod = item, named[item]
             elif isinstance(item, nn.Module):
                 if id(item) not in by_id:
-                    raise ValueError(f"calibrate: argument 'layers': {type(item).__name__} is not a submodule "
+                    raise ValueError(f"{who}: argument 'layers': {type(item).__name__} is not a submodule "
                                      "of the model")
                 name, mod = by_id[id(item)], item
             else:
-                raise TypeError(f"calibrate: argument 'layers' must hold module names or modules, got "
+                raise TypeError(f"{who}: argument 'layers' must hold module names or modules, got "
                                 f"{type(item).__name__}")
             if not isinstance(mod, nn.Linear):
-                raise TypeError(f"calibrate: argument 'layers': {name!r} is a {type(mod).__name__}, not an nn.Linear")
+                raise TypeError(f"{who}: argument 'layers': {name!r} is a {type(mod).__name__}, not an nn.Linear")
             chosen[name] = mod
     if not chosen:
-        raise ValueError("calibrate: the model has no nn.Linear layer to calibrate")
+        raise ValueError(f"{who}: the model has no nn.Linear layer to calibrate")
     return chosen
 
 
-def calibrate(model: nn.Module, batches: Iterable, layers: Optional[Iterable[Union[str, nn.Module]]] = None
-              ) -> Dict[str, torch.Tensor]:
-    """Per-input-channel max |x| of each chosen Linear's input over all batches: {name: (K,) fp32}.
-
-    layers: None (every nn.Linear that runs; unused ones are left out of the result) or names /
-    module objects. Raises ValueError when `batches` yields nothing, or a layer named in `layers`
-    never ran (its statistics would be meaningless).
-    """
-    chosen = _select(model, layers)
-    amax: Dict[str, torch.Tensor] = {}
+def observe_inputs(model: nn.Module, batches: Iterable, layers, stat: Callable[[torch.Tensor], torch.Tensor],
+                   merge: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], who: str) -> Dict[str, torch.Tensor]:
+    """Run the batches through the model and fold stat(x) of each chosen Linear's input x
+    (flattened to (tokens, K)) into {name: merge(previous, new)}. Shared by calibrate and
+    fastllm.sparse.collect_act_norms; the hooks are removed afterwards, also on error."""
+    chosen = _select(model, layers, who)
+    acc: Dict[str, torch.Tensor] = {}
 
     def hook_for(name):
         def hook(mod, args):
             x = args[0]
             if not isinstance(x, torch.Tensor) or x.numel() == 0:
                 return
-            m = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
-            amax[name] = m if name not in amax else torch.maximum(amax[name], m)
+            v = stat(x.detach().reshape(-1, x.shape[-1]))
+            acc[name] = v if name not in acc else merge(acc[name], v)
         return hook
 
     handles = [mod.register_forward_pre_hook(hook_for(name)) for name, mod in chosen.items()]
@@ -79,8 +76,19 @@ def calibrate(model: nn.Module, batches: Iterable, layers: Optional[Iterable[Uni
         for h in handles:
             h.remove()
     if n == 0:
-        raise ValueError("calibrate: argument 'batches' yielded no batch; calibration needs at least one")
-    missing = [name for name in chosen if name not in amax]
-    if missing and (layers is not None or not amax):
-        raise ValueError(f"calibrate: these layers never ran on the calibration batches: {', '.join(missing)}")
-    return amax
+        raise ValueError(f"{who}: argument 'batches' yielded no batch; calibration needs at least one")
+    missing = [name for name in chosen if name not in acc]
+    if missing and (layers is not None or not acc):
+        raise ValueError(f"{who}: these layers never ran on the calibration batches: {', '.join(missing)}")
+    return acc
+
+
+def calibrate(model: nn.Module, batches: Iterable, layers: Optional[Iterable[Union[str, nn.Module]]] = None
+              ) -> Dict[str, torch.Tensor]:
+    """Per-input-channel max |x| of each chosen Linear's input over all batches: {name: (K,) fp32}.
+
+    layers: None (every nn.Linear that runs; unused ones are left out of the result) or names /
+    module objects. Raises ValueError when `batches` yields nothing, or a layer named in `layers`
+    never ran (its statistics would be meaningless).
+    """
+    return observe_inputs(model, batches, layers, lambda x: x.abs().amax(dim=0).float(), torch.maximum, "calibrate")

@@ -3,6 +3,9 @@ benchmarks' baseline. Written for clarity, in float32 (or exact integer) arithme
 from .attention import flash_attention, flash_attention_varlen
 from .int8 import int8_matmul, int8_matmul_int32, w8a16_matmul
 from .quantize import quantize_per_token
+from .sparse24 import sparse24_int8_matmul, sparse24_int8_matmul_int32, sparse24_matmul
 
 __all__ = ["flash_attention", "flash_attention_varlen", "quantize_per_token", "int8_matmul", "int8_matmul_int32",
-           "w8a16_matmul"]
+           "w8a16_matmul", "sparse24_matmul", "sparse24_int8_matmul", "sparse24_int8_matmul_int32"]
+from .decode import decode_attention  # noqa: E402
+__all__ += ["decode_attention"]

@@ -8,8 +8,7 @@ Model: Llama-3.2-1B shapes by default (hidden 2048, 16 layers, 32 / 8 heads, hea
 are labelled CPU: a harness smoke test, not kernel speed).
 
 Modes: unpatched (transformers' SDPA), exact (fastllm attention), w8a16, w8a8 (dynamic),
-2:4 and 2:4+int8 (when fastllm.nn.Sparse24Linear exists, else listed as missing),
-skip_attention (the last quarter of the layers; lossy, arXiv 2404.05741). Each mode patches a
+2:4 and 2:4+int8, skip_attention (the last quarter of the layers; lossy, arXiv 2404.05741). Each mode patches a
 fresh copy of the unpatched model, so every mode sees the same weights.
 
 Rows:
@@ -80,11 +79,6 @@ def _bytes(model):
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
-def _sparse_available():
-    from fastllm.patch.rules import sparse24_class
-    return sparse24_class() is not None
-
-
 @torch.no_grad()
 def _decode_step_fn(model, B, context, vocab, device):
     """A callable running one decode step (B tokens at position `context`) on a StaticCache
@@ -125,9 +119,6 @@ def run(ctx):
         base_tps = {}
         for mode in ctx.progress(list(MODES), f"model {cfg_name}"):
             kw = MODES[mode]
-            if kw is not None and "sparsity" in kw and not _sparse_available():
-                ctx.missing.append((f"model mode {mode}", "fastllm.nn.Sparse24Linear does not exist in this build"))
-                continue
             if kw is not None and kw.get("skip_attention") == "quarter":
                 kw = {"skip_attention": max(1, n_layers // 4)}
             model = base

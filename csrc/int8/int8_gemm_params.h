@@ -1,0 +1,57 @@
+// Plain parameter structs of the int8 kernels (no tensors, no torch) and the declarations
+// tying the launcher (int8_launcher.cu) to the instantiation units.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cstdint>
+
+namespace fastllm {
+namespace int8 {
+
+// W8A8: out (M, N) = epilogue(a (M, K) @ b (N, K)^T). Strides in elements (= bytes for int8).
+//   a: row stride lda (multiple of 16), unit stride along K, 16-byte aligned base
+//   b: row stride ldb (multiple of 16), unit stride along K, 16-byte aligned base
+//   out: contiguous (M, N), int32 (raw accumulators) or fp16/bf16/fp32 (scaled)
+//   a_scale: fp32, indexed a_scale[m * a_scale_stride] (stride 1 per token, 0 per tensor)
+//   w_scale: fp32 (N,) contiguous; bias: (N,) contiguous of dtype bias_dtype, or nullptr
+struct Int8GemmParams {
+  const int8_t* a;
+  const int8_t* b;
+  void* out;
+  const float* a_scale;
+  const float* w_scale;
+  const void* bias;
+  int64_t lda, ldb;
+  int a_scale_stride;
+  int bias_dtype;  // common.h DType code; ignored when bias == nullptr
+  int M, N, K;
+};
+
+// W8A16: out (M, N) = x (M, K) @ (w (N, K) * scale)^T + bias, in x's dtype (fp16 / bf16).
+//   x: row stride ldx (elements, multiple of 8), unit stride along K, 16-byte aligned base
+//   w: row stride ldw (multiple of 16), unit stride along K, 16-byte aligned base
+//   w_scale: fp32, scale of (n, k) at w_scale[n * s_stride_n + (k / group) * s_stride_g];
+//            group == 0: per channel (only the n term)
+//   out: contiguous (M, N) in x's dtype
+struct W8A16Params {
+  const void* x;
+  const int8_t* w;
+  const float* w_scale;
+  const void* bias;
+  void* out;
+  int64_t ldx, ldw, s_stride_n, s_stride_g;
+  int group;
+  int bias_dtype;
+  int M, N, K;
+};
+
+// Instantiated in int8_gemm_{i32,f16,bf16,f32}.cu (OutT = int32_t: raw accumulators).
+template <typename OutT, int kConfig>
+int run_int8_gemm(const Int8GemmParams& p, cudaStream_t stream);
+
+// Instantiated in w8a16_gemm_{f16,bf16}.cu.
+template <typename T, int kTokenTiles, int kWarps>
+int run_w8a16(const W8A16Params& p, cudaStream_t stream);
+
+}  // namespace int8
+}  // namespace fastllm

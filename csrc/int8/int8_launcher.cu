@@ -1,0 +1,143 @@
+// int8 matmuls: the launchers (argument checks, config choice, dispatch). No kernel here.
+// UNVERIFIED: compiled for sm_80 / sm_90a, never run on a GPU yet.
+//
+// What the kernels compute: int8_gemm_kernel.cuh (W8A8) and w8a16_gemm_kernel.cuh (W8A16).
+// Python (python/fastllm/ops/_int8_cuda.py) checks the tensors first; the checks here repeat
+// everything the kernels rely on (alignment, strides, shapes, dtypes), so a bad call returns
+// a status code instead of faulting. Tile configs are chosen in int8_traits.h only.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <climits>
+
+#include "common/common.h"
+#include "int8/int8_gemm.h"
+#include "int8/int8_gemm_params.h"
+#include "int8/int8_traits.h"
+
+namespace fastllm {
+namespace int8 {
+namespace {
+
+// K * 128 * 128 must stay below 2^31 for the int32 accumulator to be exact (as the op checks).
+constexpr int64_t kMaxK = (static_cast<int64_t>(INT_MAX)) / (128 * 128);
+// Row / tile index arithmetic is int: keep M and N (plus one tile) inside it.
+constexpr int64_t kMaxDim = INT_MAX - 1024;
+
+bool aligned(uintptr_t p, int bytes) { return p % bytes == 0; }
+bool float_dtype(int d) { return d == kFloat16 || d == kBFloat16 || d == kFloat32; }
+int dtype_bytes(int d) { return d == kFloat32 ? 4 : 2; }
+
+int sm_info(int device, int* major, int* sms) {
+  cudaError_t e = cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, device);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
+  return static_cast<int>(e);
+}
+
+template <typename OutT>
+int gemm_config(const Int8GemmParams& p, int config, cudaStream_t s) {
+  switch (config) {
+    case 0: return run_int8_gemm<OutT, 0>(p, s);
+    case 1: return run_int8_gemm<OutT, 1>(p, s);
+    case 2: return run_int8_gemm<OutT, 2>(p, s);
+    case 3: return run_int8_gemm<OutT, 3>(p, s);
+    case 4: return run_int8_gemm<OutT, 4>(p, s);
+    default: return kErrBadShape;
+  }
+}
+static_assert(kNumGemmConfigs == 5, "update gemm_config() and generate_instantiations.py");
+
+template <typename T>
+int w8a16_variant(const W8A16Params& p, const W8A16Choice& c, cudaStream_t s) {
+  if (c.token_tiles == 1) return c.warps == 4 ? run_w8a16<T, 1, 4>(p, s) : run_w8a16<T, 1, 8>(p, s);
+  return c.warps == 4 ? run_w8a16<T, 2, 4>(p, s) : run_w8a16<T, 2, 8>(p, s);
+}
+
+}  // namespace
+}  // namespace int8
+
+int int8_gemm(int device, uintptr_t a, int64_t lda, uintptr_t b, int64_t ldb, uintptr_t out, int out_dtype,
+              uintptr_t a_scale, int64_t a_scale_len, uintptr_t w_scale, uintptr_t bias, int bias_dtype, int64_t M,
+              int64_t N, int64_t K, uintptr_t stream) {
+  using namespace int8;
+  if (out_dtype != kInt32 && !float_dtype(out_dtype)) return kErrUnsupportedDtype;
+  if (M < 0 || N < 0 || K < 0 || M > kMaxDim || N > kMaxDim || K > kMaxK || N % 16 || K % 16) return kErrBadShape;
+  if (M == 0 || N == 0) return kOk;
+  // cp.async moves 16-byte chunks: 16-byte aligned rows. A single row's stride is never used.
+  if (M > 1 && lda < K) return kErrBadShape;
+  if (ldb < K && N > 1) return kErrBadShape;
+  if (!aligned(a, 16) || !aligned(b, 16) || lda % 16 || ldb % 16) return kErrMisaligned;
+  if (!aligned(out, out_dtype == kInt32 || out_dtype == kFloat32 ? 8 : 4)) return kErrMisaligned;  // pair stores
+  const bool scaled = out_dtype != kInt32;
+  if (scaled) {
+    if (a_scale == 0 || w_scale == 0 || !aligned(a_scale, 4) || !aligned(w_scale, 4)) return kErrMisaligned;
+    if (a_scale_len != 1 && a_scale_len != M) return kErrBadShape;
+    if (bias != 0 && (!float_dtype(bias_dtype) || !aligned(bias, dtype_bytes(bias_dtype)))) return kErrUnsupportedDtype;
+  }
+  Int8GemmParams p{};
+  p.a = reinterpret_cast<const int8_t*>(a);
+  p.b = reinterpret_cast<const int8_t*>(b);
+  p.out = reinterpret_cast<void*>(out);
+  p.a_scale = scaled ? reinterpret_cast<const float*>(a_scale) : nullptr;
+  p.w_scale = scaled ? reinterpret_cast<const float*>(w_scale) : nullptr;
+  p.bias = scaled ? reinterpret_cast<const void*>(bias) : nullptr;
+  p.lda = M > 1 ? lda : K;
+  p.ldb = N > 1 ? ldb : K;
+  p.a_scale_stride = a_scale_len == 1 ? 0 : 1;
+  p.bias_dtype = bias_dtype;
+  p.M = static_cast<int>(M), p.N = static_cast<int>(N), p.K = static_cast<int>(K);
+
+  DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return guard.status();
+  int major = 0, sms = 0;
+  if (const int e = sm_info(device, &major, &sms)) return e;
+  if (major < 8) return kErrUnsupportedArch;  // cp.async, ldmatrix and s8 m16n8k32 need sm80
+  // Hopper: a wgmma kernel (int8_gemm_*_sm90a.cu) belongs here; until then sm90 runs mma.sync.
+  const int config = choose_gemm_config(M, N, K, sms);
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  switch (out_dtype) {
+    case kInt32: return gemm_config<int32_t>(p, config, s);
+    case kFloat16: return gemm_config<__half>(p, config, s);
+    case kBFloat16: return gemm_config<__nv_bfloat16>(p, config, s);
+    default: return gemm_config<float>(p, config, s);
+  }
+}
+
+int w8a16_gemm(int device, int dtype, uintptr_t x, int64_t ldx, uintptr_t w, int64_t ldw, uintptr_t w_scale,
+               int64_t s_stride_n, int64_t s_stride_g, int64_t group_size, uintptr_t bias, int bias_dtype,
+               uintptr_t out, int64_t M, int64_t N, int64_t K, uintptr_t stream) {
+  using namespace int8;
+  if (dtype != kFloat16 && dtype != kBFloat16) return kErrUnsupportedDtype;
+  if (M < 0 || M > kW8A16MaxM || N < 0 || K < 0 || N > kMaxDim || K > kMaxDim || N % 16 || K % 16)
+    return kErrBadShape;
+  if (group_size < 0 || (group_size > 0 && (group_size % 64 || K % group_size))) return kErrBadShape;
+  if (M == 0 || N == 0) return kOk;
+  if (M > 1 && ldx < K) return kErrBadShape;
+  if (ldw < K && N > 1) return kErrBadShape;
+  if (!aligned(x, 16) || !aligned(w, 16) || ldx % 8 || ldw % 16 || !aligned(out, 2)) return kErrMisaligned;
+  if (w_scale == 0 || !aligned(w_scale, 4) || s_stride_n < 0 || s_stride_g < 0) return kErrMisaligned;
+  if (bias != 0 && (!float_dtype(bias_dtype) || !aligned(bias, dtype_bytes(bias_dtype)))) return kErrUnsupportedDtype;
+  W8A16Params p{};
+  p.x = reinterpret_cast<const void*>(x);
+  p.w = reinterpret_cast<const int8_t*>(w);
+  p.w_scale = reinterpret_cast<const float*>(w_scale);
+  p.bias = reinterpret_cast<const void*>(bias);
+  p.out = reinterpret_cast<void*>(out);
+  p.ldx = M > 1 ? ldx : 0;
+  p.ldw = N > 1 ? ldw : K;
+  p.s_stride_n = s_stride_n, p.s_stride_g = group_size > 0 ? s_stride_g : 0;
+  p.group = static_cast<int>(group_size);
+  p.bias_dtype = bias_dtype;
+  p.M = static_cast<int>(M), p.N = static_cast<int>(N), p.K = static_cast<int>(K);
+
+  DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return guard.status();
+  int major = 0, sms = 0;
+  if (const int e = sm_info(device, &major, &sms)) return e;
+  if (major < 8) return kErrUnsupportedArch;  // bf16 mma.sync needs sm80
+  const W8A16Choice c = choose_w8a16_config(M, N, K, sms);
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  return dtype == kFloat16 ? w8a16_variant<__half>(p, c, s) : w8a16_variant<__nv_bfloat16>(p, c, s);
+}
+
+}  // namespace fastllm

@@ -1,0 +1,57 @@
+// PTX wrappers of the int8 kernels (sm80+): the shared ones from common/ptx.cuh (cp.async,
+// ldmatrix, fp16/bf16 mma for W8A16), the s8 mma, a streaming load and one epilogue helper.
+// Fragment layouts are written beside each; int8_gemm_kernel.cuh / w8a16_gemm_kernel.cuh use them.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+
+#include "common/common.h"
+#include "common/ptx.cuh"
+
+namespace fastllm {
+namespace int8 {
+
+using ptx::cp_async_16;
+using ptx::cp_async_commit;
+using ptx::cp_async_wait;
+using ptx::ldmatrix_x4;
+using ptx::mma_16816;
+using ptx::smem_u32;
+
+// D (16x8 s32) += A (16x32 s8, row) * B (32x8 s8, col). g = lane / 4, c = lane % 4:
+//   A: a[0] = row g, k 4c..4c+3     a[1] = row g+8, k 4c..     a[2] = row g, k 16+4c..   a[3] = row g+8, k 16+4c..
+//   B: b[0] = col g, k 4c..4c+3     b[1] = col g, k 16+4c..4c+19
+//   D: d[0], d[1] = (g, 2c), (g, 2c+1)     d[2], d[3] = (g+8, 2c), (g+8, 2c+1)
+// Integer accumulation is exact (wraps only past 2^31, which the op's K bound excludes).
+__device__ __forceinline__ void mma_s8_16832(int (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 16-byte global load for data read exactly once (W8A16 weights): not kept in L1, so L1
+// stays for the activations every warp re-reads.
+__device__ __forceinline__ uint4 ld_stream_16(const void* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// bias[i] as fp32 for a bias of dtype code `dtype` (common.h), 0 when there is no bias.
+__device__ __forceinline__ float bias_at(const void* bias, int dtype, int i) {
+  if (bias == nullptr) return 0.f;
+  switch (dtype) {
+    case kFloat16: return __half2float(static_cast<const __half*>(bias)[i]);
+    case kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(bias)[i]);
+    default: return static_cast<const float*>(bias)[i];
+  }
+}
+
+}  // namespace int8
+}  // namespace fastllm

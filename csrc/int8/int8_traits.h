@@ -1,0 +1,91 @@
+// Tile configurations of the int8 kernels: the ONE place that maps a call's (M bucket, N, K,
+// GPU size) to a compiled config. Python never repeats these numbers; the launcher
+// (int8_launcher.cu) calls choose_*() and dispatches on the returned index, the kernels read
+// the tile shapes from the structs below.
+#pragma once
+
+namespace fastllm {
+namespace int8 {
+
+// ---------------------------------------------------------------------------------------------
+// W8A8 GEMM (int8_gemm_kernel.cuh). A CTA computes a kBM x kBN tile of C, walking K in kBK-byte
+// steps through a kStages-deep cp.async ring; kWarpsM x kWarpsN warps each own a
+// (kBM / kWarpsM) x (kBN / kWarpsN) sub-tile held as int32 m16n8 accumulators.
+template <int kBM_, int kBN_, int kBK_, int kWarpsM_, int kWarpsN_, int kStages_>
+struct GemmTile {
+  static constexpr int kBM = kBM_, kBN = kBN_, kBK = kBK_;
+  static constexpr int kWarpsM = kWarpsM_, kWarpsN = kWarpsN_, kStages = kStages_;
+  static constexpr int kWarps = kWarpsM * kWarpsN, kThreads = 32 * kWarps;
+  static constexpr int kWM = kBM / kWarpsM, kWN = kBN / kWarpsN;  // warp tile
+  static constexpr int kMT = kWM / 16, kNT = kWN / 8;               // m16 / n8 mma tiles per warp
+  static constexpr int kChunks = kBK / 16;                            // 16-byte chunks per smem row
+  static constexpr int kStageBytes = (kBM + kBN) * kBK;
+  static constexpr int kSmemBytes = kStages * kStageBytes;
+  static_assert(kWM % 16 == 0 && kWN % 16 == 0, "warp tile: m16 rows, pairs of n8 tiles (one ldmatrix.x4)");
+  static_assert(kBK % 64 == 0, "kBK: the swizzle wants >= 4 chunks per row, mma k is 32");
+  static_assert(kStages >= 2, "cp.async ring needs two stages");
+  // sm86 / sm89 give a block at most 99 KB of shared memory; every config must run there.
+  static_assert(kSmemBytes <= 99 * 1024, "tile does not fit the smallest sm80+ shared memory");
+};
+
+// Register budget per thread: accumulators kMT * kNT * 4 + fragments kMT * 4 + kNT * 2 per
+// k-step (+ the next step's, when ptxas software-pipelines them) + addressing. The 64x64 warp
+// tile (128 accumulators) is the largest that stays far from the 255-register cap.
+// Index = the value choose_gemm_config() returns; instantiated in int8_gemm_*.cu.
+template <int kConfig> struct GemmConfig;
+// M <= 16 (decode): 16 x 32 tiles keep N / 32 CTAs streaming B (128 CTAs at N = 4096), deep K
+// steps (256 bytes) and 4 stages keep 48 KB of B in flight per CTA: the weights are the cost.
+template <> struct GemmConfig<0> : GemmTile<16, 32, 256, 1, 2, 4> {};
+// M <= 32: warp tile 32 x 32.
+template <> struct GemmConfig<1> : GemmTile<32, 64, 128, 1, 2, 4> {};
+// M <= 64: warp tile 32 x 64, 48 KB.
+template <> struct GemmConfig<2> : GemmTile<64, 128, 64, 2, 2, 4> {};
+// M <= 128, or large M where 128 x 256 tiles would leave SMs idle: warp tile 64 x 64, 64 KB.
+template <> struct GemmConfig<3> : GemmTile<128, 128, 64, 2, 2, 4> {};
+// Large M: 128 x 256 x 64, 8 warps of 64 x 64, 3 stages (72 KB): the fewest L2 bytes per MAC.
+template <> struct GemmConfig<4> : GemmTile<128, 256, 64, 2, 4, 3> {};
+constexpr int kNumGemmConfigs = 5;
+
+// CTA raster: kGroupM M-tiles walk the N-tiles together, so a B tile is read from DRAM once
+// per group and served from L2 to the other kGroupM - 1 CTAs.
+constexpr int kGroupM = 8;
+
+inline int ceil_div(long long a, long long b) { return static_cast<int>((a + b - 1) / b); }
+
+// The tile config for one W8A8 call. K does not change the choice (any K: the K tail is
+// zero-filled); it is an argument so a future split-K config has its input here.
+inline int choose_gemm_config(long long M, long long N, long long K, int num_sms) {
+  (void)K;
+  if (M <= 16) return 0;
+  if (M <= 32) return 1;
+  if (M <= 64) return 2;
+  if (M <= 128) return 3;
+  const long long big_tiles = static_cast<long long>(ceil_div(M, 128)) * ceil_div(N, 256);
+  return big_tiles >= num_sms ? 4 : 3;
+}
+
+// ---------------------------------------------------------------------------------------------
+// W8A16 (w8a16_gemm_kernel.cuh). A CTA owns 16 output channels (one m16 mma tile of W) and
+// all M <= 16 tokens; its kWarps warps split K between them (64 k per warp step) and reduce
+// their partial tiles through shared memory. kTokenTiles n8 tiles cover the tokens (1: M <= 8).
+constexpr int kW8A16MaxM = 16;
+constexpr int kW8A16RowsPerCta = 16;
+// Weight loads in flight per thread: kW8A16Unroll 64-k steps x 2 rows x 16 bytes.
+constexpr int kW8A16Unroll = 4;
+
+struct W8A16Choice {
+  int token_tiles;  // 1 or 2
+  int warps;        // 4 or 8
+};
+// N / 16 CTAs of 8 warps: with N >= 2048 that is >= 1 CTA (8 warps x 4 KB of weight loads in
+// flight) per SM. 4 warps when K is short (each warp should get >= 2 of its 64-k steps).
+// Few CTAs (N / 16 < SMs) leave SMs idle: a grid-level split-K would fill them (not done).
+inline W8A16Choice choose_w8a16_config(long long M, long long N, long long K, int num_sms) {
+  (void)N, (void)num_sms;
+  W8A16Choice c{M <= 8 ? 1 : 2, 8};
+  if (K < 8 * 64 * 2) c.warps = 4;
+  return c;
+}
+
+}  // namespace int8
+}  // namespace fastllm

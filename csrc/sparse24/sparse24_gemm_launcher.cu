@@ -1,0 +1,81 @@
+// 2:4 sparse GEMM launcher: argument checks, params, arch / dtype dispatch. UNVERIFIED: compiled for
+// sm_80 / sm_90a, never run on a GPU. What the kernel computes: sparse24_gemm_kernel.cuh. Python
+// (python/fastllm/ops/_sparse24_cuda.py) checks the tensors first; these checks repeat what the
+// kernel relies on, so a bad call gets a status code instead of a fault.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "common/common.h"
+#include "sparse24/sparse24_gemm.h"
+#include "sparse24/sparse24_traits.h"
+
+namespace fastllm {
+namespace sparse24 {
+struct Params;
+template <typename T> int run(const Params& p, int smem_optin, cudaStream_t stream);
+extern template int run<__half>(const Params&, int, cudaStream_t);
+extern template int run<__nv_bfloat16>(const Params&, int, cudaStream_t);
+extern template int run<int8_t>(const Params&, int, cudaStream_t);
+}  // namespace sparse24
+}  // namespace fastllm
+
+#include "sparse24/sparse24_gemm_kernel.cuh"
+
+namespace fastllm {
+
+int sparse24_gemm(int device, int dtype, uintptr_t x, uintptr_t values, uintptr_t meta, uintptr_t out,
+                  int out_dtype, int64_t M, int64_t N, int64_t K, int64_t x_row_stride, uintptr_t bias,
+                  int bias_dtype, uintptr_t a_scale, bool a_scale_per_row, uintptr_t w_scale, uintptr_t stream) {
+  const bool s8 = dtype == kInt8;
+  if (dtype != kFloat16 && dtype != kBFloat16 && !s8) return kErrUnsupportedDtype;
+  if (M < 0 || N < 0 || K <= 0 || N % 16 || K % 64) return kErrBadShape;
+  if (M == 0 || N == 0) return kOk;
+  if (s8) {
+    if (a_scale == 0 ? out_dtype != kInt32 : (out_dtype != kFloat16 && out_dtype != kBFloat16 &&
+                                              out_dtype != kFloat32))
+      return kErrUnsupportedDtype;
+    if ((a_scale == 0) != (w_scale == 0)) return kErrBadShape;
+    if (K > 2147483647LL / (128 * 128)) return kErrBadShape;   // the int32 accumulator could overflow
+  } else if (out_dtype != dtype || a_scale != 0 || w_scale != 0) {
+    return kErrUnsupportedDtype;
+  }
+  if (bias != 0 && bias_dtype != kFloat16 && bias_dtype != kBFloat16 && bias_dtype != kFloat32)
+    return kErrUnsupportedDtype;
+  const int64_t elt = s8 ? 1 : 2;
+  // cp.async moves 16-byte chunks: every row start and base pointer must be 16-byte aligned.
+  if (x % 16 || values % 16 || meta % 16 || (M > 1 && (x_row_stride * elt) % 16) || x_row_stride < K)
+    return kErrMisaligned;
+
+  DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return static_cast<int>(guard.status());
+  int major = 0, optin = 0;
+  cudaError_t e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (e != cudaSuccess) return static_cast<int>(e);
+  if (major < 8) return kErrUnsupportedArch;   // mma.sp / cp.async / ldmatrix need sm80
+  // Hopper: a wgmma.sp + TMA kernel belongs here (FASTLLM_HAS_SM90A builds); sm90 runs this one.
+
+  sparse24::Params p{};
+  p.x = reinterpret_cast<const uint8_t*>(x);
+  p.values = reinterpret_cast<const uint8_t*>(values);
+  p.meta = reinterpret_cast<const uint32_t*>(meta);
+  p.out = reinterpret_cast<void*>(out);
+  p.bias = bias ? reinterpret_cast<const void*>(bias) : nullptr;
+  p.a_scale = a_scale ? reinterpret_cast<const float*>(a_scale) : nullptr;
+  p.w_scale = w_scale ? reinterpret_cast<const float*>(w_scale) : nullptr;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.x_row_bytes = x_row_stride * elt;
+  p.out_dtype = out_dtype;
+  p.bias_dtype = bias ? bias_dtype : -1;
+  p.a_scale_per_row = a_scale_per_row;
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case kFloat16: return sparse24::run<__half>(p, optin, st);
+    case kBFloat16: return sparse24::run<__nv_bfloat16>(p, optin, st);
+    default: return sparse24::run<int8_t>(p, optin, st);
+  }
+}
+
+}  // namespace fastllm

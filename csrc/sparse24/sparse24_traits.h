@@ -1,0 +1,52 @@
+// Tile configs of the 2:4 sparse GEMM: the one place that knows them (Python never does).
+//
+// The weight W is mma.sp's sparse operand A (its rows are the MMA's M), the activations x are
+// B (tokens are the MMA's N = 8), so a CTA computes a kBW x kBT tile of out^T. One "step" is one
+// mma.sp k-slice: 32 K columns for 16-bit types (m16n8k32), 64 for int8 (m16n8k64); in bytes it
+// is the same for both: 32 bytes of a compressed W row, 64 bytes of an x row, one metadata word
+// per lane. A pipeline stage holds kSteps steps.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace fastllm {
+namespace sparse24 {
+
+template <typename T_, int kBW_, int kBT_, int kWarpsW_, int kWarpsT_, int kStages_>
+struct Traits {
+  using T = T_;
+  static constexpr bool kS8 = std::is_same<T, int8_t>::value;
+  using Acc = typename std::conditional<kS8, int32_t, float>::type;
+  static constexpr int kBW = kBW_, kBT = kBT_, kWarpsW = kWarpsW_, kWarpsT = kWarpsT_, kStages = kStages_;
+  static constexpr int kThreads = 32 * kWarpsW * kWarpsT;
+  static constexpr int kSteps = 4;                              // mma.sp k-slices per stage
+  static constexpr int kColsPerStep = kS8 ? 64 : 32;            // K columns per k-slice
+  static constexpr int kStageK = kSteps * kColsPerStep;         // 256 int8 / 128 16-bit columns
+  static constexpr int kMetaBlocks = kStageK / 64;              // 64-column metadata blocks per stage
+  static constexpr int kValRowBytes = kSteps * 32;              // compressed W bytes per row per stage
+  static constexpr int kXRowBytes = kSteps * 64;                // x bytes per row per stage
+  static constexpr int kWarpW = kBW / kWarpsW;                  // W rows per warp
+  static constexpr int kWarpT = kBT / kWarpsT;                  // tokens per warp
+  static constexpr int kMTiles = kWarpW / 16;
+  static constexpr int kNTiles = kWarpT / 8;
+  static constexpr int kValBytes = kBW * kValRowBytes;
+  static constexpr int kXBytes = kBT * kXRowBytes;
+  static constexpr int kMetaBytes = (kBW / 16) * kMetaBlocks * 128;  // 32 words per (16 rows, block)
+  static constexpr int kStageBytes = kValBytes + kXBytes + kMetaBytes;
+  static constexpr int kSmemBytes = kStages * kStageBytes;
+  static_assert(kWarpW % 16 == 0 && kWarpT % 8 == 0, "warp tile: whole m16 x n8 MMAs");
+  static_assert(kValRowBytes == 128 && kXRowBytes == 256, "the smem swizzles assume 128 / 256-byte rows");
+};
+
+// Decode / small M: 4 warps side by side along W (16 rows x 16 tokens each); 4 stages, ~57 KB.
+template <typename T> using SmallM = Traits<T, 64, 16, 4, 1, 4>;
+// Prefill: 8 warps as 2 (W) x 4 (tokens), each 64 rows x 32 tokens (4 x 4 MMAs per k-slice);
+// 3 stages, ~156 KB (needs the sm80/sm90 shared-memory opt-in; smaller parts use SmallM).
+template <typename T> using LargeM = Traits<T, 128, 128, 2, 4, 3>;
+
+}  // namespace sparse24
+}  // namespace fastllm

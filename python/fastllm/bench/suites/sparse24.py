@@ -1,0 +1,129 @@
+"""2:4 sparse GEMM: dense-equivalent TFLOP/s (2 M N K / t) of fastllm's backends vs dense
+torch.matmul and torch.sparse.to_sparse_semi_structured (CUTLASS and cuSPARSELt), same run.
+
+out = x @ W.T with W (N, K) 2:4 along K; x (M, K). Shapes: square (4096, 8192) and the linear
+layers of Llama-3-8B (qkv 6144x4096, o 4096x4096, gate_up 28672x4096, down 4096x14336),
+M = 1 .. 8192 (decode to prefill). speedup = dense bf16 matmul time / this time (the goal on
+H100: >= 1.5x at large M through mma.sp, >= 1.5x at M <= 16 through the compressed loads).
+Every implementation is checked against an fp32 product of the decompressed weight before it
+is timed: its max error must be within 3x the dense matmul's own error (+ a floor); a wrong
+one is reported WRONG and not timed. On CUDA the int8 variant (2:4 + W8A8, fastllm only) is
+timed too (TOP/s, exact int32 accumulators checked). Missing peers are listed as missing.
+"""
+import torch
+
+import fastllm
+from fastllm.sparse import compress, prune_24
+
+COLUMNS = ["impl", "dtype", "shape", "M", "N", "K", "ms", "TFLOP/s", "speedup", "frac_peak", "ok"]
+PLOT = dict(x="M", y="TFLOP/s", series="impl")
+
+SHAPES = {"square": [("sq4096", 4096, 4096), ("sq8192", 8192, 8192)],
+          "llama3-8b": [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]}
+TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+QUICK_TOKENS = [1, 16, 128, 2048, 8192]
+CPU_SHAPES = [("cpu", 64, 256), ("cpu", 128, 512)]
+CPU_TOKENS = [1, 16, 64]
+
+
+def _semi_structured(missing):
+    """{name: (to_sparse(w) -> ws, call(x, ws) -> out)} for PyTorch's 2:4 backends present here."""
+    out = {}
+    try:
+        import torch.sparse as ts
+    except ImportError as e:
+        missing.append(("torch-semi-structured", f"not importable ({e})"))
+        return out
+    for name, cls in (("torch-2:4-cutlass", "SparseSemiStructuredTensorCUTLASS"),
+                      ("torch-2:4-cusparselt", "SparseSemiStructuredTensorCUSPARSELT")):
+        klass = getattr(ts, cls, None)
+        if klass is None:
+            missing.append((name, f"torch.sparse.{cls} not in this PyTorch"))
+            continue
+        out[name] = (klass.from_dense, lambda x, ws: torch.nn.functional.linear(x, ws))
+    return out
+
+
+def _check(got, want, bar):
+    err = (got.float() - want).abs().max().item()
+    return err, err <= bar
+
+
+def run(ctx):
+    dev = ctx.device
+    cuda = dev.type == "cuda"
+    if cuda:
+        shapes = [s for p in ctx.presets(SHAPES) for s in SHAPES[p]]
+        tokens = QUICK_TOKENS if ctx.quick else TOKENS
+    else:
+        shapes, tokens = CPU_SHAPES, CPU_TOKENS
+    peers = _semi_structured(ctx.missing) if cuda else {}
+    if not cuda:
+        ctx.missing.append(("torch-2:4 (semi-structured)", "needs a CUDA GPU"))
+    peak = ctx.peaks.get("matmul_bf16_tflops") or ctx.peaks.get("matmul_fp32_tflops")
+    op = fastllm.ops.OPS["sparse24_matmul"]
+    rows = []
+    for dtype in ctx.dtypes:
+        dname = str(dtype).replace("torch.", "")
+        for label, N, K in ctx.progress(shapes, f"sparse24 {dname}"):
+            w, _ = prune_24(torch.randn(N, K, device=dev).to(dtype))
+            values, meta = compress(w)
+            sparse_peers = {}
+            for name, (make, call) in peers.items():
+                try:
+                    sparse_peers[name] = (make(w), call)
+                except (RuntimeError, ValueError, NotImplementedError) as e:
+                    ctx.missing.append((f"{name} {label} {dname}", str(e).splitlines()[0][:120]))
+            for M in tokens:
+                x = torch.randn(M, K, device=dev).to(dtype)
+                want = x.float() @ w.float().t()
+                flops = 2 * M * N * K
+                dense = lambda: x @ w.t()  # noqa: E731
+                base_err = (dense().float() - want).abs().max().item()
+                bar = 3 * base_err + 1e-2 * max(1.0, want.abs().max().item()) * torch.finfo(dtype).eps * 8
+                impls = {"dense-matmul": dense}
+                for b in ctx.backends(op, dev, x, values, meta, None):
+                    impls[f"fastllm-{b}"] = lambda b=b: fastllm.ops.sparse24_matmul(x, values, meta, backend=b)
+                for name, (ws, call) in sparse_peers.items():
+                    impls[name] = lambda ws=ws, call=call: call(x, ws)
+                t_dense = None
+                for name, fn in impls.items():
+                    try:
+                        got = fn()
+                    except (RuntimeError, ValueError, NotImplementedError) as e:
+                        ctx.missing.append((f"{name} M={M} {label} {dname}", str(e).splitlines()[0][:120]))
+                        continue
+                    err, ok = _check(got, want, bar)
+                    del got
+                    t = ctx.timer(fn) if ok else None
+                    if name == "dense-matmul":
+                        t_dense = t
+                    tf = t and flops / t / 1e12
+                    rows.append(dict(impl=name, dtype=dname, shape=label, M=M, N=N, K=K, ms=t and t * 1e3,
+                                     **{"TFLOP/s": tf}, speedup=t and t_dense and t_dense / t,
+                                     frac_peak=tf and peak and tf / peak,
+                                     ok="yes" if ok else f"WRONG (err {err:.3g} > {bar:.3g})"))
+                if cuda and dtype == ctx.dtypes[0]:
+                    rows += _int8_rows(ctx, label, M, N, K, w, t_dense, peak)
+    return rows
+
+
+def _int8_rows(ctx, label, M, N, K, w, t_dense, peak):
+    """fastllm's 2:4 + W8A8 (exact int32 accumulators checked, then the fused epilogue timed)."""
+    dev = ctx.device
+    wq = w.float().clamp(-1, 1).mul(127).round().to(torch.int8)
+    values, meta = compress(wq)
+    a = torch.randint(-127, 128, (M, K), dtype=torch.int8, device=dev)
+    a_s, w_s = torch.rand(M, device=dev), torch.rand(N, device=dev)
+    exact = (a.double() @ wq.double().t()).to(torch.int32)
+    op = fastllm.ops.OPS["sparse24_int8_matmul"]
+    rows = []
+    for b in ctx.backends(op, dev, a, values, meta, a_s, w_s, None, torch.bfloat16):
+        ok = torch.equal(fastllm.ops.sparse24_int8_matmul_int32(a, values, meta, backend=b), exact)
+        fn = lambda b=b: fastllm.ops.sparse24_int8_matmul(a, values, meta, a_s, w_s, backend=b)  # noqa: E731
+        t = ctx.timer(fn) if ok else None
+        tf = t and 2 * M * N * K / t / 1e12
+        rows.append(dict(impl=f"fastllm-{b}-int8", dtype="int8", shape=label, M=M, N=N, K=K, ms=t and t * 1e3,
+                         **{"TFLOP/s": tf}, speedup=t and t_dense and t_dense / t,
+                         frac_peak=tf and peak and tf / peak, ok="yes" if ok else "WRONG (int32 accumulators)"))
+    return rows

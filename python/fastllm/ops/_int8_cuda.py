@@ -1,0 +1,161 @@
+"""Glue between fastllm.ops int8 matmuls and the hand-written CUDA kernels (csrc/int8/).
+
+UNVERIFIED: the kernels compile for sm_80 / sm_90a with 0 spills but have not run on a GPU
+yet; tests/test_int8_cuda.py holds the GPU tests that will check them.
+
+Imported lazily by python/fastllm/ops/int8.py (the "cuda" backend). Functions:
+
+    gemm_supports(a, b, out_dtype, a_scale=None, w_scale=None, bias=None) -> None or a reason
+    int8_gemm_cuda(a, b, a_scale, w_scale, bias, out_dtype) -> (M, N) out_dtype (int32 = raw)
+    w8a16_supports(x, w, w_scale, bias, group_size) -> None or a reason
+    w8a16_cuda(x, w, w_scale, bias, group_size) -> (M, N) x.dtype
+
+Arguments arrive checked by the op layer (dtypes, shapes, K and N multiples of 16, K bound,
+same device); the backend registry has checked that the tensors are on CUDA and that the
+extension has code for this GPU. The supports functions look at metadata only (dtypes,
+shapes, strides, data-pointer alignment), so they work on CPU and meta tensors.
+
+What the kernels need: int8 operands with unit stride along K, 16-byte aligned rows (row
+strides multiples of 16 elements for int8, of 8 for fp16/bf16 activations); the small vectors
+(a_scale, w_scale, bias) are made contiguous here (O(M + N) copies, none when already
+contiguous). Tile sizes live in C++ only (csrc/int8/int8_traits.h).
+"""
+from typing import Optional
+
+import torch
+
+from .. import _ext
+
+# Mirrors of the launchers' limits (csrc/int8/int8_launcher.cu, int8_traits.h).
+W8A16_MAX_M = 16          # kW8A16MaxM: the W8A16 kernel is for decode; triton serves more tokens
+W8A16_GROUP_MULTIPLE = 64  # a 64-k block must lie in one scale group
+MAX_DIM = 2 ** 31 - 1 - 1024
+GEMM_OUT = (torch.int32, torch.float16, torch.bfloat16, torch.float32)
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _dt(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def _operand_reason(name, t, elems_per_16b):
+    """Unit stride along K, 16-byte aligned base and rows (metadata only)."""
+    rows, cols = t.shape
+    if cols > 1 and t.stride(1) != 1:
+        return f"'{name}' needs unit stride along K (strides {tuple(t.stride())})"
+    if t.numel() == 0:
+        return None
+    if t.data_ptr() % 16:
+        return f"'{name}' data pointer is not 16-byte aligned (the kernel loads 16-byte chunks)"
+    if rows > 1 and t.stride(0) < cols:
+        return f"'{name}' rows overlap (row stride {t.stride(0)} < {cols} columns)"
+    if rows > 1 and t.stride(0) % elems_per_16b:
+        return (f"'{name}' row stride {t.stride(0)} is not a multiple of {elems_per_16b} elements "
+                f"(16-byte aligned rows)")
+    return None
+
+
+def gemm_supports(a, b, out_dtype, a_scale=None, w_scale=None, bias=None) -> Optional[str]:
+    """None if the CUDA W8A8 kernel can serve this call, else a short reason."""
+    if a.dtype != torch.int8 or b.dtype != torch.int8 or a.dim() != 2 or b.dim() != 2:
+        return "a and b must be 2-D int8"
+    M, K = a.shape
+    N = b.shape[0]
+    if b.shape[1] != K or K % 16 or N % 16:
+        return f"K ({K}) and N ({N}) must be multiples of 16"
+    if M > MAX_DIM or N > MAX_DIM:
+        return f"M ({M}) or N ({N}) above the kernel's int32 index range"
+    if out_dtype not in GEMM_OUT:
+        return f"out dtype {out_dtype} not supported (int32, float16, bfloat16, float32)"
+    for name, t in (("a", a), ("b", b)):
+        why = _operand_reason(name, t, 16)
+        if why:
+            return why
+    if out_dtype != torch.int32:
+        if a_scale is None or w_scale is None:
+            return "scaled output needs a_scale and w_scale"
+        if a_scale.dtype != torch.float32 or w_scale.dtype != torch.float32:
+            return "a_scale and w_scale must be float32"
+        if a_scale.numel() not in (1, M):
+            return f"a_scale must have 1 or M = {M} elements, got {a_scale.numel()}"
+        if w_scale.numel() != N:
+            return f"w_scale must have N = {N} elements, got {w_scale.numel()}"
+        if bias is not None and (bias.dtype not in FLOATS or bias.numel() != N):
+            return "bias must be (N,) float16/bfloat16/float32"
+    return None
+
+
+def int8_gemm_cuda(a, b, a_scale, w_scale, bias, out_dtype):
+    """(M, N) out_dtype: raw int32 accumulators (out_dtype int32, scales ignored) or the scaled
+    epilogue (fp32(acc) * a_scale[m or 0]) * w_scale[n] + bias[n] rounded once."""
+    reason = gemm_supports(a, b, out_dtype, a_scale, w_scale, bias)
+    if reason is not None:
+        raise ValueError(f"int8_matmul (cuda backend): {reason}")
+    M, K = a.shape
+    N = b.shape[0]
+    out = torch.empty((M, N), dtype=out_dtype, device=a.device)
+    if M == 0 or N == 0:
+        return out
+    scaled = out_dtype != torch.int32
+    if scaled:
+        a_scale, w_scale = a_scale.reshape(-1).contiguous(), w_scale.reshape(-1).contiguous()
+        bias = bias.contiguous() if bias is not None else None
+    code = _ext.lib().int8_gemm(
+        a.device.index, a.data_ptr(), a.stride(0) if M > 1 else K, b.data_ptr(), b.stride(0) if N > 1 else K,
+        out.data_ptr(), _ext.DTYPE_CODES[out_dtype],
+        a_scale.data_ptr() if scaled else 0, a_scale.numel() if scaled else 1,
+        w_scale.data_ptr() if scaled else 0,
+        bias.data_ptr() if scaled and bias is not None else 0,
+        _ext.DTYPE_CODES[bias.dtype] if scaled and bias is not None else 0,
+        M, N, K, _ext.stream_of(a))
+    _ext.check(code, "int8_matmul")
+    return out
+
+
+def w8a16_supports(x, w, w_scale, bias, group_size) -> Optional[str]:
+    """None if the CUDA W8A16 kernel can serve this call, else a short reason."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"x dtype {_dt(x.dtype)} not supported by the CUDA W8A16 kernel (float16/bfloat16)"
+    if w.dtype != torch.int8 or x.dim() != 2 or w.dim() != 2:
+        return "x must be 2-D float16/bfloat16 and w_int8 2-D int8"
+    M, K = x.shape
+    N = w.shape[0]
+    if M > W8A16_MAX_M:
+        return f"M = {M} > {W8A16_MAX_M}: the CUDA W8A16 kernel is for decode (M <= {W8A16_MAX_M})"
+    if w.shape[1] != K or K % 16 or N % 16 or N > MAX_DIM or K > MAX_DIM:
+        return f"K ({K}) and N ({N}) must be multiples of 16"
+    if group_size and group_size % W8A16_GROUP_MULTIPLE:
+        return (f"group_size {group_size} is not a multiple of {W8A16_GROUP_MULTIPLE} (the CUDA kernel "
+                f"scales 64-column blocks)")
+    for name, t, per16 in (("x", x, 8), ("w_int8", w, 16)):
+        why = _operand_reason(name, t, per16)
+        if why:
+            return why
+    if w_scale.dtype != torch.float32 or any(s < 0 for s in w_scale.stride()):
+        return "w_scale must be float32 with non-negative strides"
+    if bias is not None and (bias.dtype not in FLOATS or bias.numel() != N):
+        return "bias must be (N,) float16/bfloat16/float32"
+    return None
+
+
+def w8a16_cuda(x, w, w_scale, bias, group_size):
+    """(M, N) in x.dtype = x @ (w * scale).T + bias, fp32 accumulation."""
+    group_size = int(group_size or 0)
+    reason = w8a16_supports(x, w, w_scale, bias, group_size)
+    if reason is not None:
+        raise ValueError(f"w8a16_matmul (cuda backend): {reason}")
+    M, K = x.shape
+    N = w.shape[0]
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return out
+    s_n = w_scale.stride(0) if N > 1 else 0
+    s_g = w_scale.stride(1) if group_size and w_scale.dim() == 2 and w_scale.shape[1] > 1 else 0
+    bias = bias.contiguous() if bias is not None else None
+    code = _ext.lib().w8a16_gemm(
+        x.device.index, _ext.DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0) if M > 1 else K,
+        w.data_ptr(), w.stride(0) if N > 1 else K, w_scale.data_ptr(), s_n, s_g, group_size,
+        bias.data_ptr() if bias is not None else 0, _ext.DTYPE_CODES[bias.dtype] if bias is not None else 0,
+        out.data_ptr(), M, N, K, _ext.stream_of(x))
+    _ext.check(code, "w8a16_matmul")
+    return out

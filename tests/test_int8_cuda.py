@@ -1,0 +1,339 @@
+"""The CUDA int8 kernels (csrc/int8/): W8A8 GEMM (int32 / scaled) and the W8A16 decode kernel.
+
+Without a GPU (here, CI): the Python glue's supports() reasons on CPU / meta tensors, the
+registry's dispatch (cuda never chosen on CPU, forcing it raises), NumPy-style emulations of
+the kernels' tricky layouts (the swizzle, the ldmatrix -> mma fragment path, the W8A16 k
+permutation and int8 -> fp16/bf16 magic), and the benchmark suite's CPU smoke run.
+With a GPU (marked gpu): int32 accumulators exact for M in 1..33, 97, 1025 with K, N not
+multiples of the tiles; scaled outputs and W8A16 within the tolerances of tests/test_int8.py
+(PyTorch's own error for the same fp32 computation; see that file's docstring); opcheck.
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastllm
+from fastllm import ref
+from fastllm.ops import int8_matmul, int8_matmul_int32, w8a16_matmul
+from fastllm.ops.int8 import MAX_K, OP, OP_INT32, OP_W8A16
+from fastllm.ops._int8_cuda import gemm_supports, w8a16_supports
+
+from test_int8 import assert_epilogue_close, assert_w8a16_close, exact_int
+
+META = torch.device("meta")
+
+
+def meta(*shape, dtype=torch.int8):
+    return torch.empty(*shape, dtype=dtype, device=META)
+
+
+# ----------------------------------------------------------------------------------------------
+# supports(): metadata only, CPU and meta tensors.
+
+def test_gemm_supports_reasons():
+    a, b = meta(33, 4112), meta(4096, 4112)
+    s_a, s_w = meta(33, dtype=torch.float32), meta(4096, dtype=torch.float32)
+    assert gemm_supports(a, b, torch.int32) is None
+    for od in (torch.float16, torch.bfloat16, torch.float32):
+        assert gemm_supports(a, b, od, s_a, s_w, meta(4096, dtype=od)) is None
+        assert gemm_supports(a, b, od, s_a[:1], s_w, None) is None          # per-tensor (static) scale
+    cases = {
+        "unit stride along K": (meta(64, 33).t(), meta(16, 64)),              # (33, 64), strides (1, 33)
+        "not a multiple of 16 elements": (meta(8, 72)[:, :64], meta(16, 64)),  # row stride 72
+        "rows overlap": (meta(1, 64).expand(8, 64), meta(16, 64)),
+    }
+    for why, (x, w) in cases.items():
+        if x.shape[1] != w.shape[1]:
+            w = meta(16, x.shape[1])
+        assert why in (gemm_supports(x, w, torch.int32) or ""), (why, gemm_supports(x, w, torch.int32))
+    # A data pointer off by 8 bytes (a column slice of a real CPU tensor).
+    base = torch.zeros(4, 96, dtype=torch.int8)
+    assert "16-byte aligned" in gemm_supports(base[:, 8:88], torch.zeros(16, 80, dtype=torch.int8), torch.int32)
+    assert gemm_supports(base[:, 16:], torch.zeros(16, 80, dtype=torch.int8), torch.int32) is None
+    assert "out dtype" in gemm_supports(a, b, torch.float64, s_a, s_w)
+    assert "a_scale" in gemm_supports(a, b, torch.float16, s_a[:5], s_w)
+    assert "float32" in gemm_supports(a, b, torch.float16, s_a.half(), s_w)
+    assert "bias" in gemm_supports(a, b, torch.float16, s_a, s_w, meta(16, dtype=torch.float16))
+
+
+def test_w8a16_supports_reasons():
+    x, w, s = meta(16, 4096, dtype=torch.bfloat16), meta(4096, 4096), meta(4096, dtype=torch.float32)
+    assert w8a16_supports(x, w, s, None, 0) is None
+    assert w8a16_supports(x, w, meta(4096, 32, dtype=torch.float32), meta(4096, dtype=torch.float16), 128) is None
+    assert "M = 17 > 16" in w8a16_supports(meta(17, 4096, dtype=torch.half), w, s, None, 0)
+    assert "float16/bfloat16" in w8a16_supports(meta(1, 4096, dtype=torch.float32), w, s, None, 0)
+    assert "multiple of 64" in w8a16_supports(x, w, meta(4096, 128, dtype=torch.float32), None, 32)
+    assert "multiple of 8 elements" in w8a16_supports(meta(4, 4100, dtype=torch.half)[:, :4096], w, s, None, 0)
+    assert "unit stride along K" in w8a16_supports(x, meta(4096, 4096).t(), s, None, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch on CPU: cuda is never chosen, forcing it raises with the reason.
+
+def test_cpu_dispatch():
+    a, b = torch.randint(-128, 128, (5, 64), dtype=torch.int8), torch.randint(-128, 128, (32, 64), dtype=torch.int8)
+    sa, sw = torch.rand(5), torch.rand(32)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    for op, args in ((OP_INT32, (a, b)), (OP, (a, b, sa, sw, None, torch.float16)), (OP_W8A16, (x, b, sw, None, 0))):
+        reasons = op.reasons(torch.device("cpu"), *args)
+        assert "cuda" in op.impls, op.name
+        assert "needs CUDA tensors" in reasons["cuda"], reasons
+        assert op.select("auto", torch.device("cpu"), *args) == "torch"
+    with pytest.raises(fastllm.BackendUnavailableError, match="backend 'cuda' cannot serve this call: needs CUDA"):
+        int8_matmul_int32(a, b, backend="cuda")
+    with pytest.raises(fastllm.BackendUnavailableError, match="needs CUDA tensors"):
+        int8_matmul(a, b, sa, sw, backend="cuda")
+    with pytest.raises(fastllm.BackendUnavailableError, match="needs CUDA tensors"):
+        w8a16_matmul(x, b, sw, backend="cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# Emulations of the kernels' layouts (mirrors of csrc/int8/int8_gemm_kernel.cuh and
+# w8a16_gemm_kernel.cuh, lane by lane).
+
+def swizzle_offset(rows, chunks, row, chunk):
+    """SwizzledTile<rows, chunks>::offset: byte offset of (row, 16-byte chunk)."""
+    group = min(8, chunks)
+    per_line = 8 // group
+    phys = (chunk % group) ^ ((row // per_line) % group)
+    return ((chunk // group) * rows + row) * group * 16 + phys * 16
+
+
+TILES = [(16, 16), (32, 16), (32, 8), (64, 8), (128, 8), (64, 4), (128, 4), (256, 4)]  # (rows, BK / 16)
+
+
+@pytest.mark.parametrize("rows,chunks", TILES)
+def test_swizzle_bijective_and_conflict_free(rows, chunks):
+    offs = [swizzle_offset(rows, chunks, r, c) for r in range(rows) for c in range(chunks)]
+    assert sorted(offs) == [16 * i for i in range(rows * chunks)]          # a permutation of the tile
+    for r0 in range(0, rows, 8):                                          # one ldmatrix phase:
+        for c in range(chunks):                                           # 8 rows, same chunk
+            banks = {(swizzle_offset(rows, chunks, r0 + r, c) // 16) % 8 for r in range(8)}
+            assert len(banks) == 8, (r0, c)
+
+
+def ldmatrix_x4(smem, lane_addr):
+    """regs[lane][j] = bytes 4c..4c+3 of the row whose address lane 8j + r gave (lane = 4r + c)."""
+    regs = [[None] * 4 for _ in range(32)]
+    for j in range(4):
+        for lane in range(32):
+            r, c = lane // 4, lane % 4
+            addr = lane_addr[8 * j + r]
+            regs[lane][j] = smem[addr + 4 * c: addr + 4 * c + 4]
+    return regs
+
+
+def mma_s8_16832(a_regs, b_regs):
+    """D (16x8) from per-lane A (4 regs of 4 int8) and B (2 regs) per the PTX s8 m16n8k32 layout."""
+    A = torch.zeros(16, 32, dtype=torch.int64)
+    B = torch.zeros(32, 8, dtype=torch.int64)
+    for lane in range(32):
+        g, c = lane // 4, lane % 4
+        for i, (row, k0) in enumerate(((g, 4 * c), (g + 8, 4 * c), (g, 16 + 4 * c), (g + 8, 16 + 4 * c))):
+            A[row, k0:k0 + 4] = a_regs[lane][i]
+        for i, k0 in enumerate((4 * c, 16 + 4 * c)):
+            B[k0:k0 + 4, g] = b_regs[lane][i]
+    return A @ B
+
+
+@pytest.mark.parametrize("BK", [64, 128, 256])
+def test_gemm_fragment_path_emulated(BK):
+    # One warp tile of 16 x 16 at rows/cols 16..31 of a 32 x BK stage: cp.async into the swizzled
+    # layout, ldmatrix with the kernel's lane addresses, mma per the PTX layout == a @ b.T.
+    rows, chunks = 32, BK // 16
+    a = torch.randint(-128, 128, (rows, BK), dtype=torch.int64)
+    b = torch.randint(-128, 128, (rows, BK), dtype=torch.int64)
+
+    def stage(t):
+        smem = torch.zeros(rows * BK, dtype=torch.int64)
+        for r in range(rows):
+            for c in range(chunks):
+                o = swizzle_offset(rows, chunks, r, c)
+                smem[o:o + 16] = t[r, 16 * c:16 * c + 16]
+        return smem
+
+    sa, sb = stage(a), stage(b)
+    group = min(8, chunks)
+    per_line = 8 // group
+
+    def addr(lane_row, lane_cb, row0, chunk0):
+        # SwizzledTile::addr(lane_row(r) + base, lane_xor(r, cb), row0, chunk0)
+        lane_x = lane_cb ^ ((lane_row // per_line) % group)
+        return lane_row * group * 16 + ((chunk0 // group) * rows + row0) * group * 16 + (((chunk0 % group) ^ lane_x) << 4)
+
+    m0, n0 = 16, 16
+    acc = torch.zeros(16, 16, dtype=torch.int64)
+    for ks in range(BK // 32):
+        a_addr = [addr(l % 8 + 8 * ((l // 8) % 2), l // 16, m0, 2 * ks) for l in range(32)]
+        b_addr = [addr(l % 8 + 8 * (l // 16), (l // 8) % 2, n0, 2 * ks) for l in range(32)]
+        af = ldmatrix_x4(sa, a_addr)
+        bf = ldmatrix_x4(sb, b_addr)
+        for j in range(2):  # n8 tile j uses registers (2j, 2j + 1) of the B ldmatrix
+            acc[:, 8 * j:8 * j + 8] += mma_s8_16832(af, [[bf[l][2 * j], bf[l][2 * j + 1]] for l in range(32)])
+    assert torch.equal(acc, a[m0:m0 + 16] @ b[n0:n0 + 16].t())
+
+
+def test_w8a16_k_permutation_emulated():
+    # W8A16: lane (g, c) loads 16 contiguous k of rows g, g + 8 and of token g; mma step s uses
+    # word s of the weights (bytes -> A cols (2c, 2c+1) and (2c+8, 2c+9)) and halves (4s..4s+3)
+    # of the activations (b0, b1). Summed over the steps the mma must give W @ x^T for the block.
+    W = torch.randint(-128, 128, (16, 64), dtype=torch.int64)
+    X = torch.randint(-8, 8, (8, 64), dtype=torch.int64)
+    D = torch.zeros(16, 8, dtype=torch.int64)
+    for s in range(4):
+        A = torch.zeros(16, 16, dtype=torch.int64)
+        B = torch.zeros(16, 8, dtype=torch.int64)
+        for lane in range(32):
+            g, c = lane // 4, lane % 4
+            wg, w8, xg = W[g, 16 * c:16 * c + 16], W[g + 8, 16 * c:16 * c + 16], X[g, 16 * c:16 * c + 16]
+            word_g, word_8 = wg[4 * s:4 * s + 4], w8[4 * s:4 * s + 4]
+            A[g, 2 * c:2 * c + 2], A[g, 2 * c + 8:2 * c + 10] = word_g[:2], word_g[2:]      # a[0], a[2]
+            A[g + 8, 2 * c:2 * c + 2], A[g + 8, 2 * c + 8:2 * c + 10] = word_8[:2], word_8[2:]  # a[1], a[3]
+            B[2 * c:2 * c + 2, g], B[2 * c + 8:2 * c + 10, g] = xg[4 * s:4 * s + 2], xg[4 * s + 2:4 * s + 4]
+        D += A @ B
+    assert torch.equal(D, W @ X.t())
+
+
+def test_w8a16_dequant_magic():
+    b = torch.arange(-128, 128, dtype=torch.int32)
+    u = (b & 0xFF) ^ 0x80                                      # byte ^ 0x80 = b + 128
+    half = torch.tensor((0x6400 | u).tolist(), dtype=torch.int16).view(torch.float16).float() - 1152
+    assert torch.equal(half, b.float())
+    f = torch.tensor((0x4B000000 | u).tolist(), dtype=torch.int32).view(torch.float32) - 8388736.0
+    assert torch.equal(f, b.float()) and torch.equal(f.bfloat16().float(), b.float())
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark suite: CPU smoke run (tiny shapes; no speed asserted).
+
+def test_int8_bench_cpu(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "fastllm.bench", "int8", "--quick", "--device", "cpu",
+                          "--json", str(tmp_path / "b.json"), "--no-progress"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "## int8" in out and "torch._int_mm" in out
+    rows = json.loads((tmp_path / "b.json").read_text())["results"]["int8"]
+    assert rows and all(r["ok"] == "yes" for r in rows), [r for r in rows if r["ok"] != "yes"]
+    assert {r["kind"] for r in rows} >= {"w8a8-int32", "w8a8-linear", "w8a16"}
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU (skipped without one).
+
+M_LIST = list(range(1, 34)) + [97, 1025]
+KN_GPU = [(80, 48), (272, 112), (1040, 4112)]   # not multiples of any tile's K (64..256) or N (32..256)
+
+
+def rand_int8(*shape, device="cuda"):
+    return torch.randint(-128, 128, shape, dtype=torch.int8, device=device)
+
+
+def _poison_allocator(*nbytes):
+    """Hand NaN / extreme-filled freed blocks to the next allocations (unwritten outputs show)."""
+    blocks = [torch.full((n // 4 + 1,), float("nan"), device="cuda") for n in nbytes]
+    del blocks
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K,N", KN_GPU)
+def test_gpu_int32_exact(K, N):
+    for M in M_LIST:
+        a, b = rand_int8(M, K), rand_int8(N, K)
+        _poison_allocator(M * N * 4)
+        acc = int8_matmul_int32(a, b, backend="cuda")
+        assert acc.dtype == torch.int32 and torch.equal(acc.cpu().long(), exact_int(a, b)), (M, K, N)
+
+
+@pytest.mark.gpu
+def test_gpu_int32_extremes_max_k_and_strides():
+    K = MAX_K // 16 * 16
+    a = torch.full((19, K), -128, dtype=torch.int8, device="cuda")
+    a[1] = 127
+    b = torch.full((48, K), -128, dtype=torch.int8, device="cuda")
+    b[5] = 127
+    acc = int8_matmul_int32(a, b, backend="cuda")
+    assert acc[0, 0].item() == K * 16384 and torch.equal(acc.cpu().long(), exact_int(a, b))
+    # Row strides K + 16 (a column slice) on both operands.
+    a2, b2 = rand_int8(37, 256 + 16)[:, 16:], rand_int8(64, 256 + 32)[:, 32:]
+    assert torch.equal(int8_matmul_int32(a2, b2, backend="cuda").cpu().long(), exact_int(a2, b2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("static", [False, True])
+def test_gpu_scaled(out_dtype, static):
+    for i, M in enumerate([1, 2, 15, 16, 17, 31, 33, 64, 65, 97, 129, 1025]):
+        K, N = KN_GPU[i % len(KN_GPU)]
+        a, b = rand_int8(M, K), rand_int8(N, K)
+        a_s = torch.rand(M, device="cuda") * 0.02 + 1e-3
+        if static:
+            a_s = torch.tensor(0.0123, device="cuda")   # one calibrated per-tensor scale (static mode)
+        w_s = torch.rand(N, device="cuda") * 0.01 + 1e-4
+        bias = None if i % 3 == 0 else torch.randn(N, device="cuda").to((torch.float16, torch.bfloat16,
+                                                                          torch.float32)[i % 3])
+        _poison_allocator(M * N * 4)
+        out = int8_matmul(a, b, a_s, w_s, bias, out_dtype=out_dtype, backend="cuda")
+        assert_epilogue_close(out, exact_int(a, b), a_s, w_s, bias, out_dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_w8a8_large_tiles():
+    # M large enough for the 128 x 256 config on every GPU size, N not a multiple of 256.
+    M, K, N = 4096 + 16, 512, 8192 + 16
+    a, b = rand_int8(M, K), rand_int8(N, K)
+    acc = int8_matmul_int32(a, b, backend="cuda")
+    assert torch.equal(acc, int8_matmul_int32(a, b, backend="torch"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group_size", [None, 64, 128])
+def test_gpu_w8a16(dtype, group_size):
+    for i, M in enumerate(range(1, 17)):
+        K, N = ((1024, 48), (4096, 4096 + 16), (640, 4096))[i % 3] if group_size != 128 else \
+            ((1024, 48), (4096, 4112), (768, 4096))[i % 3]
+        x = torch.randn(M, K, device="cuda").to(dtype)
+        w = rand_int8(N, K)
+        shape = (N,) if not group_size else (N, K // group_size)
+        s = (torch.rand(shape, device="cuda") + 0.5) * 0.01
+        bias = torch.randn(N, device="cuda").to(dtype) if i % 2 else None
+        _poison_allocator(M * N * 2)
+        out = w8a16_matmul(x, w, s, bias, group_size=group_size, backend="cuda")
+        assert_w8a16_close(out, x, w, s, bias, group_size)
+    # K not a multiple of 64 (tail block), strided x, transposed-storage scales.
+    x = torch.randn(5, 208 + 8, device="cuda", dtype=dtype)[:, 8:]
+    w = rand_int8(32, 208)
+    s = torch.rand(32, device="cuda") + 0.5
+    assert_w8a16_close(w8a16_matmul(x, w, s, backend="cuda"), x, w, s, None, None)
+    s2 = (torch.rand(3, 32, device="cuda") + 0.5).t()   # (32, 3) with strides (1, 32)
+    w2 = rand_int8(32, 192)
+    x2 = torch.randn(3, 192, device="cuda", dtype=dtype)
+    assert_w8a16_close(w8a16_matmul(x2, w2, s2, group_size=64, backend="cuda"), x2, w2, s2, None, 64)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_prefers_cuda_and_falls_back():
+    a, b = rand_int8(4, 64), rand_int8(32, 64)
+    assert OP_INT32.select("auto", a.device, a, b) == "cuda"
+    a_bad = rand_int8(4, 64 + 8)[:, 8:]   # 8-byte offset: the cuda kernel says why, triton serves
+    assert "16-byte aligned" in OP_INT32.reason("cuda", a.device, a_bad, b)
+    assert OP_INT32.select("auto", a.device, a_bad, b) == "triton"
+    x = torch.randn(17, 64, device="cuda", dtype=torch.half)
+    assert OP_W8A16.select("auto", x.device, x, b, torch.rand(32, device="cuda"), None, 0) == "triton"
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck():
+    a, b = rand_int8(5, 48), rand_int8(32, 48)
+    sa, sw = torch.rand(5, device="cuda"), torch.rand(32, device="cuda")
+    torch.library.opcheck(torch.ops.fastllm.int8_matmul_int32.default, (a, b, "cuda"))
+    torch.library.opcheck(torch.ops.fastllm.int8_matmul.default,
+                          (a, b, sa, sw, torch.randn(32, device="cuda"), torch.bfloat16, "cuda"))
+    torch.library.opcheck(torch.ops.fastllm.int8_matmul.default, (a, b, sa[:1], sw, None, torch.float16, "cuda"))
+    x = torch.randn(5, 128, device="cuda", dtype=torch.bfloat16)
+    w = rand_int8(32, 128)
+    torch.library.opcheck(torch.ops.fastllm.w8a16_matmul.default, (x, w, sw, None, 0, "cuda"))
+    torch.library.opcheck(torch.ops.fastllm.w8a16_matmul.default,
+                          (x, w, torch.rand(32, 2, device="cuda"), torch.randn(32, device="cuda"), 64, "cuda"))
