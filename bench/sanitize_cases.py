@@ -101,6 +101,17 @@ def _int8_matmul():
         out = fastllm.ops.w8a16_matmul(x, w, s, group_size=g, backend="cuda")
         want = ref.w8a16_matmul(x.cpu().float(), w.cpu(), s.cpu(), None, g)
         assert torch.allclose(out.float().cpu(), want, rtol=2e-2, atol=2e-2), (M, K, N, g)
+    # Static W8A8 (quantize kernel + GEMM): vector path (aligned fp16 rows) and the scalar
+    # path (odd row stride), per-channel smoothing and per-tensor.
+    for M, K, N, pad in ((5, 96, 32, 0), (19, 80, 48, 3)):
+        x = torch.randn(M, K + pad, device="cuda", dtype=torch.float16)[:, :K]
+        b = torch.randint(-128, 128, (N, K), dtype=torch.int8, device="cuda")
+        w_s = torch.rand(N, device="cuda") * 0.01
+        smooth = torch.rand(K, device="cuda") + 0.5 if pad else None
+        out = fastllm.ops.int8_matmul_static(x, b, 0.03, w_s, smooth=smooth, backend="cuda")
+        want = fastllm.ops.int8_matmul_static(x.cpu(), b.cpu(), 0.03, w_s.cpu(),
+                                              smooth=smooth.cpu() if pad else None, backend="torch")
+        assert torch.allclose(out.float().cpu(), want.float(), rtol=1e-2, atol=1e-2), (M, K, N)
 
 
 @case("sparse24")

@@ -146,8 +146,8 @@ def _flash_attention():
 
 @case("int8_matmul")
 def _int8_matmul():
-    # Every M bucket of pick_config, raw int32 and the fused epilogue; W8A16 per channel and
-    # per group, fp16 and bf16 activations.
+    # Every M bucket of pick_config: raw int32, the fused epilogue, and static W8A8 (activation
+    # quantization fused); W8A16 per channel and per group, fp16 and bf16 activations.
     from fastllm.triton_kernels.int8_matmul import int8_matmul, w8a16_matmul
     N = K = 4096
     w = _t(N, K, dtype=torch.int8)
@@ -156,6 +156,9 @@ def _int8_matmul():
         a = _t(M, K, dtype=torch.int8)
         int8_matmul(a, w)
         int8_matmul(a, w, torch.ones(M), ws, bias, out_dtype=torch.bfloat16)
+        # Static W8A8: bf16 activations quantized in the kernel (per-channel multiplier).
+        int8_matmul(_t(M, K, dtype=torch.bfloat16), w, torch.ones(1), ws, bias, out_dtype=torch.bfloat16,
+                    in_mul=torch.ones(K))
     for M in (1, 16, 64, 128, 1024):
         for dtype in (torch.float16, torch.bfloat16):
             w8a16_matmul(_t(M, K, dtype=dtype), w, ws, bias.to(dtype))

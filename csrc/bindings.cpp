@@ -14,6 +14,7 @@
 #include "common/common.h"
 #include "int8/int8_gemm.h"
 #include "int8/quantize_per_token.h"
+#include "int8/quantize_static.h"
 #include "sparse24/sparse24_gemm.h"
 
 namespace py = pybind11;
@@ -72,6 +73,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("quantize_per_token", &fastllm::quantize_per_token, py::call_guard<py::gil_scoped_release>(),
         py::arg("device"), py::arg("x"), py::arg("dtype"), py::arg("M"), py::arg("K"),
         py::arg("stride_x"), py::arg("q"), py::arg("scale"), py::arg("stream"));
+  m.def("quantize_static", &fastllm::quantize_static, py::call_guard<py::gil_scoped_release>(),
+        py::arg("device"), py::arg("x"), py::arg("dtype"), py::arg("M"), py::arg("K"), py::arg("stride_x"),
+        py::arg("mul"), py::arg("mul_len"), py::arg("q"), py::arg("stream"));
   m.def("int8_gemm", &fastllm::int8_gemm, py::call_guard<py::gil_scoped_release>(), py::arg("device"), py::arg("a"),
         py::arg("lda"), py::arg("b"), py::arg("ldb"), py::arg("out"), py::arg("out_dtype"), py::arg("a_scale"),
         py::arg("a_scale_len"), py::arg("w_scale"), py::arg("bias"), py::arg("bias_dtype"), py::arg("M"),

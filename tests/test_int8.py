@@ -26,7 +26,7 @@ from helpers import poison_
 
 from conftest import DEVICE
 
-KERNEL_BACKENDS = ["triton"]  # + "cuda" on a GPU once csrc/int8 has a kernel (none registered yet)
+KERNEL_BACKENDS = ["triton"]  # the cuda backend: tests/test_int8_cuda.py
 ALL = KERNEL_BACKENDS + ["torch"]
 OUT_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # The interpreter is slow: a sample of M that covers 1, tile edges (16/17, 32/33) and a

@@ -187,7 +187,6 @@ def flash_attention_fwd_kernel(
 
     b64 = b.to(tl.int64)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < seqlen_q
     d_ok = offs_d < D

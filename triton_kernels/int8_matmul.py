@@ -11,6 +11,13 @@ W8A8.  C[m, n] = (fp32(sum_k A[m, k] * B[n, k]) * a_scale[m]) * w_scale[n] + bia
   never reaches memory (unless the caller asks for it: SCALED=False stores it raw).
   Bytes moved (naive): M*K + N*K in, M*N*out_bytes out; FLOPs 2*M*N*K.
 
+W8A8, static activations (QUANT_A). A is the float activation X; each loaded X tile is
+  quantized in registers, Aq = rne(clamp(fp32(X) * mul[k], -127, 127)) (mul: smoothing /
+  act_scale per channel, or 1 / act_scale), before the same int8 tl.dot. With a calibrated
+  scale there is no row reduction, so the quantization pass over X and its int8 copy in memory
+  disappear; every N tile re-quantizes its A tiles (one multiply + round per element per
+  BLOCK_N MACs). Bit-exact with fastllm/ref/int8.py quantize_static.
+
 W8A16. C[m, n] = sum_k X[m, k] * (W[n, k] * s[n, k // group]) + bias[n]
   For decode (M = 1..16) the weights are the cost: N*K bytes (half of fp16) for 2*M*N*K
   FLOPs, so the kernel is bandwidth-bound and wants every SM streaming weights: BLOCK_M is
@@ -38,6 +45,10 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+
+# Rounds to nearest-even for |y| < 2**22 (the interpreter has no libdevice.rint).
+_RNE_MAGIC = tl.constexpr(12582912.0)
 
 
 class Config(NamedTuple):
@@ -57,7 +68,7 @@ def _sm_count(index: int) -> int:
 
 def pick_config(kind: str, M: int, N: int, K: int, *, group_size: int = 0, sms: int = 132,
                 interpret: bool = False) -> Config:
-    """The tile config for kind "w8a8" or "w8a16" at this (M bucket, N, K).
+    """The tile config for kind "w8a8", "w8a8-static" or "w8a16" at this (M bucket, N, K).
 
     GPU configs are the usual Hopper/Ampere shapes for 8-bit operands: int8 tl.dot needs
     BLOCK_K >= 32 (one m16n8k32 MMA); 128 int8 = 128 bytes per row per stage, the same bytes
@@ -67,7 +78,7 @@ def pick_config(kind: str, M: int, N: int, K: int, *, group_size: int = 0, sms: 
     that partial tiles, masked K and split-K are all exercised, with few enough programs to
     keep the CPU run short.
     """
-    if kind == "w8a8":
+    if kind in ("w8a8", "w8a8-static"):
         if interpret:
             return Config(16 if M <= 16 else 32, 32, 32, GROUP_M=2, num_stages=1)
         if M <= 16:
@@ -82,6 +93,10 @@ def pick_config(kind: str, M: int, N: int, K: int, *, group_size: int = 0, sms: 
             # BLOCK_K 64, not 128: with 128 the raw-int32 variant spills on sm_80/86
             # (bench/triton_compile_check.py); one more stage keeps the same bytes in flight.
             cfg = Config(128, 256, 64, num_warps=8, num_stages=4)
+        if kind == "w8a8-static" and cfg.BLOCK_K > 128:
+            # The A tile arrives in 16 bits (twice the int8 bytes) and is quantized in
+            # registers: K 256 spills (sm_86 at M 32, sm_90 at M 16) and fills shared memory.
+            cfg = cfg._replace(BLOCK_K=128)
         # Do not walk K in steps far larger than K itself (min 32: int8 MMA k-width).
         return cfg._replace(BLOCK_K=max(32, min(cfg.BLOCK_K, triton.next_power_of_2(K))))
 
@@ -146,14 +161,31 @@ def _store_out(ptrs, x, mask, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def int8_matmul_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
+def _quantize_tile(x, mul, INTERPRET: tl.constexpr):
+    """int8 rne(clamp(fp32(x) * mul, -127, 127)), NaN -> 0 (fastllm/ref/int8.py quantize_static)."""
+    y = x.to(tl.float32)
+    if INTERPRET:
+        y = y * mul
+    else:
+        y = libdevice.mul_rn(y, mul)      # one rounding, as the reference
+    y = tl.where(y == y, y, 0.0)
+    y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+    if INTERPRET:
+        y = (y + _RNE_MAGIC) - _RNE_MAGIC
+    else:
+        y = libdevice.rint(y)
+    return y.to(tl.int8)
+
+
+@triton.jit
+def int8_matmul_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr,
                        M, N, K,
                        stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
-                       stride_as, stride_ws, stride_bias,
+                       stride_as, stride_ws, stride_bias, stride_mul,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                        SCALED: tl.constexpr, A_SCALE_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       INTERPRET: tl.constexpr):
+                       QUANT_A: tl.constexpr, INTERPRET: tl.constexpr):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -163,18 +195,25 @@ def int8_matmul_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
     a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + rn[None, :] * stride_bn   # B^T tile (K, N)
 
+    mul_ptrs = mul_ptr + offs_k * stride_mul     # stride 0: one per-tensor multiplier
+
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for kt in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
+            if QUANT_A:
+                a = _quantize_tile(a, tl.load(mul_ptrs)[None, :], INTERPRET)
         else:
             k_ok = offs_k < K - kt * BLOCK_K
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
             b = tl.load(b_ptrs, mask=k_ok[:, None], other=0)
+            if QUANT_A:
+                a = _quantize_tile(a, tl.load(mul_ptrs, mask=k_ok, other=0.0)[None, :], INTERPRET)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+        mul_ptrs += BLOCK_K * stride_mul
 
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
     c_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
@@ -259,30 +298,37 @@ def _sms(t: torch.Tensor) -> int:
 def int8_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: Optional[torch.Tensor] = None,
                 w_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                 out_dtype: torch.dtype = torch.bfloat16, config: Optional[Config] = None,
-                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                out: Optional[torch.Tensor] = None, in_mul: Optional[torch.Tensor] = None) -> torch.Tensor:
     """a (M, K) int8, b (N, K) int8, any strides. With a_scale is None: the raw int32 a @ b.T.
     Else a_scale (M,) or 1 element fp32, w_scale (N,) fp32, bias (N,) float or None -> out_dtype.
+    in_mul (K,) or 1 element fp32: `a` is the float activation, quantized in the kernel as
+    quantize_static(a, in_mul) (static W8A8; needs a_scale).
     config overrides pick_config; out (M, N), any strides, is written in place (tests poison it)."""
     M, K = a.shape
     N = b.shape[0]
     scaled = a_scale is not None
+    if in_mul is not None and not scaled:
+        raise ValueError("in_mul (static quantization) needs the scaled epilogue (a_scale, w_scale)")
     if out is None:
         out = torch.empty((M, N), dtype=out_dtype if scaled else torch.int32, device=a.device)
     if M == 0 or N == 0:
         return out
-    cfg = config or pick_config("w8a8", M, N, K, sms=_sms(a), interpret=_interp())
+    kind = "w8a8" if in_mul is None else "w8a8-static"
+    cfg = config or pick_config(kind, M, N, K, sms=_sms(a), interpret=_interp())
     grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
     per_row = scaled and a_scale.numel() > 1
     dummy = out  # never read when the matching flag is off
+    quant_a = in_mul is not None
     int8_matmul_kernel[grid](
         a, b, out, a_scale if scaled else dummy, w_scale if scaled else dummy,
-        bias if bias is not None else dummy,
+        bias if bias is not None else dummy, in_mul if quant_a else dummy,
         M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         a_scale.stride(0) if per_row else 0, w_scale.stride(0) if scaled else 0,
         bias.stride(0) if bias is not None else 0,
+        in_mul.stride(0) if quant_a and in_mul.numel() > 1 else 0,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         EVEN_K=K % cfg.BLOCK_K == 0, SCALED=scaled, A_SCALE_PER_ROW=per_row, HAS_BIAS=bias is not None,
-        INTERPRET=_interp(),
+        QUANT_A=quant_a, INTERPRET=_interp(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 

@@ -18,6 +18,7 @@
 #include <cuda_fp16.h>
 
 #include "common/common.h"
+#include "int8/quantize_convert.cuh"
 #include "int8/quantize_per_token.h"
 
 namespace fastllm {
@@ -28,15 +29,8 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
-template <typename T> __device__ __forceinline__ float to_float(T v);
-template <> __device__ __forceinline__ float to_float(float v) { return v; }
-template <> __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
+using quant::to_float;
+using quant::Vec;
 
 __device__ __forceinline__ float block_max(float v, float* smem) {
 #pragma unroll

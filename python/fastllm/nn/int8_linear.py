@@ -10,8 +10,9 @@ Modes:
 - "w8a8-dynamic": each call quantizes its input per token (fastllm.ops.quantize_per_token)
   and runs fastllm.ops.int8_matmul with the per-token scales (int32 accumulate, fused dequant).
 - "w8a8-static": one calibrated per-tensor activation scale `act_scale` (the int8 step:
-  calibrated max|x| / 127); x is rounded to int8 with it (saturating at +-127) and fed to
-  int8_matmul. Cheaper at run time, less robust to unseen ranges.
+  calibrated max|x| / 127); fastllm.ops.int8_matmul_static rounds x to int8 with it
+  (saturating at +-127) inside the GEMM (Triton: fused into the tile loads). Cheaper at run
+  time, less robust to unseen ranges.
 - "w8a16": weight-only; fastllm.ops.w8a16_matmul dequantizes in registers (decode-friendly).
 Weights are quantized symmetric per output channel (or per group of `group_size` input
 channels in w8a16) by fastllm.quant.weights.
@@ -147,14 +148,14 @@ class Int8Linear(nn.Module):
         if self.mode == "w8a16":
             y = ops.w8a16_matmul(x2, self.weight_int8, self.weight_scale, self.bias, group_size=self.group_size,
                                  backend=self.backend)
+        elif self.mode == "w8a8-static":
+            # Quantization (x * smooth / act_scale, rounded) fused into the GEMM's loads.
+            y = ops.int8_matmul_static(x2, self.weight_int8, self.act_scale, self.weight_scale, self.bias,
+                                       smooth=self.smooth, backend=self.backend)
         else:
             if self.smooth is not None:
                 x2 = x2.float() * self.smooth
-            if self.mode == "w8a8-dynamic":
-                q, a_scale = ops.quantize_per_token(x2, backend=self.backend)
-            else:
-                a_scale = self.act_scale
-                q = torch.round(x2.float() / a_scale).clamp_(-127, 127).to(torch.int8)
+            q, a_scale = ops.quantize_per_token(x2, backend=self.backend)
             y = ops.int8_matmul(q, self.weight_int8, a_scale, self.weight_scale, self.bias, out_dtype=x.dtype,
                                 backend=self.backend)
         return y.reshape(*lead, self.out_features)

@@ -9,6 +9,8 @@ Imported lazily by python/fastllm/ops/int8.py (the "cuda" backend). Functions:
     int8_gemm_cuda(a, b, a_scale, w_scale, bias, out_dtype) -> (M, N) out_dtype (int32 = raw)
     w8a16_supports(x, w, w_scale, bias, group_size) -> None or a reason
     w8a16_cuda(x, w, w_scale, bias, group_size) -> (M, N) x.dtype
+    quantize_static_supports(x, in_mul) -> None or a reason
+    quantize_static_cuda(x, in_mul) -> (M, K) int8 (csrc/int8/quantize_static.cu)
 
 Arguments arrive checked by the op layer (dtypes, shapes, K and N multiples of 16, K bound,
 same device); the backend registry has checked that the tensors are on CUDA and that the
@@ -159,3 +161,34 @@ def w8a16_cuda(x, w, w_scale, bias, group_size):
         out.data_ptr(), M, N, K, _ext.stream_of(x))
     _ext.check(code, "w8a16_matmul")
     return out
+
+
+def quantize_static_supports(x, in_mul) -> Optional[str]:
+    """None if csrc/int8/quantize_static.cu can quantize x with multiplier in_mul."""
+    if x.dtype not in FLOATS or x.dim() != 2:
+        return "x must be 2-D float16/bfloat16/float32"
+    M, K = x.shape
+    if K > 1 and x.stride(1) != 1:
+        return f"'x' needs unit stride along K (strides {tuple(x.stride())})"
+    if M > 1 and x.stride(0) < K:
+        return f"'x' rows overlap (row stride {x.stride(0)} < {K} columns)"
+    if in_mul.dtype != torch.float32 or in_mul.numel() not in (1, K):
+        return f"in_mul must be float32 with 1 or K = {K} elements"
+    return None
+
+
+def quantize_static_cuda(x, in_mul):
+    """(M, K) int8 = rne(clamp(x * in_mul, -127, 127)), NaN -> 0 (fastllm/ref/int8.py quantize_static)."""
+    reason = quantize_static_supports(x, in_mul)
+    if reason is not None:
+        raise ValueError(f"int8_matmul_static (cuda backend): {reason}")
+    M, K = x.shape
+    q = torch.empty((M, K), dtype=torch.int8, device=x.device)
+    if M == 0 or K == 0:
+        return q
+    in_mul = in_mul.reshape(-1).contiguous()
+    code = _ext.lib().quantize_static(x.device.index, x.data_ptr(), _ext.DTYPE_CODES[x.dtype], M, K,
+                                      x.stride(0) if M > 1 else K, in_mul.data_ptr(), in_mul.numel(),
+                                      q.data_ptr(), _ext.stream_of(x))
+    _ext.check(code, "int8_matmul_static")
+    return q

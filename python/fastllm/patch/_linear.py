@@ -277,7 +277,6 @@ def plan(model, options, batches, device, chosen, left) -> Plan:
         for k in r.calibration(options):
             if k in st:
                 layer[n][k] = st[k]
-    rule_of = {n: r for n, _, r in chosen}
     missing = [n for n, _, r in chosen if any(k not in layer[n] for k in r.calibration(options))]
     folds = {}
     if alpha is not None:

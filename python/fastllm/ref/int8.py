@@ -5,6 +5,9 @@
         = round_to(out_dtype, (float32(acc) * a_scale[m]) * w_scale[n] + bias[n])   # all fp32
     out = w8a16_matmul(x, w, w_scale, bias, group_size)
         = round_to(x.dtype, sum_k x[m, k] * (w[n, k] * w_scale[n, k // group]) + bias[n])  # fp32
+    q = quantize_static(x, in_mul) = rne(clamp(fp32(x[m, k]) * in_mul[k], -127, 127))   # NaN -> 0
+    out = int8_matmul_static(x, b, in_mul, a_scale, w_scale, bias)
+        = int8_matmul(quantize_static(x, in_mul), b, a_scale, w_scale, bias, out_dtype=x.dtype)
 
 Semantics every backend follows:
 - b / w is in nn.Linear layout (N, K): out = a @ b.T.
@@ -63,3 +66,18 @@ def w8a16_matmul(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: 
     if bias is not None:
         out = out + bias.to(torch.float32).reshape(1, -1)
     return out.to(x.dtype)
+
+
+def quantize_static(x: torch.Tensor, in_mul: torch.Tensor) -> torch.Tensor:
+    """Static (calibrated) activation quantization: x (M, K) float, in_mul fp32 (K,) per channel
+    or one element -> int8 rne(clamp(fp32(x) * in_mul, -127, 127)); NaN -> 0, +-inf -> +-127.
+    One fp32 product per element (rounded once), then an exact clamp and round-half-even."""
+    y = x.to(torch.float32) * in_mul.to(torch.float32).reshape(1, -1)
+    y = torch.nan_to_num(y, nan=0.0, posinf=127.0, neginf=-127.0).clamp_(-127.0, 127.0)
+    return torch.round(y).to(torch.int8)
+
+
+def int8_matmul_static(x: torch.Tensor, b: torch.Tensor, in_mul: torch.Tensor, a_scale: torch.Tensor,
+                       w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """W8A8 with static activation quantization, in x.dtype: the int8 GEMM of quantize_static(x)."""
+    return int8_matmul(quantize_static(x, in_mul), b, a_scale, w_scale, bias, out_dtype=x.dtype)

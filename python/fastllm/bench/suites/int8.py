@@ -7,8 +7,9 @@ Kinds of rows:
                bf16 copies of the operands (the dense 16-bit baseline).
   w8a8         the same GEMM with the fused dequant epilogue (per-token a_scale, per-channel
                w_scale, bf16 out): int8_matmul per backend.
-  w8a8-linear  end to end from bf16 activations: quantize_per_token + int8_matmul (bf16 out)
-               vs F.linear in bf16 (weights quantized once, outside the timing).
+  w8a8-linear  end to end from bf16 activations: quantize_per_token + int8_matmul (bf16 out),
+               and int8_matmul_static (calibrated per-tensor scale, quantization fused:
+               impl "...-static") vs F.linear in bf16 (weights quantized once, untimed).
   w8a16        weight-only int8 at decode M = 1..16 (per channel, and group 128) vs F.linear
                in bf16; also GB/s (weight bytes dominate).
 Shapes: square M = N = K in 1024..8192, and the linears of Llama-3-8B / 70B (fused qkv, o,
@@ -190,6 +191,14 @@ def run_linear(ctx, rows):
             # int8 on both sides: ~1% relative error vs the exact product is the method's cost.
             impls[f"fastllm-{be}"] = (fn, *_rows_check(fn(), lambda rs, cs: want[rs, cs], M, N, exact=False,
                                                        rtol=3e-2))
+        # Static: one calibrated scale (here from x itself), quantization inside the GEMM.
+        act_scale = torch.tensor([x.abs().max().item() / 127], device=dev)
+        op_s = fastllm.ops.OPS["int8_matmul_static"]
+        for be in _backends(ctx, op_s, dev, x, wq, act_scale.reciprocal(), act_scale, ws, None):
+            def fn_s(be=be):
+                return fastllm.ops.int8_matmul_static(x, wq, act_scale, ws, backend=be)
+            impls[f"fastllm-{be}-static"] = (fn_s, *_rows_check(fn_s(), lambda rs, cs: want[rs, cs], M, N,
+                                                                exact=False, rtol=5e-2))
         fn = lambda: F.linear(x, w)  # noqa: E731
         impls[base] = (fn, *_rows_check(fn(), lambda rs, cs: want[rs, cs], M, N, exact=False, rtol=2e-2))
         _time_rows(ctx, rows, "w8a8-linear", impls, base, _name(act), M, N, K, 2 * M * N * K,
