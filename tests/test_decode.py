@@ -473,3 +473,15 @@ def test_gpu_features(backend, dtype):
     except fastllm.BackendUnavailableError as e:
         pytest.skip(str(e))
 
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_paged_cache(backend):
+    # No pages at all (a fresh paged cache): every row gets out 0 and lse -inf, no launch error.
+    q = torch.randn(2, 8, 1, 64, device=DEVICE).to(torch.float16)
+    pages = torch.zeros(0, 16, 2, 64, device=DEVICE, dtype=torch.float16)
+    table = torch.zeros(2, 0, dtype=torch.int32, device=DEVICE)
+    lens = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    out, lse = decode_attention(q, pages, pages, cache_seqlens=lens, block_table=table, return_lse=True,
+                                backend=backend)
+    assert out.shape == (2, 1, 8, 64) and (out == 0).all() and (lse == float("-inf")).all()

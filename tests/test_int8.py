@@ -124,6 +124,20 @@ def test_empty(backend):
     assert y.shape == (0, 16)
 
 
+@pytest.mark.parametrize("backend", ALL + (["cuda"] if DEVICE == "cuda" else []))
+def test_k_zero(backend):
+    # K = 0 is a legal empty reduction (PyTorch gives an (M, 0) tensor strides (1, 1)): out is
+    # the bias alone, or zeros.
+    a, b = rand_int8(4, 0), rand_int8(16, 0)
+    assert torch.equal(int8_matmul_int32(a, b, backend=backend).cpu(), torch.zeros(4, 16, dtype=torch.int32))
+    bias = torch.randn(16, device=DEVICE)
+    out = int8_matmul(a, b, torch.ones(4, device=DEVICE), torch.ones(16, device=DEVICE), bias,
+                      out_dtype=torch.float32, backend=backend)
+    assert torch.equal(out.cpu(), bias.cpu().expand(4, 16))
+    y = w8a16_matmul(torch.randn(2, 0, device=DEVICE), b, torch.ones(16, device=DEVICE), backend=backend)
+    assert torch.equal(y.cpu(), torch.zeros(2, 16))
+
+
 def test_cpu_int_mm_probe():
     # The torch backend uses torch._int_mm on CPU only when it passed the exactness probe.
     if hasattr(torch, "_int_mm"):

@@ -66,6 +66,15 @@ def test_empty(backend):
     assert q.shape == (0, 8) and s.shape == (0,)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["torch"])
+def test_broadcast_rows(backend):
+    # A broadcast x (row stride 0, rows overlap) is valid input: every row equals the one row.
+    row = torch.randn(1, 96, device=DEVICE)
+    q, s = quantize_per_token(row.expand(5, 96), backend=backend)
+    rq, rs = ref.quantize_per_token(row.cpu().expand(5, 96).contiguous())
+    assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs)
+
+
 def test_bad_inputs():
     with pytest.raises(TypeError, match="argument 'x' must be a torch.Tensor"):
         quantize_per_token([[1.0]])

@@ -255,6 +255,22 @@ def test_sparse24_int8(backend, K, N):
                 assert_epilogue_close(out, acc, a_s.expand(M) if not per_row else a_s, w_s, bias, out_dtype)
 
 
+@pytest.mark.parametrize("backend", ALL)
+def test_broadcast_rows(backend):
+    # A broadcast x (row stride 0) is valid input; the CUDA kernel cannot take overlapping rows,
+    # so its supports() must say so and auto pick another backend, never fail at launch.
+    w = sparse_weight(32, 128, torch.float16)
+    values, meta = compress(w)
+    x = torch.randn(1, 128, device=DEVICE).to(torch.float16).expand(6, 128)
+    if backend == "cuda":
+        from fastllm.ops._sparse24_cuda import cuda_supports
+        assert "overlapping" in cuda_supports(x, values, meta, None, None, None)
+        out = sparse24_matmul(x, values, meta)
+    else:
+        out = sparse24_matmul(x, values, meta, backend=backend)
+    check_close(out, x, w, None, torch.float16)
+
+
 def test_empty_and_python_float_scale():
     values, meta = compress(sparse_weight(16, 64, torch.int8))
     a = torch.zeros(0, 64, dtype=torch.int8, device=DEVICE)

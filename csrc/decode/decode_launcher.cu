@@ -76,9 +76,15 @@ int decode_attention_fwd(int device, int dtype, uintptr_t q, uintptr_t k, uintpt
   if (batch * heads_kv > INT_MAX || (rows + 15) / 16 > 65535 || seqlen_q > 65535 || capacity > INT_MAX / 2)
     return kErrBadShape;
   if (num_splits < 1 || num_splits > kMaxSplits) return kErrBadShape;
-  if (!(scale > 0.0) || !std::isfinite(scale) || !(softcap >= 0.0) || !std::isfinite(softcap)) return kErrBadShape;
+  // The kernel works with scale * log2(e) in fp32: it must stay a positive normal float (a
+  // scale that rounds to 0 there would turn exp2(-inf * 0) into NaN).
+  if (!(scale * kLog2e >= 1.17549435e-38) || !std::isfinite(static_cast<float>(scale * kLog2e)) ||
+      !(softcap >= 0.0) || !std::isfinite(softcap))
+    return kErrBadShape;
   const bool paged = block_table != 0;
-  if (paged && (page_size < 1 || num_pages < 1 || num_pages > INT_MAX || page_size > INT_MAX)) return kErrBadShape;
+  // An empty paged cache (capacity 0) reads no page: every row is out 0 / lse -inf.
+  if (paged && capacity > 0 && (page_size < 1 || num_pages < 1 || num_pages > INT_MAX || page_size > INT_MAX))
+    return kErrBadShape;
   if (!aligned(q, 16) || !aligned(k, 16) || !aligned(v, 16) || !aligned(out, 16) || !aligned(lse, 4))
     return kErrMisaligned;
   if (!aligned(cache_seqlens, 4) || !aligned(block_table, 4)) return kErrMisaligned;

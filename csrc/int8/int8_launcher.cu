@@ -63,7 +63,9 @@ int int8_gemm(int device, uintptr_t a, int64_t lda, uintptr_t b, int64_t ldb, ui
   if (out_dtype != kInt32 && !float_dtype(out_dtype)) return kErrUnsupportedDtype;
   if (M < 0 || N < 0 || K < 0 || M > kMaxDim || N > kMaxDim || K > kMaxK || N % 16 || K % 16) return kErrBadShape;
   if (M == 0 || N == 0) return kOk;
-  // cp.async moves 16-byte chunks: 16-byte aligned rows. A single row's stride is never used.
+  // cp.async moves 16-byte chunks: 16-byte aligned rows. A single row's stride is never used,
+  // nor any stride when K == 0 (PyTorch gives an empty (M, 0) tensor strides (1, 1)).
+  if (K == 0) lda = ldb = 0;
   if (M > 1 && lda < K) return kErrBadShape;
   if (ldb < K && N > 1) return kErrBadShape;
   if (!aligned(a, 16) || !aligned(b, 16) || lda % 16 || ldb % 16) return kErrMisaligned;
@@ -112,6 +114,7 @@ int w8a16_gemm(int device, int dtype, uintptr_t x, int64_t ldx, uintptr_t w, int
     return kErrBadShape;
   if (group_size < 0 || (group_size > 0 && (group_size % 64 || K % group_size))) return kErrBadShape;
   if (M == 0 || N == 0) return kOk;
+  if (K == 0) ldx = ldw = 0;  // no row is read (and an empty (M, 0) tensor has stride 1)
   if (M > 1 && ldx < K) return kErrBadShape;
   if (ldw < K && N > 1) return kErrBadShape;
   if (!aligned(x, 16) || !aligned(w, 16) || ldx % 8 || ldw % 16 || !aligned(out, 2)) return kErrMisaligned;

@@ -106,7 +106,8 @@ int launch(const void* x, int64_t M, int64_t K, int64_t stride_x, void* q, float
 
 int quantize_per_token(int device, uintptr_t x, int dtype, int64_t M, int64_t K, int64_t stride_x,
                        uintptr_t q, uintptr_t scale, uintptr_t stream) {
-  if (M < 0 || K < 0 || M > 0x7fffffff || stride_x < K) return kErrBadShape;
+  // Rows may overlap (a broadcast x has row stride 0): the kernel only reads x.
+  if (M < 0 || K < 0 || M > 0x7fffffff || (M > 1 && stride_x < 0)) return kErrBadShape;
   if (M == 0) return kOk;
   DeviceGuard guard(device);
   if (guard.status() != cudaSuccess) return guard.status();

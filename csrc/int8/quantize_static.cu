@@ -75,7 +75,8 @@ int launch(const void* x, int64_t M, int64_t K, int64_t stride_x, const float* m
 
 int quantize_static(int device, uintptr_t x, int dtype, int64_t M, int64_t K, int64_t stride_x,
                     uintptr_t mul, int64_t mul_len, uintptr_t q, uintptr_t stream) {
-  if (M < 0 || K < 0 || (M > 1 && stride_x < K) || (mul_len != 1 && mul_len != K)) return kErrBadShape;
+  // Rows may overlap (a broadcast x has row stride 0): the kernel only reads x.
+  if (M < 0 || K < 0 || (M > 1 && stride_x < 0) || (mul_len != 1 && mul_len != K)) return kErrBadShape;
   if (M == 0 || K == 0) return kOk;
   if (mul == 0) return kErrBadShape;
   DeviceGuard guard(device);

@@ -278,13 +278,16 @@ int launch(const Params& p, cudaStream_t stream) {
   return launch_status();
 }
 
-// Picks SmallM or LargeM by M and by the device's shared-memory opt-in (sm_86/89 parts have
-// ~99 KB: LargeM does not fit there, SmallM serves every M).
+// Launches the config choose_config (sparse24_traits.h) picks for this call and device.
 template <typename T>
-int run(const Params& p, int smem_optin, cudaStream_t stream) {
-  if (p.M > 64 && LargeM<T>::kSmemBytes <= smem_optin) return launch<LargeM<T>>(p, stream);
-  if (SmallM<T>::kSmemBytes > smem_optin) return kErrUnsupportedArch;
-  return launch<SmallM<T>>(p, stream);
+int run(const Params& p, int num_sms, int smem_optin, cudaStream_t stream) {
+  switch (choose_config<T>(p.M, p.N, num_sms, smem_optin)) {
+    case 0: return launch<NarrowM<T>>(p, stream);
+    case 2: return launch<LargeM<T>>(p, stream);
+    default:
+      if (SmallM<T>::kSmemBytes > smem_optin) return kErrUnsupportedArch;
+      return launch<SmallM<T>>(p, stream);
+  }
 }
 
 }  // namespace sparse24

@@ -12,10 +12,10 @@
 namespace fastllm {
 namespace sparse24 {
 struct Params;
-template <typename T> int run(const Params& p, int smem_optin, cudaStream_t stream);
-extern template int run<__half>(const Params&, int, cudaStream_t);
-extern template int run<__nv_bfloat16>(const Params&, int, cudaStream_t);
-extern template int run<int8_t>(const Params&, int, cudaStream_t);
+template <typename T> int run(const Params& p, int num_sms, int smem_optin, cudaStream_t stream);
+extern template int run<__half>(const Params&, int, int, cudaStream_t);
+extern template int run<__nv_bfloat16>(const Params&, int, int, cudaStream_t);
+extern template int run<int8_t>(const Params&, int, int, cudaStream_t);
 }  // namespace sparse24
 }  // namespace fastllm
 
@@ -35,6 +35,7 @@ int sparse24_gemm(int device, int dtype, uintptr_t x, uintptr_t values, uintptr_
                                               out_dtype != kFloat32))
       return kErrUnsupportedDtype;
     if ((a_scale == 0) != (w_scale == 0)) return kErrBadShape;
+    if (a_scale == 0 && bias != 0) return kErrUnsupportedDtype;  // the raw int32 path adds no bias
     if (K > 2147483647LL / (128 * 128)) return kErrBadShape;   // the int32 accumulator could overflow
   } else if (out_dtype != dtype || a_scale != 0 || w_scale != 0) {
     return kErrUnsupportedDtype;
@@ -48,9 +49,10 @@ int sparse24_gemm(int device, int dtype, uintptr_t x, uintptr_t values, uintptr_
 
   DeviceGuard guard(device);
   if (guard.status() != cudaSuccess) return static_cast<int>(guard.status());
-  int major = 0, optin = 0;
+  int major = 0, optin = 0, sms = 0;
   cudaError_t e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (e != cudaSuccess) return static_cast<int>(e);
   if (major < 8) return kErrUnsupportedArch;   // mma.sp / cp.async / ldmatrix need sm80
   // Hopper: a wgmma.sp + TMA kernel belongs here (FASTLLM_HAS_SM90A builds); sm90 runs this one.
@@ -72,9 +74,9 @@ int sparse24_gemm(int device, int dtype, uintptr_t x, uintptr_t values, uintptr_
   p.a_scale_per_row = a_scale_per_row;
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case kFloat16: return sparse24::run<__half>(p, optin, st);
-    case kBFloat16: return sparse24::run<__nv_bfloat16>(p, optin, st);
-    default: return sparse24::run<int8_t>(p, optin, st);
+    case kFloat16: return sparse24::run<__half>(p, sms, optin, st);
+    case kBFloat16: return sparse24::run<__nv_bfloat16>(p, sms, optin, st);
+    default: return sparse24::run<int8_t>(p, sms, optin, st);
   }
 }
 

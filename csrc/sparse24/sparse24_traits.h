@@ -44,9 +44,23 @@ struct Traits {
 
 // Decode / small M: 4 warps side by side along W (16 rows x 16 tokens each); 4 stages, ~57 KB.
 template <typename T> using SmallM = Traits<T, 64, 16, 4, 1, 4>;
+// Decode on a narrow layer: SmallM gives N / 64 CTAs, fewer than the SMs when N / 64 < SMs
+// (64 at N = 4096 on a 132-SM H100) and the weight stream is the whole cost; 32-row CTAs of
+// 2 warps double the CTAs (and the SMs streaming), ~31 KB each.
+template <typename T> using NarrowM = Traits<T, 32, 16, 2, 1, 4>;
+
 // Prefill: 8 warps as 2 (W) x 4 (tokens), each 64 rows x 32 tokens (4 x 4 MMAs per k-slice);
 // 3 stages, ~156 KB (needs the sm80/sm90 shared-memory opt-in; smaller parts use SmallM).
 template <typename T> using LargeM = Traits<T, 128, 128, 2, 4, 3>;
+
+// The config for a call: 0 = NarrowM, 1 = SmallM, 2 = LargeM. smem_optin: the device's
+// per-block shared-memory opt-in (sm_86/89 ~99 KB: LargeM does not fit, SmallM serves all M).
+template <typename T>
+inline int choose_config(int64_t M, int64_t N, int num_sms, int smem_optin) {
+  if (M > 64 && LargeM<T>::kSmemBytes <= smem_optin) return 2;
+  if (M <= 16 && (N + SmallM<T>::kBW - 1) / SmallM<T>::kBW < num_sms) return 0;
+  return 1;
+}
 
 }  // namespace sparse24
 }  // namespace fastllm

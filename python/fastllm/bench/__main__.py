@@ -1,4 +1,4 @@
-"""python -m fastllm.bench {attention,quantize,all} [options]
+"""python -m fastllm.bench {attention,decode,int8,sparse24,quantize,model,all} [options]
 
 Each row: time (median, L2 flushed, after warm-up), TFLOP/s or GB/s, and the fraction of
 this device's ceiling measured at the start of the run (dense bf16 matmul, copy bandwidth),

@@ -63,8 +63,9 @@ def cuda_supports(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, 
         return f"cache capacity {capacity} above {_INT_MAX // 2}"
     if num_splits > MAX_SPLITS:
         return f"num_splits {num_splits} above {MAX_SPLITS}"
-    if not (math.isfinite(scale) and scale > 0):
-        return f"scale {scale!r} must be a finite float > 0 for the CUDA kernel"
+    if not (math.isfinite(scale) and 1.17549435e-38 <= scale * math.log2(math.e) < 3.4e38):
+        # The kernel works with scale * log2(e) as a normal fp32 number.
+        return f"scale {scale!r} must be a finite float with scale * log2(e) a normal fp32 number for the CUDA kernel"
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dtype != q.dtype:
             return f"'{name}' dtype {_dt(t.dtype)} differs from q's {_dt(q.dtype)}"

@@ -170,8 +170,8 @@ def quantize_static_supports(x, in_mul) -> Optional[str]:
     M, K = x.shape
     if K > 1 and x.stride(1) != 1:
         return f"'x' needs unit stride along K (strides {tuple(x.stride())})"
-    if M > 1 and x.stride(0) < K:
-        return f"'x' rows overlap (row stride {x.stride(0)} < {K} columns)"
+    if M > 1 and x.stride(0) < 0:
+        return f"'x' has a negative row stride ({x.stride(0)})"
     if in_mul.dtype != torch.float32 or in_mul.numel() not in (1, K):
         return f"in_mul must be float32 with 1 or K = {K} elements"
     return None

@@ -43,6 +43,8 @@ def cuda_supports(x, values, meta, bias, a_scale, w_scale) -> Optional[str]:
         return f"'x' needs unit stride along K (strides {tuple(x.stride())})"
     if (x.stride(0) * x.element_size()) % 16 and M > 1:
         return f"'x' row stride {x.stride(0)} is not a multiple of 16 bytes (cp.async 16-byte copies)"
+    if M > 1 and x.stride(0) < K:
+        return f"'x' row stride {x.stride(0)} < K = {K} (overlapping or broadcast rows)"
     for name, t in (("x", x), ("values", values), ("meta", meta)):
         if t.numel() and t.data_ptr() % 16:
             return f"'{name}' data pointer is not 16-byte aligned"

@@ -18,6 +18,8 @@ def quantize_per_token(x: torch.Tensor):
     inv = torch.where(ok, inv, torch.zeros_like(amax))
     q = torch.round(torch.nan_to_num(xf, nan=0.0, posinf=0.0, neginf=0.0) * inv[:, None])
     q = q.clamp_(-127, 127).to(torch.int8)
-    scale = torch.where(finite, torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)),
+    # Tensor / tensor: on CUDA PyTorch turns `t / 127.0` into t * fl(1/127) (an ulp off for ~5%
+    # of values); the kernels divide (IEEE), and so must the reference on every device.
+    scale = torch.where(finite, torch.where(amax > 0, amax.div(torch.full_like(amax, 127.0)), torch.ones_like(amax)),
                         torch.full_like(amax, float("nan")))
     return q, scale

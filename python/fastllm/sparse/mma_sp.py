@@ -104,9 +104,9 @@ def _accumulate(D, c):
 
 
 # ----------------------------------------------------------------------------------------------
-# What the CUDA kernel loads into each lane's registers (csrc/sparse24/sparse24_gemm.cuh does
-# the same with ldmatrix on the values tile, a 32-bit load of meta[rb, 32 kb + lane], and
-# ldmatrix.trans-free B fragments from the activation tile).
+# What the CUDA kernel loads into each lane's registers (csrc/sparse24/sparse24_gemm_kernel.cuh
+# does the same with ldmatrix on the values tile, a 32-bit load of meta[rb, 32 kb + lane], and
+# plain (non-transposed) ldmatrix B fragments from the activation tile).
 
 def _pack16(lo, hi) -> int:
     bits = torch.stack([lo, hi]).view(torch.int16).to(torch.int64) & 0xFFFF
