@@ -410,10 +410,7 @@ int run_flash_fwd_sm80(const FlashFwdParams& p, cudaStream_t stream) {
   using Traits = FlashFwdTraits<D>;
   auto kernel = flash_fwd_kernel<Traits, T>;
   constexpr int kSmem = Traits::kSmemBytes;
-  if (kSmem > 48 * 1024) {  // above 48 KB dynamic shared memory must be opted into
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    if (e != cudaSuccess) return static_cast<int>(e);
-  }
+  if (const int e = opt_in_dynamic_smem<flash_fwd_kernel<Traits, T>>(kSmem)) return e;
   const dim3 grid((p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, p.heads_q, p.batch);
   kernel<<<grid, Traits::kThreads, kSmem, stream>>>(p);
   return launch_status();

@@ -8,6 +8,8 @@
 #pragma once
 
 #include <cuda_runtime.h>
+
+#include <atomic>
 #include <cstdint>
 
 namespace fastllm {
@@ -56,5 +58,24 @@ class DeviceGuard {
 
 // Launch epilogue: a bad grid or missing arch shows up here, not at the next sync.
 inline int launch_status() { return static_cast<int>(cudaGetLastError()); }
+
+// Opts kernel `Kernel` into `bytes` of dynamic shared memory (needed above 48 KB). The attribute
+// belongs to the (function, device) pair, so it is set once per device, not on every launch: a
+// driver call per launch is microseconds per layer per decoded token. `Kernel` is a template
+// argument so each kernel has its own flags (devices 0..63; others set it every time).
+template <auto Kernel>
+inline int opt_in_dynamic_smem(int bytes) {
+  if (bytes <= 48 * 1024) return 0;
+  static std::atomic<uint64_t> done{0};
+  int device = 0;
+  const cudaError_t ge = cudaGetDevice(&device);
+  if (ge != cudaSuccess) return static_cast<int>(ge);
+  const uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
+  if (bit && (done.load(std::memory_order_relaxed) & bit)) return 0;
+  const cudaError_t e = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e != cudaSuccess) return static_cast<int>(e);
+  done.fetch_or(bit, std::memory_order_relaxed);
+  return 0;
+}
 
 }  // namespace fastllm

@@ -417,10 +417,7 @@ int run_decode(const DecodeParams& p, cudaStream_t stream) {
   using Traits = DecodeTraits<D>;
   auto kernel = decode_split_kernel<Traits, T>;
   constexpr int kSmem = Traits::kSmemBytes;
-  if (kSmem > 48 * 1024) {  // above 48 KB dynamic shared memory must be opted into
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    if (e != cudaSuccess) return static_cast<int>(e);
-  }
+  if (const int e = opt_in_dynamic_smem<decode_split_kernel<Traits, T>>(kSmem)) return e;
   const dim3 grid(p.batch * p.heads_kv, p.num_splits, (p.rows + 15) / 16);
   kernel<<<grid, Traits::kThreads, kSmem, stream>>>(p);
   int st = launch_status();

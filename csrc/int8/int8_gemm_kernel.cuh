@@ -228,10 +228,7 @@ int run_int8_gemm(const Int8GemmParams& p, cudaStream_t stream) {
   using Cfg = GemmConfig<kConfig>;
   auto kernel = int8_gemm_kernel<Cfg, OutT>;
   constexpr int kSmem = Cfg::kSmemBytes;
-  if (kSmem > 48 * 1024) {  // above 48 KB, dynamic shared memory must be opted into
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    if (e != cudaSuccess) return static_cast<int>(e);
-  }
+  if (const int e = opt_in_dynamic_smem<int8_gemm_kernel<Cfg, OutT>>(kSmem)) return e;
   const long long tiles =
       static_cast<long long>((p.M + Cfg::kBM - 1) / Cfg::kBM) * ((p.N + Cfg::kBN - 1) / Cfg::kBN);
   if (tiles > 0x7fffffffLL) return kErrBadShape;

@@ -272,8 +272,7 @@ int launch(const Params& p, cudaStream_t stream) {
   const int64_t gx = (p.M + Tr::kBT - 1) / Tr::kBT, gy = (p.N + Tr::kBW - 1) / Tr::kBW;
   if (gx > 2147483647LL || gy > 65535) return kErrBadShape;
   auto kernel = sparse24_gemm_kernel<Tr>;
-  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
-  if (e != cudaSuccess) return static_cast<int>(e);
+  if (const int e = opt_in_dynamic_smem<sparse24_gemm_kernel<Tr>>(Tr::kSmemBytes)) return e;
   kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
   return launch_status();
 }
