@@ -79,7 +79,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("int8_gemm", &fastllm::int8_gemm, py::call_guard<py::gil_scoped_release>(), py::arg("device"), py::arg("a"),
         py::arg("lda"), py::arg("b"), py::arg("ldb"), py::arg("out"), py::arg("out_dtype"), py::arg("a_scale"),
         py::arg("a_scale_len"), py::arg("w_scale"), py::arg("bias"), py::arg("bias_dtype"), py::arg("M"),
-        py::arg("N"), py::arg("K"), py::arg("stream"));
+        py::arg("N"), py::arg("K"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"));
+  m.def("int8_gemm_workspace", &fastllm::int8_gemm_workspace, py::arg("device"), py::arg("M"), py::arg("N"),
+        py::arg("K"));
+  m.def("int8_gemm_plan", &fastllm::int8_gemm_plan, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("num_sms"),
+        "(config index, K splits) the W8A8 launcher picks; host only, works without a GPU");
   m.def("w8a16_gemm", &fastllm::w8a16_gemm, py::call_guard<py::gil_scoped_release>(), py::arg("device"),
         py::arg("dtype"), py::arg("x"), py::arg("ldx"), py::arg("w"), py::arg("ldw"), py::arg("w_scale"),
         py::arg("s_stride_n"), py::arg("s_stride_g"), py::arg("group_size"), py::arg("bias"), py::arg("bias_dtype"),

@@ -90,6 +90,32 @@ def test_cpu_dispatch():
         w8a16_matmul(x, b, sw, backend="cuda")
 
 
+def _plan_or_skip():
+    from fastllm import _ext
+    why = _ext.unavailable_reason()
+    if why:
+        pytest.skip(why)
+    return _ext.lib().int8_gemm_plan
+
+
+def test_split_k_plan():
+    # The launcher's plan (host code of int8_traits.h, no GPU needed): decode-sized calls whose
+    # N tiles leave SMs idle split K, keeping >= 4 K tiles per split, at most 16 splits; calls
+    # that fill the GPU (or M > 32) do not split.
+    plan = _plan_or_skip()
+    assert plan(1, 4096, 4096, 132) == (0, 2)           # 128 tiles of 16 x 32 on 132 SMs
+    assert plan(1, 1024, 4096, 132) == (0, 4)           # 32 tiles: 4 splits of 4 K tiles (K 256)
+    assert plan(16, 1024, 14336, 108) == (0, 4)         # 32 tiles x 4 < 108 SMs; 8 would be 256 > 108
+    assert plan(1, 6144, 4096, 132) == (0, 1)           # 192 tiles already cover 132 SMs
+    assert plan(1, 48, 256, 132) == (0, 1)              # one K tile: nothing to split
+    assert plan(19, 48, 131056, 132) == (1, 16)         # capped at 16 splits
+    assert plan(33, 64, 4096, 132)[1] == 1              # M > 32: no split
+    for M, N, K, sms in ((1, 16, 64 * 256, 132), (32, 4096, 4096, 20), (5, 512, 8192, 80)):
+        config, splits = plan(M, N, K, sms)
+        bk = {0: 256, 1: 128}[config]
+        assert splits in (1, 2, 4, 8, 16) and (splits == 1 or -(-K // bk) // splits >= 4), (M, N, K, sms)
+
+
 # ----------------------------------------------------------------------------------------------
 # Emulations of the kernels' layouts (mirrors of csrc/int8/int8_gemm_kernel.cuh and
 # w8a16_gemm_kernel.cuh, lane by lane).
@@ -244,6 +270,34 @@ def test_gpu_int32_exact(K, N):
         _poison_allocator(M * N * 4)
         acc = int8_matmul_int32(a, b, backend="cuda")
         assert acc.dtype == torch.int32 and torch.equal(acc.cpu().long(), exact_int(a, b)), (M, K, N)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("out_dtype", [torch.int32, torch.bfloat16])
+def test_gpu_split_k_equals_single_pass(out_dtype):
+    # The same call with and without the split-K workspace: int32 bit-identical, scaled outputs
+    # identical too (the epilogue sees the same exact int32 sum).
+    from fastllm import _ext
+    lib = _ext.lib()
+    M, N, K = 3, 64, 4096
+    a, b = rand_int8(M, K), rand_int8(N, K)
+    a_s, w_s = torch.rand(M, device="cuda"), torch.rand(N, device="cuda")
+    ws_bytes = lib.int8_gemm_workspace(a.device.index, M, N, K)
+    assert ws_bytes > 0, "a 2-tile call on a GPU must split K"
+    ws = torch.empty(ws_bytes, dtype=torch.uint8, device="cuda")
+    outs = []
+    for wsp, nb in ((0, 0), (ws.data_ptr(), ws_bytes)):
+        out = torch.full((M, N), -7, dtype=out_dtype, device="cuda")
+        scaled = out_dtype != torch.int32
+        code = lib.int8_gemm(a.device.index, a.data_ptr(), K, b.data_ptr(), K, out.data_ptr(),
+                             fastllm._ext.DTYPE_CODES[out_dtype], a_s.data_ptr() if scaled else 0, M,
+                             w_s.data_ptr() if scaled else 0, 0, 0, M, N, K, wsp, nb,
+                             torch.cuda.current_stream().cuda_stream)
+        assert code == 0, lib.error_string(code)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    if out_dtype == torch.int32:
+        assert torch.equal(outs[1].cpu().long(), exact_int(a, b))
 
 
 @pytest.mark.gpu

@@ -30,6 +30,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -129,14 +130,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) int8_gemm_kernel(const Int8G
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wm = warp / Cfg::kWarpsN, wn = warp % Cfg::kWarpsN;
-  const int8_t* ga = p.a + static_cast<int64_t>(m0) * p.lda;
-  const int8_t* gb = p.b + static_cast<int64_t>(n0) * p.ldb;
+  // Split-K: this CTA sums K columns [k_begin, k_begin + k_len) (all of K without a split):
+  // the operand pointers start at k_begin, so the loop below is the unsplit one over k_len.
+  const int k_begin = p.k_tiles_per_split > 0 ? static_cast<int>(blockIdx.y) * p.k_tiles_per_split * kBK : 0;
+  const int k_len = p.k_tiles_per_split > 0 ? max(0, min(p.K - k_begin, p.k_tiles_per_split * kBK)) : p.K;
+  const int8_t* ga = p.a + static_cast<int64_t>(m0) * p.lda + k_begin;
+  const int8_t* gb = p.b + static_cast<int64_t>(n0) * p.ldb + k_begin;
   const int rows_a = min(kBM, p.M - m0), rows_b = min(kBN, p.N - n0);
-  const int KT = (p.K + kBK - 1) / kBK;
+  const int KT = (k_len + kBK - 1) / kBK;
 
   auto load_stage = [&](int stage, int kt) {
-    load_tile<kBM, kChunks, kThreads>(sA + stage * kBM * kBK, ga, p.lda, rows_a, kt * kBK, p.K, tid);
-    load_tile<kBN, kChunks, kThreads>(sB + stage * kBN * kBK, gb, p.ldb, rows_b, kt * kBK, p.K, tid);
+    load_tile<kBM, kChunks, kThreads>(sA + stage * kBM * kBK, ga, p.lda, rows_a, kt * kBK, k_len, tid);
+    load_tile<kBN, kChunks, kThreads>(sB + stage * kBN * kBK, gb, p.ldb, rows_b, kt * kBK, k_len, tid);
   };
 
   // ldmatrix lanes. A (x4 = rows 0-7 / 8-15 of k-chunk 0, then of chunk 1 -> a[0..3]):
@@ -193,7 +198,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) int8_gemm_kernel(const Int8G
   // Epilogue: registers -> global. Row g / g + 8 of each m16 tile, columns 2c, 2c + 1 of each
   // n8 tile.
   const int g = lane / 4, c = lane % 4;
-  OutT* out = static_cast<OutT*>(p.out);
+  OutT* out = static_cast<OutT*>(p.out) + static_cast<int64_t>(blockIdx.y) * p.split_stride;
 #pragma unroll
   for (int j = 0; j < kNT; ++j) {
     const int n = n0 + wn * Cfg::kWN + j * 8 + 2 * c;
@@ -231,8 +236,43 @@ int run_int8_gemm(const Int8GemmParams& p, cudaStream_t stream) {
   if (const int e = opt_in_dynamic_smem<int8_gemm_kernel<Cfg, OutT>>(kSmem)) return e;
   const long long tiles =
       static_cast<long long>((p.M + Cfg::kBM - 1) / Cfg::kBM) * ((p.N + Cfg::kBN - 1) / Cfg::kBN);
-  if (tiles > 0x7fffffffLL) return kErrBadShape;
-  kernel<<<static_cast<unsigned>(tiles), Cfg::kThreads, kSmem, stream>>>(p);
+  if (tiles > 0x7fffffffLL || p.splits < 1 || p.splits > 65535) return kErrBadShape;
+  kernel<<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(p.splits)), Cfg::kThreads, kSmem, stream>>>(p);
+  return launch_status();
+}
+
+// Split-K second pass: out[m, n] = epilogue(sum_s partial[s][m, n]), two columns per thread
+// (N is a multiple of 16, so a pair never straddles rows). The int32 sum is exact: every
+// partial and prefix sum is bounded by K * 128 * 128 < 2^31, as the whole sum is.
+template <typename OutT>
+__global__ void __launch_bounds__(256) int8_splitk_reduce_kernel(const Int8GemmParams p, const int32_t* partial,
+                                                                  int splits) {
+  const int64_t pairs = static_cast<int64_t>(p.M) * p.N / 2;
+  for (int64_t i = blockIdx.x * 256LL + threadIdx.x; i < pairs; i += static_cast<int64_t>(gridDim.x) * 256) {
+    const int64_t e = 2 * i;
+    int2 s = make_int2(0, 0);
+    for (int k = 0; k < splits; ++k) {
+      const int2 v = *reinterpret_cast<const int2*>(partial + k * p.split_stride + e);
+      s.x += v.x, s.y += v.y;
+    }
+    OutT* dst = static_cast<OutT*>(p.out) + e;
+    if constexpr (std::is_same<OutT, int32_t>::value) {
+      *reinterpret_cast<int2*>(dst) = s;
+    } else {
+      const int m = static_cast<int>(e / p.N), n = static_cast<int>(e % p.N);
+      const float as = p.a_scale[static_cast<int64_t>(m) * p.a_scale_stride];
+      const float v0 = fmaf(__int2float_rn(s.x) * as, p.w_scale[n], bias_at(p.bias, p.bias_dtype, n));
+      const float v1 = fmaf(__int2float_rn(s.y) * as, p.w_scale[n + 1], bias_at(p.bias, p.bias_dtype, n + 1));
+      store_pair<OutT>(dst, v0, v1);
+    }
+  }
+}
+
+template <typename OutT>
+int run_int8_splitk_reduce(const Int8GemmParams& p, const int32_t* partial, int splits, cudaStream_t stream) {
+  const int64_t pairs = static_cast<int64_t>(p.M) * p.N / 2;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((pairs + 255) / 256, 4096));
+  int8_splitk_reduce_kernel<OutT><<<blocks, 256, 0, stream>>>(p, partial, splits);
   return launch_status();
 }
 

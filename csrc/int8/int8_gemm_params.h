@@ -14,6 +14,9 @@ namespace int8 {
 //   out: contiguous (M, N), int32 (raw accumulators) or fp16/bf16/fp32 (scaled)
 //   a_scale: fp32, indexed a_scale[m * a_scale_stride] (stride 1 per token, 0 per tensor)
 //   w_scale: fp32 (N,) contiguous; bias: (N,) contiguous of dtype bias_dtype, or nullptr
+// Split-K (k_tiles_per_split > 0): grid y = splits, split s sums K tiles [s * k_tiles_per_split,
+// +k_tiles_per_split) and writes raw int32 partials to out + s * split_stride (a workspace);
+// run_int8_splitk_reduce then adds the splits and applies the epilogue into the real output.
 struct Int8GemmParams {
   const int8_t* a;
   const int8_t* b;
@@ -25,6 +28,8 @@ struct Int8GemmParams {
   int a_scale_stride;
   int bias_dtype;  // common.h DType code; ignored when bias == nullptr
   int M, N, K;
+  int splits = 1, k_tiles_per_split = 0;  // 0: one split over all of K
+  int64_t split_stride = 0;               // elements between the splits' partial outputs
 };
 
 // W8A16: out (M, N) = x (M, K) @ (w (N, K) * scale)^T + bias, in x's dtype (fp16 / bf16).
@@ -48,6 +53,9 @@ struct W8A16Params {
 // Instantiated in int8_gemm_{i32,f16,bf16,f32}.cu (OutT = int32_t: raw accumulators).
 template <typename OutT, int kConfig>
 int run_int8_gemm(const Int8GemmParams& p, cudaStream_t stream);
+// out = epilogue(sum over `splits` int32 partials at partial + s * p.split_stride), same units.
+template <typename OutT>
+int run_int8_splitk_reduce(const Int8GemmParams& p, const int32_t* partial, int splits, cudaStream_t stream);
 
 // Instantiated in w8a16_gemm_{f16,bf16}.cu.
 template <typename T, int kTokenTiles, int kWarps>

@@ -56,9 +56,26 @@ int w8a16_variant(const W8A16Params& p, const W8A16Choice& c, cudaStream_t s) {
 }  // namespace
 }  // namespace int8
 
+std::pair<int, int> int8_gemm_plan(int64_t M, int64_t N, int64_t K, int num_sms) {
+  using namespace int8;
+  const int config = choose_gemm_config(M, N, K, num_sms);
+  return {config, choose_split_k(config, M, N, K, num_sms)};
+}
+
+int64_t int8_gemm_workspace(int device, int64_t M, int64_t N, int64_t K) {
+  int sms = 0;
+  if (M <= 0 || N <= 0 || K <= 0 ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    cudaGetLastError();  // a failed query must not linger as the next launch's error
+    return 0;
+  }
+  const int splits = int8_gemm_plan(M, N, K, sms).second;
+  return splits > 1 ? static_cast<int64_t>(splits) * M * N * 4 : 0;
+}
+
 int int8_gemm(int device, uintptr_t a, int64_t lda, uintptr_t b, int64_t ldb, uintptr_t out, int out_dtype,
               uintptr_t a_scale, int64_t a_scale_len, uintptr_t w_scale, uintptr_t bias, int bias_dtype, int64_t M,
-              int64_t N, int64_t K, uintptr_t stream) {
+              int64_t N, int64_t K, uintptr_t workspace, int64_t workspace_bytes, uintptr_t stream) {
   using namespace int8;
   if (out_dtype != kInt32 && !float_dtype(out_dtype)) return kErrUnsupportedDtype;
   if (M < 0 || N < 0 || K < 0 || M > kMaxDim || N > kMaxDim || K > kMaxK || N % 16 || K % 16) return kErrBadShape;
@@ -97,6 +114,25 @@ int int8_gemm(int device, uintptr_t a, int64_t lda, uintptr_t b, int64_t ldb, ui
   // Hopper: a wgmma kernel (int8_gemm_*_sm90a.cu) belongs here; until then sm90 runs mma.sync.
   const int config = choose_gemm_config(M, N, K, sms);
   auto s = reinterpret_cast<cudaStream_t>(stream);
+  const int splits = choose_split_k(config, M, N, K, sms);
+  if (splits > 1 && workspace != 0 && aligned(workspace, 8) && workspace_bytes >= int64_t{splits} * M * N * 4) {
+    // Pass 1: raw int32 partials per split into the workspace; pass 2: sum + epilogue.
+    const int k_tiles = ceil_div(K, gemm_k_tile(config));
+    Int8GemmParams q = p;
+    q.k_tiles_per_split = ceil_div(k_tiles, splits);
+    q.splits = ceil_div(k_tiles, q.k_tiles_per_split);
+    q.split_stride = M * N;
+    q.out = reinterpret_cast<void*>(workspace);
+    if (const int e = gemm_config<int32_t>(q, config, s)) return e;
+    const auto* partial = reinterpret_cast<const int32_t*>(workspace);
+    p.split_stride = M * N;
+    switch (out_dtype) {
+      case kInt32: return run_int8_splitk_reduce<int32_t>(p, partial, q.splits, s);
+      case kFloat16: return run_int8_splitk_reduce<__half>(p, partial, q.splits, s);
+      case kBFloat16: return run_int8_splitk_reduce<__nv_bfloat16>(p, partial, q.splits, s);
+      default: return run_int8_splitk_reduce<float>(p, partial, q.splits, s);
+    }
+  }
   switch (out_dtype) {
     case kInt32: return gemm_config<int32_t>(p, config, s);
     case kFloat16: return gemm_config<__half>(p, config, s);

@@ -52,8 +52,8 @@ constexpr int kGroupM = 8;
 
 inline int ceil_div(long long a, long long b) { return static_cast<int>((a + b - 1) / b); }
 
-// The tile config for one W8A8 call. K does not change the choice (any K: the K tail is
-// zero-filled); it is an argument so a future split-K config has its input here.
+// The tile config for one W8A8 call. K does not change the tile (any K: the K tail is
+// zero-filled); it sets the split-K factor below.
 inline int choose_gemm_config(long long M, long long N, long long K, int num_sms) {
   (void)K;
   if (M <= 16) return 0;
@@ -62,6 +62,39 @@ inline int choose_gemm_config(long long M, long long N, long long K, int num_sms
   if (M <= 128) return 3;
   const long long big_tiles = static_cast<long long>(ceil_div(M, 128)) * ceil_div(N, 256);
   return big_tiles >= num_sms ? 4 : 3;
+}
+
+// Grid-level split-K for the small-M configs (0, 1: decode and short prefill), where the weights
+// are the cost: while the (M, N) tiles leave SMs idle, double the K splits, keeping >= 4 K tiles
+// (a pipeline's worth) per split. Partials are raw int32 in a workspace of splits * M * N * 4
+// bytes; a second kernel adds them and applies the epilogue (int8_gemm_kernel.cuh).
+constexpr int kMaxSplitK = 16;
+constexpr int kMinKTilesPerSplit = 4;
+template <int kConfig>
+inline int split_k_for(long long M, long long N, long long K, int num_sms) {
+  using C = GemmConfig<kConfig>;
+  const long long tiles = static_cast<long long>(ceil_div(M, C::kBM)) * ceil_div(N, C::kBN);
+  const long long k_tiles = ceil_div(K, C::kBK);
+  int split = 1;
+  while (split < kMaxSplitK && tiles * split < num_sms && k_tiles / (2 * split) >= kMinKTilesPerSplit) split *= 2;
+  return split;
+}
+inline int choose_split_k(int config, long long M, long long N, long long K, int num_sms) {
+  switch (config) {
+    case 0: return split_k_for<0>(M, N, K, num_sms);
+    case 1: return split_k_for<1>(M, N, K, num_sms);
+    default: return 1;
+  }
+}
+// K tiles of a config (the split's unit).
+inline int gemm_k_tile(int config) {
+  switch (config) {
+    case 0: return GemmConfig<0>::kBK;
+    case 1: return GemmConfig<1>::kBK;
+    case 2: return GemmConfig<2>::kBK;
+    case 3: return GemmConfig<3>::kBK;
+    default: return GemmConfig<4>::kBK;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

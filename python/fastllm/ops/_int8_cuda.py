@@ -31,6 +31,7 @@ from .. import _ext
 # Mirrors of the launchers' limits (csrc/int8/int8_launcher.cu, int8_traits.h).
 W8A16_MAX_M = 16          # kW8A16MaxM: the W8A16 kernel is for decode; triton serves more tokens
 W8A16_GROUP_MULTIPLE = 64  # a 64-k block must lie in one scale group
+SPLIT_K_MAX_M = 32         # int8_traits.h: only the M <= 32 configs split K (skip the query above)
 MAX_DIM = 2 ** 31 - 1 - 1024
 GEMM_OUT = (torch.int32, torch.float16, torch.bfloat16, torch.float32)
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -102,14 +103,19 @@ def int8_gemm_cuda(a, b, a_scale, w_scale, bias, out_dtype):
     if scaled:
         a_scale, w_scale = a_scale.reshape(-1).contiguous(), w_scale.reshape(-1).contiguous()
         bias = bias.contiguous() if bias is not None else None
-    code = _ext.lib().int8_gemm(
+    lib = _ext.lib()
+    # Split-K workspace (small M on a GPU the N tiles alone do not fill): the launcher says how
+    # much; PyTorch's caching allocator makes the allocation cheap.
+    ws_bytes = lib.int8_gemm_workspace(a.device.index, M, N, K) if M <= SPLIT_K_MAX_M else 0
+    ws = torch.empty(ws_bytes, dtype=torch.uint8, device=a.device) if ws_bytes > 0 else None
+    code = lib.int8_gemm(
         a.device.index, a.data_ptr(), a.stride(0) if M > 1 else K, b.data_ptr(), b.stride(0) if N > 1 else K,
         out.data_ptr(), _ext.DTYPE_CODES[out_dtype],
         a_scale.data_ptr() if scaled else 0, a_scale.numel() if scaled else 1,
         w_scale.data_ptr() if scaled else 0,
         bias.data_ptr() if scaled and bias is not None else 0,
         _ext.DTYPE_CODES[bias.dtype] if scaled and bias is not None else 0,
-        M, N, K, _ext.stream_of(a))
+        M, N, K, ws.data_ptr() if ws is not None else 0, ws_bytes, _ext.stream_of(a))
     _ext.check(code, "int8_matmul")
     return out
 
