@@ -120,18 +120,22 @@ def pick_config(kind: str, M: int, N: int, K: int, *, group_size: int = 0, sms: 
     if group_size:
         bk = min(bk, group_size & -group_size)  # a K tile must sit inside one group
     cfg = cfg._replace(BLOCK_K=bk)
-    # Split K while the (M, N) tiles alone leave SMs idle, keeping >= 4 K tiles per split
-    # (2 under the interpreter, so the tests run split-K on their small shapes).
     if M <= 16:
-        tiles = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
-        k_tiles = triton.cdiv(K, bk)
-        per_split = 2 if interpret else 4
-        target = 2 if interpret else sms
-        split = 1
-        while tiles * split < target and k_tiles // (split * 2) >= per_split:
-            split *= 2
-        cfg = cfg._replace(SPLIT_K=split)
+        cfg = cfg._replace(SPLIT_K=split_k(M, N, K, cfg, sms, interpret))
     return cfg
+
+
+def split_k(M: int, N: int, K: int, cfg, sms: int, interpret: bool) -> int:
+    """K splits for a decode-sized call (shared with sparse24_gemm.py): double them while the
+    (M, N) tiles alone leave SMs idle, keeping >= 4 K tiles per split (2 under the
+    interpreter, so the tests run split-K on their small shapes)."""
+    tiles = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
+    k_tiles = triton.cdiv(K, cfg.BLOCK_K)
+    per_split, target = (2, 2) if interpret else (4, sms)
+    split = 1
+    while tiles * split < target and k_tiles // (split * 2) >= per_split:
+        split *= 2
+    return split
 
 
 @triton.jit

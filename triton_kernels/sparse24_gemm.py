@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .int8_matmul import _store_out, _tile_ids
+from .int8_matmul import _store_out, _tile_ids, split_k
 
 
 class Config(NamedTuple):
@@ -63,13 +63,7 @@ def pick_config(M: int, N: int, K: int, *, s8: bool, sms: int = 132, interpret: 
         cfg = Config(128, 128, 128 if s8 else 64, num_warps=8, num_stages=3)
     cfg = cfg._replace(BLOCK_K=max(64, min(cfg.BLOCK_K, triton.next_power_of_2(K))))
     if M <= 16:
-        tiles = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
-        k_tiles = triton.cdiv(K, cfg.BLOCK_K)
-        per_split, target = (2, 2) if interpret else (4, sms)
-        split = 1
-        while tiles * split < target and k_tiles // (split * 2) >= per_split:
-            split *= 2
-        cfg = cfg._replace(SPLIT_K=split)
+        cfg = cfg._replace(SPLIT_K=split_k(M, N, K, cfg, sms, interpret))
     return cfg
 
 

@@ -32,12 +32,10 @@ from torch import nn
 
 from .. import ops
 from ..ops._checks import FLOAT_DTYPES
+from ._input import as_rows, fmt as _fmt
 
 MODES = ("w8a8-dynamic", "w8a8-static", "w8a16")
 
-
-def _fmt(dtype):
-    return str(dtype).replace("torch.", "")
 
 
 class Int8Linear(nn.Module):
@@ -138,13 +136,7 @@ class Int8Linear(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"Int8Linear: input must be a float16/bfloat16/float32 tensor, got "
-                            f"{_fmt(x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"Int8Linear: input must have shape (..., {self.in_features}), got {tuple(x.shape)}")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        x2, lead = as_rows("Int8Linear", x, self.in_features)
         if self.mode == "w8a16":
             y = ops.w8a16_matmul(x2, self.weight_int8, self.weight_scale, self.bias, group_size=self.group_size,
                                  backend=self.backend)

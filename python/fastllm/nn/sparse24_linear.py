@@ -24,12 +24,10 @@ from torch import nn
 
 from .. import ops
 from ..ops._checks import FLOAT_DTYPES
+from ._input import as_rows, fmt as _fmt
 
 PRUNE_METHODS = (None, "magnitude", "wanda")
 
-
-def _fmt(dtype):
-    return str(dtype).replace("torch.", "")
 
 
 class Sparse24Linear(nn.Module):
@@ -117,13 +115,7 @@ class Sparse24Linear(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"Sparse24Linear: input must be a float16/bfloat16/float32 tensor, got "
-                            f"{_fmt(x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"Sparse24Linear: input must have shape (..., {self.in_features}), got {tuple(x.shape)}")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        x2, lead = as_rows("Sparse24Linear", x, self.in_features)
         if self.int8:
             q, a_scale = ops.quantize_per_token(x2, backend=self.backend)
             y = ops.sparse24_int8_matmul(q, self.values, self.meta, a_scale, self.weight_scale, self.bias,
