@@ -86,30 +86,45 @@ def main(argv=None):
     results = {}
     md = [f"# fastllm.bench on {dev_name}{label}", "",
           "peaks: " + ", ".join(f"{k}={report.fmt(v, 1)}" for k, v in ctx.peaks.items())]
-    for name in SUITES if args.suite == "all" else [args.suite]:
-        suite = importlib.import_module(f"fastllm.bench.suites.{name}")
-        t0 = time.time()
-        rows = suite.run(ctx)
-        results[name] = rows
-        print(f"\n## {name} ({time.time() - t0:.0f}s){label}\n")
-        print(report.markdown(rows, suite.COLUMNS))
-        md += ["", f"## {name}", "", report.markdown(rows, suite.COLUMNS)]
-        if args.plot and rows:
-            path = args.plot.replace(".png", f"-{name}.png") if args.suite == "all" else args.plot
-            report.plot(path, rows, title=f"{name} on {dev_name}", **suite.PLOT)
+
+    def save(interrupted=None):
+        """JSON / markdown of the suites finished so far: rewritten after each suite, so a run
+        cut short (timeout: SIGINT) keeps what it measured."""
+        missing = ["", "missing / skipped peers:", ""] + [f"- {w}: {y}" for w, y in dict(ctx.missing).items()]
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write("\n".join(md + missing + ([f"", f"INTERRUPTED during {interrupted}"] if interrupted else []))
+                        + "\n")
+        if args.json:
+            import fastllm
+            report.write_json(args.json, {"device": dev_name, "torch": torch.__version__,
+                                          "fastllm": fastllm.__version__, "peaks": ctx.peaks,
+                                          "missing": ctx.missing, "results": results,
+                                          "interrupted": interrupted})
+
+    name = None
+    try:
+        for name in SUITES if args.suite == "all" else [args.suite]:
+            suite = importlib.import_module(f"fastllm.bench.suites.{name}")
+            t0 = time.time()
+            rows = suite.run(ctx)
+            results[name] = rows
+            print(f"\n## {name} ({time.time() - t0:.0f}s){label}\n")
+            print(report.markdown(rows, suite.COLUMNS))
+            md += ["", f"## {name}", "", report.markdown(rows, suite.COLUMNS)]
+            if args.plot and rows:
+                path = args.plot.replace(".png", f"-{name}.png") if args.suite == "all" else args.plot
+                report.plot(path, rows, title=f"{name} on {dev_name}", **suite.PLOT)
+            save()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted during {name}: results of the finished suites are kept", file=sys.stderr)
+        save(interrupted=name)
+        return 130
     if ctx.missing:
         print("\nmissing / skipped peers:")
         for what, why in dict(ctx.missing).items():
             print(f"  {what}: {why}")
-    if args.markdown:
-        md += ["", "missing / skipped peers:", ""] + [f"- {w}: {y}" for w, y in dict(ctx.missing).items()]
-        with open(args.markdown, "w") as f:
-            f.write("\n".join(md) + "\n")
-    if args.json:
-        import fastllm
-        report.write_json(args.json, {"device": dev_name, "torch": torch.__version__,
-                                      "fastllm": fastllm.__version__, "peaks": ctx.peaks,
-                                      "missing": ctx.missing, "results": results})
+    save()
     return 0
 
 
