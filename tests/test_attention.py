@@ -192,6 +192,30 @@ def test_mask_broadcast_and_expanded(backend):
     assert (out == 0).all() and torch.isneginf(lse).all()
 
 
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_mask_skips_key_blocks_nobody_attends(backend):
+    # A padded batch prefilled into a StaticCache: 200 queries against 600 slots, of which only
+    # the first 200 are written; sequence 1 has 130 padding tokens in front (its first 130
+    # query rows see nothing). The kernels loop only over key blocks some row of their query
+    # block attends, so K/V there are never read: NaN in whole unattended 128-key blocks
+    # (every kernel's tile divides 128) must not reach the output, which must equal the
+    # unpoisoned run bit for bit.
+    dtype, B, Sq, Skv, pad = torch.float16, 2, 200, 600, 130
+    q, k, v = qkv(B, 4, 2, Sq, Skv, 64, dtype)
+    keep = torch.ones(B, Skv, dtype=torch.bool, device=DEVICE)
+    keep[:, Sq:] = False
+    keep[1, :pad] = False
+    mask = keep[:, None, None, :] & torch.ones(Sq, Skv, dtype=torch.bool, device=DEVICE).tril()
+    clean, clean_lse = run_and_check(backend, q, k, v, causal=False, mask=mask)
+    kp, vp = k.clone(), v.clone()
+    for t in (kp, vp):
+        t[:, :, 256:] = float("nan")
+        t[1, :, :128] = float("nan")
+    out, lse = flash_attention(q, kp, vp, causal=False, mask=mask, backend=backend, return_lse=True)
+    assert torch.equal(out, clean) and torch.equal(lse, clean_lse)
+    assert (out[1, :pad] == 0).all() and torch.isneginf(lse[1, :, :pad]).all()
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("causal,window,Sq,Skv", [

@@ -164,6 +164,35 @@ def test_left_padded_mask(backend, dtype):
     run_and_check(backend, q, k, v, mask=keep[:1, None, None, :].expand(B, 1, Sq, S))   # broadcast view
 
 
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("Sq", [1, 3])
+def test_mask_reads_only_the_attended_range(backend, Sq):
+    # A left-padded batch decoding against a 300-slot StaticCache: the kernels first find the
+    # first / last key any query row attends and split only that range over the programs, so
+    # keys outside are never read: NaN there (unwritten slots, padding) must not reach the
+    # output, which must equal the unpoisoned run bit for bit. Inside the range the mask still
+    # decides (a hole of masked keys holding finite garbage); sequence 2 attends nothing.
+    B, S, D = 3, 300, 64
+    q = rand(B, 8, Sq, D, dtype=torch.float16)
+    k, v = rand(B, 2, S, D, dtype=torch.float16), rand(B, 2, S, D, dtype=torch.float16)
+    spans = [(0, 37), (41, 250), (0, 0)]                      # [first, last) attended keys
+    keep = torch.zeros(B, S, dtype=torch.bool, device=DEVICE)
+    for b, (lo, hi) in enumerate(spans):
+        keep[b, lo:hi] = True
+    keep[1, 100:170] = False
+    k[1, :, 100:170], v[1, :, 100:170] = GARBAGE, -GARBAGE
+    mask = keep[:, None, None, :] & torch.ones(Sq, S, dtype=torch.bool, device=DEVICE).tril(S - Sq)
+    clean, clean_lse = run_and_check(backend, q, k, v, mask=mask, num_splits=3)
+    kp, vp = k.clone(), v.clone()
+    for b, (lo, hi) in enumerate(spans):
+        for t in (kp, vp):
+            t[b, :, :lo] = float("nan")
+            t[b, :, hi:] = float("nan")
+    out, lse = decode_attention(q, kp, vp, mask=mask, num_splits=3, backend=backend, return_lse=True)
+    assert torch.equal(out, clean) and torch.equal(lse, clean_lse)
+    assert (out[2] == 0).all() and torch.isneginf(lse[2]).all()
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("paged", [False, True])

@@ -17,7 +17,8 @@ Also checked: every tile element is written exactly once, and the 8 rows of each
 
 Part 2, the algorithm: DecodeParams built as ops/_decode_cuda.py + decode_launcher.cu build them
 (strides, window / softcap normalisation), global memory addressed through those strides, then
-decode_split_kernel's control flow per CTA (key range [lo, L), split pieces of whole kBlockN
+decode_split_kernel's control flow per CTA (key range [lo, hi): with a mask, common/mask_range.cuh's
+scan thread by thread, its 16-byte little-endian word math included; split pieces of whole kBlockN
 tiles, page lookup with clamping, zero-filled rows, need_mask shortcut, per-warp online softmax
 in the log2 domain with per-thread partial sums, the warps' merge through shared memory, direct
 or partial outputs) and decode_combine_kernel, against fastllm.ref.decode.decode_attention in
@@ -315,6 +316,85 @@ def flat(t):
     return f.double().numpy() if t.is_floating_point() else f.numpy().copy()
 
 
+def mask_key_range(m, off, align, row_stride, col_stride, rows, n_keys, threads, mutant=None):
+    """common/mask_range.cuh mask_key_range, thread by thread: (first, last) over `rows` mask rows
+    at byte offset `off` of the flat byte array m (align: the data pointer's address mod 16).
+    The 16-byte path ORs a row chunk's four little-endian words and takes the first / last set
+    byte from __ffs / __clz; the byte path covers the rest (or everything when unaligned)."""
+    def ffs(x):
+        return (x & -x).bit_length()
+
+    def clz(x):
+        return 32 - x.bit_length()
+
+    vec = col_stride == 1 and (align + off) % 16 == 0 and (rows <= 1 or row_stride % 16 == 0)
+    n_vec = n_keys // 16 if vec else 0
+    firsts, lasts = [], []
+    for tid in range(threads):
+        first, last = n_keys, 0
+        for c in range(tid, n_vec, threads):
+            w = [0, 0, 0, 0]
+            for r in range(rows):
+                chunk = m[off + r * row_stride + 16 * c: off + r * row_stride + 16 * c + 16]
+                words = chunk.copy().view("<u4")
+                w = [w[i] | int(words[i]) for i in range(4)]
+            for i in range(4):
+                if w[i]:
+                    byte = (ffs(w[i]) - 1) // 8
+                    first = min(first, 16 * c + 4 * i + (3 - byte if mutant == "big_endian" else byte))
+            for i in range(4):
+                if w[i]:
+                    last = max(last, 16 * c + 4 * i + (31 - clz(w[i])) // 8 + 1)
+        for j in range(16 * n_vec + tid, n_keys, threads):
+            if any(m[off + r * row_stride + j * col_stride] != 0 for r in range(rows)):
+                first, last = min(first, j), max(last, j + 1)
+        firsts.append(first)
+        lasts.append(last)
+    return min(firsts), max(lasts)      # __reduce_*_sync per warp, then atomicMin / atomicMax
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_mask_key_range(aligned):
+    # Random sparse rows (first / last attended keys anywhere, incl. none at all), 1..5 rows,
+    # key counts around multiples of 16; aligned: contiguous rows of a multiple of 16 bytes
+    # (the 16-byte path plus its tail), else odd row strides (the byte path).
+    gen = np.random.default_rng(7)
+    for _ in range(60):
+        rows, n_keys = int(gen.integers(1, 6)), int(gen.integers(1, 200))
+        stride = (-(-n_keys // 16) * 16 + 16 * int(gen.integers(0, 2))) if aligned else n_keys + 1 + 2 * int(gen.integers(0, 3))
+        m = np.zeros(rows * stride + 16, dtype=np.uint8)
+        for r in range(rows):
+            if gen.random() < 0.8:
+                a = int(gen.integers(0, n_keys))
+                b = int(gen.integers(a, n_keys)) + 1
+                m[r * stride + a: r * stride + b] = gen.random(b - a) < 0.3
+                m[r * stride + a] = m[r * stride + b - 1] = 1
+        # Bytes past a row's n_keys (the stride padding) are set: they must never count.
+        for r in range(rows):
+            m[r * stride + n_keys: (r + 1) * stride] = 1
+        truth = m[:rows * stride].reshape(rows, stride)[:, :n_keys].any(0).nonzero()[0]
+        want = (int(truth[0]), int(truth[-1]) + 1) if truth.size else (n_keys, 0)
+        assert mask_key_range(m, 0, 0, stride, 1, rows, n_keys, 32) == want
+
+
+def mask_range_case():
+    """One sequence, a mask attending keys 37..200 of 256 (a 16-byte aligned row): every
+    split's range comes from mask_key_range."""
+    q, k = half(1, 4, 1, 64), half(1, 2, 256, 64)
+    mask = torch.zeros(1, 1, 1, 256, dtype=torch.bool)
+    mask[..., 37:201] = True
+    return (q, k, half(1, 2, 256, 64), None, None, mask, 0.125, 0, 0.0, 3)
+
+
+def test_mask_key_range_mutant_detected():
+    m = np.zeros(64, dtype=np.uint8)
+    m[21] = 1                           # byte 1 of word 1 of chunk 1: __ffs = 9
+    assert mask_key_range(m, 0, 0, 64, 1, 1, 64, 32) == (21, 22)
+    assert mask_key_range(m, 0, 0, 64, 1, 1, 64, 32, mutant="big_endian") == (22, 22)
+    with pytest.raises(AssertionError):   # ... and the algorithm test sees it
+        run_case(mask_range_case(), new_stats(), mutant="big_endian")
+
+
 def launcher_params(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window, softcap, num_splits):
     """DecodeParams as ops/_decode_cuda.py decode_attention_cuda + decode_launcher.cu
     decode_attention_fwd build them (arguments already normalized by the op); pointers become
@@ -329,13 +409,14 @@ def launcher_params(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale
         Hkv, capacity = k_cache.shape[1], k_cache.shape[2]
     if mask is not None:
         m = torch.broadcast_to(mask, (B, 1, Sq, capacity))[:, 0]
-        m_flat, m_strides = flat(m), tuple(m.stride(i) if m.size(i) > 1 else 0 for i in range(3))
+        m_flat, m_strides = flat(m).view(np.uint8), tuple(m.stride(i) if m.size(i) > 1 else 0 for i in range(3))
+        m_align = m.data_ptr() % 16
     else:
-        m_flat, m_strides = None, (0, 0, 0)
+        m_flat, m_strides, m_align = None, (0, 0, 0), 0
     p = SimpleNamespace(
         q=flat(q), k=flat(k_cache), v=flat(v_cache),
         cache_seqlens=flat(cache_seqlens) if cache_seqlens is not None else None,
-        block_table=flat(block_table) if paged else None, mask=m_flat,
+        block_table=flat(block_table) if paged else None, mask=m_flat, mask_align=m_align,
         block_table_stride=block_table.stride(0) if paged else 0,
         batch=B, heads_q=Hq, heads_kv=Hkv, group=Hq // Hkv, seqlen_q=Sq, rows=Hq // Hkv * Sq,
         capacity=capacity, page_size=page_size if paged else 1, num_pages=num_pages if paged else 1,
@@ -368,10 +449,16 @@ def split_cta(p, t, bx, split, bz, ws, stats, mutant=None):
     if p.cache_seqlens is not None:
         L = min(max(int(p.cache_seqlens[b]), 0), p.capacity)
     lo = max(L - Sq - p.window + 1, 0) if (p.window > 0 and p.mask is None) else 0
-    span = max(L - lo, 0)
+    hi = L
+    if p.mask is not None:
+        first, last = mask_key_range(p.mask, b * p.mask_batch_stride, p.mask_align, p.mask_row_stride,
+                                     p.mask_col_stride, Sq, p.capacity, t.kThreads, mutant=mutant)
+        lo, hi = first, max(last, first)
+        stats["mask_narrowed"] += hi - lo < p.capacity
+    span = hi - lo
     per_split = ((span + p.num_splits - 1) // p.num_splits + kBN - 1) // kBN * kBN
     start = lo + split * per_split
-    end = min(start + per_split, L)
+    end = min(start + per_split, hi)
     n_tiles = (end - start + kBN - 1) // kBN if end > start else 0
     stats["ctas"] += 1
     stats["empty_ctas"] += n_tiles == 0
@@ -517,7 +604,7 @@ def emulate(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window
 
 
 def new_stats():
-    return dict(ctas=0, empty_ctas=0, lo_positive=0, clamped_pages=0, masked_tiles=0, unmasked_tiles=0,
+    return dict(ctas=0, empty_ctas=0, lo_positive=0, mask_narrowed=0, clamped_pages=0, masked_tiles=0, unmasked_tiles=0,
                 row_blocks=0, empty_rows=0)
 
 
@@ -592,6 +679,9 @@ def random_case(focus, D):
     if focus == "mask":
         shape = (B if chance(0.7) else 1, 1, Sq if chance(0.7) else 1, cap if chance(0.85) else 1)
         mask = torch.rand(shape) < 0.6
+        if shape[3] > 1 and chance(0.7):              # StaticCache tail / left padding: a narrower range
+            mask[..., :rint(0, cap // 3)] = False
+            mask[..., cap - rint(0, cap // 3):] = False
         mask[0, 0, rint(0, shape[2] - 1)] = False     # a row with nothing allowed
     elif focus in ("dense", "paged1", "paged", "empty", "window") or chance(0.7):
         if focus == "empty":
@@ -654,6 +744,8 @@ def test_algorithm_matches_reference(focus):
         assert stats["row_blocks"] >= 2, stats
     if focus in ("mask", "empty"):
         assert stats["empty_rows"] > 0, stats
+    if focus == "mask":
+        assert stats["mask_narrowed"] > 0, stats
 
 
 # ----------------------------------------------------------------------------------------------

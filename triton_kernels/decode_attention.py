@@ -16,7 +16,10 @@ Split kernel, one program per (batch * kv head, split, block of M rows):
     rows go to more programs along grid axis 2 (they read the same K/V, mostly from L2).
   * key range of sequence b: [lo, hi) with hi = L_b (clamped into [0, capacity]), lo = 0 or,
     with a window, the first key the first query can see; split s takes its share, rounded
-    to whole BLOCK_N tiles. With a mask, L_b = capacity and the mask decides per key.
+    to whole BLOCK_N tiles. With a mask, [lo, hi) is the first / one past the last key any of
+    the Sq mask rows attends (each program scans those Sq x capacity mask bytes first, mostly
+    from L2), and the mask decides per key inside: a StaticCache filled to 10% or a
+    left-padded batch reads only the K/V it attends, split over all programs.
   * paged caches: key j is row j % page_size of page block_table[b, j // page_size] (page id
     clamped into [0, num_pages): a bad table reads a wrong page, never out of bounds); one
     pointer per key row, so any page size >= 1 works. Contiguous caches read rows through
@@ -48,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attention import _tanh
+from .flash_attention import _tanh, mask_key_range, mask_scan_keys
 
 # Keys per tile and warps per program, by padded head dim. Decode is bandwidth bound: tiles
 # big enough for 16-byte loads and a few loads in flight (num_stages), small enough that many
@@ -92,7 +95,7 @@ def decode_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LENS: tl.constexpr, PAGED: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, SQ_PAD: tl.constexpr, MASK_SCAN: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -120,6 +123,10 @@ def decode_split_kernel(
     if HAS_WINDOW:
         lo = tl.maximum(L - Sq - window + 1, 0)      # first key the first query sees
     hi = L
+    if HAS_MASK:                                     # (no lengths / window with a mask)
+        offs_sq = tl.arange(0, SQ_PAD)
+        lo, hi = mask_key_range(Mask + b64 * stride_mb + offs_sq.to(tl.int64) * stride_mq, offs_sq < Sq,
+                                stride_mk, capacity, MASK_SCAN)
     # This split's share, whole tiles: [start, end).
     per_split = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), num_splits), BLOCK_N) * BLOCK_N
     start = lo + split * per_split
@@ -285,7 +292,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, mask, scal
         scale, softcap, window,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, HAS_LENS=cache_seqlens is not None, PAGED=paged,
         HAS_MASK=mask is not None, HAS_WINDOW=window > 0, HAS_SOFTCAP=softcap > 0,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=interp, **extra)
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=interp,
+        SQ_PAD=triton.next_power_of_2(Sq), MASK_SCAN=mask_scan_keys(triton.next_power_of_2(Sq)), **extra)
     if splits > 1:
         decode_combine_kernel[(B * Hq * Sq,)](
             o, l, out, lse, Hq, Sq, D, splits, Sq * Hq * D, Hq * D, D,

@@ -12,8 +12,9 @@ per head on top of the O((Sq + Skv) * D) of q, k, v, o. This kernel never materi
 
     one program per (block of BLOCK_M query rows, batch * query head):
       load the Q tile once (BLOCK_M x BLOCK_D, D padded to a power of 2 and masked)
-      for each K/V block of BLOCK_N keys inside [lo, hi)  (causal / window bounds: blocks
-      entirely outside are skipped by the loop bounds, not by masking):
+      for each K/V block of BLOCK_N keys inside [lo, hi)  (causal / window bounds, and with a
+      mask the first / last key any row of the block attends, found by one pass over its mask
+      rows: blocks entirely outside are skipped by the loop bounds, not by masking):
           s   = scale * Q K^T (fp32 accumulate), softcapped
           s   = -inf where not allowed (padding mask loaded per tile through its strides)
           online softmax: m_new = max(m, rowmax s); p = 2^(s log2e - m_new log2e);
@@ -50,9 +51,9 @@ from triton.language.extra import libdevice
 # Compiled for sm_80 / sm_86 / sm_90 by bench/triton_compile_check.py (registers, spills, shared
 # memory checked in the tests); never run on a GPU: timings UNVERIFIED, to be tuned.
 _CONFIGS = {
-    "sm80": {64: (128, 64, 4, 3), 128: (128, 32, 8, 3), 256: (64, 32, 8, 2)},
-    "sm86": {64: (128, 64, 4, 3), 128: (128, 32, 8, 3), 256: (64, 32, 8, 2)},
-    "sm90": {64: (128, 64, 4, 3), 128: (128, 32, 8, 3), 256: (128, 32, 8, 3)},
+    "sm80": {64: (128, 64, 8, 3), 128: (128, 32, 8, 3), 256: (64, 32, 8, 2)},
+    "sm86": {64: (128, 64, 8, 3), 128: (128, 32, 8, 3), 256: (64, 32, 8, 2)},
+    "sm90": {64: (128, 64, 8, 3), 128: (128, 32, 8, 3), 256: (128, 32, 8, 3)},
 }
 # float32 inputs (IEEE fp32 dots, no tensor cores: a correctness path, not a fast one). ptxas
 # register use of these FMA dots is erratic; these are the smallest-spill configs found by
@@ -93,6 +94,33 @@ def _tanh(x, INTERPRET: tl.constexpr):
         return (1.0 - 2.0 / (tl.exp(2.0 * x64) + 1.0)).to(tl.float32)
     else:
         return libdevice.tanh(x)
+
+
+#: Mask bytes per chunk of the key-range scan (rows x keys): 16 per thread at 4 warps.
+MASK_SCAN_ELEMS = 2048
+
+
+def mask_scan_keys(rows: int) -> int:
+    """Keys per chunk of mask_key_range for a scan over `rows` (a power of 2) mask rows."""
+    return max(16, MASK_SCAN_ELEMS // rows)
+
+
+@triton.jit
+def mask_key_range(row_ptrs, row_ok, stride_mk, n_keys, SCAN: tl.constexpr):
+    """(first, last): the first key and one past the last key that any row_ok row of the mask
+    attends (row_ptrs: a pointer per row; first >= last: none). One pass over those mask
+    bytes, so that a kernel loops over [first, last) only: the unwritten tail of a StaticCache
+    and left padding cost neither K/V reads nor FLOPs (the mask still decides inside)."""
+    first = tl.zeros([], dtype=tl.int32) + n_keys
+    last = tl.zeros([], dtype=tl.int32)
+    for c0 in tl.range(0, n_keys, SCAN, num_stages=1):   # not pipelined: registers
+        offs = c0 + tl.arange(0, SCAN)
+        mk = tl.load(row_ptrs[:, None] + offs.to(tl.int64)[None, :] * stride_mk,
+                     mask=row_ok[:, None] & (offs < n_keys)[None, :], other=0)
+        hit = tl.max((mk != 0).to(tl.int32), 0) != 0
+        first = tl.minimum(first, tl.min(tl.where(hit, offs, n_keys), 0))
+        last = tl.maximum(last, tl.max(tl.where(hit, offs + 1, 0), 0))
+    return first, last
 
 
 @triton.jit
@@ -165,7 +193,7 @@ def flash_attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, MASK_SCAN: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -191,6 +219,9 @@ def flash_attention_fwd_kernel(
     row_ok = offs_m < seqlen_q
     d_ok = offs_d < D
 
+    if HAS_MASK:   # first / one past the last key any row attends (before Q is live: registers)
+        m_first, m_last = mask_key_range(Mask + b64 * stride_mb + offs_m.to(tl.int64) * stride_mq,
+                                         row_ok, stride_mk, seqlen_k, MASK_SCAN)
     q_ptrs = (Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
               + (q_start + offs_m).to(tl.int64)[:, None] * stride_qs + offs_d[None, :])
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -215,6 +246,11 @@ def flash_attention_fwd_kernel(
     if HAS_WINDOW:
         lo = (tl.maximum(0, start_m * BLOCK_M + offset - window + 1) // BLOCK_N) * BLOCK_N
         full_lo = tl.cdiv(tl.maximum(0, (start_m + 1) * BLOCK_M - 1 + offset - window + 1), BLOCK_N) * BLOCK_N
+    if HAS_MASK:
+        # Only key blocks holding a key some row of this block attends (whole blocks: the
+        # interior / boundary split below stays block aligned); none -> every loop is empty.
+        lo = tl.maximum(lo, (m_first // BLOCK_N) * BLOCK_N)
+        hi = tl.minimum(hi, tl.cdiv(m_last, BLOCK_N) * BLOCK_N)
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
 
@@ -265,7 +301,8 @@ def _launch(q, k, v, mask, out, lse, cu_q, cu_k, q_strides, k_strides, v_strides
         scale, softcap, window,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, CAUSAL=causal, HAS_WINDOW=window > 0,
         HAS_SOFTCAP=softcap > 0, HAS_MASK=mask is not None, VARLEN=varlen,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=interp, **extra)
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=interp,
+        MASK_SCAN=mask_scan_keys(bm), **extra)
 
 
 def flash_attention(q, k, v, mask, causal: bool, scale: float, window: int, softcap: float):

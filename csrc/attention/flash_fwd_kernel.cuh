@@ -15,8 +15,9 @@
 //   1. cp.async the Q tile and the first K/V tile into swizzled shared memory; Q is then read
 //      into registers with ldmatrix once (mma A fragments) and stays there.
 //   2. Walk the key tiles that can be visible to this CTA's rows, from the last one down to
-//      the first (causal/window tiles outside that range are skipped by the loop bounds, never
-//      computed). While tile n computes, tile n-1 is in flight (cp.async double buffer).
+//      the first (causal/window tiles outside that range, and with a mask the tiles before
+//      the first / after the last key any of the rows attends, common/mask_range.cuh, are
+//      skipped by the loop bounds, never loaded or computed). While tile n computes, tile n-1 is in flight (cp.async double buffer).
 //      S = Q K^T with mma.m16n8k16 (K fragments by ldmatrix), then mask (only tiles that cross
 //      the sequence end, the causal diagonal or the window edge, or when a mask tensor is
 //      given: a CTA-uniform branch), then the online softmax in registers: running row max m
@@ -42,6 +43,7 @@
 #include "attention/flash_ptx.cuh"
 #include "attention/flash_traits.h"
 #include "common/common.h"
+#include "common/mask_range.cuh"
 
 namespace fastllm {
 namespace attention {
@@ -169,6 +171,13 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSM) fla
   int n_lo = 0, n_hi = Skv;
   if (p.causal) n_hi = min(Skv, row_last + offset + 1);
   if (p.window > 0) n_lo = max(0, m0 + offset - p.window + 1);
+  if (p.mask != nullptr) {  // and only keys some row of this CTA attends (one pass over its mask rows)
+    const int2 r = mask_key_range<kThreads>(p.mask + batch * p.mask_batch_stride + (int64_t)m0 * p.mask_row_stride,
+                                            p.mask_row_stride, p.mask_col_stride, row_last - m0 + 1, Skv,
+                                            reinterpret_cast<int*>(smem));
+    n_lo = max(n_lo, r.x);
+    n_hi = min(n_hi, r.y);
+  }
   if (n_hi <= n_lo) {  // no row of this CTA sees any key: out = 0, lse = -inf
     T* out_base = out_ptr();
     float* lse_base = lse_ptr();

@@ -13,8 +13,9 @@
 // Algorithm. Grid (B * Hkv, num_splits, ceil(group * Sq / 16)); a CTA owns one kv head of one
 // sequence, one piece of its key range and 16 packed query rows (GQA heads x queries, row
 // g * Sq + i), so each K/V byte is read once for all the query heads that share it.
-//   1. Key range [lo, L) (lo > 0 only with a window), cut into num_splits pieces of whole
-//      kBlockN tiles; this CTA takes piece blockIdx.y.
+//   1. Key range [lo, L) (lo > 0 only with a window; with a mask, the first / one past the
+//      last key any of the Sq mask rows attends: common/mask_range.cuh), cut into num_splits
+//      pieces of whole kBlockN tiles; this CTA takes piece blockIdx.y.
 //   2. Q (16 rows) and K/V tiles stream in with 16-byte cp.async copies (kStages-deep
 //      pipeline); a paged cache is read one key row at a time (page id looked up, clamped), so
 //      any page size works. Rows past the piece are zero-filled.
@@ -41,6 +42,7 @@
 // SmemTile (swizzled shared-memory tiles that ldmatrix reads without bank conflicts) and the
 // PTX wrappers (cp.async, ldmatrix, mma, exp2) of the prefill kernel, reused as they are.
 #include "attention/flash_fwd_kernel.cuh"
+#include "common/mask_range.cuh"
 #include "decode/decode_params.h"
 #include "decode/decode_traits.h"
 
@@ -96,12 +98,17 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_split_kernel(const De
   // ---- key range of this CTA: [start, end).
   int L = p.capacity;
   if (p.cache_seqlens != nullptr) L = min(max(p.cache_seqlens[b], 0), p.capacity);
-  int lo = 0;
+  int lo = 0, hi = L;
   if (p.window > 0 && p.mask == nullptr) lo = max(L - Sq - p.window + 1, 0);  // first query's first key
-  const int span = max(L - lo, 0);
+  if (p.mask != nullptr) {  // the keys some query row attends (one pass over the Sq mask rows)
+    const int2 r = mask_key_range<kThreads>(p.mask + b * p.mask_batch_stride, p.mask_row_stride,
+                                            p.mask_col_stride, Sq, p.capacity, reinterpret_cast<int*>(smem));
+    lo = r.x, hi = max(r.y, r.x);
+  }
+  const int span = hi - lo;
   const int per_split = ((span + p.num_splits - 1) / p.num_splits + kBN - 1) / kBN * kBN;
   const int start = lo + split * per_split;  // <= capacity + 256 * kBN: no int overflow
-  const int end = min(start + per_split, L);
+  const int end = min(start + per_split, hi);
   const int n_tiles = end > start ? (end - start + kBN - 1) / kBN : 0;
 
   const T* gK = static_cast<const T*>(p.k);

@@ -29,7 +29,10 @@ When a mask is given it already holds causality, padding and the sliding window,
 cache positions, so the op gets causal=False and no window: its bottom-right aligned `window`
 would be wrong against a StaticCache (Skv = max_cache_len, not the number of tokens seen).
 `sliding_window` is therefore never passed on; that is what SDPA and eager do too (the mask
-carries it). Passing it as a tile-skipping hint where positions allow is a later optimisation.
+carries it). The kernels skip what the mask rules out wholesale: each finds the first and last
+key its query rows attend and loops over that range (a decode step against a StaticCache reads
+the filled part, not max_cache_len). Tiles inside the range that the window excludes are still
+computed and masked.
 
 Dropout: transformers passes dropout=0.0 in eval mode and config.attention_dropout while
 training. The kernels have no dropout, so dropout > 0 raises (model.eval(), or set the
