@@ -107,7 +107,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("sparse24_gemm", &fastllm::sparse24_gemm, py::call_guard<py::gil_scoped_release>(), py::arg("device"),
         py::arg("dtype"), py::arg("x"), py::arg("values"), py::arg("meta"), py::arg("out"), py::arg("out_dtype"),
         py::arg("M"), py::arg("N"), py::arg("K"), py::arg("x_row_stride"), py::arg("bias"), py::arg("bias_dtype"),
-        py::arg("a_scale"), py::arg("a_scale_per_row"), py::arg("w_scale"), py::arg("stream"));
+        py::arg("a_scale"), py::arg("a_scale_per_row"), py::arg("w_scale"), py::arg("workspace"),
+        py::arg("workspace_bytes"), py::arg("stream"));
+  m.def("sparse24_gemm_workspace", &fastllm::sparse24_gemm_workspace, py::arg("device"), py::arg("dtype"),
+        py::arg("M"), py::arg("N"), py::arg("K"));
+  m.def("sparse24_gemm_plan", &fastllm::sparse24_gemm_plan, py::arg("dtype"), py::arg("M"), py::arg("N"),
+        py::arg("K"), py::arg("num_sms"), py::arg("smem_optin"),
+        "(config index 0 NarrowM / 1 SmallM / 2 LargeM, K splits) the 2:4 launcher picks; host only");
   m.def("decode_attention_fwd", &fastllm::decode_attention_fwd, py::call_guard<py::gil_scoped_release>(),
         py::arg("device"), py::arg("dtype"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("lse"), py::arg("out_partial"), py::arg("lse_partial"), py::arg("cache_seqlens"),

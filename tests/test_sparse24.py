@@ -400,3 +400,36 @@ def test_gpu_grid(backend, dtype, N, K):
             x = torch.randn(M, K, device=DEVICE).to(dtype)
             bias = torch.randn(N, device=DEVICE).to(dtype)
             check_close(sparse24_matmul(x, values, meta, bias, backend=backend), x, w, bias, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
+def test_gpu_split_k_equals_single_pass(dtype):
+    # The CUDA launcher with and without the split-K workspace: int8 raw accumulators
+    # bit-identical (and exact); fp16 within its rounding (fp32 partials summed per slice).
+    from fastllm import _ext
+    lib = _ext.lib()
+    M, N, K = 3, 64, 4096
+    w = sparse_weight(N, K, dtype)
+    values, meta = compress(w)
+    x = (torch.randint(-128, 128, (M, K), dtype=torch.int8) if dtype == torch.int8
+         else torch.randn(M, K).to(dtype)).to(DEVICE)
+    values, meta = values.to(DEVICE), meta.to(DEVICE)
+    code_of = _ext.DTYPE_CODES
+    ws_bytes = lib.sparse24_gemm_workspace(x.device.index, code_of[dtype], M, N, K)
+    assert ws_bytes > 0, "a 2-CTA call on a GPU must split K"
+    ws = torch.empty(ws_bytes, dtype=torch.uint8, device=DEVICE)
+    out_dtype = torch.int32 if dtype == torch.int8 else dtype
+    outs = []
+    for wsp, nb in ((0, 0), (ws.data_ptr(), ws_bytes)):
+        out = torch.full((M, N), -7, dtype=out_dtype, device=DEVICE)
+        code = lib.sparse24_gemm(x.device.index, code_of[dtype], x.data_ptr(), values.data_ptr(), meta.data_ptr(),
+                                 out.data_ptr(), code_of[out_dtype], M, N, K, K, 0, -1, 0, False, 0, wsp, nb,
+                                 torch.cuda.current_stream().cuda_stream)
+        assert code == 0, lib.error_string(code)
+        outs.append(out)
+    if dtype == torch.int8:
+        assert torch.equal(outs[0], outs[1])
+        assert torch.equal(outs[1], ref.int8_matmul_int32(x, w.to(DEVICE)))
+    else:
+        check_close(outs[1], x, w.to(DEVICE), torch.zeros(N, device=DEVICE, dtype=dtype), dtype)

@@ -6,7 +6,8 @@ zero-filled, metadata words copied), both XOR swizzles (val_off, x_off), the cp.
 kStages stages, the ldmatrix lane addresses (ldmatrix as the hardware defines it, common/ptx.cuh:
 lane 8j + r gives the address of row r of matrix j, register j of lane 4r + c gets bytes
 4c..4c+3 of that row), the metadata word each lane reads, the sparsity selector, the K-tail skip
-and both epilogues' (n, m) mapping. The registers go into python/fastllm/sparse/mma_sp.py's model
+both epilogues' (n, m) mapping, and split-K (each grid-z slice's own ring over its stages, the
+raw fp32 / int32 planes, the reduce's slice-order sum and epilogue). The registers go into python/fastllm/sparse/mma_sp.py's model
 of mma.sp (written from the PTX ISA), and the stored output is compared with the dense product,
 for the three tile configs of sparse24_traits.h x fp16 / bf16 / int8 x M / N / K tails.
 
@@ -99,6 +100,8 @@ KERNEL = dict(
     selector=lambda step, s8: 0 if s8 or step % 2 == 0 else 1,
     wait_in_loop=lambda tr: tr.kStages - 2,
     d_index=lambda i: (i // 2, i % 2),      # accumulator i -> (+8 rows?, +1 token?)
+    slice_tile=lambda kt0, i: kt0 + i,      # the absolute K tile of a slice's i-th stage load
+    reduce_planes=lambda gz: gz,            # the split-K planes the reduce adds
 )
 
 
@@ -160,11 +163,13 @@ def check_meta(e, sel, s8):
     assert np.isin(nib, VALID_NIBBLES).all(), "invalid metadata nibble: undefined behaviour for mma.sp"
 
 
-def run_cta(p, tr, k, bx, by):
+def run_cta(p, tr, k, bx, by, bz):
     """One CTA: returns acc[(warp, mi, ni)] = (32, 4) accumulators, None where not modelled."""
     t0, w0 = bx * tr.kBT, by * tr.kBW
     M, N, K = p["M"], p["N"], p["K"]
-    k_tiles = (K + tr.kStageK - 1) // tr.kStageK
+    kt0 = bz * p["k_tiles_per_split"]                          # split-K slice (grid z)
+    k_tiles = min(p["k_tiles_per_split"], (K + tr.kStageK - 1) // tr.kStageK - kt0)
+    assert k_tiles > 0, "an empty split-K slice"
     k_slices = K // tr.kColsPerStep
     smem = np.full(tr.kStages * tr.kStageBytes, 0xFF, np.uint8)    # stale: NaN / invalid nibbles
     groups, pending = [], []
@@ -182,16 +187,17 @@ def run_cta(p, tr, k, bx, by):
     acc = {(w, mi, ni): None for w in warps for mi in range(tr.kMTiles) for ni in range(tr.kNTiles)}
     for s in range(tr.kStages - 1):
         if s < k_tiles:
-            pending += load_stage(p, tr, k, s * tr.kStageBytes, s, w0, t0)
+            pending += load_stage(p, tr, k, s * tr.kStageBytes, k["slice_tile"](kt0, s), w0, t0)
         commit()
-    for kt in range(k_tiles):
+    for it in range(k_tiles):
         wait(k["wait_in_loop"](tr))
-        nxt = kt + tr.kStages - 1
+        nxt = it + tr.kStages - 1
         if nxt < k_tiles:
-            assert nxt % tr.kStages != kt % tr.kStages
-            pending += load_stage(p, tr, k, (nxt % tr.kStages) * tr.kStageBytes, nxt, w0, t0)
+            assert nxt % tr.kStages != it % tr.kStages
+            pending += load_stage(p, tr, k, (nxt % tr.kStages) * tr.kStageBytes, k["slice_tile"](kt0, nxt), w0, t0)
         commit()
-        st = (kt % tr.kStages) * tr.kStageBytes
+        kt = kt0 + it
+        st = (it % tr.kStages) * tr.kStageBytes
         xs = st + tr.kValBytes
         ms = xs + tr.kXBytes
         for step in range(tr.kSteps):
@@ -229,18 +235,30 @@ def run_cta(p, tr, k, bx, by):
     return acc
 
 
+def finish(p, m, n, v, scaled):
+    """finish(): (v * a_scale[m or 0]) * w_scale[n] + bias[n] in fp32 (scaled int8), else v + bias[n]
+    (the fp64 model's sums stand for the 16-bit types' fp32 ones)."""
+    if scaled:
+        a_s = p["a_scale"][m if p["a_scale_per_row"] else 0]
+        return v.astype(np.float32) * a_s * p["w_scale"][n] + p["bias"][n]
+    return v + p["bias"][n].astype(np.float64)
+
+
 def epilogue(p, tr, k, accs, scaled):
-    """Both epilogues of the kernel over all CTAs: the raw int32 one (int8 without a_scale) or the
-    float one (acc [* a_scale[m or 0] * w_scale[n]] + bias[n]). Returns (out, store counts)."""
+    """The kernel's stores over all CTAs. One slice: the raw int32 one (int8 without a_scale) or
+    finish(). Split-K: every slice's raw accumulators to its workspace plane (each element once),
+    then sparse24_splitk_reduce: the planes summed in slice order, then the same raw store or
+    finish(). Returns (out, store counts of the final output)."""
     M, N = p["M"], p["N"]
     raw = tr.kS8 and not scaled
-    if raw:
-        out = np.full((M, N), -(2 ** 62), np.int64)
-    else:
-        out = np.full((M, N), np.nan, np.float32 if scaled else np.float64)
-    count = np.zeros((M, N), np.int64)
+    gz = 1 + max(bz for (_, _, bz) in accs)
+    if raw or gz > 1:   # raw accumulators: the int32 output, or one plane per slice
+        planes = np.full((gz, M, N), -(2 ** 62) if tr.kS8 else np.nan, np.int64 if tr.kS8 else np.float64)
+    count = np.zeros((gz, M, N), np.int64)
     g, t = LANE >> 2, LANE & 3
-    for (bx, by), acc in accs.items():
+    if not (raw or gz > 1):
+        out = np.full((M, N), np.nan, np.float32 if scaled else np.float64)
+    for (bx, by, bz), acc in accs.items():
         t0, w0 = bx * tr.kBT, by * tr.kBW
         for (warp, mi, ni), d in acc.items():
             warp_w, warp_t = warp % tr.kWarpsW, warp // tr.kWarpsW
@@ -254,19 +272,23 @@ def epilogue(p, tr, k, accs, scaled):
                 assert d is not None, "an MMA skipped as never stored has a stored output"
                 v = d[:, i].numpy()[keep]
                 nk, mk = n[keep], m[keep]
-                if raw:
-                    out[mk, nk] = v                                        # static_cast<int32_t>
-                elif scaled:                                               # fp32, the kernel's order
-                    a_s = p["a_scale"][mk if p["a_scale_per_row"] else 0]
-                    out[mk, nk] = v.astype(np.float32) * a_s * p["w_scale"][nk] + p["bias"][nk]
+                if raw or gz > 1:
+                    planes[bz, mk, nk] = v                                 # out + blockIdx.z * M * N
                 else:
-                    out[mk, nk] = v + p["bias"][nk].astype(np.float64)
-                np.add.at(count, (mk, nk), 1)
-    return out, count
+                    out[mk, nk] = finish(p, mk, nk, v, scaled)
+                np.add.at(count, (bz, mk, nk), 1)
+    assert (count == 1).all(), "every raw / output element stored exactly once per slice"
+    if not (raw or gz > 1):
+        return out, count[0]
+    total = planes[0].copy()
+    for z in range(1, k["reduce_planes"](gz)):                           # slice order
+        total += planes[z]
+    mm, nn = np.meshgrid(np.arange(M), np.arange(N), indexing="ij")
+    return (total if raw else finish(p, mm, nn, total, scaled)), count.max(0)
 
 
 def emulate(x, values, meta, cfg, bias=None, a_scale=None, w_scale=None, a_scale_per_row=True,
-            pad=16, **mutations):
+            pad=16, splits=1, **mutations):
     """The kernel on x (M, K) (rows padded to a stride of K + pad elements, the padding NaN / 127)
     and compress's (values, meta): returns {"acc": per-CTA accumulators, "p": params, "tr"}."""
     k = dict(KERNEL, **mutations)
@@ -280,7 +302,11 @@ def emulate(x, values, meta, cfg, bias=None, a_scale=None, w_scale=None, a_scale
              x_row_bytes=(K + pad) * x.element_size(), bias=bias, a_scale=a_scale, w_scale=w_scale,
              a_scale_per_row=a_scale_per_row)
     gx, gy = (M + tr.kBT - 1) // tr.kBT, (N + tr.kBW - 1) // tr.kBW               # launch's grid
-    accs = {(bx, by): run_cta(p, tr, k, bx, by) for bx in range(gx) for by in range(gy)}
+    k_tiles = (K + tr.kStageK - 1) // tr.kStageK
+    p["k_tiles_per_split"] = (k_tiles + splits - 1) // splits
+    gz = (k_tiles + p["k_tiles_per_split"] - 1) // p["k_tiles_per_split"]         # no empty slice
+    accs = {(bx, by, bz): run_cta(p, tr, k, bx, by, bz) for bx in range(gx) for by in range(gy)
+            for bz in range(gz)}
     return dict(acc=accs, p=p, tr=tr, k=k)
 
 
@@ -321,7 +347,7 @@ def assert_matches(res, x, w, bias):
         exact = x.long() @ w.long().t()
         out, count = epilogue(p, tr, k, res["acc"], scaled=False)
         assert (count == 1).all(), "every output stored exactly once"
-        assert np.array_equal(out, exact.numpy())
+        assert np.array_equal(out, exact.numpy()), "int32 accumulators"
         for per_row in (True, False):
             p["a_scale_per_row"] = per_row
             a_s = torch.from_numpy(p["a_scale"]).reshape(-1, 1)
@@ -339,14 +365,14 @@ def assert_matches(res, x, w, bias):
         assert (err <= 1e-12 * scale.numpy()).all(), f"max error {np.nanmax(err)} (NaN: {np.isnan(out).any()})"
 
 
-def run_case(cfg, dtype, M, N, K, **mutations):
+def run_case(cfg, dtype, M, N, K, splits=1, **mutations):
     w, x = sparse_weight(N, K, dtype), activations(M, K, dtype)
     values, meta = compress(w)
     bias = torch.randn(N).numpy()
     kw = dict(bias=bias)
     if dtype == torch.int8:
         kw.update(a_scale=(torch.rand(M) + 0.5).numpy(), w_scale=(torch.rand(N) / 64).numpy())
-    res = emulate(x, values, meta, cfg, **kw, **mutations)
+    res = emulate(x, values, meta, cfg, splits=splits, **kw, **mutations)
     return res, x, w, torch.from_numpy(bias)
 
 
@@ -360,6 +386,42 @@ def test_kernel_emulated_matches_dense(cfg, dtype, case):
     assert_matches(res, x, w, bias)
 
 
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f16", "bf16", "s8"])
+@pytest.mark.parametrize("cfg", ["NarrowM", "SmallM"])
+def test_split_k_emulated_matches_dense(cfg, dtype, splits):
+    # Split-K (the small-M configs): K of 4 whole stages + a 64-column tail cut into slices of
+    # whole stages (3 splits of 5 tiles: 2 + 2 + 1), each slice's ring starting at its own tile;
+    # the planes summed by the reduce. int8 stays exact (raw and scaled).
+    kBW, kBT, _, _, _ = CONFIGS[cfg]
+    stage_k = 256 if dtype == torch.int8 else 128
+    res, x, w, bias = run_case(cfg, dtype, 3, kBW + 16, 4 * stage_k + 64, splits=splits)
+    assert 1 + max(bz for (_, _, bz) in res["acc"]) == splits
+    assert_matches(res, x, w, bias)
+
+
+def test_split_k_plan():
+    # The launcher's plan (host code of sparse24_traits.h, no GPU needed): small-M calls whose
+    # output tiles leave SMs idle split K (>= 4 stages per split, at most 16); LargeM and M > 32
+    # never split. smem_optin 232448 (sm_90) keeps LargeM available.
+    from fastllm import _ext
+    try:
+        lib = _ext.lib()
+    except Exception as e:                          # a pure-Python build: nothing to ask
+        pytest.skip(f"no CUDA extension built: {e}")
+    f16, s8 = _ext.DTYPE_CODES[torch.float16], _ext.DTYPE_CODES[torch.int8]
+    plan = lambda dt, M, N, K, sms=132: tuple(lib.sparse24_gemm_plan(dt, M, N, K, sms, 232448))  # noqa: E731
+    assert plan(f16, 1, 4096, 4096) == (0, 2)      # NarrowM: 128 CTAs on 132 SMs -> 256
+    assert plan(f16, 1, 1024, 4096) == (0, 8)      # 32 CTAs: 8 splits of 4 stages (K 512 each)
+    assert plan(s8, 16, 4096, 14336) == (0, 2)
+    assert plan(f16, 1, 14336, 4096) == (1, 1)     # SmallM: 224 CTAs already cover the SMs
+    assert plan(f16, 32, 1024, 128 * 64) == (1, 8)  # 16 x 64 tiles: 2 x 16 = 32 CTAs
+    assert plan(f16, 33, 1024, 8192)[1] == 1       # M > 32
+    assert plan(f16, 200, 1024, 8192) == (2, 1)    # LargeM never splits
+    assert plan(f16, 1, 64, 128 * 7) == (0, 1)     # 7 stages: no split keeps 4 per split
+    assert plan(f16, 1, 64, 128 * 1000)[1] == 16   # capped
+
+
 # Deliberately wrong index math: each must make the emulated kernel disagree with the dense
 # product (or hit what mma.sp calls undefined behaviour), proving the comparison above can fail.
 MUTANTS = {
@@ -368,13 +430,15 @@ MUTANTS = {
     "selector_always_0": dict(selector=lambda step, s8: 0),
     "wait_one_group_too_few": dict(wait_in_loop=lambda tr: tr.kStages - 1),
     "epilogue_d1_d2_swapped": dict(d_index=lambda i: (i % 2, i // 2)),
+    "split_slices_from_tile_0": dict(slice_tile=lambda kt0, nxt: nxt),
+    "reduce_drops_last_plane": dict(reduce_planes=lambda gz: gz - 1),
 }
 
 
 @pytest.mark.parametrize("mutant", list(MUTANTS))
 def test_mutant_kernel_fails(mutant):
     try:
-        res, x, w, bias = run_case("NarrowM", torch.float16, 5, 16, 192, **MUTANTS[mutant])
+        res, x, w, bias = run_case("NarrowM", torch.float16, 5, 16, 5 * 128 + 64, splits=2, **MUTANTS[mutant])
     except ValueError as e:          # mma_sp.py: an invalid metadata nibble (stale shared memory)
         assert "mma.sp" in str(e)
         return
@@ -403,8 +467,12 @@ MIRRORED_KERNEL_LINES = [
     "const int64_t t0 = static_cast<int64_t>(blockIdx.x) * Tr::kBT;",
     "const int64_t w0 = static_cast<int64_t>(blockIdx.y) * Tr::kBW;",
     "cp_async_wait<Tr::kStages - 2>();",
-    "if (next < k_tiles) load_stage<Tr>(p, smem + (next % Tr::kStages) * Tr::kStageBytes, next, w0, t0, tid);",
-    "const uint8_t* st = smem + (kt % Tr::kStages) * Tr::kStageBytes;",
+    "const int64_t kt0 = static_cast<int64_t>(blockIdx.z) * p.k_tiles_per_split;",
+    "const int64_t k_tiles = min(p.k_tiles_per_split, (p.K + Tr::kStageK - 1) / Tr::kStageK - kt0);",
+    "if (s < k_tiles) load_stage<Tr>(p, smem + s * Tr::kStageBytes, kt0 + s, w0, t0, tid);",
+    "if (next < k_tiles) load_stage<Tr>(p, smem + (next % Tr::kStages) * Tr::kStageBytes, kt0 + next, w0, t0, tid);",
+    "const int64_t kt = kt0 + it;",
+    "const uint8_t* st = smem + (it % Tr::kStages) * Tr::kStageBytes;",
     "if (kt * Tr::kSteps + step >= k_slices) break;",
     "e[mi] = ms[(rb * Tr::kMetaBlocks + blk) * 32 + lane];",
     "const int r = warp_w * Tr::kWarpW + mi * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;",
@@ -414,10 +482,15 @@ MIRRORED_KERNEL_LINES = [
     "if (Tr::kS8 || step % 2 == 0)",
     "const int64_t n_base = w0 + warp_w * Tr::kWarpW + g, m_base = t0 + warp_t * Tr::kWarpT + 2 * t;",
     "const int64_t n = n_base + mi * 16 + (i / 2) * 8, m = m_base + ni * 8 + (i % 2);",
-    "const int64_t n = n_base + mi * 16 + i2 * 8;",
-    "const int64_t m = m_base + ni * 8 + i1;",
-    "float v = static_cast<float>(acc[mi][ni][i2 * 2 + i1]);",
-    "if (p.a_scale != nullptr) v = v * p.a_scale[p.a_scale_per_row ? m : 0] * ws;",
+    "Acc* out = static_cast<Acc*>(p.out) + static_cast<int64_t>(blockIdx.z) * p.M * p.N;",
+    "if (n < p.N && m < p.M) out[m * p.N + n] = acc[mi][ni][i];",
+    "if (n < p.N && m < p.M) finish(p, m, n, static_cast<float>(acc[mi][ni][i]));",
+    "if (p.a_scale != nullptr) v = v * p.a_scale[p.a_scale_per_row ? m : 0] * p.w_scale[n];",
+    "store_out(p.out, p.out_dtype, m * p.N + n, v + b);",
+    "for (int z = 1; z < splits; ++z) sum += partial[z * mn + i];",
+    "finish(p, i / p.N, i % p.N, static_cast<float>(sum));",
+    "p.k_tiles_per_split = (k_tiles + splits - 1) / splits;",
+    "const int gz = static_cast<int>((k_tiles + p.k_tiles_per_split - 1) / p.k_tiles_per_split);",
     "const int64_t gx = (p.M + Tr::kBT - 1) / Tr::kBT, gy = (p.N + Tr::kBW - 1) / Tr::kBW;",
 ]
 MIRRORED_TRAITS_LINES = [

@@ -56,6 +56,17 @@ class DeviceGuard {
   cudaError_t status_ = cudaSuccess;
 };
 
+// Grid-level split-K for the GEMMs' small-M configs (int8 W8A8, 2:4), where the weights are the
+// cost: while the output tiles leave SMs idle, double the K splits, keeping >= kMinKTilesPerSplit
+// K tiles (a pipeline's worth) per split, at most kMaxSplitK. Host code (plans run without a GPU).
+constexpr int kMaxSplitK = 16;
+constexpr int kMinKTilesPerSplit = 4;
+inline int split_k_for_tiles(long long tiles, long long k_tiles, int num_sms) {
+  int split = 1;
+  while (split < kMaxSplitK && tiles * split < num_sms && k_tiles / (2 * split) >= kMinKTilesPerSplit) split *= 2;
+  return split;
+}
+
 // Launch epilogue: a bad grid or missing arch shows up here, not at the next sync.
 inline int launch_status() { return static_cast<int>(cudaGetLastError()); }
 

@@ -4,6 +4,8 @@
 // the tile shapes from the structs below.
 #pragma once
 
+#include "common/common.h"  // split_k_for_tiles
+
 namespace fastllm {
 namespace int8 {
 
@@ -64,20 +66,15 @@ inline int choose_gemm_config(long long M, long long N, long long K, int num_sms
   return big_tiles >= num_sms ? 4 : 3;
 }
 
-// Grid-level split-K for the small-M configs (0, 1: decode and short prefill), where the weights
-// are the cost: while the (M, N) tiles leave SMs idle, double the K splits, keeping >= 4 K tiles
-// (a pipeline's worth) per split. Partials are raw int32 in a workspace of splits * M * N * 4
-// bytes; a second kernel adds them and applies the epilogue (int8_gemm_kernel.cuh).
-constexpr int kMaxSplitK = 16;
-constexpr int kMinKTilesPerSplit = 4;
+// Grid-level split-K for the small-M configs (0, 1: decode and short prefill): the rule is
+// common.h's split_k_for_tiles over this config's (M, N) tiles and K tiles. Partials are raw
+// int32 in a workspace of splits * M * N * 4 bytes; a second kernel adds them and applies the
+// epilogue (int8_gemm_kernel.cuh).
 template <int kConfig>
 inline int split_k_for(long long M, long long N, long long K, int num_sms) {
   using C = GemmConfig<kConfig>;
   const long long tiles = static_cast<long long>(ceil_div(M, C::kBM)) * ceil_div(N, C::kBN);
-  const long long k_tiles = ceil_div(K, C::kBK);
-  int split = 1;
-  while (split < kMaxSplitK && tiles * split < num_sms && k_tiles / (2 * split) >= kMinKTilesPerSplit) split *= 2;
-  return split;
+  return split_k_for_tiles(tiles, ceil_div(K, C::kBK), num_sms);
 }
 inline int choose_split_k(int config, long long M, long long N, long long K, int num_sms) {
   switch (config) {

@@ -4,6 +4,7 @@
 
 namespace fastllm {
 namespace sparse24 {
-template int run<__nv_bfloat16>(const Params& p, int num_sms, int smem_optin, cudaStream_t stream);
+template int run<__nv_bfloat16>(const Params& p, int num_sms, int smem_optin, void* workspace, int64_t workspace_bytes,
+                       cudaStream_t stream);
 }  // namespace sparse24
 }  // namespace fastllm

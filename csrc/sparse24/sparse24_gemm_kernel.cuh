@@ -18,6 +18,10 @@
 // metadata with one conflict-free 32-bit load per lane. The smem rows are XOR-swizzled by 16-byte
 // chunk so that the 8 row addresses of an ldmatrix hit 8 different bank groups.
 //
+// Split-K (small M, few output tiles: sparse24_traits.h choose_split_k): grid z cuts K into
+// slices of whole stages; each writes raw fp32 / int32 partials to a workspace and
+// sparse24_splitk_reduce adds them in slice order and applies the epilogue.
+//
 // Tails: W rows past N are clamped to row N - 1 on load (valid memory, valid metadata -- a
 // zero-filled metadata word would be undefined behaviour for mma.sp) and never stored; tokens
 // past M are zero-filled; k-slices past K (K % 64 == 0, so only whole slices) are skipped
@@ -29,6 +33,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common/common.h"
 #include "common/ptx.cuh"
@@ -48,6 +53,10 @@ struct Params {
   int64_t M, N, K, x_row_bytes;
   int out_dtype, bias_dtype;
   bool a_scale_per_row;
+  // Split-K (pass 1): grid z slice z covers K tiles [z, z + 1) * k_tiles_per_split and, with
+  // `partials`, writes its raw accumulators (Acc) to out + z * M * N instead of the epilogue.
+  int64_t k_tiles_per_split;
+  bool partials;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -158,6 +167,14 @@ __device__ __forceinline__ void store_out(void* out, int dtype, int64_t i, float
   }
 }
 
+// out[m, n] from the finished fp32 sum: the int8 epilogue's order, (acc * a_scale) * w_scale +
+// bias, all fp32; 16-bit types: acc + bias.
+__device__ __forceinline__ void finish(const Params& p, int64_t m, int64_t n, float v) {
+  if (p.a_scale != nullptr) v = v * p.a_scale[p.a_scale_per_row ? m : 0] * p.w_scale[n];
+  const float b = p.bias != nullptr ? load_bias(p.bias, p.bias_dtype, n) : 0.f;
+  store_out(p.out, p.out_dtype, m * p.N + n, v + b);
+}
+
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, 1) sparse24_gemm_kernel(const Params p) {
   using T = typename Tr::T;
@@ -167,7 +184,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) sparse24_gemm_kernel(const Pa
   const int warp_w = warp % Tr::kWarpsW, warp_t = warp / Tr::kWarpsW;
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * Tr::kBT;   // tokens: grid x (up to 2^31 - 1)
   const int64_t w0 = static_cast<int64_t>(blockIdx.y) * Tr::kBW;   // W rows: grid y
-  const int64_t k_tiles = (p.K + Tr::kStageK - 1) / Tr::kStageK;
+  // This CTA's K tiles: [kt0, kt0 + k_tiles) (all of K unless split; never empty: the launcher
+  // sizes the grid so every slice has tiles).
+  const int64_t kt0 = static_cast<int64_t>(blockIdx.z) * p.k_tiles_per_split;
+  const int64_t k_tiles = min(p.k_tiles_per_split, (p.K + Tr::kStageK - 1) / Tr::kStageK - kt0);
   const int64_t k_slices = p.K / Tr::kColsPerStep;
 
   Acc acc[Tr::kMTiles][Tr::kNTiles][4];
@@ -180,18 +200,19 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) sparse24_gemm_kernel(const Pa
 
 #pragma unroll
   for (int s = 0; s < Tr::kStages - 1; ++s) {
-    if (s < k_tiles) load_stage<Tr>(p, smem + s * Tr::kStageBytes, s, w0, t0, tid);
+    if (s < k_tiles) load_stage<Tr>(p, smem + s * Tr::kStageBytes, kt0 + s, w0, t0, tid);
     cp_async_commit();
   }
 
-  for (int64_t kt = 0; kt < k_tiles; ++kt) {
+  for (int64_t it = 0; it < k_tiles; ++it) {
     cp_async_wait<Tr::kStages - 2>();   // stage kt has landed (this thread's copies) ...
     __syncthreads();                    // ... and everyone's; stage kt - 1 is no longer read
-    const int64_t next = kt + Tr::kStages - 1;
-    if (next < k_tiles) load_stage<Tr>(p, smem + (next % Tr::kStages) * Tr::kStageBytes, next, w0, t0, tid);
+    const int64_t next = it + Tr::kStages - 1;
+    if (next < k_tiles) load_stage<Tr>(p, smem + (next % Tr::kStages) * Tr::kStageBytes, kt0 + next, w0, t0, tid);
     cp_async_commit();
 
-    const uint8_t* st = smem + (kt % Tr::kStages) * Tr::kStageBytes;
+    const int64_t kt = kt0 + it;   // absolute K tile
+    const uint8_t* st = smem + (it % Tr::kStages) * Tr::kStageBytes;
     const uint8_t* xs = st + Tr::kValBytes;
     const uint32_t* ms = reinterpret_cast<const uint32_t*>(xs + Tr::kXBytes);
 #pragma unroll
@@ -231,7 +252,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) sparse24_gemm_kernel(const Pa
   // Epilogue: d[0], d[1] = W row g, tokens 2t, 2t + 1; d[2], d[3] = row g + 8.
   const int g = lane >> 2, t = lane & 3;
   const int64_t n_base = w0 + warp_w * Tr::kWarpW + g, m_base = t0 + warp_t * Tr::kWarpT + 2 * t;
-  if (Tr::kS8 && p.a_scale == nullptr) {   // raw int32 accumulators
+  if (p.partials || (Tr::kS8 && p.a_scale == nullptr)) {   // raw accumulators (split-K slice, or int32 out)
+    Acc* out = static_cast<Acc*>(p.out) + static_cast<int64_t>(blockIdx.z) * p.M * p.N;
 #pragma unroll
     for (int mi = 0; mi < Tr::kMTiles; ++mi)
 #pragma unroll
@@ -239,53 +261,81 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) sparse24_gemm_kernel(const Pa
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int64_t n = n_base + mi * 16 + (i / 2) * 8, m = m_base + ni * 8 + (i % 2);
-          if (n < p.N && m < p.M) static_cast<int32_t*>(p.out)[m * p.N + n] = static_cast<int32_t>(acc[mi][ni][i]);
+          if (n < p.N && m < p.M) out[m * p.N + n] = acc[mi][ni][i];
         }
     return;
   }
 #pragma unroll
   for (int mi = 0; mi < Tr::kMTiles; ++mi)
 #pragma unroll
-    for (int i2 = 0; i2 < 2; ++i2) {
-      const int64_t n = n_base + mi * 16 + i2 * 8;
-      if (n >= p.N) continue;
-      const float ws = p.a_scale != nullptr ? p.w_scale[n] : 1.f;
-      const float b = p.bias != nullptr ? load_bias(p.bias, p.bias_dtype, n) : 0.f;
+    for (int ni = 0; ni < Tr::kNTiles; ++ni)
 #pragma unroll
-      for (int ni = 0; ni < Tr::kNTiles; ++ni)
-#pragma unroll
-        for (int i1 = 0; i1 < 2; ++i1) {
-          const int64_t m = m_base + ni * 8 + i1;
-          if (m >= p.M) continue;
-          float v = static_cast<float>(acc[mi][ni][i2 * 2 + i1]);
-          // The int8 epilogue's order: (acc * a_scale) * w_scale + bias, all fp32.
-          if (p.a_scale != nullptr) v = v * p.a_scale[p.a_scale_per_row ? m : 0] * ws;
-          store_out(p.out, p.out_dtype, m * p.N + n, v + b);
-        }
-    }
+      for (int i = 0; i < 4; ++i) {
+        const int64_t n = n_base + mi * 16 + (i / 2) * 8, m = m_base + ni * 8 + (i % 2);
+        if (n < p.N && m < p.M) finish(p, m, n, static_cast<float>(acc[mi][ni][i]));
+      }
+}
+
+// Split-K pass 2: one thread per output element adds the `splits` partials (M * N apart) in
+// slice order (deterministic; exact for int32) and applies the epilogue. p: the call's params.
+template <typename Acc>
+__global__ void __launch_bounds__(256) sparse24_splitk_reduce(const Params p, const Acc* partial, int splits) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t mn = p.M * p.N;
+  if (i >= mn) return;
+  Acc sum = partial[i];
+  for (int z = 1; z < splits; ++z) sum += partial[z * mn + i];
+  if (std::is_same<Acc, int32_t>::value && p.a_scale == nullptr) {
+    static_cast<int32_t*>(p.out)[i] = static_cast<int32_t>(sum);
+    return;
+  }
+  finish(p, i / p.N, i % p.N, static_cast<float>(sum));
 }
 
 // Launch one config (grid, shared-memory opt-in, launch status). Defined here, instantiated per
 // dtype in sparse24_gemm_{f16,bf16,s8}.cu.
+// With splits > 1 (and a workspace of splits * M * N * 4 bytes): pass 1 into the workspace,
+// then the reduce; else one pass straight to p.out.
 template <class Tr>
-int launch(const Params& p, cudaStream_t stream) {
+int launch(Params p, int splits, void* workspace, cudaStream_t stream) {
   const int64_t gx = (p.M + Tr::kBT - 1) / Tr::kBT, gy = (p.N + Tr::kBW - 1) / Tr::kBW;
   if (gx > 2147483647LL || gy > 65535) return kErrBadShape;
+  const int64_t k_tiles = (p.K + Tr::kStageK - 1) / Tr::kStageK;
+  p.k_tiles_per_split = (k_tiles + splits - 1) / splits;
+  const int gz = static_cast<int>((k_tiles + p.k_tiles_per_split - 1) / p.k_tiles_per_split);  // no empty slice
+  Params pass1 = p;
+  if (gz > 1) {
+    pass1.out = workspace;
+    pass1.partials = true;
+  }
   auto kernel = sparse24_gemm_kernel<Tr>;
   if (const int e = opt_in_dynamic_smem<sparse24_gemm_kernel<Tr>>(Tr::kSmemBytes)) return e;
-  kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), gz), Tr::kThreads, Tr::kSmemBytes, stream>>>(
+      pass1);
+  const int st = launch_status();
+  if (st != 0 || gz == 1) return st;
+  const int64_t blocks = (p.M * p.N + 255) / 256;
+  if (blocks > 2147483647LL) return kErrBadShape;
+  using Acc = typename Tr::Acc;
+  sparse24_splitk_reduce<Acc><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+      p, static_cast<const Acc*>(workspace), gz);
   return launch_status();
 }
 
-// Launches the config choose_config (sparse24_traits.h) picks for this call and device.
+// Launches the config choose_config (sparse24_traits.h) picks for this call and device, split
+// over K when choose_split_k says so and the caller gave a big enough workspace.
 template <typename T>
-int run(const Params& p, int num_sms, int smem_optin, cudaStream_t stream) {
-  switch (choose_config<T>(p.M, p.N, num_sms, smem_optin)) {
-    case 0: return launch<NarrowM<T>>(p, stream);
-    case 2: return launch<LargeM<T>>(p, stream);
+int run(const Params& p, int num_sms, int smem_optin, void* workspace, int64_t workspace_bytes,
+        cudaStream_t stream) {
+  const int config = choose_config<T>(p.M, p.N, num_sms, smem_optin);
+  int splits = choose_split_k<T>(config, p.M, p.N, p.K, num_sms);
+  if (workspace == nullptr || workspace_bytes < int64_t{splits} * p.M * p.N * 4) splits = 1;
+  switch (config) {
+    case 0: return launch<NarrowM<T>>(p, splits, workspace, stream);
+    case 2: return launch<LargeM<T>>(p, 1, nullptr, stream);
     default:
       if (SmallM<T>::kSmemBytes > smem_optin) return kErrUnsupportedArch;
-      return launch<SmallM<T>>(p, stream);
+      return launch<SmallM<T>>(p, splits, workspace, stream);
   }
 }
 

@@ -12,10 +12,11 @@
 namespace fastllm {
 namespace sparse24 {
 struct Params;
-template <typename T> int run(const Params& p, int num_sms, int smem_optin, cudaStream_t stream);
-extern template int run<__half>(const Params&, int, int, cudaStream_t);
-extern template int run<__nv_bfloat16>(const Params&, int, int, cudaStream_t);
-extern template int run<int8_t>(const Params&, int, int, cudaStream_t);
+template <typename T>
+int run(const Params& p, int num_sms, int smem_optin, void* workspace, int64_t workspace_bytes, cudaStream_t stream);
+extern template int run<__half>(const Params&, int, int, void*, int64_t, cudaStream_t);
+extern template int run<__nv_bfloat16>(const Params&, int, int, void*, int64_t, cudaStream_t);
+extern template int run<int8_t>(const Params&, int, int, void*, int64_t, cudaStream_t);
 }  // namespace sparse24
 }  // namespace fastllm
 
@@ -23,9 +24,41 @@ extern template int run<int8_t>(const Params&, int, int, cudaStream_t);
 
 namespace fastllm {
 
+std::pair<int, int> sparse24_gemm_plan(int dtype, int64_t M, int64_t N, int64_t K, int num_sms, int smem_optin) {
+  using namespace sparse24;
+  int config = 1, splits = 1;
+  switch (dtype) {
+    case kFloat16:
+      config = choose_config<__half>(M, N, num_sms, smem_optin);
+      splits = choose_split_k<__half>(config, M, N, K, num_sms);
+      break;
+    case kBFloat16:
+      config = choose_config<__nv_bfloat16>(M, N, num_sms, smem_optin);
+      splits = choose_split_k<__nv_bfloat16>(config, M, N, K, num_sms);
+      break;
+    default:
+      config = choose_config<int8_t>(M, N, num_sms, smem_optin);
+      splits = choose_split_k<int8_t>(config, M, N, K, num_sms);
+  }
+  return {config, splits};
+}
+
+int64_t sparse24_gemm_workspace(int device, int dtype, int64_t M, int64_t N, int64_t K) {
+  int sms = 0, optin = 0;
+  if (M <= 0 || N <= 0 || K <= 0 ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    cudaGetLastError();  // a failed query must not linger as the next launch's error
+    return 0;
+  }
+  const int splits = sparse24_gemm_plan(dtype, M, N, K, sms, optin).second;
+  return splits > 1 ? static_cast<int64_t>(splits) * M * N * 4 : 0;
+}
+
 int sparse24_gemm(int device, int dtype, uintptr_t x, uintptr_t values, uintptr_t meta, uintptr_t out,
                   int out_dtype, int64_t M, int64_t N, int64_t K, int64_t x_row_stride, uintptr_t bias,
-                  int bias_dtype, uintptr_t a_scale, bool a_scale_per_row, uintptr_t w_scale, uintptr_t stream) {
+                  int bias_dtype, uintptr_t a_scale, bool a_scale_per_row, uintptr_t w_scale,
+                  uintptr_t workspace, int64_t workspace_bytes, uintptr_t stream) {
   const bool s8 = dtype == kInt8;
   if (dtype != kFloat16 && dtype != kBFloat16 && !s8) return kErrUnsupportedDtype;
   if (M < 0 || N < 0 || K <= 0 || N % 16 || K % 64) return kErrBadShape;
@@ -46,6 +79,7 @@ int sparse24_gemm(int device, int dtype, uintptr_t x, uintptr_t values, uintptr_
   // cp.async moves 16-byte chunks: every row start and base pointer must be 16-byte aligned.
   if (x % 16 || values % 16 || meta % 16 || (M > 1 && (x_row_stride * elt) % 16) || x_row_stride < K)
     return kErrMisaligned;
+  if (workspace % 16) workspace = 0, workspace_bytes = 0;   // (caching-allocator blocks are aligned)
 
   DeviceGuard guard(device);
   if (guard.status() != cudaSuccess) return static_cast<int>(guard.status());
@@ -73,10 +107,11 @@ int sparse24_gemm(int device, int dtype, uintptr_t x, uintptr_t values, uintptr_
   p.bias_dtype = bias ? bias_dtype : -1;
   p.a_scale_per_row = a_scale_per_row;
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  void* ws = reinterpret_cast<void*>(workspace);
   switch (dtype) {
-    case kFloat16: return sparse24::run<__half>(p, sms, optin, st);
-    case kBFloat16: return sparse24::run<__nv_bfloat16>(p, sms, optin, st);
-    default: return sparse24::run<int8_t>(p, sms, optin, st);
+    case kFloat16: return sparse24::run<__half>(p, sms, optin, ws, workspace_bytes, st);
+    case kBFloat16: return sparse24::run<__nv_bfloat16>(p, sms, optin, ws, workspace_bytes, st);
+    default: return sparse24::run<int8_t>(p, sms, optin, ws, workspace_bytes, st);
   }
 }
 

@@ -13,6 +13,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/common.h"  // split_k_for_tiles
+
 namespace fastllm {
 namespace sparse24 {
 
@@ -53,6 +55,11 @@ template <typename T> using NarrowM = Traits<T, 32, 16, 2, 1, 4>;
 // 3 stages, ~156 KB (needs the sm80/sm90 shared-memory opt-in; smaller parts use SmallM).
 template <typename T> using LargeM = Traits<T, 128, 128, 2, 4, 3>;
 
+// Grid-level split-K (common.h split_k_for_tiles) for the small-M configs at M <= kSplitKMaxM:
+// pass 1 writes raw accumulators (fp32, or int32 for s8) per K slice into a workspace of
+// splits * M * N * 4 bytes, pass 2 sums them in a fixed order and applies the epilogue.
+constexpr int kSplitKMaxM = 32;
+
 // The config for a call: 0 = NarrowM, 1 = SmallM, 2 = LargeM. smem_optin: the device's
 // per-block shared-memory opt-in (sm_86/89 ~99 KB: LargeM does not fit, SmallM serves all M).
 template <typename T>
@@ -60,6 +67,17 @@ inline int choose_config(int64_t M, int64_t N, int num_sms, int smem_optin) {
   if (M > 64 && LargeM<T>::kSmemBytes <= smem_optin) return 2;
   if (M <= 16 && (N + SmallM<T>::kBW - 1) / SmallM<T>::kBW < num_sms) return 0;
   return 1;
+}
+
+// K splits for a call of config `config` (0 / 1 / 2, as choose_config returned).
+template <typename T>
+inline int choose_split_k(int config, int64_t M, int64_t N, int64_t K, int num_sms) {
+  if (config == 2 || M > kSplitKMaxM) return 1;
+  const int bw = config == 0 ? NarrowM<T>::kBW : SmallM<T>::kBW;
+  const int bt = config == 0 ? NarrowM<T>::kBT : SmallM<T>::kBT;
+  const int64_t stage_k = SmallM<T>::kStageK;   // the same for every config of T
+  const long long tiles = static_cast<long long>((M + bt - 1) / bt) * ((N + bw - 1) / bw);
+  return split_k_for_tiles(tiles, (K + stage_k - 1) / stage_k, num_sms);
 }
 
 }  // namespace sparse24

@@ -69,12 +69,18 @@ def sparse24_cuda(x, values, meta, bias=None, a_scale=None, w_scale=None, out_dt
     out = torch.empty((M, N), dtype=dtype, device=x.device)
     if out.numel() == 0:
         return out
-    code = _ext.lib().sparse24_gemm(
+    lib = _ext.lib()
+    # Split-K workspace (decode-sized M on a layer whose output tiles leave SMs idle): the
+    # launcher says how much; PyTorch's caching allocator makes the allocation cheap.
+    ws_bytes = lib.sparse24_gemm_workspace(x.device.index, _ext.DTYPE_CODES[x.dtype], M, N, K)
+    ws = torch.empty(ws_bytes, dtype=torch.uint8, device=x.device) if ws_bytes > 0 else None
+    code = lib.sparse24_gemm(
         x.device.index, _ext.DTYPE_CODES[x.dtype], x.data_ptr(), values.data_ptr(), meta.data_ptr(),
         out.data_ptr(), _ext.DTYPE_CODES[out.dtype], M, N, K, x.stride(0) if M > 1 else K,
         bias.data_ptr() if bias is not None else 0, _ext.DTYPE_CODES[bias.dtype] if bias is not None else -1,
         a_scale.data_ptr() if scaled else 0, bool(scaled and a_scale.numel() > 1),
-        w_scale.data_ptr() if scaled else 0, _ext.stream_of(x))
+        w_scale.data_ptr() if scaled else 0, ws.data_ptr() if ws is not None else 0, ws_bytes,
+        _ext.stream_of(x))
     _ext.check(code, "sparse24_matmul")
     return out
 
