@@ -146,8 +146,9 @@ def _flash_attention():
 
 @case("int8_matmul")
 def _int8_matmul():
-    # Every M bucket of pick_config: raw int32, the fused epilogue, and static W8A8 (activation
-    # quantization fused); W8A16 per channel and per group, fp16 and bf16 activations.
+    # Every M bucket of pick_config: raw int32, the fused epilogue, static W8A8 (activation
+    # quantization fused) and dynamic W8A8 at the M it is fused for; W8A16 per channel and per group, fp16 and bf16 activations.
+    from fastllm.ops.int8_dynamic import FUSE_MAX_M
     from fastllm.triton_kernels.int8_matmul import int8_matmul, w8a16_matmul
     N = K = 4096
     w = _t(N, K, dtype=torch.int8)
@@ -159,6 +160,9 @@ def _int8_matmul():
         # Static W8A8: bf16 activations quantized in the kernel (per-channel multiplier).
         int8_matmul(_t(M, K, dtype=torch.bfloat16), w, torch.ones(1), ws, bias, out_dtype=torch.bfloat16,
                     in_mul=torch.ones(K))
+        if M <= FUSE_MAX_M:   # dynamic W8A8, fused at these M, with SmoothQuant factors
+            int8_matmul(_t(M, K, dtype=torch.bfloat16), w, None, ws, bias, out_dtype=torch.bfloat16,
+                        in_mul=torch.ones(K), dynamic=True)
     for M in (1, 16, 64, 128, 1024):
         for dtype in (torch.float16, torch.bfloat16):
             w8a16_matmul(_t(M, K, dtype=dtype), w, ws, bias.to(dtype))

@@ -18,6 +18,15 @@ W8A8, static activations (QUANT_A). A is the float activation X; each loaded X t
   disappear; every N tile re-quantizes its A tiles (one multiply + round per element per
   BLOCK_N MACs). Bit-exact with fastllm/ref/int8.py quantize_static.
 
+W8A8, dynamic per-token activations (QUANT_A + DYN_A), for small M. A is the float activation
+  X (optionally times SmoothQuant factors mul[k]); a pre-pass over the program's BLOCK_M rows
+  finds each row's amax (and NaN / inf) exactly as quantize_per_token.py does, then the main
+  loop quantizes each loaded tile with the row's 127 / amax and the epilogue uses amax / 127 as
+  a_scale. Bit-exact with quantize_per_token followed by the W8A8 GEMM. Every N tile redoes
+  the row pre-pass (A read twice, mostly from L2): at decode sizes that is far less than the
+  launch, the int8 copy of A and its re-read it replaces; at large M it is not, and the caller
+  quantizes separately (fastllm/ops/int8_dynamic.py FUSE_MAX_M).
+
 W8A16. C[m, n] = sum_k X[m, k] * (W[n, k] * s[n, k // group]) + bias[n]
   For decode (M = 1..16) the weights are the cost: N*K bytes (half of fp16) for 2*M*N*K
   FLOPs, so the kernel is bandwidth-bound and wants every SM streaming weights: BLOCK_M is
@@ -182,6 +191,59 @@ def _quantize_tile(x, mul, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _scaled_input(x, mul, HAS_MUL: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32(x), times mul (one rounding, never fused into an FMA) when HAS_MUL."""
+    y = x.to(tl.float32)
+    if HAS_MUL:
+        if INTERPRET:
+            y = y * mul
+        else:
+            y = libdevice.mul_rn(y, mul)
+    return y
+
+
+@triton.jit
+def _row_quant_params(a_ptrs, mul_ptrs, K, stride_ak, stride_mul, BLOCK_M: tl.constexpr,
+                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_MUL: tl.constexpr,
+                      INTERPRET: tl.constexpr):
+    """Per row of the A tile rows: (inv = 127 / amax or 0, a_scale = amax / 127 (1 for an
+    all-zero row, NaN for a row holding NaN / inf), bad) -- quantize_per_token.py's formulas."""
+    offs_k = tl.arange(0, BLOCK_K)
+    amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for kt in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=1):   # not pipelined: no shared memory
+        if EVEN_K:
+            x = tl.load(a_ptrs)
+            mul = tl.load(mul_ptrs)[None, :] if HAS_MUL else 1.0
+        else:
+            k_ok = offs_k < K - kt * BLOCK_K
+            x = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            mul = tl.load(mul_ptrs, mask=k_ok, other=0.0)[None, :] if HAS_MUL else 1.0
+        v = tl.abs(_scaled_input(x, mul, HAS_MUL, INTERPRET))
+        bad |= tl.max((~(v <= 3.402823466e38)).to(tl.int32), 1)      # NaN or inf
+        amax = tl.maximum(amax, tl.max(tl.where(v == v, v, 0.0), 1))
+        a_ptrs += BLOCK_K * stride_ak
+        mul_ptrs += BLOCK_K * stride_mul
+    row_bad = bad > 0
+    ok = (amax > 0.0) & (~row_bad)
+    inv = tl.where(ok, tl.math.div_rn(127.0, tl.where(ok, amax, 1.0)), 0.0)
+    a_scale = tl.where(row_bad, float("nan"), tl.where(amax > 0.0, tl.math.div_rn(amax, 127.0), 1.0))
+    return inv, a_scale, row_bad
+
+
+@triton.jit
+def _quantize_rows(x, mul, inv, row_bad, HAS_MUL: tl.constexpr, INTERPRET: tl.constexpr):
+    """int8 rne(y * inv[m]) clamped to +-127, 0 on bad rows (quantize_per_token.py's pass 2)."""
+    y = _scaled_input(x, mul, HAS_MUL, INTERPRET)
+    if INTERPRET:
+        y = (y * inv[:, None] + _RNE_MAGIC) - _RNE_MAGIC
+    else:
+        y = libdevice.rint(libdevice.mul_rn(y, inv[:, None]))
+    y = tl.where(row_bad[:, None], 0.0, tl.minimum(tl.maximum(y, -127.0), 127.0))
+    return y.to(tl.int8)
+
+
+@triton.jit
 def int8_matmul_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, mul_ptr,
                        M, N, K,
                        stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
@@ -189,7 +251,8 @@ def int8_matmul_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, 
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                        SCALED: tl.constexpr, A_SCALE_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       QUANT_A: tl.constexpr, INTERPRET: tl.constexpr):
+                       QUANT_A: tl.constexpr, DYN_A: tl.constexpr, HAS_MUL: tl.constexpr,
+                       INTERPRET: tl.constexpr):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -200,20 +263,26 @@ def int8_matmul_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, 
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + rn[None, :] * stride_bn   # B^T tile (K, N)
 
     mul_ptrs = mul_ptr + offs_k * stride_mul     # stride 0: one per-tensor multiplier
+    if DYN_A:   # per-row scales of this program's rows, before the main loop
+        inv, row_scale, row_bad = _row_quant_params(a_ptrs, mul_ptrs, K, stride_ak, stride_mul, BLOCK_M,
+                                                    BLOCK_K, EVEN_K, HAS_MUL, INTERPRET)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for kt in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
-            if QUANT_A:
-                a = _quantize_tile(a, tl.load(mul_ptrs)[None, :], INTERPRET)
+            mul = tl.load(mul_ptrs)[None, :] if HAS_MUL else 1.0
         else:
             k_ok = offs_k < K - kt * BLOCK_K
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
             b = tl.load(b_ptrs, mask=k_ok[:, None], other=0)
-            if QUANT_A:
-                a = _quantize_tile(a, tl.load(mul_ptrs, mask=k_ok, other=0.0)[None, :], INTERPRET)
+            mul = tl.load(mul_ptrs, mask=k_ok, other=0.0)[None, :] if HAS_MUL else 1.0
+        if QUANT_A:
+            if DYN_A:
+                a = _quantize_rows(a, mul, inv, row_bad, HAS_MUL, INTERPRET)
+            else:
+                a = _quantize_tile(a, mul, INTERPRET)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -223,7 +292,9 @@ def int8_matmul_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, 
     c_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     if SCALED:
         out = acc.to(tl.float32)
-        if A_SCALE_PER_ROW:
+        if DYN_A:
+            out = out * row_scale[:, None]
+        elif A_SCALE_PER_ROW:
             out = out * tl.load(a_scale_ptr + rm * stride_as)[:, None]
         else:
             out = out * tl.load(a_scale_ptr)
@@ -302,14 +373,22 @@ def _sms(t: torch.Tensor) -> int:
 def int8_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: Optional[torch.Tensor] = None,
                 w_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                 out_dtype: torch.dtype = torch.bfloat16, config: Optional[Config] = None,
-                out: Optional[torch.Tensor] = None, in_mul: Optional[torch.Tensor] = None) -> torch.Tensor:
+                out: Optional[torch.Tensor] = None, in_mul: Optional[torch.Tensor] = None,
+                dynamic: bool = False) -> torch.Tensor:
     """a (M, K) int8, b (N, K) int8, any strides. With a_scale is None: the raw int32 a @ b.T.
     Else a_scale (M,) or 1 element fp32, w_scale (N,) fp32, bias (N,) float or None -> out_dtype.
     in_mul (K,) or 1 element fp32: `a` is the float activation, quantized in the kernel as
     quantize_static(a, in_mul) (static W8A8; needs a_scale).
+    dynamic: `a` is the float activation, quantized per row in the kernel as quantize_per_token
+    (of fp32(a) * in_mul when in_mul (K,) is given: SmoothQuant); a_scale must be None (it comes
+    from the rows); w_scale is required.
     config overrides pick_config; out (M, N), any strides, is written in place (tests poison it)."""
     M, K = a.shape
     N = b.shape[0]
+    if dynamic:
+        if a_scale is not None or w_scale is None:
+            raise ValueError("dynamic quantization computes a_scale itself and needs w_scale")
+        a_scale = w_scale           # only a placeholder pointer: the kernel uses the row scales
     scaled = a_scale is not None
     if in_mul is not None and not scaled:
         raise ValueError("in_mul (static quantization) needs the scaled epilogue (a_scale, w_scale)")
@@ -317,22 +396,23 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: Optional[torch.Tensor
         out = torch.empty((M, N), dtype=out_dtype if scaled else torch.int32, device=a.device)
     if M == 0 or N == 0:
         return out
-    kind = "w8a8" if in_mul is None else "w8a8-static"
+    quant_a = in_mul is not None or dynamic
+    kind = "w8a8-static" if quant_a else "w8a8"     # (a 16-bit A tile either way)
     cfg = config or pick_config(kind, M, N, K, sms=_sms(a), interpret=_interp())
     grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
-    per_row = scaled and a_scale.numel() > 1
+    per_row = scaled and not dynamic and a_scale.numel() > 1
     dummy = out  # never read when the matching flag is off
-    quant_a = in_mul is not None
+    has_mul = in_mul is not None
     int8_matmul_kernel[grid](
         a, b, out, a_scale if scaled else dummy, w_scale if scaled else dummy,
-        bias if bias is not None else dummy, in_mul if quant_a else dummy,
+        bias if bias is not None else dummy, in_mul if has_mul else dummy,
         M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         a_scale.stride(0) if per_row else 0, w_scale.stride(0) if scaled else 0,
         bias.stride(0) if bias is not None else 0,
-        in_mul.stride(0) if quant_a and in_mul.numel() > 1 else 0,
+        in_mul.stride(0) if has_mul and in_mul.numel() > 1 else 0,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         EVEN_K=K % cfg.BLOCK_K == 0, SCALED=scaled, A_SCALE_PER_ROW=per_row, HAS_BIAS=bias is not None,
-        QUANT_A=quant_a, INTERPRET=_interp(),
+        QUANT_A=quant_a, DYN_A=dynamic, HAS_MUL=has_mul, INTERPRET=_interp(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 

@@ -7,8 +7,10 @@
     q = Int8Linear.from_linear(linear, mode="w8a16", group_size=128)
 
 Modes:
-- "w8a8-dynamic": each call quantizes its input per token (fastllm.ops.quantize_per_token)
-  and runs fastllm.ops.int8_matmul with the per-token scales (int32 accumulate, fused dequant).
+- "w8a8-dynamic": each call quantizes its input per token and runs the int8 GEMM with those
+  scales (int32 accumulate, fused dequant): fastllm.ops.int8_matmul_dynamic, which fuses the
+  quantization into the GEMM at decode sizes (Triton) and is quantize_per_token + int8_matmul
+  otherwise.
 - "w8a8-static": one calibrated per-tensor activation scale `act_scale` (the int8 step:
   calibrated max|x| / 127); fastllm.ops.int8_matmul_static rounds x to int8 with it
   (saturating at +-127) inside the GEMM (Triton: fused into the tile loads). Cheaper at run
@@ -145,11 +147,9 @@ class Int8Linear(nn.Module):
             y = ops.int8_matmul_static(x2, self.weight_int8, self.act_scale, self.weight_scale, self.bias,
                                        smooth=self.smooth, backend=self.backend)
         else:
-            if self.smooth is not None:
-                x2 = x2.float() * self.smooth
-            q, a_scale = ops.quantize_per_token(x2, backend=self.backend)
-            y = ops.int8_matmul(q, self.weight_int8, a_scale, self.weight_scale, self.bias, out_dtype=x.dtype,
-                                backend=self.backend)
+            # Per-token quantization (of x * smooth) fused into the GEMM at decode sizes.
+            y = ops.int8_matmul_dynamic(x2, self.weight_int8, self.weight_scale, self.bias, smooth=self.smooth,
+                                        backend=self.backend)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -52,6 +52,16 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, w_scale
     return scale_epilogue(int8_matmul_int32(a, b), a_scale, w_scale, bias, out_dtype)
 
 
+def int8_matmul_dynamic(x: torch.Tensor, b: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                        smooth: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """W8A8 with per-token dynamic quantization, in x.dtype: quantize_per_token of fp32(x) * smooth
+    (or x), then the int8 GEMM with those per-row scales."""
+    from .quantize import quantize_per_token
+    xs = x if smooth is None else x.to(torch.float32) * smooth.to(torch.float32).reshape(1, -1)
+    q, a_scale = quantize_per_token(xs)
+    return int8_matmul(q, b, a_scale, w_scale, bias, out_dtype=x.dtype)
+
+
 def dequantize_weight(w: torch.Tensor, w_scale: torch.Tensor, group_size: Optional[int] = None) -> torch.Tensor:
     """fp32 (N, K) = w * scale, scale per row (N,) or per (row, group of group_size columns)."""
     if not group_size:

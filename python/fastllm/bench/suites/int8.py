@@ -7,9 +7,11 @@ Kinds of rows:
                bf16 copies of the operands (the dense 16-bit baseline).
   w8a8         the same GEMM with the fused dequant epilogue (per-token a_scale, per-channel
                w_scale, bf16 out): int8_matmul per backend.
-  w8a8-linear  end to end from bf16 activations: quantize_per_token + int8_matmul (bf16 out),
-               and int8_matmul_static (calibrated per-tensor scale, quantization fused:
-               impl "...-static") vs F.linear in bf16 (weights quantized once, untimed).
+  w8a8-linear  end to end from bf16 activations: int8_matmul_dynamic (per-token scales, the
+               quantization fused into the GEMM at M <= 32 on Triton), the same as two ops
+               (quantize_per_token + int8_matmul: impl "...-2op"), and int8_matmul_static
+               (calibrated per-tensor scale, quantization fused: impl "...-static") vs
+               F.linear in bf16 (weights quantized once, untimed).
   w8a16        weight-only int8 at decode M = 1..16 (per channel, and group 128) vs F.linear
                in bf16; also GB/s (weight bytes dominate).
 Shapes: square M = N = K in 1024..8192, and the linears of Llama-3-8B / 70B (fused qkv, o,
@@ -184,13 +186,19 @@ def run_linear(ctx, rows):
         want = x.double() @ w.double().t()
         impls = {}
         qa, sa = ref.quantize_per_token(x)
+        op_d = fastllm.ops.OPS["int8_matmul_dynamic"]
+        for be in _backends(ctx, op_d, dev, x, wq, ws, None, None):
+            def fn_d(be=be):
+                return fastllm.ops.int8_matmul_dynamic(x, wq, ws, backend=be)
+            # int8 on both sides: ~1% relative error vs the exact product is the method's cost.
+            impls[f"fastllm-{be}"] = (fn_d, *_rows_check(fn_d(), lambda rs, cs: want[rs, cs], M, N, exact=False,
+                                                         rtol=3e-2))
         for be in _backends(ctx, op, dev, qa, wq, sa, ws, None, act):
-            def fn(be=be):
+            def fn(be=be):   # the same, as two ops (what int8_matmul_dynamic saves at small M)
                 q, s = fastllm.ops.quantize_per_token(x, backend=be)
                 return fastllm.ops.int8_matmul(q, wq, s, ws, out_dtype=act, backend=be)
-            # int8 on both sides: ~1% relative error vs the exact product is the method's cost.
-            impls[f"fastllm-{be}"] = (fn, *_rows_check(fn(), lambda rs, cs: want[rs, cs], M, N, exact=False,
-                                                       rtol=3e-2))
+            impls[f"fastllm-{be}-2op"] = (fn, *_rows_check(fn(), lambda rs, cs: want[rs, cs], M, N, exact=False,
+                                                           rtol=3e-2))
         # Static: one calibrated scale (here from x itself), quantization inside the GEMM.
         act_scale = torch.tensor([x.abs().max().item() / 127], device=dev)
         op_s = fastllm.ops.OPS["int8_matmul_static"]
