@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attention import _tanh, mask_key_range, mask_scan_keys
+from .flash_attention import _tanh, mask_key_range, mask_scan_keys, online_softmax_step, softmax_finish
 
 # Keys per tile and warps per program, by padded head dim. Decode is bandwidth bound: tiles
 # big enough for 16-byte loads and a few loads in flight (num_stages), small enough that many
@@ -180,13 +180,7 @@ def decode_split_kernel(
                 allowed = allowed & (offs_n[None, :] > pos[:, None] - window)
         s = tl.where(allowed, s, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # all masked so far: no NaN
-        m_log2 = m_safe * 1.4426950408889634
-        p = tl.math.exp2(s * 1.4426950408889634 - m_log2[:, None])
-        alpha = tl.math.exp2(m_i * 1.4426950408889634 - m_log2)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        p, acc, l_i, m_new = online_softmax_step(s, m_i, l_i, acc)
         v = tl.load(v_rows[:, None] + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         if INTERPRET:
             acc += tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
@@ -194,10 +188,7 @@ def decode_split_kernel(
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]                       # 0 on empty rows (acc is 0)
-    lse = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))
+    out, lse = softmax_finish(acc, l_i, m_i)        # a row with nothing allowed: 0, -inf
     o_ptrs = (O + b64 * stride_ob + h.to(tl.int64)[:, None] * stride_oh + qi.to(tl.int64)[:, None] * stride_oq
               + split * stride_os + offs_d[None, :])
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])

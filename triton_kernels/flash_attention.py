@@ -96,6 +96,30 @@ def _tanh(x, INTERPRET: tl.constexpr):
         return libdevice.tanh(x)
 
 
+@triton.jit
+def online_softmax_step(s, m_i, l_i, acc):
+    """One key block of the online softmax (shared by the prefill and decode kernels): s the
+    (rows, keys) fp32 scores, -inf where not allowed -> (p, acc rescaled to the new max, l_i,
+    m_new); the caller adds p V to acc. Scores stay in natural units, log2(e) is folded into the
+    exponent (one FMA); a row with nothing allowed so far keeps m = -inf and p = 0, never NaN."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    m_log2 = m_safe * 1.4426950408889634
+    p = tl.math.exp2(s * 1.4426950408889634 - m_log2[:, None])
+    alpha = tl.math.exp2(m_i * 1.4426950408889634 - m_log2)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    return p, acc, l_i, m_new
+
+
+@triton.jit
+def softmax_finish(acc, l_i, m_i):
+    """(out = acc / l, lse = m + ln l); a row with nothing allowed (l = 0): out 0, lse -inf."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    return acc / l_safe[:, None], tl.where(empty, float("-inf"), m_i + tl.log(l_safe))
+
+
 #: Mask bytes per chunk of the key-range scan (rows x keys): 16 per thread at 4 warps.
 MASK_SCAN_ELEMS = 2048
 
@@ -161,13 +185,7 @@ def _attn_blocks(acc, l_i, m_i, q, k_base, v_base, m_base, start, end, pos, row_
                          mask=row_ok[:, None] & col_ok[None, :], other=0)
             s = tl.where(mk != 0, s, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # all masked so far: no NaN
-        m_log2 = m_safe * 1.4426950408889634
-        p = tl.math.exp2(s * 1.4426950408889634 - m_log2[:, None])
-        alpha = tl.math.exp2(m_i * 1.4426950408889634 - m_log2)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        p, acc, l_i, m_new = online_softmax_step(s, m_i, l_i, acc)
         v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * stride_vs + offs_d[None, :],
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)       # (BLOCK_N, BLOCK_D)
         if INTERPRET:
@@ -270,10 +288,7 @@ def flash_attention_fwd_kernel(
                                  softcap, window, BLOCK_N, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
                                  HAS_MASK, DOT_PRECISION, INTERPRET)
 
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]                       # acc is 0 on empty rows
-    lse = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))
+    out, lse = softmax_finish(acc, l_i, m_i)        # a row with nothing allowed: 0, -inf
     o_ptrs = (Out + b64 * stride_ob + h.to(tl.int64) * stride_oh
               + (q_start + offs_m).to(tl.int64)[:, None] * stride_os + offs_d[None, :])
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
