@@ -193,6 +193,29 @@ def test_mask_reads_only_the_attended_range(backend, Sq):
     assert torch.equal(out, clean) and torch.equal(lse, clean_lse)
     assert (out[2] == 0).all() and torch.isneginf(lse[2]).all()
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the torch backend narrows on CPU only (no device sync there)")
+def test_torch_backend_on_cpu_skips_the_unfilled_static_cache():
+    # The CPU product path (backend "torch"): keys past the last one any row attends are sliced
+    # off before the reference runs, so NaN in a StaticCache's unwritten slots is never read, in
+    # decode and in a masked prefill alike, and the result equals the unpoisoned one.
+    B, S, filled = 2, 300, [120, 77]
+    keep = torch.zeros(B, S, dtype=torch.bool)
+    for b, L in enumerate(filled):
+        keep[b, :L] = True
+    q, qp = rand(B, 8, 1, 64, dtype=torch.bfloat16), rand(B, 8, 9, 64, dtype=torch.bfloat16)
+    k, v = rand(B, 2, S, 64, dtype=torch.bfloat16), rand(B, 2, S, 64, dtype=torch.bfloat16)
+    kp, vp = k.clone(), v.clone()
+    kp[:, :, max(filled):], vp[:, :, max(filled):] = float("nan"), float("nan")
+    dmask = keep[:, None, None, :]
+    clean = decode_attention(q, k, v, mask=dmask, backend="torch", return_lse=True)
+    got = decode_attention(q, kp, vp, mask=dmask, backend="torch", return_lse=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, clean)) and torch.isfinite(got[0]).all()
+    pmask = dmask & torch.ones(9, S, dtype=torch.bool).tril(60)     # 9 queries at positions 60..68
+    clean = flash_attention(qp, k, v, causal=False, mask=pmask, backend="torch", return_lse=True)
+    got = flash_attention(qp, kp, vp, causal=False, mask=pmask, backend="torch", return_lse=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, clean)) and torch.isfinite(got[0]).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("paged", [False, True])

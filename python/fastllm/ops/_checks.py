@@ -25,3 +25,18 @@ def unit_stride_reason(name, t, dim=-1):
     if t.size(dim) > 1 and t.stride(dim) != 1:
         return f"'{name}' needs unit stride in dim {dim} (got strides {tuple(t.stride())})"
     return None
+
+
+def attended_key_slice(mask, n_keys):
+    """slice(lo, hi) of the keys some row of a bool mask (..., n_keys or 1) attends, or None when
+    narrowing would not help (the mask attends the whole range, nothing, or only broadcasts over
+    keys). For the torch backends on CPU, where the host values cost no device sync: a
+    StaticCache holds max_cache_len slots of which the mask attends the filled ones, and the
+    reference computes every slot otherwise. Not while torch.compile traces (values unknown)."""
+    if mask is None or mask.device.type != "cpu" or mask.shape[-1] == 1 or torch.compiler.is_compiling():
+        return None
+    cols = mask.reshape(-1, mask.shape[-1]).any(0).nonzero()
+    if cols.numel() == 0:
+        return None
+    lo, hi = int(cols[0]), int(cols[-1]) + 1
+    return slice(lo, hi) if hi - lo < n_keys else None

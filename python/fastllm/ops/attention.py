@@ -52,7 +52,7 @@ from typing import Optional
 import torch
 
 from .. import ref
-from ._checks import FLOAT_DTYPES, check_tensor
+from ._checks import FLOAT_DTYPES, attended_key_slice, check_tensor
 from .registry import new_op
 
 OP = new_op("flash_attention")
@@ -82,6 +82,9 @@ OP_VARLEN.example = lambda: ("packed 4096 tokens, 32/8 heads, D 128 bf16, causal
 
 @OP.register("torch")
 def _torch(q, k, v, mask, causal, scale, window, softcap):
+    keys = None if causal or window > 0 else attended_key_slice(mask, k.shape[2])
+    if keys is not None:   # (causal / window positions are relative to Skv: those keep every key)
+        k, v, mask = k[:, :, keys], v[:, :, keys], mask[..., keys]
     return ref.flash_attention(q, k, v, causal=causal, scale=scale, mask=mask,
                                window=window if window > 0 else None,
                                softcap=softcap if softcap > 0 else None)

@@ -50,7 +50,7 @@ from typing import Optional
 import torch
 
 from ..ref import decode as ref_decode
-from ._checks import FLOAT_DTYPES, check_tensor
+from ._checks import FLOAT_DTYPES, attended_key_slice, check_tensor
 from .attention import _normalize
 from .registry import new_op
 
@@ -132,6 +132,9 @@ OP.example = _example
 
 @OP.register("torch")
 def _torch(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window, softcap, num_splits):
+    keys = attended_key_slice(mask, k_cache.shape[2]) if block_table is None else None
+    if keys is not None:   # a mask alone decides (no lengths / window): the unattended slots go
+        k_cache, v_cache, mask = k_cache[:, :, keys], v_cache[:, :, keys], mask[..., keys]
     return ref_decode.decode_attention(q, k_cache, v_cache, cache_seqlens=cache_seqlens,
                                        block_table=block_table, scale=scale, mask=mask,
                                        window=window if window > 0 else None,
