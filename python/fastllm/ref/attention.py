@@ -56,11 +56,12 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         scale = 1.0 / math.sqrt(D)
     acc = _acc_dtype(q.dtype)
     group = Hq // Hkv
-    qf = q.to(acc)
-    kf = k.to(acc).repeat_interleave(group, dim=1)   # readable, not memory-frugal
-    vf = v.to(acc).repeat_interleave(group, dim=1)
+    # GQA without repeating K/V: the `group` query heads of kv head j are rows of one matmul,
+    # (B, Hkv, group * Sq, D) @ (B, Hkv, D, Skv), viewed back as (B, Hq, Sq, Skv).
+    qf = q.to(acc).reshape(B, Hkv, group * Sq, D)
+    kf, vf = k.to(acc), v.to(acc)
 
-    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale                       # (B, Hq, Sq, Skv)
+    s = torch.matmul(qf, kf.transpose(-1, -2)).view(B, Hq, Sq, Skv) * scale   # (B, Hq, Sq, Skv)
     if softcap is not None and softcap > 0:
         s = softcap * torch.tanh(s / softcap)
     allowed = allowed_keys(Sq, Skv, causal=causal, window=window, mask=mask, device=q.device)
@@ -69,7 +70,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     lse = torch.logsumexp(s, dim=-1)                                          # -inf: empty row
     lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     p = torch.exp(s - lse_safe[..., None])                                    # exp(-inf) = 0
-    out = torch.matmul(p, vf)                                                 # (B, Hq, Sq, D)
+    out = torch.matmul(p.view(B, Hkv, group * Sq, Skv), vf).view(B, Hq, Sq, D)
     out = out.transpose(1, 2).to(q.dtype).contiguous()
     return out, lse.contiguous()
 
