@@ -35,7 +35,8 @@ def _quantize():
 @case("flash_attention")
 def _flash_attention():
     # Odd lengths (tails of the 128-row / 64-key tiles), GQA, a padding mask with an empty
-    # batch row, causal with Sq > Skv, window + softcap; every dtype and head dim once.
+    # batch row, causal with Sq > Skv, window + softcap, a per-row mask narrowing the key range;
+    # every dtype and head dim once.
     from fastllm.ops._attention_cuda import HEAD_DIMS, flash_attention_cuda
     cases = [dict(B=2, Hq=4, Hkv=2, Sq=37, Skv=70, causal=True),
              dict(B=2, Hq=4, Hkv=1, Sq=70, Skv=37, causal=True),
@@ -51,6 +52,9 @@ def _flash_attention():
             if c.pop("mask", False):
                 mask = torch.rand(B, 1, 1, Skv, device="cuda") > 0.3
                 mask[1] = False
+            if D == 128:   # per-row mask, rows of 70 bytes (the range scan's byte path), a narrow range
+                mask = torch.zeros(B, 1, Sq, Skv, dtype=torch.bool, device="cuda")
+                mask[..., Skv // 3: Skv - 5] = True
             scale = D ** -0.5
             out, lse = flash_attention_cuda(q, k, v, mask, c["causal"], scale, c.get("window", 0),
                                             c.get("softcap", 0.0))
@@ -138,6 +142,31 @@ def _sparse24():
         out = fastllm.ops.sparse24_int8_matmul(a, values, meta, a_s, w_s, out_dtype=torch.float32, backend="cuda")
         want = ref.sparse24_int8_matmul(a.cpu(), values.cpu(), meta.cpu(), a_s.cpu(), w_s.cpu(), None, torch.float32)
         assert torch.allclose(out.cpu(), want, rtol=1e-5, atol=1e-3), (M, K, N)
+    # Split-K (decode-sized M on 64 W rows: 2 CTAs, K split over grid z; workspace + reduce).
+    for dtype in (torch.float16, torch.int8):
+        M, K, N = 3, 4096, 64
+        w, _ = prune_24(torch.randint(-128, 128, (N, K), device="cuda").to(dtype))
+        values, meta = compress(w)
+        if dtype == torch.int8:
+            a = torch.randint(-128, 128, (M, K), dtype=torch.int8, device="cuda")
+            acc = fastllm.ops.sparse24_int8_matmul_int32(a, values, meta, backend="cuda")
+            assert torch.equal(acc.cpu(), ref.int8_matmul_int32(a.cpu(), w.cpu())), "split-K int8"
+        else:
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
+            out = fastllm.ops.sparse24_matmul(x, values, meta, backend="cuda")
+            want = ref.sparse24_matmul(x.float(), values.float(), meta, None)
+            assert (out.float() - want).abs().max().item() < 5e-2 * max(1.0, want.abs().max().item()), "split-K"
+
+
+@case("int8_matmul_dynamic")
+def _int8_matmul_dynamic():
+    # Per-token dynamic W8A8 through the CUDA backend (quantize kernel + GEMM), with smoothing.
+    x = torch.randn(5, 96, device="cuda", dtype=torch.bfloat16)
+    b = torch.randint(-128, 128, (48, 96), dtype=torch.int8, device="cuda")
+    w_s, smooth = torch.rand(48, device="cuda") * 0.01, torch.rand(96, device="cuda") + 0.5
+    out = fastllm.ops.int8_matmul_dynamic(x, b, w_s, smooth=smooth, backend="cuda")
+    want = ref.int8_matmul_dynamic(x.cpu(), b.cpu(), w_s.cpu(), None, smooth.cpu())
+    assert torch.allclose(out.float().cpu(), want.float(), rtol=1e-2, atol=1e-2)
 
 
 @case("decode_attention")
@@ -166,6 +195,22 @@ def _decode_attention():
         assert not out.isnan().any() and not lse.isnan().any(), (D, dtype)
         assert (out.float() - rout).abs().max().item() < 2e-2, (D, dtype)
         assert torch.equal(torch.isinf(lse), torch.isinf(rlse)), (D, dtype)
+    # A StaticCache-like bool mask (left padding, unfilled tail, a row with nothing): the kernel
+    # scans it for the attended key range first, 16 bytes at a time (208 slots) or byte by byte
+    # (203 slots: rows not 16-byte aligned).
+    for S in (208, 203):
+        B, Hq, Hkv, Sq, D = 3, 8, 2, 2, 128
+        q = torch.randn(B, Sq, Hq, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        k = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16)
+        mask = torch.zeros(B, 1, Sq, S, dtype=torch.bool, device="cuda")
+        mask[0, ..., 5:60] = True
+        mask[1, ..., 100:S - 3] = True
+        mask[1, 0, 0] = False
+        out, lse = decode_attention_cuda(q, k, v, None, None, mask, D ** -0.5, 0, 0.0, 3)
+        rout, rlse = ref.decode_attention(q.float(), k.float(), v.float(), mask=mask, scale=D ** -0.5)
+        assert (out.float() - rout).abs().max().item() < 2e-2, S
+        assert torch.equal(torch.isinf(lse), torch.isinf(rlse)), S
 
 
 def main(names):
