@@ -327,6 +327,8 @@ def mask_key_range(m, off, align, row_stride, col_stride, rows, n_keys, threads,
     def clz(x):
         return 32 - x.bit_length()
 
+    if row_stride == 0:
+        rows = min(rows, 1)               # broadcast rows: one is all of them
     vec = col_stride == 1 and (align + off) % 16 == 0 and (rows <= 1 or row_stride % 16 == 0)
     n_vec = n_keys // 16 if vec else 0
     firsts, lasts = [], []
@@ -453,7 +455,8 @@ def split_cta(p, t, bx, split, bz, ws, stats, mutant=None):
     if p.mask is not None:
         first, last = mask_key_range(p.mask, b * p.mask_batch_stride, p.mask_align, p.mask_row_stride,
                                      p.mask_col_stride, Sq, p.capacity, t.kThreads, mutant=mutant)
-        lo, hi = first, max(last, first)
+        lo = max(lo, first)
+        hi = max(min(hi, last), lo)
         stats["mask_narrowed"] += hi - lo < p.capacity
     span = hi - lo
     per_split = ((span + p.num_splits - 1) // p.num_splits + kBN - 1) // kBN * kBN

@@ -403,10 +403,11 @@ def test_gpu_grid(backend, dtype, N, K):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
-def test_gpu_split_k_equals_single_pass(dtype):
+@pytest.mark.parametrize("dtype,scaled", [(torch.float16, False), (torch.int8, False), (torch.int8, True)])
+def test_gpu_split_k_equals_single_pass(dtype, scaled):
     # The CUDA launcher with and without the split-K workspace: int8 raw accumulators
-    # bit-identical (and exact); fp16 within its rounding (fp32 partials summed per slice).
+    # bit-identical (and exact), and so the int8 epilogue (a_scale, w_scale, bias, fp32 out:
+    # the same _rn operations in both kernels); fp16 within its rounding (fp32 partials).
     from fastllm import _ext
     lib = _ext.lib()
     M, N, K = 3, 64, 4096
@@ -419,17 +420,24 @@ def test_gpu_split_k_equals_single_pass(dtype):
     ws_bytes = lib.sparse24_gemm_workspace(x.device.index, code_of[dtype], M, N, K)
     assert ws_bytes > 0, "a 2-CTA call on a GPU must split K"
     ws = torch.empty(ws_bytes, dtype=torch.uint8, device=DEVICE)
-    out_dtype = torch.int32 if dtype == torch.int8 else dtype
+    out_dtype = (torch.float32 if scaled else torch.int32) if dtype == torch.int8 else dtype
+    a_s, w_s, bias = torch.rand(M, device=DEVICE), torch.rand(N, device=DEVICE), torch.randn(N, device=DEVICE)
+    eps = (a_s.data_ptr(), True, w_s.data_ptr(), bias.data_ptr(), code_of[torch.float32]) if scaled else \
+        (0, False, 0, 0, -1)
     outs = []
     for wsp, nb in ((0, 0), (ws.data_ptr(), ws_bytes)):
         out = torch.full((M, N), -7, dtype=out_dtype, device=DEVICE)
         code = lib.sparse24_gemm(x.device.index, code_of[dtype], x.data_ptr(), values.data_ptr(), meta.data_ptr(),
-                                 out.data_ptr(), code_of[out_dtype], M, N, K, K, 0, -1, 0, False, 0, wsp, nb,
-                                 torch.cuda.current_stream().cuda_stream)
+                                 out.data_ptr(), code_of[out_dtype], M, N, K, K, eps[3], eps[4], eps[0], eps[1],
+                                 eps[2], wsp, nb, torch.cuda.current_stream().cuda_stream)
         assert code == 0, lib.error_string(code)
         outs.append(out)
     if dtype == torch.int8:
         assert torch.equal(outs[0], outs[1])
-        assert torch.equal(outs[1], ref.int8_matmul_int32(x, w.to(DEVICE)))
+        exact = ref.int8_matmul_int32(x, w.to(DEVICE))
+        if scaled:   # the reference's order, (acc * a_s) * w_s + bias, each rounded in fp32
+            assert torch.equal(outs[1], (exact.float() * a_s[:, None]) * w_s[None, :] + bias[None, :])
+        else:
+            assert torch.equal(outs[1], exact)
     else:
         check_close(outs[1], x, w.to(DEVICE), torch.zeros(N, device=DEVICE, dtype=dtype), dtype)

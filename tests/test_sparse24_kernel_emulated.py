@@ -236,8 +236,9 @@ def run_cta(p, tr, k, bx, by, bz):
 
 
 def finish(p, m, n, v, scaled):
-    """finish(): (v * a_scale[m or 0]) * w_scale[n] + bias[n] in fp32 (scaled int8), else v + bias[n]
-    (the fp64 model's sums stand for the 16-bit types' fp32 ones)."""
+    """finish(): (v * a_scale[m or 0]) * w_scale[n] + bias[n] in fp32, each operation rounded on
+    its own as the _rn intrinsics do (scaled int8), else v + bias[n] (the fp64 model's sums stand
+    for the 16-bit types' fp32 ones)."""
     if scaled:
         a_s = p["a_scale"][m if p["a_scale_per_row"] else 0]
         return v.astype(np.float32) * a_s * p["w_scale"][n] + p["bias"][n]
@@ -485,8 +486,8 @@ MIRRORED_KERNEL_LINES = [
     "Acc* out = static_cast<Acc*>(p.out) + static_cast<int64_t>(blockIdx.z) * p.M * p.N;",
     "if (n < p.N && m < p.M) out[m * p.N + n] = acc[mi][ni][i];",
     "if (n < p.N && m < p.M) finish(p, m, n, static_cast<float>(acc[mi][ni][i]));",
-    "if (p.a_scale != nullptr) v = v * p.a_scale[p.a_scale_per_row ? m : 0] * p.w_scale[n];",
-    "store_out(p.out, p.out_dtype, m * p.N + n, v + b);",
+    "if (p.a_scale != nullptr) v = __fmul_rn(__fmul_rn(v, p.a_scale[p.a_scale_per_row ? m : 0]), p.w_scale[n]);",
+    "store_out(p.out, p.out_dtype, m * p.N + n, __fadd_rn(v, b));",
     "for (int z = 1; z < splits; ++z) sum += partial[z * mn + i];",
     "finish(p, i / p.N, i % p.N, static_cast<float>(sum));",
     "p.k_tiles_per_split = (k_tiles + splits - 1) / splits;",

@@ -123,10 +123,12 @@ def decode_split_kernel(
     if HAS_WINDOW:
         lo = tl.maximum(L - Sq - window + 1, 0)      # first key the first query sees
     hi = L
-    if HAS_MASK:                                     # (no lengths / window with a mask)
+    if HAS_MASK:                                     # only keys some query row attends
         offs_sq = tl.arange(0, SQ_PAD)
-        lo, hi = mask_key_range(Mask + b64 * stride_mb + offs_sq.to(tl.int64) * stride_mq, offs_sq < Sq,
-                                stride_mk, capacity, MASK_SCAN)
+        m_first, m_last = mask_key_range(Mask + b64 * stride_mb + offs_sq.to(tl.int64) * stride_mq,
+                                         offs_sq < Sq, stride_mk, capacity, MASK_SCAN)
+        lo = tl.maximum(lo, m_first)
+        hi = tl.maximum(tl.minimum(hi, m_last), lo)  # within [0, L) still (lengths + mask: both hold)
     # This split's share, whole tiles: [start, end).
     per_split = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), num_splits), BLOCK_N) * BLOCK_N
     start = lo + split * per_split

@@ -15,9 +15,9 @@
 //   1. cp.async the Q tile and the first K/V tile into swizzled shared memory; Q is then read
 //      into registers with ldmatrix once (mma A fragments) and stays there.
 //   2. Walk the key tiles that can be visible to this CTA's rows, from the last one down to
-//      the first (causal/window tiles outside that range, and with a mask the tiles before
-//      the first / after the last key any of the rows attends, common/mask_range.cuh, are
-//      skipped by the loop bounds, never loaded or computed). While tile n computes, tile n-1 is in flight (cp.async double buffer).
+//      the first (causal/window tiles outside that range, and with a mask the tiles wholly
+//      before the first / after the last key any of the rows attends, common/mask_range.cuh,
+//      are skipped by the loop bounds, never loaded or computed). While tile n computes, tile n-1 is in flight (cp.async double buffer).
 //      S = Q K^T with mma.m16n8k16 (K fragments by ldmatrix), then mask (only tiles that cross
 //      the sequence end, the causal diagonal or the window edge, or when a mask tensor is
 //      given: a CTA-uniform branch), then the online softmax in registers: running row max m

@@ -1,8 +1,8 @@
 // The key range a boolean attention mask allows, found by one CTA-wide pass over its rows:
 // [first, last) = the first key and one past the last key that any of `rows` mask rows
 // attends (first >= last: none). The attention kernels (prefill, decode) loop over that range
-// only, so the unwritten tail of a StaticCache and left padding cost neither K/V reads nor
-// FLOPs; the mask still decides per key inside. UNVERIFIED on a GPU (compiled; the byte math
+// only (prefill: the key tiles holding it), so the unwritten tail of a StaticCache and left
+// padding cost neither K/V reads nor FLOPs beyond that; the mask still decides per key inside. UNVERIFIED on a GPU (compiled; the byte math
 // of the 16-byte path is mirrored in tests/test_decode_kernel_emulated.py).
 #pragma once
 
@@ -22,6 +22,7 @@ __device__ __forceinline__ int2 mask_key_range(const uint8_t* m, int64_t row_str
   if (tid == 0) red[0] = n_keys, red[1] = 0;
   __syncthreads();
   int first = n_keys, last = 0;
+  if (row_stride == 0) rows = rows < 1 ? rows : 1;   // broadcast rows: one is all of them
   const bool vec = col_stride == 1 && reinterpret_cast<uintptr_t>(m) % 16 == 0 &&
                    (rows <= 1 || row_stride % 16 == 0);
   const int n_vec = vec ? n_keys / 16 : 0;

@@ -100,10 +100,10 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_split_kernel(const De
   if (p.cache_seqlens != nullptr) L = min(max(p.cache_seqlens[b], 0), p.capacity);
   int lo = 0, hi = L;
   if (p.window > 0 && p.mask == nullptr) lo = max(L - Sq - p.window + 1, 0);  // first query's first key
-  if (p.mask != nullptr) {  // the keys some query row attends (one pass over the Sq mask rows)
+  if (p.mask != nullptr) {  // only keys some query row attends (one pass over the Sq mask rows)
     const int2 r = mask_key_range<kThreads>(p.mask + b * p.mask_batch_stride, p.mask_row_stride,
                                             p.mask_col_stride, Sq, p.capacity, reinterpret_cast<int*>(smem));
-    lo = r.x, hi = max(r.y, r.x);
+    lo = max(lo, r.x), hi = max(min(hi, r.y), lo);   // within [0, L) still (lengths + mask: both hold)
   }
   const int span = hi - lo;
   const int per_split = ((span + p.num_splits - 1) / p.num_splits + kBN - 1) / kBN * kBN;

@@ -168,11 +168,13 @@ __device__ __forceinline__ void store_out(void* out, int dtype, int64_t i, float
 }
 
 // out[m, n] from the finished fp32 sum: the int8 epilogue's order, (acc * a_scale) * w_scale +
-// bias, all fp32; 16-bit types: acc + bias.
+// bias, all fp32, each operation rounded on its own (_rn intrinsics are never contracted into an
+// FMA: the one-pass kernel and the split-K reduce, compiled differently, give the same bits, and
+// those of the reference); 16-bit types: acc + bias.
 __device__ __forceinline__ void finish(const Params& p, int64_t m, int64_t n, float v) {
-  if (p.a_scale != nullptr) v = v * p.a_scale[p.a_scale_per_row ? m : 0] * p.w_scale[n];
+  if (p.a_scale != nullptr) v = __fmul_rn(__fmul_rn(v, p.a_scale[p.a_scale_per_row ? m : 0]), p.w_scale[n]);
   const float b = p.bias != nullptr ? load_bias(p.bias, p.bias_dtype, n) : 0.f;
-  store_out(p.out, p.out_dtype, m * p.N + n, v + b);
+  store_out(p.out, p.out_dtype, m * p.N + n, __fadd_rn(v, b));
 }
 
 template <class Tr>

@@ -72,7 +72,7 @@ inline int choose_config(int64_t M, int64_t N, int num_sms, int smem_optin) {
 // K splits for a call of config `config` (0 / 1 / 2, as choose_config returned).
 template <typename T>
 inline int choose_split_k(int config, int64_t M, int64_t N, int64_t K, int num_sms) {
-  if (config == 2 || M > kSplitKMaxM) return 1;
+  if (config == 2 || M > kSplitKMaxM || M <= 0 || N <= 0) return 1;
   const int bw = config == 0 ? NarrowM<T>::kBW : SmallM<T>::kBW;
   const int bt = config == 0 ? NarrowM<T>::kBT : SmallM<T>::kBT;
   const int64_t stage_k = SmallM<T>::kStageK;   // the same for every config of T
