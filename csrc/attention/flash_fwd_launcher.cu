@@ -186,9 +186,12 @@ int flash_attention_varlen_fwd(int device, int dtype, uintptr_t q, uintptr_t k, 
   p.k_head_stride = k_head_stride, p.k_row_stride = k_row_stride;
   p.v_head_stride = v_head_stride, p.v_row_stride = v_row_stride;
   p.lse_head_stride = total_q;  // lse (Hq, total_q); batch strides stay 0
-  // The window is per sequence (each has its own Skv <= max_seqlen_k): keep it as given.
+  // The window is per sequence (each has its own Skv): keep it, capped at INT_MAX / 2. Positions
+  // are below INT_MAX / 2, so the cap restricts nothing more, and the kernel's m0 + offset -
+  // window (offset = Skv - Sq < 0 when Sq > Skv) stays inside int (at INT_MAX it wrapped around:
+  // found by tests/test_attention_kernel_emulated.py).
   set_common(p, batch, heads_q, heads_kv, max_seqlen_q, max_seqlen_k, scale, 0, softcap, causal);
-  p.window = window > 0 ? static_cast<int>(window < INT_MAX ? window : INT_MAX) : 0;
+  p.window = window > 0 ? static_cast<int>(window < INT_MAX / 2 ? window : INT_MAX / 2) : 0;
   DeviceGuard guard(device);
   if (guard.status() != cudaSuccess) return guard.status();
   return dispatch(p, device, dtype, static_cast<int>(head_dim), reinterpret_cast<cudaStream_t>(stream));
