@@ -83,7 +83,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("int8_gemm_workspace", &fastllm::int8_gemm_workspace, py::arg("device"), py::arg("M"), py::arg("N"),
         py::arg("K"));
   m.def("int8_gemm_plan", &fastllm::int8_gemm_plan, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("num_sms"),
-        "(config index, K splits) the W8A8 launcher picks; host only, works without a GPU");
+        py::arg("hopper") = false,
+        "(config index, K splits) the W8A8 launcher picks (hopper: an sm_90 GPU and a 90a build, where "
+        "indices >= 5 are the wgmma configs); host only, works without a GPU");
   m.def("w8a16_gemm", &fastllm::w8a16_gemm, py::call_guard<py::gil_scoped_release>(), py::arg("device"),
         py::arg("dtype"), py::arg("x"), py::arg("ldx"), py::arg("w"), py::arg("ldw"), py::arg("w_scale"),
         py::arg("s_stride_n"), py::arg("s_stride_g"), py::arg("group_size"), py::arg("bias"), py::arg("bias_dtype"),

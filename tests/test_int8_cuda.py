@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import fastllm
-from fastllm import ref
 from fastllm.ops import int8_matmul, int8_matmul_int32, w8a16_matmul
 from fastllm.ops.int8 import MAX_K, OP, OP_INT32, OP_W8A16
 from fastllm.ops._int8_cuda import gemm_supports, w8a16_supports
@@ -114,6 +113,19 @@ def test_split_k_plan():
         config, splits = plan(M, N, K, sms)
         bk = {0: 256, 1: 128}[config]
         assert splits in (1, 2, 4, 8, 16) and (splits == 1 or -(-K // bk) // splits >= 4), (M, N, K, sms)
+
+
+def test_wgmma_plan():
+    # Hopper (sm_90 GPU, 90a build): M > 128 goes to the wgmma kernel (plan index 5 = 128 x 128
+    # tiles, 6 = 128 x 256 when those alone cover the SMs), never split; M <= 128 keeps the sm80
+    # plan (split-K included); without `hopper` nothing changes.
+    plan = _plan_or_skip()
+    assert plan(4096, 4096, 4096, 132, hopper=True) == (6, 1)      # 32 x 16 = 512 tiles of 128 x 256
+    assert plan(1024, 4096, 4096, 132, hopper=True) == (5, 1)      # 8 x 16 = 128 < 132: 128 x 128 tiles
+    assert plan(129, 16, 64, 132, hopper=True) == (5, 1)
+    for M, N, K in ((128, 4096, 4096), (1, 1024, 4096), (33, 64, 4096)):
+        assert plan(M, N, K, 132, hopper=True) == plan(M, N, K, 132)
+    assert plan(4096, 4096, 4096, 132) == (4, 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,6 +351,56 @@ def test_gpu_w8a8_large_tiles():
     a, b = rand_int8(M, K), rand_int8(N, K)
     acc = int8_matmul_int32(a, b, backend="cuda")
     assert torch.equal(acc, int8_matmul_int32(a, b, backend="torch"))
+
+
+def _hopper_wgmma_or_skip():
+    from fastllm import _ext
+    if torch.cuda.get_device_capability() != (9, 0) or "90a" not in _ext.lib().built_archs.split(","):
+        pytest.skip("the wgmma kernel runs on sm_90 GPUs with a 90a build")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("out_dtype", [torch.int32, torch.float16, torch.bfloat16, torch.float32])
+def test_gpu_wgmma_matches_sm80_kernel(out_dtype, monkeypatch):
+    # Hopper: the wgmma kernel (M > 128) against the exact product and, bit for bit, the sm80
+    # kernel of the same call (FASTLLM_INT8_WGMMA=0): same int32 sums, same epilogue code. Shapes
+    # cover both wgmma configs, M / N / K tails (K = 16: one chunk of a 128-byte step; N = 16 of
+    # a 256-wide tile), a strided a and per-tensor / per-token scales.
+    _hopper_wgmma_or_skip()
+    plan = fastllm._ext.lib().int8_gemm_plan
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cases = [(129, 16, 16), (200, 272, 1040), (1025, 4112, 272), (4112, 4096, 1040), (8192, 1024, 144)]
+    assert {plan(M, N, K, sms, hopper=True)[0] for M, N, K in cases} == {5, 6}
+    for i, (M, N, K) in enumerate(cases):
+        a = rand_int8(M, K + 16)[:, 16:] if i % 2 else rand_int8(M, K)
+        b = rand_int8(N, K)
+        a_s = torch.rand(M if i % 2 else 1, device="cuda") * 0.02 + 1e-3
+        w_s = torch.rand(N, device="cuda") * 0.01 + 1e-4
+        bias = torch.randn(N, device="cuda").to(torch.bfloat16) if i % 3 == 1 else None
+        outs = []
+        for flag in ("1", "0"):
+            monkeypatch.setenv("FASTLLM_INT8_WGMMA", flag)
+            _poison_allocator(M * N * 4)
+            if out_dtype == torch.int32:
+                outs.append(int8_matmul_int32(a, b, backend="cuda"))
+            else:
+                outs.append(int8_matmul(a, b, a_s if i % 2 else a_s[0], w_s, bias, out_dtype=out_dtype,
+                                        backend="cuda"))
+        if out_dtype == torch.int32:
+            assert torch.equal(outs[0].cpu().long(), exact_int(a, b)), (M, N, K)
+        else:
+            assert_epilogue_close(outs[0], exact_int(a, b), a_s if i % 2 else a_s[0], w_s, bias, out_dtype)
+        assert torch.equal(outs[0], outs[1]), (M, N, K, out_dtype)
+    # The route itself (not just the host plan): the profiler sees the wgmma kernel, and with
+    # FASTLLM_INT8_WGMMA=0 the sm80 one.
+    a, b = rand_int8(200, 64), rand_int8(64, 64)
+    for flag, name in (("1", "int8_wgmma_kernel"), ("0", "int8_gemm_kernel")):
+        monkeypatch.setenv("FASTLLM_INT8_WGMMA", flag)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            int8_matmul_int32(a, b, backend="cuda")
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events()]
+        assert any(name in n for n in names), (flag, names)
 
 
 @pytest.mark.gpu

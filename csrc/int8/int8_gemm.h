@@ -6,7 +6,7 @@
 
 namespace fastllm {
 // W8A8: out (M, N) contiguous = a (M, K) int8 @ b (N, K) int8 ^T, raw int32 when out_dtype is
-// kInt32, else (fp32(acc) * a_scale[m or 0]) * w_scale[n] + bias[n] rounded to out_dtype
+// kInt32, else fmaf(fp32(acc) * a_scale[m or 0], w_scale[n], bias[n]) rounded to out_dtype
 // (fp16 / bf16 / fp32). lda / ldb: row strides in elements (multiples of 16); a_scale_len: 1
 // (per tensor) or M (per token); w_scale (N,) fp32; bias (N,) of bias_dtype, or 0 for none.
 // K, N multiples of 16, K <= 131071. workspace: device memory of workspace_bytes (8-byte aligned)
@@ -19,8 +19,10 @@ int int8_gemm(int device, uintptr_t a, int64_t lda, uintptr_t b, int64_t ldb, ui
 // when the device cannot be queried).
 int64_t int8_gemm_workspace(int device, int64_t M, int64_t N, int64_t K);
 // The plan for (M, N, K) on a GPU with num_sms SMs, without a GPU: {config index, splits}.
-// For tests and `fastllm.info`; the launcher uses the same functions (int8_traits.h).
-std::pair<int, int> int8_gemm_plan(int64_t M, int64_t N, int64_t K, int num_sms);
+// hopper: the GPU is sm_90 and the build has 90a code, so the wgmma configs may be chosen
+// (index kNumGemmConfigs + WgmmaConfig index). For tests and `fastllm.info`; the launcher uses
+// the same functions (int8_traits.h).
+std::pair<int, int> int8_gemm_plan(int64_t M, int64_t N, int64_t K, int num_sms, bool hopper = false);
 // W8A16: out (M, N) contiguous in dtype = x (M, K) @ (w (N, K) int8 * scale)^T + bias, M <= 16.
 // dtype fp16 / bf16; ldx (multiple of 8) / ldw (multiple of 16) row strides in elements;
 // scale of (n, k) = w_scale[n * s_stride_n + (k / group_size) * s_stride_g], group_size 0 (per

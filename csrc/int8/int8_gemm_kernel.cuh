@@ -11,7 +11,8 @@
 // fewer, which the op's semantics allow).
 //
 // Algorithm (one CTA = one kBM x kBN tile of out; tile shapes in int8_traits.h):
-//   1. The CTA's tile index is rasterised in groups of kGroupM M-tiles (L2 reuse of B).
+//   1. The CTA's tile index is rasterised in groups of kGroupM M-tiles (L2 reuse of B;
+//      grouped_tile, int8_epilogue.cuh, shared with the Hopper kernel).
 //   2. kStages - 1 K-tiles of A (kBM x kBK bytes) and B (kBN x kBK) are put in flight with
 //      16-byte cp.async into a ring of shared-memory stages; rows past M / N and 16-byte chunks
 //      past K are zero-filled (cp.async src-size 0), so tails need no masks in the math and K
@@ -32,9 +33,9 @@
 #include <cuda_fp16.h>
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 
 #include "common/common.h"
+#include "int8/int8_epilogue.cuh"
 #include "int8/int8_gemm_params.h"
 #include "int8/int8_ptx.cuh"
 #include "int8/int8_traits.h"
@@ -94,18 +95,6 @@ __device__ __forceinline__ void load_tile(uint32_t stage, const int8_t* g, int64
   }
 }
 
-// Two adjacent outputs (columns n, n + 1 of one row) in one store.
-template <typename OutT> __device__ __forceinline__ void store_pair(OutT* p, float lo, float hi);
-template <> __device__ __forceinline__ void store_pair<float>(float* p, float lo, float hi) {
-  *reinterpret_cast<float2*>(p) = make_float2(lo, hi);
-}
-template <> __device__ __forceinline__ void store_pair<__half>(__half* p, float lo, float hi) {
-  *reinterpret_cast<__half2*>(p) = __floats2half2_rn(lo, hi);
-}
-template <> __device__ __forceinline__ void store_pair<__nv_bfloat16>(__nv_bfloat16* p, float lo, float hi) {
-  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(lo, hi);
-}
-
 template <typename Cfg, typename OutT>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) int8_gemm_kernel(const Int8GemmParams p) {
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kBK = Cfg::kBK, kStages = Cfg::kStages;
@@ -118,14 +107,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) int8_gemm_kernel(const Int8G
   const uint32_t sA = smem_u32(smem);              // kStages A stages (kBM * kBK bytes each)
   const uint32_t sB = sA + kStages * kBM * kBK;    // kStages B stages (kBN * kBK bytes each)
 
-  // Grouped raster: pid -> (tile_m, tile_n), kGroupM M-tiles per group sweep the N-tiles.
-  const int tiles_m = (p.M + kBM - 1) / kBM, tiles_n = (p.N + kBN - 1) / kBN;
-  const int pid = blockIdx.x;
-  const int per_group = kGroupM * tiles_n;
-  const int first_m = (pid / per_group) * kGroupM;
-  const int group_rows = min(tiles_m - first_m, kGroupM);
-  const int tile_m = first_m + (pid % per_group) % group_rows;
-  const int tile_n = (pid % per_group) / group_rows;
+  int tile_m, tile_n;
+  grouped_tile((p.M + kBM - 1) / kBM, (p.N + kBN - 1) / kBN, static_cast<int>(blockIdx.x), tile_m, tile_n);
   const int m0 = tile_m * kBM, n0 = tile_n * kBN;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -203,26 +186,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) int8_gemm_kernel(const Int8G
   for (int j = 0; j < kNT; ++j) {
     const int n = n0 + wn * Cfg::kWN + j * 8 + 2 * c;
     if (n >= p.N) continue;
-    float ws0 = 0.f, ws1 = 0.f, b0 = 0.f, b1 = 0.f;
-    if constexpr (!std::is_same<OutT, int32_t>::value) {
-      ws0 = p.w_scale[n], ws1 = p.w_scale[n + 1];
-      b0 = bias_at(p.bias, p.bias_dtype, n), b1 = bias_at(p.bias, p.bias_dtype, n + 1);
-    }
+    const ColumnPair col = column_pair<OutT>(p, n);
 #pragma unroll
     for (int i = 0; i < kMT; ++i) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int m = m0 + wm * Cfg::kWM + i * 16 + g + 8 * h;
-        if (m >= p.M) continue;
-        OutT* dst = out + static_cast<int64_t>(m) * p.N + n;
-        if constexpr (std::is_same<OutT, int32_t>::value) {
-          *reinterpret_cast<int2*>(dst) = make_int2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
-        } else {
-          const float as = p.a_scale[static_cast<int64_t>(m) * p.a_scale_stride];
-          const float v0 = fmaf(__int2float_rn(acc[i][j][2 * h]) * as, ws0, b0);
-          const float v1 = fmaf(__int2float_rn(acc[i][j][2 * h + 1]) * as, ws1, b1);
-          store_pair<OutT>(dst, v0, v1);
-        }
+        if (m < p.M) store_acc_pair<OutT>(p, out, m, n, acc[i][j][2 * h], acc[i][j][2 * h + 1], col);
       }
     }
   }
@@ -255,16 +225,8 @@ __global__ void __launch_bounds__(256) int8_splitk_reduce_kernel(const Int8GemmP
       const int2 v = *reinterpret_cast<const int2*>(partial + k * p.split_stride + e);
       s.x += v.x, s.y += v.y;
     }
-    OutT* dst = static_cast<OutT*>(p.out) + e;
-    if constexpr (std::is_same<OutT, int32_t>::value) {
-      *reinterpret_cast<int2*>(dst) = s;
-    } else {
-      const int m = static_cast<int>(e / p.N), n = static_cast<int>(e % p.N);
-      const float as = p.a_scale[static_cast<int64_t>(m) * p.a_scale_stride];
-      const float v0 = fmaf(__int2float_rn(s.x) * as, p.w_scale[n], bias_at(p.bias, p.bias_dtype, n));
-      const float v1 = fmaf(__int2float_rn(s.y) * as, p.w_scale[n + 1], bias_at(p.bias, p.bias_dtype, n + 1));
-      store_pair<OutT>(dst, v0, v1);
-    }
+    const int m = static_cast<int>(e / p.N), n = static_cast<int>(e % p.N);
+    store_acc_pair<OutT>(p, static_cast<OutT*>(p.out), m, n, s.x, s.y, column_pair<OutT>(p, n));
   }
 }
 

@@ -57,6 +57,11 @@ int run_int8_gemm(const Int8GemmParams& p, cudaStream_t stream);
 template <typename OutT>
 int run_int8_splitk_reduce(const Int8GemmParams& p, const int32_t* partial, int splits, cudaStream_t stream);
 
+// Hopper wgmma kernel (int8_wgmma_kernel.cuh), instantiated in int8_wgmma_*_sm90a.cu, which
+// exist in the build only when it targets 90a (FASTLLM_HAS_SM90A). No split-K (p.splits == 1).
+template <typename OutT, int kConfig>
+int run_int8_wgmma(const Int8GemmParams& p, cudaStream_t stream);
+
 // Instantiated in w8a16_gemm_{f16,bf16}.cu.
 template <typename T, int kTokenTiles, int kWarps>
 int run_w8a16(const W8A16Params& p, cudaStream_t stream);

@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 
 #include <climits>
+#include <cstdlib>
 
 #include "common/common.h"
 #include "int8/int8_gemm.h"
@@ -28,9 +29,10 @@ bool aligned(uintptr_t p, int bytes) { return p % bytes == 0; }
 bool float_dtype(int d) { return d == kFloat16 || d == kBFloat16 || d == kFloat32; }
 int dtype_bytes(int d) { return d == kFloat32 ? 4 : 2; }
 
-int sm_info(int device, int* major, int* sms) {
+int sm_info(int device, int* major, int* sms, int* minor = nullptr) {
   cudaError_t e = cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, device);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
+  if (e == cudaSuccess && minor) e = cudaDeviceGetAttribute(minor, cudaDevAttrComputeCapabilityMinor, device);
   return static_cast<int>(e);
 }
 
@@ -47,6 +49,21 @@ int gemm_config(const Int8GemmParams& p, int config, cudaStream_t s) {
 }
 static_assert(kNumGemmConfigs == 5, "update gemm_config() and generate_instantiations.py");
 
+#if FASTLLM_HAS_SM90A
+template <typename OutT>
+int wgmma_config(const Int8GemmParams& p, int config, cudaStream_t s) {
+  return config == 0 ? run_int8_wgmma<OutT, 0>(p, s) : run_int8_wgmma<OutT, 1>(p, s);
+}
+static_assert(kNumWgmmaConfigs == 2, "update wgmma_config() and generate_instantiations.py");
+#endif
+
+// FASTLLM_INT8_WGMMA=0 keeps Hopper on the sm80 kernel (to compare the two; read per call, so
+// a benchmark can flip it between runs).
+bool wgmma_allowed() {
+  const char* e = std::getenv("FASTLLM_INT8_WGMMA");
+  return !(e != nullptr && e[0] == '0' && e[1] == 0);
+}
+
 template <typename T>
 int w8a16_variant(const W8A16Params& p, const W8A16Choice& c, cudaStream_t s) {
   if (c.token_tiles == 1) return c.warps == 4 ? run_w8a16<T, 1, 4>(p, s) : run_w8a16<T, 1, 8>(p, s);
@@ -56,8 +73,12 @@ int w8a16_variant(const W8A16Params& p, const W8A16Choice& c, cudaStream_t s) {
 }  // namespace
 }  // namespace int8
 
-std::pair<int, int> int8_gemm_plan(int64_t M, int64_t N, int64_t K, int num_sms) {
+std::pair<int, int> int8_gemm_plan(int64_t M, int64_t N, int64_t K, int num_sms, bool hopper) {
   using namespace int8;
+  if (hopper) {
+    const int wc = choose_wgmma_config(M, N, num_sms);
+    if (wc >= 0) return {kNumGemmConfigs + wc, 1};
+  }
   const int config = choose_gemm_config(M, N, K, num_sms);
   return {config, choose_split_k(config, M, N, K, num_sms)};
 }
@@ -108,12 +129,26 @@ int int8_gemm(int device, uintptr_t a, int64_t lda, uintptr_t b, int64_t ldb, ui
 
   DeviceGuard guard(device);
   if (guard.status() != cudaSuccess) return guard.status();
-  int major = 0, sms = 0;
-  if (const int e = sm_info(device, &major, &sms)) return e;
+  int major = 0, minor = 0, sms = 0;
+  if (const int e = sm_info(device, &major, &sms, &minor)) return e;
   if (major < 8) return kErrUnsupportedArch;  // cp.async, ldmatrix and s8 m16n8k32 need sm80
-  // Hopper: a wgmma kernel (int8_gemm_*_sm90a.cu) belongs here; until then sm90 runs mma.sync.
-  const int config = choose_gemm_config(M, N, K, sms);
   auto s = reinterpret_cast<cudaStream_t>(stream);
+#if FASTLLM_HAS_SM90A
+  // Hopper with 90a code in the build: the wgmma kernel for M > kWgmmaMinM (the units carry
+  // sm_90a SASS only, which runs on compute capability 9.0 alone).
+  if (major == 9 && minor == 0 && wgmma_allowed()) {
+    const int wc = choose_wgmma_config(M, N, sms);
+    if (wc >= 0) {
+      switch (out_dtype) {
+        case kInt32: return wgmma_config<int32_t>(p, wc, s);
+        case kFloat16: return wgmma_config<__half>(p, wc, s);
+        case kBFloat16: return wgmma_config<__nv_bfloat16>(p, wc, s);
+        default: return wgmma_config<float>(p, wc, s);
+      }
+    }
+  }
+#endif
+  const int config = choose_gemm_config(M, N, K, sms);
   const int splits = choose_split_k(config, M, N, K, sms);
   if (splits > 1 && workspace != 0 && aligned(workspace, 8) && workspace_bytes >= int64_t{splits} * M * N * 4) {
     // Pass 1: raw int32 partials per split into the workspace; pass 2: sum + epilogue.

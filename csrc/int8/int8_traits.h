@@ -83,6 +83,38 @@ inline int choose_split_k(int config, long long M, long long N, long long K, int
     default: return 1;
   }
 }
+// ---------------------------------------------------------------------------------------------
+// W8A8 GEMM on Hopper (int8_wgmma_kernel.cuh, sm_90a builds only). Two warpgroups of 64 rows
+// (kBM = 128), K steps of 128 bytes (one 128-byte swizzle row), a kStages-slot cp.async ring
+// loading kStages - 2 steps ahead. Accumulators: kBN / 2 int32 registers per thread (128 at
+// kBN = 256, the most that leaves room for addressing under the 255 cap); one CTA per SM.
+template <int kBN_, int kStages_>
+struct WgmmaTile {
+  static constexpr int kBM = 128, kBN = kBN_, kBK = 128, kStages = kStages_;
+  static constexpr int kThreads = 256;
+  static constexpr int kStageBytes = (kBM + kBN) * kBK;
+  static constexpr int kSmemBytes = kStages * kStageBytes + 1024;  // + slack to align to 1024
+  static_assert(kBN == 128 || kBN == 256, "wgmma N of the instantiated wrappers");
+  static_assert(kStages >= 3, "the ring keeps one slot for the MMAs still running");
+  static_assert(kSmemBytes <= 227 * 1024, "over the H100's 227 KB per block");
+};
+template <int kConfig> struct WgmmaConfig;
+// 128 x 128 tiles, 5 slots (161 KB): for grids that 128 x 256 tiles would leave short of SMs.
+template <> struct WgmmaConfig<0> : WgmmaTile<128, 5> {};
+// 128 x 256 tiles, 4 slots (193 KB): half the L2 traffic per MAC of 128 x 128.
+template <> struct WgmmaConfig<1> : WgmmaTile<256, 4> {};
+constexpr int kNumWgmmaConfigs = 2;
+// Below this M the sm80 configs (and their split-K) stay: a 128-row tile would be mostly padding
+// and small M is weight-bandwidth bound, where the MMA flavour does not matter.
+constexpr int kWgmmaMinM = 128;
+
+// The wgmma config for (M, N) on a Hopper GPU, or -1 for "use the sm80 kernel".
+inline int choose_wgmma_config(long long M, long long N, int num_sms) {
+  if (M <= kWgmmaMinM) return -1;
+  const long long big_tiles = static_cast<long long>(ceil_div(M, 128)) * ceil_div(N, 256);
+  return big_tiles >= num_sms ? 1 : 0;
+}
+
 // K tiles of a config (the split's unit).
 inline int gemm_k_tile(int config) {
   switch (config) {

@@ -90,7 +90,7 @@ def gemm_supports(a, b, out_dtype, a_scale=None, w_scale=None, bias=None) -> Opt
 
 def int8_gemm_cuda(a, b, a_scale, w_scale, bias, out_dtype):
     """(M, N) out_dtype: raw int32 accumulators (out_dtype int32, scales ignored) or the scaled
-    epilogue (fp32(acc) * a_scale[m or 0]) * w_scale[n] + bias[n] rounded once."""
+    epilogue fmaf(fp32(acc) * a_scale[m or 0], w_scale[n], bias[n]) rounded to out_dtype."""
     reason = gemm_supports(a, b, out_dtype, a_scale, w_scale, bias)
     if reason is not None:
         raise ValueError(f"int8_matmul (cuda backend): {reason}")

@@ -8,8 +8,10 @@ int8_matmul_int32(a, b, *, backend="auto")
   a: (M, K) int8 activations; b: (N, K) int8 weights (nn.Linear layout). Returns a @ b.T as
   (M, N) int32, exact on every backend.
 int8_matmul(a, b, a_scale, w_scale, bias=None, *, out_dtype=torch.bfloat16, backend="auto")
-  out[m, n] = (fp32(acc[m, n]) * a_scale[m]) * w_scale[n] + bias[n], computed in fp32 and
-  rounded once to out_dtype (float16, bfloat16 or float32).
+  out[m, n] = (fp32(acc[m, n]) * a_scale[m]) * w_scale[n] + bias[n], computed in fp32, then
+  rounded to out_dtype (float16, bfloat16 or float32). The CUDA kernels fuse the last multiply
+  and the add (fmaf: one fp32 rounding fewer), so they may differ from the others by one fp32
+  ulp before that final rounding.
   a_scale: float32, (M,) (per-token, as quantize_per_token returns) or one element (a 0-d or
   (1,) tensor, or a Python float: a static per-tensor scale). w_scale: float32 (N,).
   bias: (N,), float16/bfloat16/float32, or None.

@@ -4,7 +4,9 @@ all in the same run, plus the W8A8 linear end to end and W8A16 decode.
 Kinds of rows:
   w8a8-int32   int8 GEMM, raw int32 out: int8_matmul_int32 per backend, torch._int_mm (cuBLAS
                int8; needs M > 16 on CUDA, listed missing below that), and torch.matmul on
-               bf16 copies of the operands (the dense 16-bit baseline).
+               bf16 copies of the operands (the dense 16-bit baseline). On an H100 with a 90a
+               build, M > 128 also gets "fastllm-cuda-mma.sync": the sm80 kernel the wgmma
+               one replaces there (FASTLLM_INT8_WGMMA=0).
   w8a8         the same GEMM with the fused dequant epilogue (per-token a_scale, per-channel
                w_scale, bf16 out): int8_matmul per backend.
   w8a8-linear  end to end from bf16 activations: int8_matmul_dynamic (per-token scales, the
@@ -21,7 +23,7 @@ reference on the first and last rows and columns, scaled ones within a relative 
 wrong one is reported WRONG and not timed. fastllm's torch backend on CUDA is the float64
 reference, not a contender: it is timed only when asked for with --backend.
 """
-import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +123,25 @@ def _int_mm_peer(ctx, dev, M):
     return True
 
 
+def _hopper_wgmma(dev):
+    """An sm_90 GPU and a build with 90a code: int8 GEMMs with M > 128 run the wgmma kernel."""
+    from fastllm import _ext
+    return (dev.type == "cuda" and torch.cuda.get_device_capability(dev) == (9, 0)
+            and _ext.unavailable_reason() is None and "90a" in _ext.lib().built_archs.split(","))
+
+
+def _without_wgmma(fn, *args, **kw):
+    old = os.environ.get("FASTLLM_INT8_WGMMA")
+    os.environ["FASTLLM_INT8_WGMMA"] = "0"       # read by the launcher on every call
+    try:
+        return fn(*args, **kw)
+    finally:
+        if old is None:
+            del os.environ["FASTLLM_INT8_WGMMA"]
+        else:
+            os.environ["FASTLLM_INT8_WGMMA"] = old
+
+
 def run_gemm(ctx, rows):
     dev = ctx.device
     act = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -146,6 +167,10 @@ def run_gemm(ctx, rows):
         for be in _backends(ctx, op32, dev, a, b):
             fn = (lambda be=be: fastllm.ops.int8_matmul_int32(a, b, backend=be))
             impls[f"fastllm-{be}"] = (fn, *check32(fn))
+            if be == "cuda" and M > 128 and _hopper_wgmma(dev):
+                # The same call on the sm80 (mma.sync) kernel: what the wgmma kernel buys.
+                fn = (lambda: _without_wgmma(fastllm.ops.int8_matmul_int32, a, b, backend="cuda"))
+                impls["fastllm-cuda-mma.sync"] = (fn, *check32(fn))
         if _int_mm_peer(ctx, dev, M):
             fn = lambda: torch._int_mm(a, b.t())  # noqa: E731
             try:
