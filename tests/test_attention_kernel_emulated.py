@@ -327,7 +327,8 @@ def check_fragment_path(D, mutant=None, banks=True):
         assert set(epi_writes.values()) == {1} and len(epi_writes) == 16 * kD, (D, "O staging")
         staged[warp] = set(epi_writes)
         i = np.arange(16 * kChunks)                      # for (i = lane; i < 16 * kChunks; i += 32)
-        r, c = i // kChunks, i % kChunks
+        kG = QTile.kGroup
+        r, c = (i // kG) % 16, (i // (16 * kG)) * kG + i % kG
         for rr, cc in zip(r, c):
             row = warp * 16 + rr                         # warp_row0 + r - m0 (m0 = 0 here)
             if row < Sq:
@@ -353,20 +354,32 @@ def test_fragment_path_exact(D):
 
 @pytest.mark.parametrize("D", HEAD_DIMS)
 def test_epilogue_read_back_phases(D):
-    """A bound, not a claim of the kernel: the 16-byte read-back of the O staging (8 lanes per
-    smem phase) is conflict-free when kChunks is a multiple of 8 and has 2-way (D=96) / 4-way
-    (D=80) bank conflicts otherwise (SmemTile's narrower column blocks); a regression fails."""
+    """The 16-byte read-back of the O staging (8 lanes per smem phase) is conflict-free for every
+    head dim (it walks the tile in storage order), covers each (row, chunk) of the warp's 16
+    rows once, and writes whole 32-byte sectors of each output row per phase. The old row-order
+    walk (2-way conflicts at D=96, 4-way at D=80) must fail this."""
     t = CFG[D]
     Tile = SmemTile(t.kBlockM, t.kChunks)
-    worst = 1
-    for warp in range(t.kNWarps):
-        i = np.arange(16 * t.kChunks)
-        r, c = i // t.kChunks, i % t.kChunks
-        addr = 2 * Tile.offset(warp * 16 + r, c)
-        for p0 in range(0, len(addr), 8):                # lanes 8j..8j+7 of one warp instruction
-            groups = (addr[p0:p0 + 8] // 16) % 8
-            worst = max(worst, int(np.bincount(groups).max()))
-    assert worst <= (1 if t.kChunks % 8 == 0 else (2 if t.kChunks % 4 == 0 else 4)), (D, worst)
+    kG = Tile.kGroup
+    walks = {"storage": lambda i: ((i // kG) % 16, (i // (16 * kG)) * kG + i % kG),
+             "row": lambda i: (i // t.kChunks, i % t.kChunks)}
+    worst = {}
+    for name, walk in walks.items():
+        worst[name] = 1
+        for warp in range(t.kNWarps):
+            i = np.arange(16 * t.kChunks)
+            r, c = walk(i)
+            assert sorted(zip(r.tolist(), c.tolist())) == [(a, b) for a in range(16) for b in range(t.kChunks)]
+            addr = 2 * Tile.offset(warp * 16 + r, c)
+            for p0 in range(0, len(addr), 8):            # lanes 8j..8j+7 of one warp instruction
+                groups = (addr[p0:p0 + 8] // 16) % 8
+                worst[name] = max(worst[name], int(np.bincount(groups).max()))
+                if name == "storage":                    # per row: whole 32-byte sectors
+                    for row in set(r[p0:p0 + 8].tolist()):
+                        cs = sorted(c[p0:p0 + 8][r[p0:p0 + 8] == row].tolist())
+                        assert len(cs) % 2 == 0 and cs[0] % 2 == 0 and cs == list(range(cs[0], cs[0] + len(cs)))
+    assert worst["storage"] == 1, (D, worst)
+    assert worst["row"] == (1 if t.kChunks % 8 == 0 else (2 if t.kChunks % 4 == 0 else 4)), (D, worst)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1038,6 +1051,7 @@ MIRRORED_KERNEL_LINES = [
     "*reinterpret_cast<uint32_t*>(sQ + QTile::offset(row, dt) + 2 * c4) =",
     "pack2<T>(acc_o[dt][2 * r] * inv[r], acc_o[dt][2 * r + 1] * inv[r]);",
     "for (int i = lane; i < 16 * kChunks; i += 32) {",
+    "const int r = (i / kG) % 16, c = (i / (16 * kG)) * kG + i % kG;",
     "const int row = warp_row0 + r;",
     "*reinterpret_cast<uint4*>(out_base + row * out_row_stride + c * 8) =",
     "*reinterpret_cast<const uint4*>(sQ + QTile::offset(warp * 16 + r, c));",

@@ -403,9 +403,14 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSM) fla
     }
   }
   __syncwarp();
+  // Read-back in the staging tile's storage order (column block, row, chunk in the block): the
+  // 8 lanes of one 16-byte shared-load phase then read one 128-byte line, 8 distinct bank
+  // groups, for every kGroup (row order would conflict 2-way at D=96, 4-way at D=80); each row
+  // still gets >= 32 contiguous bytes per store phase (whole sectors).
+  constexpr int kG = QTile::kGroup;
 #pragma unroll
   for (int i = lane; i < 16 * kChunks; i += 32) {
-    const int r = i / kChunks, c = i % kChunks;
+    const int r = (i / kG) % 16, c = (i / (16 * kG)) * kG + i % kG;
     const int row = warp_row0 + r;
     if (row < Sq)
       *reinterpret_cast<uint4*>(out_base + row * out_row_stride + c * 8) =
