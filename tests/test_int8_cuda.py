@@ -98,9 +98,9 @@ def _plan_or_skip():
 
 
 def test_split_k_plan():
-    # The launcher's plan (host code of int8_traits.h, no GPU needed): decode-sized calls whose
+    # The launcher's plan (host code of int8_traits.h, no GPU needed): calls of M <= 128 whose
     # N tiles leave SMs idle split K, keeping >= 4 K tiles per split, at most 16 splits; calls
-    # that fill the GPU (or M > 32) do not split.
+    # that fill the GPU (or M > 128) do not split.
     plan = _plan_or_skip()
     assert plan(1, 4096, 4096, 132) == (0, 2)           # 128 tiles of 16 x 32 on 132 SMs
     assert plan(1, 1024, 4096, 132) == (0, 4)           # 32 tiles: 4 splits of 4 K tiles (K 256)
@@ -108,10 +108,13 @@ def test_split_k_plan():
     assert plan(1, 6144, 4096, 132) == (0, 1)           # 192 tiles already cover 132 SMs
     assert plan(1, 48, 256, 132) == (0, 1)              # one K tile: nothing to split
     assert plan(19, 48, 131056, 132) == (1, 16)         # capped at 16 splits
-    assert plan(33, 64, 4096, 132)[1] == 1              # M > 32: no split
-    for M, N, K, sms in ((1, 16, 64 * 256, 132), (32, 4096, 4096, 20), (5, 512, 8192, 80)):
+    assert plan(33, 64, 4096, 132) == (2, 16)           # one 64 x 128 tile, 64 K tiles of 64
+    assert plan(128, 4096, 4096, 132) == (3, 8)         # 32 tiles of 128 x 128 -> 256 CTAs
+    assert plan(128, 33792, 4096, 132) == (3, 1)        # 264 tiles fill 132 SMs
+    assert plan(129, 64, 4096, 132) == (3, 1)           # M > 128: no split
+    for M, N, K, sms in ((1, 16, 64 * 256, 132), (32, 4096, 4096, 20), (5, 512, 8192, 80), (100, 1024, 4096, 132)):
         config, splits = plan(M, N, K, sms)
-        bk = {0: 256, 1: 128}[config]
+        bk = {0: 256, 1: 128, 2: 64, 3: 64}[config]
         assert splits in (1, 2, 4, 8, 16) and (splits == 1 or -(-K // bk) // splits >= 4), (M, N, K, sms)
 
 
@@ -291,25 +294,25 @@ def test_gpu_split_k_equals_single_pass(out_dtype):
     # identical too (the epilogue sees the same exact int32 sum).
     from fastllm import _ext
     lib = _ext.lib()
-    M, N, K = 3, 64, 4096
-    a, b = rand_int8(M, K), rand_int8(N, K)
-    a_s, w_s = torch.rand(M, device="cuda"), torch.rand(N, device="cuda")
-    ws_bytes = lib.int8_gemm_workspace(a.device.index, M, N, K)
-    assert ws_bytes > 0, "a 2-tile call on a GPU must split K"
-    ws = torch.empty(ws_bytes, dtype=torch.uint8, device="cuda")
-    outs = []
-    for wsp, nb in ((0, 0), (ws.data_ptr(), ws_bytes)):
-        out = torch.full((M, N), -7, dtype=out_dtype, device="cuda")
-        scaled = out_dtype != torch.int32
-        code = lib.int8_gemm(a.device.index, a.data_ptr(), K, b.data_ptr(), K, out.data_ptr(),
-                             fastllm._ext.DTYPE_CODES[out_dtype], a_s.data_ptr() if scaled else 0, M,
-                             w_s.data_ptr() if scaled else 0, 0, 0, M, N, K, wsp, nb,
-                             torch.cuda.current_stream().cuda_stream)
-        assert code == 0, lib.error_string(code)
-        outs.append(out)
-    assert torch.equal(outs[0], outs[1])
-    if out_dtype == torch.int32:
-        assert torch.equal(outs[1].cpu().long(), exact_int(a, b))
+    for M, N, K in ((3, 64, 4096), (50, 128, 4096 + 16), (100, 256, 4096)):   # configs 0, 2, 3
+        a, b = rand_int8(M, K), rand_int8(N, K)
+        a_s, w_s = torch.rand(M, device="cuda"), torch.rand(N, device="cuda")
+        ws_bytes = lib.int8_gemm_workspace(a.device.index, M, N, K)
+        assert ws_bytes > 0, f"a 1-2 tile call on a GPU must split K ({M}, {N}, {K})"
+        ws = torch.empty(ws_bytes, dtype=torch.uint8, device="cuda")
+        outs = []
+        for wsp, nb in ((0, 0), (ws.data_ptr(), ws_bytes)):
+            out = torch.full((M, N), -7, dtype=out_dtype, device="cuda")
+            scaled = out_dtype != torch.int32
+            code = lib.int8_gemm(a.device.index, a.data_ptr(), K, b.data_ptr(), K, out.data_ptr(),
+                                 fastllm._ext.DTYPE_CODES[out_dtype], a_s.data_ptr() if scaled else 0, M,
+                                 w_s.data_ptr() if scaled else 0, 0, 0, M, N, K, wsp, nb,
+                                 torch.cuda.current_stream().cuda_stream)
+            assert code == 0, lib.error_string(code)
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1]), (M, N, K)
+        if out_dtype == torch.int32:
+            assert torch.equal(outs[1].cpu().long(), exact_int(a, b)), (M, N, K)
 
 
 @pytest.mark.gpu

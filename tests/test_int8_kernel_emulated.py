@@ -79,6 +79,7 @@ CONFIGS = {0: (16, 32, 256, 1, 2, 4), 1: (32, 64, 128, 1, 2, 4), 2: (64, 128, 64
            3: (128, 128, 64, 2, 2, 4), 4: (128, 256, 64, 2, 4, 3)}
 K_GROUP_M = 8                          # kGroupM
 MAX_SPLIT_K, MIN_K_TILES_PER_SPLIT = 16, 4   # common.h kMaxSplitK, kMinKTilesPerSplit
+SPLIT_K_MAX_M = 128                           # int8_traits.h kSplitKMaxM
 W8A16_ROWS, W8A16_UNROLL, W8A16_MAX_M = 16, 4, 16   # kW8A16RowsPerCta, kW8A16Unroll, kW8A16MaxM
 OUT_KINDS = ["i32", "f16", "bf16", "f32"]
 LANE = np.arange(32)
@@ -514,7 +515,7 @@ def choose_gemm_config(M, N, K, num_sms):
 
 
 def choose_split_k(config, M, N, K, num_sms):
-    if config not in (0, 1):
+    if config not in (0, 1, 2, 3) or (config == 3 and M > SPLIT_K_MAX_M):
         return 1
     kBM, kBN, kBK = CONFIGS[config][:3]
     return split_k_for_tiles(ceil_div(M, kBM) * ceil_div(N, kBN), ceil_div(K, kBK), num_sms)
@@ -899,6 +900,8 @@ SPLIT_CASES = {
     "c0_1tile_2splits": ((5, 32, 8 * 256, 8), (0, 2, 2)),
     "c1_10tiles_2splits": ((17, 80, 9 * 128 + 16, 132), (1, 2, 2)),     # the last tile 1 chunk
     "c1_plan8_launch7": ((32, 64, 32 * 128 + 16, 132), (1, 8, 7)),      # 33 tiles: 5 per split -> 7
+    "c2_1tile_2splits": ((50, 128, 8 * 64 + 16, 132), (2, 2, 2)),       # 9 K tiles: 5 + 4
+    "c3_2tiles_4splits": ((100, 256, 16 * 64, 132), (3, 4, 4)),
 }
 
 
@@ -1139,6 +1142,9 @@ MIRRORED_TRAITS_LINES = [   # int8_traits.h
     "return split_k_for_tiles(tiles, ceil_div(K, C::kBK), num_sms);",
     "case 0: return split_k_for<0>(M, N, K, num_sms);",
     "case 1: return split_k_for<1>(M, N, K, num_sms);",
+    "case 2: return split_k_for<2>(M, N, K, num_sms);",
+    "case 3: return M <= kSplitKMaxM ? split_k_for<3>(M, N, K, num_sms) : 1;",
+    "constexpr int kSplitKMaxM = 128;",
     "default: return 1;",
     "constexpr int kW8A16MaxM = 16;",
     "constexpr int kW8A16RowsPerCta = 16;",

@@ -66,10 +66,13 @@ inline int choose_gemm_config(long long M, long long N, long long K, int num_sms
   return big_tiles >= num_sms ? 4 : 3;
 }
 
-// Grid-level split-K for the small-M configs (0, 1: decode and short prefill): the rule is
+// Grid-level split-K for the configs of M <= 128 (0..3: decode, short prefill, serving chunks),
+// which are weight-bandwidth bound (2M int8 ops per weight byte, under the ridge of every sm80+
+// GPU) and whose N tiles alone can leave most SMs idle (M 128, N 4096: 32 CTAs): the rule is
 // common.h's split_k_for_tiles over this config's (M, N) tiles and K tiles. Partials are raw
-// int32 in a workspace of splits * M * N * 4 bytes; a second kernel adds them and applies the
-// epilogue (int8_gemm_kernel.cuh).
+// int32 in a workspace of splits * M * N * 4 bytes (L2-resident for these sizes); a second
+// kernel adds them and applies the epilogue (int8_gemm_kernel.cuh).
+constexpr int kSplitKMaxM = 128;
 template <int kConfig>
 inline int split_k_for(long long M, long long N, long long K, int num_sms) {
   using C = GemmConfig<kConfig>;
@@ -80,6 +83,8 @@ inline int choose_split_k(int config, long long M, long long N, long long K, int
   switch (config) {
     case 0: return split_k_for<0>(M, N, K, num_sms);
     case 1: return split_k_for<1>(M, N, K, num_sms);
+    case 2: return split_k_for<2>(M, N, K, num_sms);
+    case 3: return M <= kSplitKMaxM ? split_k_for<3>(M, N, K, num_sms) : 1;
     default: return 1;
   }
 }
@@ -104,6 +109,7 @@ template <> struct WgmmaConfig<0> : WgmmaTile<128, 5> {};
 // 128 x 256 tiles, 4 slots (193 KB): half the L2 traffic per MAC of 128 x 128.
 template <> struct WgmmaConfig<1> : WgmmaTile<256, 4> {};
 constexpr int kNumWgmmaConfigs = 2;
+
 // Below this M the sm80 configs (and their split-K) stay: a 128-row tile would be mostly padding
 // and small M is weight-bandwidth bound, where the MMA flavour does not matter.
 constexpr int kWgmmaMinM = 128;

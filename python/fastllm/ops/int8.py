@@ -28,8 +28,9 @@ on the triton and torch backends; the cuda backend states its own needs in `supp
 Backends, in auto's order:
   "cuda"   csrc/int8 through fastllm/ops/_int8_cuda.py. W8A8: mma.sync m16n8k32 s8 with a
            cp.async ring and swizzled shared memory, tile config per M bucket and split-K
-           factor (M <= 32 on a GPU the N tiles do not fill: int32 partials in a workspace,
-           then a sum + epilogue pass) chosen in csrc/int8/int8_traits.h; int32 or scaled
+           factor (M <= 128 on a GPU the N tiles do not fill: int32 partials in a workspace,
+           then a sum + epilogue pass) chosen in csrc/int8/int8_traits.h; on sm_90 (90a
+           builds) M > 128 runs a wgmma kernel (FASTLLM_INT8_WGMMA=0: the mma.sync one); int32 or scaled
            fp16/bf16/fp32 out, per-token or
            per-tensor a_scale, optional bias. W8A16: decode kernel for M <= 16, fp16/bf16 x,
            per-channel or per-group scales with group_size % 64 == 0 (other calls: triton).
