@@ -366,7 +366,8 @@ def _hopper_wgmma_or_skip():
 @pytest.mark.parametrize("out_dtype", [torch.int32, torch.float16, torch.bfloat16, torch.float32])
 def test_gpu_wgmma_matches_sm80_kernel(out_dtype, monkeypatch):
     # Hopper: the wgmma kernel (M > 128) against the exact product and, bit for bit, the sm80
-    # kernel of the same call (FASTLLM_INT8_WGMMA=0): same int32 sums, same epilogue code. Shapes
+    # kernel of the same call (FASTLLM_INT8_WGMMA=0) and the TMA-fed variant (=tma): same int32
+    # sums, same epilogue code. Shapes
     # cover both wgmma configs, M / N / K tails (K = 16: one chunk of a 128-byte step; N = 16 of
     # a 256-wide tile), a strided a and per-tensor / per-token scales.
     _hopper_wgmma_or_skip()
@@ -381,7 +382,7 @@ def test_gpu_wgmma_matches_sm80_kernel(out_dtype, monkeypatch):
         w_s = torch.rand(N, device="cuda") * 0.01 + 1e-4
         bias = torch.randn(N, device="cuda").to(torch.bfloat16) if i % 3 == 1 else None
         outs = []
-        for flag in ("1", "0"):
+        for flag in ("1", "0", "tma"):     # wgmma (cp.async-fed), sm80 kernel, wgmma TMA-fed
             monkeypatch.setenv("FASTLLM_INT8_WGMMA", flag)
             _poison_allocator(M * N * 4)
             if out_dtype == torch.int32:
@@ -393,11 +394,11 @@ def test_gpu_wgmma_matches_sm80_kernel(out_dtype, monkeypatch):
             assert torch.equal(outs[0].cpu().long(), exact_int(a, b)), (M, N, K)
         else:
             assert_epilogue_close(outs[0], exact_int(a, b), a_s if i % 2 else a_s[0], w_s, bias, out_dtype)
-        assert torch.equal(outs[0], outs[1]), (M, N, K, out_dtype)
-    # The route itself (not just the host plan): the profiler sees the wgmma kernel, and with
-    # FASTLLM_INT8_WGMMA=0 the sm80 one.
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]), (M, N, K, out_dtype)
+    # The route itself (not just the host plan): the profiler sees the wgmma kernel, with
+    # FASTLLM_INT8_WGMMA=0 the sm80 one, with =tma the TMA-fed one.
     a, b = rand_int8(200, 64), rand_int8(64, 64)
-    for flag, name in (("1", "int8_wgmma_kernel"), ("0", "int8_gemm_kernel")):
+    for flag, name in (("1", "int8_wgmma_kernel"), ("0", "int8_gemm_kernel"), ("tma", "int8_wgmma_tma_kernel")):
         monkeypatch.setenv("FASTLLM_INT8_WGMMA", flag)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             int8_matmul_int32(a, b, backend="cuda")

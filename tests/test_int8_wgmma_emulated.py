@@ -20,6 +20,11 @@ ring that wraps): raw int32 out == a @ b.T exactly; every output element written
 and nothing past M / N; every cp.async reads inside its tensor (row strides > K included); no
 MMA reads a slot its step's copies have not landed in, no refill lands under a running MMA;
 descriptor fields in range (start address fits its 14 bits, tiles 1024-aligned).
+The TMA-fed variant (int8_wgmma_tma_kernel.cuh) writes the same layout through the copy engine;
+its producer / consumer protocol on full / empty mbarriers (an ISA model of arrival counts,
+transaction bytes and phase parity) is run under 200 random schedules of the producer, both
+consumer warpgroups and box arrivals: every MMA reads its own step's bytes, no box lands under
+an unretired MMA, nobody deadlocks; 4 protocol mutants fail.
 Not proven: the ISA model itself (the GPU test tests/test_int8_cuda.py
 test_gpu_wgmma_matches_sm80_kernel is the check), the scaled epilogue's float rounding (shared
 code with the sm80 kernel, int8_epilogue.cuh, compared bit for bit on the GPU), speed.
@@ -34,6 +39,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KERNEL_SRC = ROOT / "csrc" / "int8" / "int8_wgmma_kernel.cuh"
 WGMMA_SRC = ROOT / "csrc" / "common" / "wgmma.cuh"
+TMA_KERNEL_SRC = ROOT / "csrc" / "int8" / "int8_wgmma_tma_kernel.cuh"
 TRAITS_SRC = ROOT / "csrc" / "int8" / "int8_traits.h"
 EPILOGUE_SRC = ROOT / "csrc" / "int8" / "int8_epilogue.cuh"
 
@@ -273,6 +279,126 @@ def test_mutant_kernel_fails(mutant):
         assert (written == 1).all() and np.array_equal(out, ref)
 
 
+# ----------------------------------------------------------------------------------------------
+# The TMA-fed variant (int8_wgmma_tma_kernel.cuh): its producer / consumer protocol on the full and
+# empty mbarriers, run under many random schedules. Shared-memory layout and descriptors are the
+# cp.async kernel's (the copy engine writes the same 128-byte swizzle), so only the protocol is new.
+
+class MBarrier:
+    """mbarrier as the PTX ISA defines it: an expected arrival count per phase (plus transaction
+    bytes); try_wait.parity(P) succeeds once the phase of parity P has completed, i.e. when the
+    current phase's parity differs from P (a fresh barrier is in phase 0)."""
+
+    def __init__(self, count):
+        self.count, self.pending, self.tx, self.phase = count, count, 0, 0
+
+    def arrive(self, expect_tx=0):
+        self.tx += expect_tx
+        self.pending -= 1
+        self._maybe_complete()
+
+    def complete_tx(self, nbytes):
+        self.tx -= nbytes
+        self._maybe_complete()
+
+    def _maybe_complete(self):
+        if self.pending == 0 and self.tx == 0:
+            self.phase += 1
+            self.pending = self.count
+
+    def try_wait(self, parity):
+        return (self.phase & 1) != parity
+
+
+def run_tma_protocol(KT, stages, seed, producer_parity=lambda u: (u & 1) ^ 1,
+                     consumer_parity=lambda u: u & 1, release=lambda kt: kt - 1, empty_count=2):
+    """One CTA's ring under a random schedule of the producer, the two consumer warpgroups and the
+    copy engine (each TMA box lands at a random later time). Checks every MMA reads its step's
+    bytes, no box lands in a slot an unretired MMA reads, and everyone finishes."""
+    rng = np.random.default_rng(seed)
+    full = [MBarrier(1) for _ in range(stages)]
+    empty = [MBarrier(empty_count) for _ in range(stages)]
+    slot_tag = [None] * stages            # step whose bytes are in the slot (None: being written)
+    readers = [set() for _ in range(stages)]   # (warpgroup, step) MMAs that may still read it
+    in_flight = []                        # boxes issued, not landed: (slot, step)
+    A_BYTES, B_BYTES = 1, 2
+
+    def producer():
+        for kt in range(KT):
+            s, u = kt % stages, kt // stages
+            while not empty[s].try_wait(producer_parity(u)):
+                yield
+            full[s].arrive(expect_tx=A_BYTES + B_BYTES)
+            in_flight.append((s, kt, A_BYTES))
+            in_flight.append((s, kt, B_BYTES))
+            yield
+
+    def consumer(wg):
+        running = []                      # committed, unretired MMA groups: (slot, step)
+        for kt in range(KT):
+            s, u = kt % stages, kt // stages
+            while not full[s].try_wait(consumer_parity(u)):
+                yield
+            assert slot_tag[s] == kt, f"warpgroup {wg} MMA of step {kt} reads slot {s} holding {slot_tag[s]}"
+            readers[s].add((wg, kt))
+            running.append((s, kt))
+            while len(running) > 1:       # wait_group<1>
+                rs, rk = running.pop(0)
+                readers[rs].discard((wg, rk))
+            r = release(kt)                # one thread per warpgroup: empty[(kt - 1) % kStages]
+            if r >= 0:
+                empty[r % stages].arrive()
+            yield
+        for rs, rk in running:            # wait_group<0>
+            readers[rs].discard((wg, rk))
+
+    def copy_engine():
+        while True:
+            if in_flight and rng.random() < 0.5:
+                s, kt, nbytes = in_flight.pop(int(rng.integers(len(in_flight))))
+                assert not readers[s], f"box of step {kt} lands in slot {s} while {sorted(readers[s])} may read it"
+                landed[s, kt] = landed.get((s, kt), 0) + nbytes
+                slot_tag[s] = kt if landed[s, kt] == A_BYTES + B_BYTES else None
+                full[s].complete_tx(nbytes)
+            yield
+
+    landed = {}
+    actors = {"producer": producer(), "wg0": consumer(0), "wg1": consumer(1)}
+    engine = copy_engine()
+    for _ in range(200000):
+        live = [k for k in actors if actors[k] is not None]
+        if not live:
+            return True
+        pick = live[int(rng.integers(len(live)))]
+        try:
+            next(actors[pick])
+        except StopIteration:
+            actors[pick] = None
+        next(engine)
+    raise AssertionError("deadlock: the schedule never finished")
+
+
+@pytest.mark.parametrize("KT,stages", [(1, 4), (3, 4), (13, 4), (17, 6), (2, 6)])
+def test_tma_protocol_emulated(KT, stages):
+    for seed in range(40):
+        assert run_tma_protocol(KT, stages, seed)
+
+
+TMA_MUTANTS = {
+    "producer_waits_this_round": dict(producer_parity=lambda u: u & 1),
+    "consumer_waits_wrong_parity": dict(consumer_parity=lambda u: (u & 1) ^ 1),
+    "release_before_retire": dict(release=lambda kt: kt),
+    "empty_counts_one_warpgroup": dict(empty_count=1),
+}
+
+
+@pytest.mark.parametrize("mutant", sorted(TMA_MUTANTS))
+def test_tma_protocol_mutant_fails(mutant):
+    with pytest.raises(AssertionError):
+        for seed in range(40):
+            run_tma_protocol(13, 4, seed, **TMA_MUTANTS[mutant])
+
+
 # Lines of the CUDA source mirrored above (whitespace-normalized); if one changes, update the
 # mirror and this list together.
 MIRRORED = {
@@ -294,6 +420,19 @@ MIRRORED = {
         "const int row0 = m0 + wg * 64 + warp * 16 + g;",
         "const int n = n0 + j * 8 + 2 * c;",
         "if (m < p.M) store_acc_pair<OutT>(p, out, m, n, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], col);",
+    ],
+    TMA_KERNEL_SRC: [
+        "tma::mbar_init(full + 8 * s, 1);",
+        "tma::mbar_init(empty + 8 * s, 2);",
+        "tma::mbar_wait(empty + 8 * s, (u & 1) ^ 1);",
+        "tma::mbar_arrive_expect_tx(full + 8 * s, kABytes + kBBytes);",
+        "tma::load_2d(sA + s * kABytes, &map_a, kt * kBK, m0, full + 8 * s);",
+        "tma::load_2d(sB + s * kBBytes, &map_b, kt * kBK, n0, full + 8 * s);",
+        "tma::mbar_wait(full + 8 * s, static_cast<uint32_t>(kt / kStages) & 1);",
+        "const uint64_t da = wgmma::desc_sw128(sA + s * kABytes + wg * 64 * kBK);",
+        "wgmma::wait_group<1>(); // step kt - 1 retired: its slot may be refilled",
+        "if (kt > 0 && wwarp == 0 && lane == 0) tma::mbar_arrive(empty + 8 * ((kt - 1) % kStages));",
+        "const uint32_t sA = (smem_u32(smem) + 1023u) & ~1023u; // 128-byte swizzle: 1024-aligned tiles",
     ],
     WGMMA_SRC: [
         "return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |",

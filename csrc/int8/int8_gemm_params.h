@@ -61,6 +61,9 @@ int run_int8_splitk_reduce(const Int8GemmParams& p, const int32_t* partial, int 
 // exist in the build only when it targets 90a (FASTLLM_HAS_SM90A). No split-K (p.splits == 1).
 template <typename OutT, int kConfig>
 int run_int8_wgmma(const Int8GemmParams& p, cudaStream_t stream);
+// Its TMA-fed variant (int8_wgmma_tma_kernel.cuh, opt-in), same units; needs K > 0.
+template <typename OutT, int kConfig>
+int run_int8_wgmma_tma(const Int8GemmParams& p, cudaStream_t stream);
 
 // Instantiated in w8a16_gemm_{f16,bf16}.cu.
 template <typename T, int kTokenTiles, int kWarps>

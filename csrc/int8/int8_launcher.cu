@@ -10,6 +10,7 @@
 
 #include <climits>
 #include <cstdlib>
+#include <cstring>
 
 #include "common/common.h"
 #include "int8/int8_gemm.h"
@@ -51,17 +52,22 @@ static_assert(kNumGemmConfigs == 5, "update gemm_config() and generate_instantia
 
 #if FASTLLM_HAS_SM90A
 template <typename OutT>
-int wgmma_config(const Int8GemmParams& p, int config, cudaStream_t s) {
+int wgmma_config(const Int8GemmParams& p, int config, bool tma, cudaStream_t s) {
+  if (tma) return config == 0 ? run_int8_wgmma_tma<OutT, 0>(p, s) : run_int8_wgmma_tma<OutT, 1>(p, s);
   return config == 0 ? run_int8_wgmma<OutT, 0>(p, s) : run_int8_wgmma<OutT, 1>(p, s);
 }
 static_assert(kNumWgmmaConfigs == 2, "update wgmma_config() and generate_instantiations.py");
 #endif
 
-// FASTLLM_INT8_WGMMA=0 keeps Hopper on the sm80 kernel (to compare the two; read per call, so
-// a benchmark can flip it between runs).
-bool wgmma_allowed() {
+// Which Hopper kernel: FASTLLM_INT8_WGMMA=0 keeps Hopper on the sm80 kernel, =tma selects the
+// experimental TMA-fed variant, anything else the cp.async-fed wgmma kernel. Read per call, so
+// a benchmark can flip it between runs.
+enum class WgmmaMode { kOff, kCpAsync, kTma };
+WgmmaMode wgmma_mode() {
   const char* e = std::getenv("FASTLLM_INT8_WGMMA");
-  return !(e != nullptr && e[0] == '0' && e[1] == 0);
+  if (e == nullptr) return WgmmaMode::kCpAsync;
+  if (std::strcmp(e, "0") == 0) return WgmmaMode::kOff;
+  return std::strcmp(e, "tma") == 0 ? WgmmaMode::kTma : WgmmaMode::kCpAsync;
 }
 
 template <typename T>
@@ -136,14 +142,16 @@ int int8_gemm(int device, uintptr_t a, int64_t lda, uintptr_t b, int64_t ldb, ui
 #if FASTLLM_HAS_SM90A
   // Hopper with 90a code in the build: the wgmma kernel for M > kWgmmaMinM (the units carry
   // sm_90a SASS only, which runs on compute capability 9.0 alone).
-  if (major == 9 && minor == 0 && wgmma_allowed()) {
+  const WgmmaMode mode = wgmma_mode();
+  if (major == 9 && minor == 0 && mode != WgmmaMode::kOff) {
     const int wc = choose_wgmma_config(M, N, sms);
+    const bool tma = mode == WgmmaMode::kTma && K > 0;  // a tensor map needs a non-empty K
     if (wc >= 0) {
       switch (out_dtype) {
-        case kInt32: return wgmma_config<int32_t>(p, wc, s);
-        case kFloat16: return wgmma_config<__half>(p, wc, s);
-        case kBFloat16: return wgmma_config<__nv_bfloat16>(p, wc, s);
-        default: return wgmma_config<float>(p, wc, s);
+        case kInt32: return wgmma_config<int32_t>(p, wc, tma, s);
+        case kFloat16: return wgmma_config<__half>(p, wc, tma, s);
+        case kBFloat16: return wgmma_config<__nv_bfloat16>(p, wc, tma, s);
+        default: return wgmma_config<float>(p, wc, tma, s);
       }
     }
   }

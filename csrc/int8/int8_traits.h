@@ -110,6 +110,20 @@ template <> struct WgmmaConfig<0> : WgmmaTile<128, 5> {};
 template <> struct WgmmaConfig<1> : WgmmaTile<256, 4> {};
 constexpr int kNumWgmmaConfigs = 2;
 
+// The TMA-fed variant (int8_wgmma_tma_kernel.cuh, opt-in): the same tiles plus a producer warp
+// (288 threads: the register cap stays 224, enough for 128 accumulators without the cp.async
+// addressing), a full and an empty 8-byte mbarrier per slot.
+template <int kBN_, int kStages_>
+struct WgmmaTmaTile {
+  static constexpr int kBM = 128, kBN = kBN_, kBK = 128, kStages = kStages_;
+  static constexpr int kThreads = 288;
+  static constexpr int kStageBytes = (kBM + kBN) * kBK;
+  static constexpr int kSmemBytes = kStages * kStageBytes + 1024 + 2 * kStages * 8;
+  static_assert(kSmemBytes <= 227 * 1024, "over the H100's 227 KB per block");
+};
+template <int kConfig> struct WgmmaTmaConfig;
+template <> struct WgmmaTmaConfig<0> : WgmmaTmaTile<128, 6> {};  // 193 KB
+template <> struct WgmmaTmaConfig<1> : WgmmaTmaTile<256, 4> {};  // 193 KB
 // Below this M the sm80 configs (and their split-K) stay: a 128-row tile would be mostly padding
 // and small M is weight-bandwidth bound, where the MMA flavour does not matter.
 constexpr int kWgmmaMinM = 128;

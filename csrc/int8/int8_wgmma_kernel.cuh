@@ -46,6 +46,28 @@ __device__ __forceinline__ void wgmma_s8<256>(int (&d)[128], uint64_t desc_a, ui
   wgmma::wgmma_m64n256k32_s8(d, desc_a, desc_b);
 }
 
+// Epilogue of one warpgroup's 64 x kBN accumulators, straight from registers: warp `warp` of
+// warpgroup `wg` holds rows 64wg + 16warp + g (+8), columns 8j + 2c (+1). Shared by both Hopper
+// kernels (cp.async- and TMA-fed).
+template <int kBN, typename OutT>
+__device__ __forceinline__ void store_wgmma_tile(const Int8GemmParams& p, const int (&acc)[kBN / 2], int m0, int n0,
+                                                 int wg, int warp, int lane) {
+  const int g = lane / 4, c = lane % 4;
+  OutT* out = static_cast<OutT*>(p.out);
+  const int row0 = m0 + wg * 64 + warp * 16 + g;
+#pragma unroll
+  for (int j = 0; j < kBN / 8; ++j) {
+    const int n = n0 + j * 8 + 2 * c;
+    if (n >= p.N) continue;
+    const ColumnPair col = column_pair<OutT>(p, n);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = row0 + 8 * h;
+      if (m < p.M) store_acc_pair<OutT>(p, out, m, n, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], col);
+    }
+  }
+}
+
 template <typename Cfg, typename OutT>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) int8_wgmma_kernel(const Int8GemmParams p) {
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kBK = Cfg::kBK, kStages = Cfg::kStages;
@@ -109,22 +131,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) int8_wgmma_kernel(const Int8
   wgmma::wait_group<0>();
   wgmma::fence_operands(acc);
 
-  // Epilogue: warp `warp` of warpgroup `wg` holds rows 64wg + 16warp + g (+8), columns
-  // 8j + 2c (+1).
-  const int g = lane / 4, c = lane % 4;
-  OutT* out = static_cast<OutT*>(p.out);
-  const int row0 = m0 + wg * 64 + warp * 16 + g;
-#pragma unroll
-  for (int j = 0; j < kBN / 8; ++j) {
-    const int n = n0 + j * 8 + 2 * c;
-    if (n >= p.N) continue;
-    const ColumnPair col = column_pair<OutT>(p, n);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int m = row0 + 8 * h;
-      if (m < p.M) store_acc_pair<OutT>(p, out, m, n, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], col);
-    }
-  }
+  store_wgmma_tile<kBN, OutT>(p, acc, m0, n0, wg, warp, lane);
 }
 
 template <typename OutT, int kConfig>

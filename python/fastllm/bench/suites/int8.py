@@ -5,8 +5,9 @@ Kinds of rows:
   w8a8-int32   int8 GEMM, raw int32 out: int8_matmul_int32 per backend, torch._int_mm (cuBLAS
                int8; needs M > 16 on CUDA, listed missing below that), and torch.matmul on
                bf16 copies of the operands (the dense 16-bit baseline). On an H100 with a 90a
-               build, M > 128 also gets "fastllm-cuda-mma.sync": the sm80 kernel the wgmma
-               one replaces there (FASTLLM_INT8_WGMMA=0).
+               build, M > 128 also gets "fastllm-cuda-mma.sync" (the sm80 kernel the wgmma one
+               replaces there, FASTLLM_INT8_WGMMA=0) and "fastllm-cuda-wgmma-tma" (the
+               experimental TMA-fed variant, FASTLLM_INT8_WGMMA=tma).
   w8a8         the same GEMM with the fused dequant epilogue (per-token a_scale, per-channel
                w_scale, bf16 out): int8_matmul per backend.
   w8a8-linear  end to end from bf16 activations: int8_matmul_dynamic (per-token scales, the
@@ -130,9 +131,9 @@ def _hopper_wgmma(dev):
             and _ext.unavailable_reason() is None and "90a" in _ext.lib().built_archs.split(","))
 
 
-def _without_wgmma(fn, *args, **kw):
+def _with_wgmma_mode(mode, fn, *args, **kw):
     old = os.environ.get("FASTLLM_INT8_WGMMA")
-    os.environ["FASTLLM_INT8_WGMMA"] = "0"       # read by the launcher on every call
+    os.environ["FASTLLM_INT8_WGMMA"] = mode      # read by the launcher on every call
     try:
         return fn(*args, **kw)
     finally:
@@ -168,9 +169,11 @@ def run_gemm(ctx, rows):
             fn = (lambda be=be: fastllm.ops.int8_matmul_int32(a, b, backend=be))
             impls[f"fastllm-{be}"] = (fn, *check32(fn))
             if be == "cuda" and M > 128 and _hopper_wgmma(dev):
-                # The same call on the sm80 (mma.sync) kernel: what the wgmma kernel buys.
-                fn = (lambda: _without_wgmma(fastllm.ops.int8_matmul_int32, a, b, backend="cuda"))
-                impls["fastllm-cuda-mma.sync"] = (fn, *check32(fn))
+                # The same call on the sm80 (mma.sync) kernel, and on the TMA-fed wgmma variant.
+                for mode, name in (("0", "fastllm-cuda-mma.sync"), ("tma", "fastllm-cuda-wgmma-tma")):
+                    fn = (lambda mode=mode: _with_wgmma_mode(mode, fastllm.ops.int8_matmul_int32, a, b,
+                                                             backend="cuda"))
+                    impls[name] = (fn, *check32(fn))
         if _int_mm_peer(ctx, dev, M):
             fn = lambda: torch._int_mm(a, b.t())  # noqa: E731
             try:
