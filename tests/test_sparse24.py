@@ -441,3 +441,43 @@ def test_gpu_split_k_equals_single_pass(dtype, scaled):
             assert torch.equal(outs[1], exact)
     else:
         check_close(outs[1], x, w.to(DEVICE), torch.zeros(N, device=DEVICE, dtype=dtype), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8])
+def test_gpu_wgmma_sp_matches_mma_sp(dtype, monkeypatch):
+    # Hopper (90a build): M > 64 runs the wgmma.sp kernel. Against the reference, and against the
+    # mma.sp kernel of the same call (FASTLLM_SPARSE24_WGMMA=0): int8 bit-identical (raw and
+    # scaled: the same exact sums and finish()), 16-bit within rounding. Tails: tokens (65, 130),
+    # W rows (144: a 16-row tail of a 128-row tile), K (64-column blocks past whole stages).
+    from fastllm import _ext
+    if torch.cuda.get_device_capability() != (9, 0) or "90a" not in _ext.lib().built_archs.split(","):
+        pytest.skip("the wgmma.sp kernel runs on sm_90 GPUs with a 90a build")
+    for M, N, K in ((65, 16, 64), (130, 144, 576), (1025, 4096, 4096 + 64)):
+        K = K if dtype != torch.int8 else K + 192 * (K > 64)
+        w = sparse_weight(N, K, dtype)
+        values, meta = compress(w)
+        x = (torch.randint(-128, 128, (M, K), dtype=torch.int8) if dtype == torch.int8
+             else torch.randn(M, K).to(dtype)).to(DEVICE)
+        a_s, w_s = torch.rand(M, device=DEVICE), torch.rand(N, device=DEVICE)
+        outs = []
+        for flag in ("1", "0"):
+            monkeypatch.setenv("FASTLLM_SPARSE24_WGMMA", flag)
+            if dtype == torch.int8:
+                outs.append((sparse24_int8_matmul_int32(x, values, meta, backend="cuda"),
+                             sparse24_int8_matmul(x, values, meta, a_s, w_s, None, out_dtype=torch.float32,
+                                                  backend="cuda")))
+            else:
+                outs.append(sparse24_matmul(x, values, meta, None, backend="cuda"))
+        if dtype == torch.int8:
+            assert torch.equal(outs[0][0], ref.int8_matmul_int32(x, w)), (M, N, K)
+            assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]), (M, N, K)
+        else:
+            check_close(outs[0], x, w, torch.zeros(N, device=DEVICE, dtype=dtype), dtype)
+    monkeypatch.setenv("FASTLLM_SPARSE24_WGMMA", "1")
+    x = torch.randn(130, 128, device=DEVICE).to(torch.float16)
+    values, meta = compress(sparse_weight(64, 128, torch.float16))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        sparse24_matmul(x, values, meta, None, backend="cuda")
+        torch.cuda.synchronize()
+    assert any("sparse24_wgmma_kernel" in e.name for e in prof.events())

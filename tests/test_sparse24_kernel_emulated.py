@@ -460,7 +460,8 @@ MIRRORED_KERNEL_LINES = [
     "cp_async_16(smem_u32(st + val_off(r, c)), p.values + (ok ? row * v_row_bytes + col : 0), ok);",
     "for (int i = tid; i < Tr::kBT * 16; i += Tr::kThreads) {",
     "const bool ok = t0 + r < p.M && col < p.K * kElt;",
-    "cp_async_16(smem_u32(xs + x_off(r, c)), p.x + (ok ? (t0 + r) * p.x_row_bytes + col : 0), ok);",
+    "cp_async_16(smem_u32(xs + XOff::off(r, c)), p.x + (ok ? (t0 + r) * p.x_row_bytes + col : 0), ok);",
+    "__device__ __forceinline__ static int off(int r, int c) { return x_off(r, c); }",
     "const int b = i / (Tr::kMetaBlocks * 8), j = (i / 8) % Tr::kMetaBlocks, c = i % 8;",
     "const int64_t rb = min(w0 / 16 + b, p.N / 16 - 1);",
     "cp_async_16(smem_u32(ms + (b * Tr::kMetaBlocks + j) * 128 + 16 * c),",
@@ -514,4 +515,5 @@ def test_kernel_source_matches_mirror():
     assert not missing, "the kernel changed; update the emulation in this file:\n" + "\n".join(missing)
     configs = {name: tuple(int(v) for v in args.split(","))
                for name, args in re.findall(r"using (\w+) = Traits<T, ([\d, ]+)>;", traits)}
+    assert configs.pop("HopperM") == (128, 128, 2, 4, 4)   # the wgmma.sp kernel's: test_sparse24_wgmma_emulated.py
     assert configs == CONFIGS

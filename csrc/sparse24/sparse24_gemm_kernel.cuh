@@ -114,7 +114,13 @@ template <int Sel> struct MmaSp<int8_t, Sel> {
 __device__ __forceinline__ int val_off(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
 __device__ __forceinline__ int x_off(int r, int c) { return r * 256 + (((c & 8) | ((c ^ r) & 7)) << 4); }
 
-template <class Tr>
+// x's layout for the sm80 kernel (above); the Hopper wgmma.sp kernel passes its own (two 128-byte
+// column blocks, the canonical 128-byte-swizzled K-major layout wgmma reads).
+struct XOffSm80 {
+  __device__ __forceinline__ static int off(int r, int c) { return x_off(r, c); }
+};
+
+template <class Tr, class XOff = XOffSm80>
 __device__ __forceinline__ void load_stage(const Params& p, uint8_t* st, int64_t kt, int64_t w0, int64_t t0,
                                            int tid) {
   constexpr int kElt = sizeof(typename Tr::T);
@@ -136,7 +142,7 @@ __device__ __forceinline__ void load_stage(const Params& p, uint8_t* st, int64_t
     const int r = i / 16, c = i % 16;
     const int64_t col = x_col0 + 16 * c;
     const bool ok = t0 + r < p.M && col < p.K * kElt;
-    cp_async_16(smem_u32(xs + x_off(r, c)), p.x + (ok ? (t0 + r) * p.x_row_bytes + col : 0), ok);
+    cp_async_16(smem_u32(xs + XOff::off(r, c)), p.x + (ok ? (t0 + r) * p.x_row_bytes + col : 0), ok);
   }
   // meta: (kBW / 16) row blocks x kMetaBlocks blocks x 8 chunks of 4 words.
   uint8_t* ms = xs + Tr::kXBytes;

@@ -5,6 +5,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "common/common.h"
 #include "sparse24/sparse24_gemm.h"
 #include "sparse24/sparse24_traits.h"
@@ -17,6 +20,9 @@ int run(const Params& p, int num_sms, int smem_optin, void* workspace, int64_t w
 extern template int run<__half>(const Params&, int, int, void*, int64_t, cudaStream_t);
 extern template int run<__nv_bfloat16>(const Params&, int, int, void*, int64_t, cudaStream_t);
 extern template int run<int8_t>(const Params&, int, int, void*, int64_t, cudaStream_t);
+// Hopper wgmma.sp kernel (sparse24_wgmma_kernel.cuh), in sparse24_wgmma_*_sm90a.cu: 90a builds only.
+template <typename T>
+int run_wgmma(const Params& p, cudaStream_t stream);
 }  // namespace sparse24
 }  // namespace fastllm
 
@@ -83,13 +89,13 @@ int sparse24_gemm(int device, int dtype, uintptr_t x, uintptr_t values, uintptr_
 
   DeviceGuard guard(device);
   if (guard.status() != cudaSuccess) return static_cast<int>(guard.status());
-  int major = 0, optin = 0, sms = 0;
+  int major = 0, minor = 0, optin = 0, sms = 0;
   cudaError_t e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (e != cudaSuccess) return static_cast<int>(e);
   if (major < 8) return kErrUnsupportedArch;   // mma.sp / cp.async / ldmatrix need sm80
-  // Hopper: a wgmma.sp + TMA kernel belongs here (FASTLLM_HAS_SM90A builds); sm90 runs this one.
 
   sparse24::Params p{};
   p.x = reinterpret_cast<const uint8_t*>(x);
@@ -108,6 +114,25 @@ int sparse24_gemm(int device, int dtype, uintptr_t x, uintptr_t values, uintptr_
   p.a_scale_per_row = a_scale_per_row;
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   void* ws = reinterpret_cast<void*>(workspace);
+#if FASTLLM_HAS_SM90A
+  // Hopper with 90a code in the build: the wgmma.sp kernel for the calls LargeM would serve
+  // (M > 64) when K is whole stages (sm_90a SASS runs on compute capability 9.0 only).
+  // FASTLLM_SPARSE24_WGMMA=0 keeps the mma.sp kernel (read per call, to compare the two).
+  const char* flag = std::getenv("FASTLLM_SPARSE24_WGMMA");
+  if (major == 9 && minor == 0 && !(flag != nullptr && std::strcmp(flag, "0") == 0) &&
+      sparse24_gemm_plan(dtype, M, N, K, sms, optin).first == 2) {
+    switch (dtype) {
+      case kFloat16:
+        if (sparse24::hopper_fits<__half>(K, optin)) return sparse24::run_wgmma<__half>(p, st);
+        break;
+      case kBFloat16:
+        if (sparse24::hopper_fits<__nv_bfloat16>(K, optin)) return sparse24::run_wgmma<__nv_bfloat16>(p, st);
+        break;
+      default:
+        if (sparse24::hopper_fits<int8_t>(K, optin)) return sparse24::run_wgmma<int8_t>(p, st);
+    }
+  }
+#endif
   switch (dtype) {
     case kFloat16: return sparse24::run<__half>(p, sms, optin, ws, workspace_bytes, st);
     case kBFloat16: return sparse24::run<__nv_bfloat16>(p, sms, optin, ws, workspace_bytes, st);

@@ -55,6 +55,16 @@ template <typename T> using NarrowM = Traits<T, 32, 16, 2, 1, 4>;
 // 3 stages, ~156 KB (needs the sm80/sm90 shared-memory opt-in; smaller parts use SmallM).
 template <typename T> using LargeM = Traits<T, 128, 128, 2, 4, 3>;
 
+// Hopper (sm_90a builds, sparse24_wgmma_kernel.cuh), for the calls LargeM serves (M > 64): two
+// warpgroups of 64 W rows x 128 tokens (m64n128 wgmma.sp), 4 stages (~200 / 208 KB + 1 KB
+// alignment slack; the sm90 opt-in is 227 KB).
+template <typename T> using HopperM = Traits<T, 128, 128, 2, 4, 4>;
+// The Hopper kernel takes whole stages of K only, and needs its shared memory (+ 1 KB slack).
+template <typename T>
+inline bool hopper_fits(int64_t K, int smem_optin) {
+  return K % HopperM<T>::kStageK == 0 && HopperM<T>::kSmemBytes + 1024 <= smem_optin;
+}
+
 // Grid-level split-K (common.h split_k_for_tiles) for the small-M configs at M <= kSplitKMaxM:
 // pass 1 writes raw accumulators (fp32, or int32 for s8) per K slice into a workspace of
 // splits * M * N * 4 bytes, pass 2 sums them in a fixed order and applies the epilogue.

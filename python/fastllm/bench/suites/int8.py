@@ -24,13 +24,13 @@ reference on the first and last rows and columns, scaled ones within a relative 
 wrong one is reported WRONG and not timed. fastllm's torch backend on CUDA is the float64
 reference, not a contender: it is timed only when asked for with --backend.
 """
-import os
 
 import torch
 import torch.nn.functional as F
 
 import fastllm
 from fastllm import ref
+from fastllm.bench.switches import hopper_90a, with_env
 
 COLUMNS = ["kind", "impl", "dtype", "M", "N", "K", "ms", "TOPS", "GB/s", "frac_peak", "speedup", "ok"]
 PLOT = dict(x="M", y="TOPS", series="impl")
@@ -124,25 +124,6 @@ def _int_mm_peer(ctx, dev, M):
     return True
 
 
-def _hopper_wgmma(dev):
-    """An sm_90 GPU and a build with 90a code: int8 GEMMs with M > 128 run the wgmma kernel."""
-    from fastllm import _ext
-    return (dev.type == "cuda" and torch.cuda.get_device_capability(dev) == (9, 0)
-            and _ext.unavailable_reason() is None and "90a" in _ext.lib().built_archs.split(","))
-
-
-def _with_wgmma_mode(mode, fn, *args, **kw):
-    old = os.environ.get("FASTLLM_INT8_WGMMA")
-    os.environ["FASTLLM_INT8_WGMMA"] = mode      # read by the launcher on every call
-    try:
-        return fn(*args, **kw)
-    finally:
-        if old is None:
-            del os.environ["FASTLLM_INT8_WGMMA"]
-        else:
-            os.environ["FASTLLM_INT8_WGMMA"] = old
-
-
 def run_gemm(ctx, rows):
     dev = ctx.device
     act = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -168,11 +149,11 @@ def run_gemm(ctx, rows):
         for be in _backends(ctx, op32, dev, a, b):
             fn = (lambda be=be: fastllm.ops.int8_matmul_int32(a, b, backend=be))
             impls[f"fastllm-{be}"] = (fn, *check32(fn))
-            if be == "cuda" and M > 128 and _hopper_wgmma(dev):
+            if be == "cuda" and M > 128 and hopper_90a(dev):
                 # The same call on the sm80 (mma.sync) kernel, and on the TMA-fed wgmma variant.
                 for mode, name in (("0", "fastllm-cuda-mma.sync"), ("tma", "fastllm-cuda-wgmma-tma")):
-                    fn = (lambda mode=mode: _with_wgmma_mode(mode, fastllm.ops.int8_matmul_int32, a, b,
-                                                             backend="cuda"))
+                    fn = (lambda mode=mode: with_env("FASTLLM_INT8_WGMMA", mode, fastllm.ops.int8_matmul_int32, a, b,
+                                                     backend="cuda"))
                     impls[name] = (fn, *check32(fn))
         if _int_mm_peer(ctx, dev, M):
             fn = lambda: torch._int_mm(a, b.t())  # noqa: E731

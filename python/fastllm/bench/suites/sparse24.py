@@ -9,10 +9,13 @@ Every implementation is checked against an fp32 product of the decompressed weig
 is timed: its max error must be within 3x the dense matmul's own error (+ a floor); a wrong
 one is reported WRONG and not timed. On CUDA the int8 variant (2:4 + W8A8, fastllm only) is
 timed too (TOP/s, exact int32 accumulators checked). Missing peers are listed as missing.
+On an H100 with a 90a build, M > 64 runs the wgmma.sp kernel; "fastllm-cuda-mma.sp" is the
+same call on the mma.sp kernel (FASTLLM_SPARSE24_WGMMA=0).
 """
 import torch
 
 import fastllm
+from fastllm.bench.switches import hopper_90a, with_env
 from fastllm.sparse import compress, prune_24
 
 COLUMNS = ["impl", "dtype", "shape", "M", "N", "K", "ms", "TFLOP/s", "speedup", "frac_peak", "ok"]
@@ -84,6 +87,10 @@ def run(ctx):
                 impls = {"dense-matmul": dense}
                 for b in ctx.backends(op, dev, x, values, meta, None):
                     impls[f"fastllm-{b}"] = lambda b=b: fastllm.ops.sparse24_matmul(x, values, meta, backend=b)
+                    if b == "cuda" and M > 64 and hopper_90a(dev):
+                        # The same call on the mma.sp kernel the wgmma.sp one replaces on Hopper.
+                        impls["fastllm-cuda-mma.sp"] = lambda: with_env(
+                            "FASTLLM_SPARSE24_WGMMA", "0", fastllm.ops.sparse24_matmul, x, values, meta, backend="cuda")
                 for name, (ws, call) in sparse_peers.items():
                     impls[name] = lambda ws=ws, call=call: call(x, ws)
                 t_dense = None
