@@ -125,9 +125,9 @@ def _int8_matmul():
 def _sparse24():
     # 2:4 GEMM on both tile configs (M 3 / 77) with W-row tails (N 48 / 144 vs 64 / 128-row tiles),
     # K tails (192 / 320 vs 128 / 256-column stages), a strided x; fp16, bf16 + bias, int8 raw and
-    # with the epilogue.
+    # with the epilogue. On an H100 (90a build) M 130 with whole-stage K runs the wgmma.sp kernel.
     from fastllm.sparse import compress, prune_24
-    for M, K, N in ((3, 192, 48), (77, 320, 144)):
+    for M, K, N in ((3, 192, 48), (77, 320, 144), (130, 512, 144)):
         for dtype in (torch.float16, torch.bfloat16):
             w, _ = prune_24(torch.randn(N, K, device="cuda").to(dtype))
             values, meta = compress(w)
