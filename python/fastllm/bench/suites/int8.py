@@ -7,7 +7,8 @@ Kinds of rows:
                bf16 copies of the operands (the dense 16-bit baseline). On an H100 with a 90a
                build, M > 128 also gets "fastllm-cuda-mma.sync" (the sm80 kernel the wgmma one
                replaces there, FASTLLM_INT8_WGMMA=0) and "fastllm-cuda-wgmma-tma" (the
-               experimental TMA-fed variant, FASTLLM_INT8_WGMMA=tma).
+               experimental TMA-fed variant, FASTLLM_INT8_WGMMA=tma; only with FASTLLM_BENCH_TMA=1
+               until its GPU test has passed once).
   w8a8         the same GEMM with the fused dequant epilogue (per-token a_scale, per-channel
                w_scale, bf16 out): int8_matmul per backend.
   w8a8-linear  end to end from bf16 activations: int8_matmul_dynamic (per-token scales, the
@@ -24,6 +25,8 @@ reference on the first and last rows and columns, scaled ones within a relative 
 wrong one is reported WRONG and not timed. fastllm's torch backend on CUDA is the float64
 reference, not a contender: it is timed only when asked for with --backend.
 """
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -150,8 +153,12 @@ def run_gemm(ctx, rows):
             fn = (lambda be=be: fastllm.ops.int8_matmul_int32(a, b, backend=be))
             impls[f"fastllm-{be}"] = (fn, *check32(fn))
             if be == "cuda" and M > 128 and hopper_90a(dev):
-                # The same call on the sm80 (mma.sync) kernel, and on the TMA-fed wgmma variant.
-                for mode, name in (("0", "fastllm-cuda-mma.sync"), ("tma", "fastllm-cuda-wgmma-tma")):
+                # The same call on the sm80 (mma.sync) kernel, and (FASTLLM_BENCH_TMA=1: a hang there
+                # would cost the rest of the run) on the experimental TMA-fed wgmma variant.
+                modes = [("0", "fastllm-cuda-mma.sync")]
+                if os.environ.get("FASTLLM_BENCH_TMA") == "1":
+                    modes.append(("tma", "fastllm-cuda-wgmma-tma"))
+                for mode, name in modes:
                     fn = (lambda mode=mode: with_env("FASTLLM_INT8_WGMMA", mode, fastllm.ops.int8_matmul_int32, a, b,
                                                      backend="cuda"))
                     impls[name] = (fn, *check32(fn))
