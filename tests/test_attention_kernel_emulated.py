@@ -693,11 +693,11 @@ def qkv(B, Hq, Hkv, Sq, Skv, D):
     return one(Hq, Sq), one(Hkv, Skv), one(Hkv, Skv)
 
 
-def random_mask(B, Sq, Skv, kBN, focus):
+def random_mask(B, Sq, Skv, kBN, focus, full=False):
     """A bool mask (B or 1, 1, Sq or 1, Skv or 1): padding-like, sometimes broadcast, sometimes a
-    strided slice at an odd byte offset (the mask scan's byte path)."""
-    shape = (B if chance(0.7) else 1, 1, Sq if chance(0.7) else 1,
-             Skv if focus == "mask_middle" or chance(0.85) else 1)
+    strided slice at an odd byte offset (the mask scan's byte path). full: no broadcast dims."""
+    shape = (B if full or chance(0.7) else 1, 1, Sq if full or chance(0.7) else 1,
+             Skv if full or focus == "mask_middle" or chance(0.85) else 1)
     if chance(0.4):                                      # unaligned data pointer, odd row stride
         o = rint(1, 7)
         big = torch.rand(shape[0], 1, shape[2], shape[3] + o + rint(0, 3)) < 0.8
@@ -713,8 +713,8 @@ def random_mask(B, Sq, Skv, kBN, focus):
     elif shape[3] > 1:
         for b in range(shape[0]):                        # left padding per sequence
             mask[b, ..., :rint(0, Skv // 3)] = False
-    if shape[3] > 1 or chance(0.3):
-        mask[0, 0, rint(0, shape[2] - 1)] = False        # a fully masked row
+    if shape[2] > 1 and (shape[3] > 1 or chance(0.3)):   # a fully masked row (not the only row:
+        mask[0, 0, rint(0, shape[2] - 1)] = False        # a mask with none allowed is no_keys' job)
     return mask
 
 
@@ -756,8 +756,13 @@ def random_dense_case(focus, D, i=0):
             window = rint(1, 3 * kBN)
         if focus != "softcap" and chance(0.2):
             softcap = float(torch.empty(()).uniform_(1.0, 10.0))
+    full = focus == "mask" and i == 0                    # one case where the mask alone decides (its
+    if full:                                             # bytes are read, a row is fully masked)
+        causal, window, Sq, Skv = False, 0, max(Sq, 2), max(Skv, kBN + 1)
+    if focus == "mask_middle" and i == 0:                # likewise: causal / a window could hide
+        causal, window = False, 0                        # the middle range from every row
     if focus in ("mask", "mask_middle") or (focus in ("gqa", "softcap", "sq_gt_skv") and Skv and chance(0.3)):
-        mask = random_mask(B, Sq, Skv, kBN, focus)
+        mask = random_mask(B, Sq, Skv, kBN, focus, full)
     if focus == "no_keys" and chance(0.5):
         mask = torch.zeros(B, 1, Sq, 0, dtype=torch.bool)
     scale = D ** -0.5 if chance(0.5) else float(torch.empty(()).uniform_(0.02, 0.3))
