@@ -11,6 +11,8 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 namespace fastllm {
 
@@ -65,6 +67,13 @@ inline int split_k_for_tiles(long long tiles, long long k_tiles, int num_sms) {
   int split = 1;
   while (split < kMaxSplitK && tiles * split < num_sms && k_tiles / (2 * split) >= kMinKTilesPerSplit) split *= 2;
   return split;
+}
+
+// Kernel switches (FASTLLM_INT8_WGMMA, FASTLLM_SPARSE24_WGMMA): environment variable `name` equals
+// `value`. Read per call, so a benchmark can flip a launcher's choice between runs.
+inline bool env_is(const char* name, const char* value) {
+  const char* e = std::getenv(name);
+  return e != nullptr && std::strcmp(e, value) == 0;
 }
 
 // Launch epilogue: a bad grid or missing arch shows up here, not at the next sync.

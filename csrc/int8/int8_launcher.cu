@@ -9,8 +9,6 @@
 #include <cuda_fp16.h>
 
 #include <climits>
-#include <cstdlib>
-#include <cstring>
 
 #include "common/common.h"
 #include "int8/int8_gemm.h"
@@ -60,14 +58,11 @@ static_assert(kNumWgmmaConfigs == 2, "update wgmma_config() and generate_instant
 #endif
 
 // Which Hopper kernel: FASTLLM_INT8_WGMMA=0 keeps Hopper on the sm80 kernel, =tma selects the
-// experimental TMA-fed variant, anything else the cp.async-fed wgmma kernel. Read per call, so
-// a benchmark can flip it between runs.
+// experimental TMA-fed variant, anything else the cp.async-fed wgmma kernel.
 enum class WgmmaMode { kOff, kCpAsync, kTma };
 WgmmaMode wgmma_mode() {
-  const char* e = std::getenv("FASTLLM_INT8_WGMMA");
-  if (e == nullptr) return WgmmaMode::kCpAsync;
-  if (std::strcmp(e, "0") == 0) return WgmmaMode::kOff;
-  return std::strcmp(e, "tma") == 0 ? WgmmaMode::kTma : WgmmaMode::kCpAsync;
+  if (env_is("FASTLLM_INT8_WGMMA", "0")) return WgmmaMode::kOff;
+  return env_is("FASTLLM_INT8_WGMMA", "tma") ? WgmmaMode::kTma : WgmmaMode::kCpAsync;
 }
 
 template <typename T>

@@ -5,9 +5,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "common/common.h"
 #include "sparse24/sparse24_gemm.h"
 #include "sparse24/sparse24_traits.h"
@@ -118,8 +115,7 @@ int sparse24_gemm(int device, int dtype, uintptr_t x, uintptr_t values, uintptr_
   // Hopper with 90a code in the build: the wgmma.sp kernel for the calls LargeM would serve
   // (M > 64) when K is whole stages (sm_90a SASS runs on compute capability 9.0 only).
   // FASTLLM_SPARSE24_WGMMA=0 keeps the mma.sp kernel (read per call, to compare the two).
-  const char* flag = std::getenv("FASTLLM_SPARSE24_WGMMA");
-  if (major == 9 && minor == 0 && !(flag != nullptr && std::strcmp(flag, "0") == 0) &&
+  if (major == 9 && minor == 0 && !env_is("FASTLLM_SPARSE24_WGMMA", "0") &&
       sparse24_gemm_plan(dtype, M, N, K, sms, optin).first == 2) {
     switch (dtype) {
       case kFloat16:
