@@ -357,8 +357,8 @@ def test_gpu_w8a8_large_tiles():
 
 
 def _hopper_wgmma_or_skip():
-    from fastllm import _ext
-    if torch.cuda.get_device_capability() != (9, 0) or "90a" not in _ext.lib().built_archs.split(","):
+    from fastllm.bench.switches import hopper_90a
+    if not hopper_90a(torch.device("cuda")):
         pytest.skip("the wgmma kernel runs on sm_90 GPUs with a 90a build")
 
 

@@ -446,15 +446,16 @@ def test_gpu_split_k_equals_single_pass(dtype, scaled):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8])
 def test_gpu_wgmma_sp_matches_mma_sp(dtype, monkeypatch):
-    # Hopper (90a build): M > 64 runs the wgmma.sp kernel. Against the reference, and against the
-    # mma.sp kernel of the same call (FASTLLM_SPARSE24_WGMMA=0): int8 bit-identical (raw and
-    # scaled: the same exact sums and finish()), 16-bit within rounding. Tails: tokens (65, 130),
-    # W rows (144: a 16-row tail of a 128-row tile), K (64-column blocks past whole stages).
-    from fastllm import _ext
-    if torch.cuda.get_device_capability() != (9, 0) or "90a" not in _ext.lib().built_archs.split(","):
+    # Hopper (90a build): M > 64 with K a whole number of stages (128 fp16 / bf16 columns, 256
+    # int8) runs the wgmma.sp kernel. Against the reference, and against the mma.sp kernel of the
+    # same call (FASTLLM_SPARSE24_WGMMA=0): int8 bit-identical (raw and scaled: the same exact sums
+    # and finish()), 16-bit within rounding. Tails: tokens (65, 130), W rows (144: a 16-row tail
+    # of a 128-row tile); the last case (K off whole stages) takes the mma.sp fallback both times.
+    from fastllm.bench.switches import hopper_90a
+    if not hopper_90a(torch.device("cuda")):
         pytest.skip("the wgmma.sp kernel runs on sm_90 GPUs with a 90a build")
-    for M, N, K in ((65, 16, 64), (130, 144, 576), (1025, 4096, 4096 + 64)):
-        K = K if dtype != torch.int8 else K + 192 * (K > 64)
+    stage = 256 if dtype == torch.int8 else 128
+    for M, N, K in ((65, 16, stage), (130, 144, 5 * stage), (1025, 4096, 4096), (130, 144, 4 * stage + 64)):
         w = sparse_weight(N, K, dtype)
         values, meta = compress(w)
         x = (torch.randint(-128, 128, (M, K), dtype=torch.int8) if dtype == torch.int8
