@@ -108,8 +108,8 @@ def _int8_matmul():
         out = fastllm.ops.w8a16_matmul(x, w, s, group_size=g, backend="cuda")
         want = ref.w8a16_matmul(x.cpu().float(), w.cpu(), s.cpu(), None, g)
         assert torch.allclose(out.float().cpu(), want, rtol=2e-2, atol=2e-2), (M, K, N, g)
-    # Static W8A8 (quantize kernel + GEMM): vector path (aligned fp16 rows) and the scalar
-    # path (odd row stride), per-channel smoothing and per-tensor.
+    # Static W8A8: M 5 runs the fused-quantization decode kernel (aligned fp16 rows), M 19 the
+    # quantize kernel's scalar path (odd row stride) + GEMM; per-channel smoothing and per-tensor.
     for M, K, N, pad in ((5, 96, 32, 0), (19, 80, 48, 3)):
         x = torch.randn(M, K + pad, device="cuda", dtype=torch.float16)[:, :K]
         b = torch.randint(-128, 128, (N, K), dtype=torch.int8, device="cuda")
@@ -118,6 +118,15 @@ def _int8_matmul():
         out = fastllm.ops.int8_matmul_static(x, b, 0.03, w_s, smooth=smooth, backend="cuda")
         want = fastllm.ops.int8_matmul_static(x.cpu(), b.cpu(), 0.03, w_s.cpu(),
                                               smooth=smooth.cpu() if pad else None, backend="torch")
+        assert torch.allclose(out.float().cpu(), want.float(), rtol=1e-2, atol=1e-2), (M, K, N)
+    # Dynamic W8A8 on the fused decode kernel: both token-tile variants, a K tail block, padded
+    # x rows, SmoothQuant factors, bf16 and fp32 activations.
+    for M, K, N, dtype in ((3, 208, 48, torch.bfloat16), (13, 1040, 32, torch.float32)):
+        x = torch.randn(M, K + 8, device="cuda", dtype=dtype)[:, 8:]
+        b = torch.randint(-128, 128, (N, K), dtype=torch.int8, device="cuda")
+        w_s, smooth = torch.rand(N, device="cuda") * 0.01, torch.rand(K, device="cuda") + 0.5
+        out = fastllm.ops.int8_matmul_dynamic(x, b, w_s, smooth=smooth, backend="cuda")
+        want = fastllm.ops.int8_matmul_dynamic(x.cpu(), b.cpu(), w_s.cpu(), smooth=smooth.cpu(), backend="torch")
         assert torch.allclose(out.float().cpu(), want.float(), rtol=1e-2, atol=1e-2), (M, K, N)
 
 

@@ -90,6 +90,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dtype"), py::arg("x"), py::arg("ldx"), py::arg("w"), py::arg("ldw"), py::arg("w_scale"),
         py::arg("s_stride_n"), py::arg("s_stride_g"), py::arg("group_size"), py::arg("bias"), py::arg("bias_dtype"),
         py::arg("out"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("stream"));
+  m.def("w8a8_decode_gemm", &fastllm::w8a8_decode_gemm, py::call_guard<py::gil_scoped_release>(),
+        py::arg("device"), py::arg("dtype"), py::arg("x"), py::arg("ldx"), py::arg("w"), py::arg("ldw"),
+        py::arg("w_scale"), py::arg("bias"), py::arg("bias_dtype"), py::arg("in_mul"), py::arg("in_mul_len"),
+        py::arg("act_scale"), py::arg("dynamic"), py::arg("out"), py::arg("M"), py::arg("N"), py::arg("K"),
+        py::arg("stream"));
   m.def("flash_attention_fwd", &fastllm::flash_attention_fwd, py::call_guard<py::gil_scoped_release>(),
         py::arg("device"), py::arg("dtype"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("lse"), py::arg("mask"), py::arg("batch"), py::arg("heads_q"), py::arg("heads_kv"),

@@ -462,6 +462,55 @@ def test_gpu_w8a16(dtype, group_size):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("mode", ["dynamic", "dynamic-smooth", "static", "static-per-channel"])
+def test_gpu_fused_decode_matches_two_launches(dtype, mode, monkeypatch):
+    # The fused-quantization kernel (csrc/int8/w8a8_decode_kernel.cuh, M <= 16) against the
+    # two-launch path of the same call (FASTLLM_INT8_FUSED=0: quantize kernel, then the GEMM):
+    # bit-equal, since both produce the same q bits and run the same fp32 epilogue. M = 1..16
+    # covers both token-tile variants, the shapes both warp counts, K tails (K % 64 != 0) and
+    # padded x rows; a NaN row must come out NaN on both paths (dynamic).
+    from fastllm.ops import int8_matmul_dynamic, int8_matmul_static
+    for M in range(1, 17):
+        K, N = ((208, 48), (4112, 4096), (1040, 272))[M % 3]
+        x = (torch.randn(M, K + 8, device="cuda") * 3)[:, 8:].to(dtype) if M % 2 else \
+            (torch.randn(M, K, device="cuda") * 3).to(dtype)
+        x[0, :: max(K // 5, 1)] *= 40            # outlier channels (static clamps)
+        if M > 3 and mode.startswith("dynamic"):
+            x[M - 1, 5] = float("nan")
+        b = rand_int8(N, K)
+        w_s = torch.rand(N, device="cuda") * 0.01 + 1e-4
+        bias = torch.randn(N, device="cuda").to(dtype) if M % 3 == 1 else None
+        smooth = torch.rand(K, device="cuda") + 0.5
+        outs = []
+        for flag in ("1", "0"):
+            monkeypatch.setenv("FASTLLM_INT8_FUSED", flag)
+            _poison_allocator(M * N * 4)
+            if mode.startswith("dynamic"):
+                outs.append(int8_matmul_dynamic(x, b, w_s, bias, smooth=smooth if "smooth" in mode else None,
+                                                backend="cuda"))
+            else:
+                outs.append(int8_matmul_static(x, b, 0.05, w_s, bias, smooth=smooth if "per-channel" in mode else None,
+                                               backend="cuda"))
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0, equal_nan=True, msg=lambda m: f"M={M}: {m}")
+        if mode.startswith("dynamic") and M > 3:
+            assert torch.isnan(outs[0][M - 1]).all()
+    # The route: one fused kernel, no quantize launch; with the switch off, the two launches.
+    x = torch.randn(4, 256, device="cuda").to(dtype)
+    b, w_s = rand_int8(64, 256), torch.rand(64, device="cuda")
+    for flag, want, not_want in (("1", "w8a8_decode_kernel", "quantize"), ("0", "quantize", "w8a8_decode_kernel")):
+        monkeypatch.setenv("FASTLLM_INT8_FUSED", flag)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            if mode.startswith("dynamic"):
+                int8_matmul_dynamic(x, b, w_s, backend="cuda")
+            else:
+                int8_matmul_static(x, b, 0.05, w_s, backend="cuda")
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events()]
+        assert any(want in n for n in names) and not any(not_want in n for n in names), (flag, names)
+
+
+@pytest.mark.gpu
 def test_gpu_auto_prefers_cuda_and_falls_back():
     a, b = rand_int8(4, 64), rand_int8(32, 64)
     assert OP_INT32.select("auto", a.device, a, b) == "cuda"

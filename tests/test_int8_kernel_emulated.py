@@ -1123,6 +1123,10 @@ MIRRORED_PTX_LINES = [      # int8_ptx.cuh
     "case kFloat16: return __half2float(static_cast<const __half*>(bias)[i]);",
     "case kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(bias)[i]);",
     "default: return static_cast<const float*>(bias)[i];",
+    "red[8 * t + 2 * c][g] = acc[t][0];",
+    "red[8 * t + 2 * c + 1][g] = acc[t][1];",
+    "red[8 * t + 2 * c][g + 8] = acc[t][2];",
+    "red[8 * t + 2 * c + 1][g + 8] = acc[t][3];",
 ]
 MIRRORED_TRAITS_LINES = [   # int8_traits.h
     "static constexpr int kWarps = kWarpsM * kWarpsN, kThreads = 32 * kWarps;",
@@ -1225,10 +1229,7 @@ MIRRORED_W8A16_LINES = [    # w8a16_gemm_kernel.cuh
     "acc[t][1] = fmaf(part[t][1], sc0, acc[t][1]);",
     "acc[t][2] = fmaf(part[t][2], sc8, acc[t][2]);",
     "acc[t][3] = fmaf(part[t][3], sc8, acc[t][3]);",
-    "red[warp][8 * t + 2 * c][g] = acc[t][0];",
-    "red[warp][8 * t + 2 * c + 1][g] = acc[t][1];",
-    "red[warp][8 * t + 2 * c][g + 8] = acc[t][2];",
-    "red[warp][8 * t + 2 * c + 1][g + 8] = acc[t][3];",
+    "stash_d_fragments(red[warp], acc, g, c);",
     "for (int i = tid; i < kTok * kW8A16RowsPerCta; i += kWarps * 32) {",
     "const int m = i / kW8A16RowsPerCta, r = i % kW8A16RowsPerCta;",
     "if (m >= p.M) continue;",

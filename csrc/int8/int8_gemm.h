@@ -30,4 +30,13 @@ std::pair<int, int> int8_gemm_plan(int64_t M, int64_t N, int64_t K, int num_sms,
 int w8a16_gemm(int device, int dtype, uintptr_t x, int64_t ldx, uintptr_t w, int64_t ldw, uintptr_t w_scale,
                int64_t s_stride_n, int64_t s_stride_g, int64_t group_size, uintptr_t bias, int bias_dtype,
                uintptr_t out, int64_t M, int64_t N, int64_t K, uintptr_t stream);
+// W8A8 at decode M (<= 16) with the activation quantization fused in: out (M, N) contiguous in
+// dtype (fp16 / bf16 / fp32, x's) = fmaf(fp32(quantize(x) @ w^T) * a_scale[m], w_scale[n], bias[n]).
+// dynamic != 0: per-token scales found in the kernel (quantize_per_token), in_mul (K,) SmoothQuant
+// factors applied first (in_mul_len K) or none (0); dynamic == 0: q = rne(clamp(x * in_mul)),
+// in_mul_len 1 or K (16-byte aligned when K), a_scale = act_scale[0]. ldx: x's row stride in
+// elements (16-byte rows); ldw multiple of 16. K, N multiples of 16, K <= 131071.
+int w8a8_decode_gemm(int device, int dtype, uintptr_t x, int64_t ldx, uintptr_t w, int64_t ldw, uintptr_t w_scale,
+                     uintptr_t bias, int bias_dtype, uintptr_t in_mul, int64_t in_mul_len, uintptr_t act_scale,
+                     int dynamic, uintptr_t out, int64_t M, int64_t N, int64_t K, uintptr_t stream);
 }  // namespace fastllm

@@ -50,6 +50,28 @@ struct W8A16Params {
   int M, N, K;
 };
 
+// W8A8 at decode M with the activation quantization fused in (w8a8_decode_kernel.cuh):
+// out (M, N) = epilogue(quantize(x) (M, K) @ w (N, K)^T), out in x's dtype, M <= 16.
+//   x: fp16 / bf16 / fp32, row stride ldx (elements; 16-byte aligned rows), unit stride along K
+//   w: row stride ldw (multiple of 16), unit stride along K, 16-byte aligned base
+//   dynamic: per-token scales found in the kernel; in_mul (K,) SmoothQuant factors or nullptr
+//   static: q = rne(clamp(x * in_mul[k or 0])), in_mul (K,) or (1,); act_scale: one fp32 scale
+//   in_mul_len: 0 (none), 1 or K; w_scale (N,) fp32, bias (N,) of bias_dtype or nullptr
+struct W8A8DecodeParams {
+  const void* x;
+  const int8_t* w;
+  const float* w_scale;
+  const void* bias;
+  const float* in_mul;
+  const float* act_scale;
+  void* out;
+  int64_t ldx, ldw;
+  int in_mul_len;
+  int dynamic;
+  int bias_dtype;
+  int M, N, K;
+};
+
 // Instantiated in int8_gemm_{i32,f16,bf16,f32}.cu (OutT = int32_t: raw accumulators).
 template <typename OutT, int kConfig>
 int run_int8_gemm(const Int8GemmParams& p, cudaStream_t stream);
@@ -68,6 +90,10 @@ int run_int8_wgmma_tma(const Int8GemmParams& p, cudaStream_t stream);
 // Instantiated in w8a16_gemm_{f16,bf16}.cu.
 template <typename T, int kTokenTiles, int kWarps>
 int run_w8a16(const W8A16Params& p, cudaStream_t stream);
+
+// Instantiated in w8a8_decode_{f16,bf16,f32}.cu (T = x's and out's dtype).
+template <typename T, int kTokenTiles, int kWarps>
+int run_w8a8_decode(const W8A8DecodeParams& p, cudaStream_t stream);
 
 }  // namespace int8
 }  // namespace fastllm

@@ -1,7 +1,8 @@
 // int8 matmuls: the launchers (argument checks, config choice, dispatch). No kernel here.
 // UNVERIFIED: compiled for sm_80 / sm_90a, never run on a GPU yet.
 //
-// What the kernels compute: int8_gemm_kernel.cuh (W8A8) and w8a16_gemm_kernel.cuh (W8A16).
+// What the kernels compute: int8_gemm_kernel.cuh (W8A8), w8a16_gemm_kernel.cuh (W8A16) and
+// w8a8_decode_kernel.cuh (W8A8 at decode M with the activation quantization fused in).
 // Python (python/fastllm/ops/_int8_cuda.py) checks the tensors first; the checks here repeat
 // everything the kernels rely on (alignment, strides, shapes, dtypes), so a bad call returns
 // a status code instead of faulting. Tile configs are chosen in int8_traits.h only.
@@ -69,6 +70,12 @@ template <typename T>
 int w8a16_variant(const W8A16Params& p, const W8A16Choice& c, cudaStream_t s) {
   if (c.token_tiles == 1) return c.warps == 4 ? run_w8a16<T, 1, 4>(p, s) : run_w8a16<T, 1, 8>(p, s);
   return c.warps == 4 ? run_w8a16<T, 2, 4>(p, s) : run_w8a16<T, 2, 8>(p, s);
+}
+
+template <typename T>
+int w8a8_decode_variant(const W8A8DecodeParams& p, const W8A16Choice& c, cudaStream_t s) {
+  if (c.token_tiles == 1) return c.warps == 4 ? run_w8a8_decode<T, 1, 4>(p, s) : run_w8a8_decode<T, 1, 8>(p, s);
+  return c.warps == 4 ? run_w8a8_decode<T, 2, 4>(p, s) : run_w8a8_decode<T, 2, 8>(p, s);
 }
 
 }  // namespace
@@ -215,6 +222,55 @@ int w8a16_gemm(int device, int dtype, uintptr_t x, int64_t ldx, uintptr_t w, int
   const W8A16Choice c = choose_w8a16_config(M, N, K, sms);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   return dtype == kFloat16 ? w8a16_variant<__half>(p, c, s) : w8a16_variant<__nv_bfloat16>(p, c, s);
+}
+
+int w8a8_decode_gemm(int device, int dtype, uintptr_t x, int64_t ldx, uintptr_t w, int64_t ldw, uintptr_t w_scale,
+                     uintptr_t bias, int bias_dtype, uintptr_t in_mul, int64_t in_mul_len, uintptr_t act_scale,
+                     int dynamic, uintptr_t out, int64_t M, int64_t N, int64_t K, uintptr_t stream) {
+  using namespace int8;
+  if (!float_dtype(dtype)) return kErrUnsupportedDtype;
+  if (M < 0 || M > kW8A16MaxM || N < 0 || K < 0 || N > kMaxDim || K > kMaxK || N % 16 || K % 16)
+    return kErrBadShape;
+  // dynamic: no multiplier or K SmoothQuant factors; static: one per tensor or one per channel.
+  if (dynamic ? (in_mul_len != 0 && in_mul_len != K) : (in_mul_len != 1 && in_mul_len != K)) return kErrBadShape;
+  if (M == 0 || N == 0) return kOk;
+  if (K == 0) ldx = ldw = 0;  // no row is read
+  if (M > 1 && ldx < K) return kErrBadShape;
+  if (ldw < K && N > 1) return kErrBadShape;
+  const int xb = dtype_bytes(dtype);
+  if (!aligned(x, 16) || !aligned(w, 16) || (ldx * xb) % 16 || ldw % 16 || !aligned(out, xb)) return kErrMisaligned;
+  if (w_scale == 0 || !aligned(w_scale, 4)) return kErrMisaligned;
+  // Per-channel multipliers are read as float4.
+  if (in_mul_len > 0 && (in_mul == 0 || !aligned(in_mul, in_mul_len > 1 ? 16 : 4))) return kErrMisaligned;
+  if (!dynamic && (act_scale == 0 || !aligned(act_scale, 4))) return kErrMisaligned;
+  if (bias != 0 && (!float_dtype(bias_dtype) || !aligned(bias, dtype_bytes(bias_dtype)))) return kErrUnsupportedDtype;
+  W8A8DecodeParams p{};
+  p.x = reinterpret_cast<const void*>(x);
+  p.w = reinterpret_cast<const int8_t*>(w);
+  p.w_scale = reinterpret_cast<const float*>(w_scale);
+  p.bias = reinterpret_cast<const void*>(bias);
+  p.in_mul = in_mul_len > 0 ? reinterpret_cast<const float*>(in_mul) : nullptr;
+  p.act_scale = dynamic ? nullptr : reinterpret_cast<const float*>(act_scale);
+  p.out = reinterpret_cast<void*>(out);
+  p.ldx = M > 1 ? ldx : 0;
+  p.ldw = N > 1 ? ldw : K;
+  p.in_mul_len = static_cast<int>(in_mul_len);
+  p.dynamic = dynamic ? 1 : 0;
+  p.bias_dtype = bias_dtype;
+  p.M = static_cast<int>(M), p.N = static_cast<int>(N), p.K = static_cast<int>(K);
+
+  DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return guard.status();
+  int major = 0, sms = 0;
+  if (const int e = sm_info(device, &major, &sms)) return e;
+  if (major < 8) return kErrUnsupportedArch;  // s8 mma.sync m16n8k32 needs sm80
+  const W8A16Choice c = choose_w8a16_config(M, N, K, sms);
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case kFloat16: return w8a8_decode_variant<__half>(p, c, s);
+    case kBFloat16: return w8a8_decode_variant<__nv_bfloat16>(p, c, s);
+    default: return w8a8_decode_variant<float>(p, c, s);
+  }
 }
 
 }  // namespace fastllm

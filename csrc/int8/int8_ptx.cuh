@@ -1,5 +1,5 @@
 // PTX wrappers of the int8 kernels (sm80+): the shared ones from common/ptx.cuh (cp.async,
-// ldmatrix, fp16/bf16 mma for W8A16), the s8 mma, a streaming load and one epilogue helper.
+// ldmatrix, fp16/bf16 mma for W8A16), the s8 mma, a streaming load and epilogue helpers.
 // Fragment layouts are written beside each; int8_gemm_kernel.cuh / w8a16_gemm_kernel.cuh use them.
 #pragma once
 
@@ -51,6 +51,28 @@ __device__ __forceinline__ float bias_at(const void* bias, int dtype, int i) {
     case kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(bias)[i]);
     default: return static_cast<const float*>(bias)[i];
   }
+}
+
+// The swap-AB decode kernels (W8A16, fused W8A8): one warp's m16n8 D fragments of kTokenTiles
+// token tiles -> its slice red[token][channel] of the cross-warp reduction buffer. D rows are
+// channels g / g + 8, columns tokens 2c / 2c + 1 of tile t.
+template <typename Acc, int kTokenTiles, int kRows>
+__device__ __forceinline__ void stash_d_fragments(Acc (*red)[kRows], const Acc (&acc)[kTokenTiles][4], int g, int c) {
+#pragma unroll
+  for (int t = 0; t < kTokenTiles; ++t) {
+    red[8 * t + 2 * c][g] = acc[t][0];
+    red[8 * t + 2 * c + 1][g] = acc[t][1];
+    red[8 * t + 2 * c][g + 8] = acc[t][2];
+    red[8 * t + 2 * c + 1][g + 8] = acc[t][3];
+  }
+}
+
+// fp32 -> the output dtype, round to nearest even (as the W8A8 epilogue's store_pair).
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
 }
 
 }  // namespace int8

@@ -69,12 +69,6 @@ __device__ __forceinline__ void dequant4<__nv_bfloat16>(uint32_t w, uint32_t& lo
   hi = *reinterpret_cast<uint32_t*>(&bh);
 }
 
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
 // kTokenTiles: n8 tiles of tokens (M <= 8 * kTokenTiles). kWarps: warps splitting K.
 template <typename T, int kTokenTiles, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32) w8a16_kernel(const W8A16Params p) {
@@ -163,14 +157,7 @@ __global__ void __launch_bounds__(kWarps * 32) w8a16_kernel(const W8A16Params p)
     }
   }
 
-  // D fragment: rows (channels) g / g + 8, token columns 2c, 2c + 1 of tile t.
-#pragma unroll
-  for (int t = 0; t < kTokenTiles; ++t) {
-    red[warp][8 * t + 2 * c][g] = acc[t][0];
-    red[warp][8 * t + 2 * c + 1][g] = acc[t][1];
-    red[warp][8 * t + 2 * c][g + 8] = acc[t][2];
-    red[warp][8 * t + 2 * c + 1][g + 8] = acc[t][3];
-  }
+  stash_d_fragments(red[warp], acc, g, c);
   __syncthreads();
   for (int i = tid; i < kTok * kW8A16RowsPerCta; i += kWarps * 32) {
     const int m = i / kW8A16RowsPerCta, r = i % kW8A16RowsPerCta;

@@ -11,6 +11,9 @@ Imported lazily by python/fastllm/ops/int8.py (the "cuda" backend). Functions:
     w8a16_cuda(x, w, w_scale, bias, group_size) -> (M, N) x.dtype
     quantize_static_supports(x, in_mul) -> None or a reason
     quantize_static_cuda(x, in_mul) -> (M, K) int8 (csrc/int8/quantize_static.cu)
+    fused_supports(x, b, in_mul, w_scale, bias, dynamic) -> None or a reason
+    w8a8_fused_cuda(x, b, in_mul, act_scale, w_scale, bias, dynamic) -> (M, N) x.dtype
+        (csrc/int8/w8a8_decode_kernel.cuh: activation quantization fused into the GEMM, M <= 16)
 
 Arguments arrive checked by the op layer (dtypes, shapes, K and N multiples of 16, K bound,
 same device); the backend registry has checked that the tensors are on CUDA and that the
@@ -22,6 +25,7 @@ strides multiples of 16 elements for int8, of 8 for fp16/bf16 activations); the 
 (a_scale, w_scale, bias) are made contiguous here (O(M + N) copies, none when already
 contiguous). Tile sizes live in C++ only (csrc/int8/int8_traits.h).
 """
+import os
 from typing import Optional
 
 import torch
@@ -32,6 +36,7 @@ from .. import _ext
 W8A16_MAX_M = 16          # kW8A16MaxM: the W8A16 kernel is for decode; triton serves more tokens
 W8A16_GROUP_MULTIPLE = 64  # a 64-k block must lie in one scale group
 SPLIT_K_MAX_M = 128        # int8_traits.h kSplitKMaxM: larger M never splits K (skip the query above)
+FUSED_MAX_M = 16           # kW8A16MaxM: the fused-quantization W8A8 kernel shares W8A16's decode tiling
 MAX_DIM = 2 ** 31 - 1 - 1024
 GEMM_OUT = (torch.int32, torch.float16, torch.bfloat16, torch.float32)
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -198,3 +203,63 @@ def quantize_static_cuda(x, in_mul):
                                       q.data_ptr(), _ext.stream_of(x))
     _ext.check(code, "int8_matmul_static")
     return q
+
+
+def fused_enabled() -> bool:
+    """FASTLLM_INT8_FUSED=0 sends decode-sized W8A8 calls to the two-launch path (quantize, then
+    the GEMM): for comparing the two (bench) and as a way around the fused kernel."""
+    return os.environ.get("FASTLLM_INT8_FUSED", "1") != "0"
+
+
+def fused_supports(x, b, in_mul, w_scale, bias, dynamic) -> Optional[str]:
+    """None if the fused-quantization W8A8 kernel can serve this call, else a short reason.
+    in_mul: None (dynamic without SmoothQuant), (K,) or, static only, (1,) fp32."""
+    if x.dtype not in FLOATS or x.dim() != 2 or b.dtype != torch.int8 or b.dim() != 2:
+        return "x must be 2-D float16/bfloat16/float32 and b 2-D int8"
+    M, K = x.shape
+    N = b.shape[0]
+    if M > FUSED_MAX_M:
+        return f"M = {M} > {FUSED_MAX_M}: the fused kernel is for decode"
+    if b.shape[1] != K or K % 16 or N % 16 or N > MAX_DIM:
+        return f"K ({K}) and N ({N}) must be multiples of 16"
+    for name, t, per16 in (("x", x, 16 // x.element_size()), ("b", b, 16)):
+        why = _operand_reason(name, t, per16)
+        if why:
+            return why
+    if in_mul is not None:
+        if in_mul.dtype != torch.float32 or in_mul.numel() not in ((K,) if dynamic else (1, K)):
+            return "in_mul must be float32 with K elements (or one, static)"
+        if in_mul.numel() > 1 and (not in_mul.is_contiguous() or in_mul.data_ptr() % 16):
+            return "per-channel in_mul must be contiguous and 16-byte aligned (float4 loads)"
+    elif not dynamic:
+        return "static quantization needs in_mul"
+    if w_scale.dtype != torch.float32 or w_scale.numel() != N:
+        return f"w_scale must be float32 with N = {N} elements"
+    if bias is not None and (bias.dtype not in FLOATS or bias.numel() != N):
+        return "bias must be (N,) float16/bfloat16/float32"
+    return None
+
+
+def w8a8_fused_cuda(x, b, in_mul, act_scale, w_scale, bias, dynamic):
+    """(M, N) in x.dtype: quantize x (dynamic per token, or static with in_mul) and the W8A8 GEMM
+    in one kernel; bit-identical to quantize_*_cuda followed by int8_gemm_cuda."""
+    reason = fused_supports(x, b, in_mul, w_scale, bias, dynamic)
+    if reason is not None:
+        raise ValueError(f"int8_matmul_{'dynamic' if dynamic else 'static'} (cuda backend, fused): {reason}")
+    M, K = x.shape
+    N = b.shape[0]
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return out
+    w_scale = w_scale.reshape(-1).contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    act_scale = act_scale.reshape(-1).contiguous() if act_scale is not None else None
+    code = _ext.lib().w8a8_decode_gemm(
+        x.device.index, _ext.DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0) if M > 1 else K,
+        b.data_ptr(), b.stride(0) if N > 1 else K, w_scale.data_ptr(),
+        bias.data_ptr() if bias is not None else 0, _ext.DTYPE_CODES[bias.dtype] if bias is not None else 0,
+        in_mul.data_ptr() if in_mul is not None else 0, in_mul.numel() if in_mul is not None else 0,
+        act_scale.data_ptr() if act_scale is not None else 0, int(dynamic), out.data_ptr(), M, N, K,
+        _ext.stream_of(x))
+    _ext.check(code, "int8_matmul_dynamic" if dynamic else "int8_matmul_static")
+    return out

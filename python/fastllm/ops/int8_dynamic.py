@@ -21,8 +21,10 @@ pre-pass, which costs nothing at decode sizes and much at prefill sizes, so only
 M <= FUSE_MAX_M are fused; larger ones run quantize_per_token then int8_matmul.
 
 Backends, in auto's order:
-  "cuda"   two kernels: quantize_per_token (csrc/int8) then the W8A8 GEMM. Not fused: the CUDA
-           GEMM streams int8 A tiles with cp.async (as for int8_matmul_static). UNVERIFIED.
+  "cuda"   fused for M <= 16 (_int8_cuda.FUSED_MAX_M): csrc/int8/w8a8_decode_kernel.cuh finds the
+           per-token scales and quantizes x in registers (FASTLLM_INT8_FUSED=0 turns it off);
+           larger M: two kernels, quantize_per_token (csrc/int8) then the W8A8 GEMM, whose A
+           tiles stream as int8 through cp.async. UNVERIFIED: not run on a GPU.
   "triton" fused (M <= FUSE_MAX_M): triton_kernels/int8_matmul.py with QUANT_A + DYN_A;
            else the Triton quantize and GEMM kernels.
   "torch"  the reference composition (torch._int_mm on CPU where exact).
@@ -76,10 +78,16 @@ def _triton(x, b, w_scale, bias, smooth):
     return int8_matmul(q, b, a_scale, w_scale, bias, x.dtype)
 
 
+def _fused(x, b, w_scale, bias, smooth):
+    """True when this call goes to the fused CUDA kernel (decode M, its layout needs met)."""
+    from ._int8_cuda import fused_enabled, fused_supports
+    return fused_enabled() and fused_supports(x, b, smooth, w_scale, bias, True) is None
+
+
 def _cuda_supports(x, b, w_scale, bias, smooth):
     from ._int8_cuda import gemm_supports
     why = _kernel_supports(x)
-    if why:
+    if why or _fused(x, b, w_scale, bias, smooth):
         return why
     # The GEMM reads the contiguous int8 copy and per-row scales the quantize kernel writes.
     q = torch.empty(x.shape, dtype=torch.int8, device="meta")
@@ -88,8 +96,10 @@ def _cuda_supports(x, b, w_scale, bias, smooth):
 
 @OP.register("cuda", supports=_cuda_supports)
 def _cuda(x, b, w_scale, bias, smooth):
-    from ._int8_cuda import int8_gemm_cuda
+    from ._int8_cuda import int8_gemm_cuda, w8a8_fused_cuda
     from .quantize import OP as QUANTIZE
+    if _fused(x, b, w_scale, bias, smooth):
+        return w8a8_fused_cuda(x, b, smooth, None, w_scale, bias, True)
     q, a_scale = QUANTIZE.impls["cuda"](_smoothed(x, smooth))
     return int8_gemm_cuda(q, b, a_scale, w_scale, bias, x.dtype)
 

@@ -21,9 +21,11 @@ written and read again (plus, in PyTorch, fp32 temporaries): extra traffic of se
 x's size, which at decode sizes is launches and latency rather than bytes.
 
 Backends, in auto's order:
-  "cuda"   two kernels: csrc/int8/quantize_static.cu (one elementwise pass) then the W8A8
-           GEMM (csrc/int8). Not fused yet: the CUDA GEMM streams int8 A tiles with cp.async
-           and would need a register-staged float A path. UNVERIFIED: not run on a GPU.
+  "cuda"   fused for M <= 16 (_int8_cuda.FUSED_MAX_M): csrc/int8/w8a8_decode_kernel.cuh quantizes
+           x in registers (FASTLLM_INT8_FUSED=0 turns it off); larger M: two kernels,
+           csrc/int8/quantize_static.cu (one elementwise pass) then the W8A8 GEMM, whose A tiles
+           stream as int8 through cp.async (fusing there needs a register-staged float A path).
+           UNVERIFIED: not run on a GPU.
   "triton" fused: triton_kernels/int8_matmul.py with QUANT_A.
   "torch"  the reference (quantize_static, then the int8 GEMM; torch._int_mm on CPU).
 Custom op: fastllm::int8_matmul_static (takes in_mul).
@@ -61,8 +63,16 @@ def _triton(x, b, in_mul, a_scale, w_scale, bias):
     return int8_matmul(x, b, a_scale, w_scale, bias, x.dtype, in_mul=in_mul)
 
 
+def _fused(x, b, in_mul, w_scale, bias):
+    """True when this call goes to the fused CUDA kernel (decode M, its layout needs met)."""
+    from ._int8_cuda import fused_enabled, fused_supports
+    return fused_enabled() and fused_supports(x, b, in_mul, w_scale, bias, False) is None
+
+
 def _cuda_supports(x, b, in_mul, a_scale, w_scale, bias):
     from ._int8_cuda import gemm_supports, quantize_static_supports
+    if _fused(x, b, in_mul, w_scale, bias):
+        return None
     why = quantize_static_supports(x, in_mul)
     if why:
         return why
@@ -73,7 +83,9 @@ def _cuda_supports(x, b, in_mul, a_scale, w_scale, bias):
 
 @OP.register("cuda", supports=_cuda_supports)
 def _cuda(x, b, in_mul, a_scale, w_scale, bias):
-    from ._int8_cuda import int8_gemm_cuda, quantize_static_cuda
+    from ._int8_cuda import int8_gemm_cuda, quantize_static_cuda, w8a8_fused_cuda
+    if _fused(x, b, in_mul, w_scale, bias):
+        return w8a8_fused_cuda(x, b, in_mul, a_scale, w_scale, bias, False)
     return int8_gemm_cuda(quantize_static_cuda(x, in_mul), b, a_scale, w_scale, bias, x.dtype)
 
 

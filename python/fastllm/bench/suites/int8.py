@@ -12,10 +12,11 @@ Kinds of rows:
   w8a8         the same GEMM with the fused dequant epilogue (per-token a_scale, per-channel
                w_scale, bf16 out): int8_matmul per backend.
   w8a8-linear  end to end from bf16 activations: int8_matmul_dynamic (per-token scales, the
-               quantization fused into the GEMM at M <= 32 on Triton), the same as two ops
-               (quantize_per_token + int8_matmul: impl "...-2op"), and int8_matmul_static
-               (calibrated per-tensor scale, quantization fused: impl "...-static") vs
-               F.linear in bf16 (weights quantized once, untimed).
+               quantization fused into the GEMM at M <= 32 on Triton, M <= 16 on CUDA), the same
+               as two ops (quantize_per_token + int8_matmul: impl "...-2op"), and
+               int8_matmul_static (calibrated per-tensor scale, quantization fused: impl
+               "...-static"; on CUDA at M <= 16 also "fastllm-cuda-static-2launch", the same call
+               with FASTLLM_INT8_FUSED=0) vs F.linear in bf16 (weights quantized once, untimed).
   w8a16        weight-only int8 at decode M = 1..16 (per channel, and group 128) vs F.linear
                in bf16; also GB/s (weight bytes dominate).
 Shapes: square M = N = K in 1024..8192, and the linears of Llama-3-8B / 70B (fused qkv, o,
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 import fastllm
 from fastllm import ref
 from fastllm.bench.switches import hopper_90a, with_env
+from fastllm.ops._int8_cuda import FUSED_MAX_M
 
 COLUMNS = ["kind", "impl", "dtype", "M", "N", "K", "ms", "TOPS", "GB/s", "frac_peak", "speedup", "ok"]
 PLOT = dict(x="M", y="TOPS", series="impl")
@@ -223,6 +225,12 @@ def run_linear(ctx, rows):
                 return fastllm.ops.int8_matmul_static(x, wq, act_scale, ws, backend=be)
             impls[f"fastllm-{be}-static"] = (fn_s, *_rows_check(fn_s(), lambda rs, cs: want[rs, cs], M, N,
                                                                 exact=False, rtol=5e-2))
+            if be == "cuda" and M <= FUSED_MAX_M:   # the same call on the two-launch path
+                def fn_s2(be=be):
+                    return with_env("FASTLLM_INT8_FUSED", "0", fastllm.ops.int8_matmul_static, x, wq, act_scale, ws,
+                                    backend=be)
+                impls["fastllm-cuda-static-2launch"] = (fn_s2, *_rows_check(fn_s2(), lambda rs, cs: want[rs, cs], M,
+                                                                            N, exact=False, rtol=5e-2))
         fn = lambda: F.linear(x, w)  # noqa: E731
         impls[base] = (fn, *_rows_check(fn(), lambda rs, cs: want[rs, cs], M, N, exact=False, rtol=2e-2))
         _time_rows(ctx, rows, "w8a8-linear", impls, base, _name(act), M, N, K, 2 * M * N * K,
