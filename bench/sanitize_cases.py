@@ -89,9 +89,10 @@ def _int8_matmul():
     # not of the tiles), split-K (M 3, K 4112 over 2 N tiles; M 100: the 128 x 128 config over 2
     # tiles, 4 slices with a short last one), per-token and per-tensor scales,
     # a bias; on an H100 (90a build) M 129 and 1537 run the wgmma kernel's two configs (128- and
-    # 256-wide tiles); W8A16 at M 3 and 11 with a K tail block and per-group scales.
+    # 256-wide tiles) and M 200 its split-K (4 slices of 5 / 5 / 5 / 2 K steps); W8A16 at M 3
+    # and 11 with a K tail block and per-group scales.
     for M, K, N in ((1, 272, 48), (3, 4112, 64), (17, 80, 112), (37, 208, 80), (100, 1040, 256),
-                    (129, 144, 272), (1537, 144, 5648)):
+                    (129, 144, 272), (200, 2064, 528), (1537, 144, 5648)):
         a = torch.randint(-128, 128, (M, K), dtype=torch.int8, device="cuda")
         b = torch.randint(-128, 128, (N, K), dtype=torch.int8, device="cuda")
         acc = fastllm.ops.int8_matmul_int32(a, b, backend="cuda")

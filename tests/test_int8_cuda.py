@@ -120,12 +120,18 @@ def test_split_k_plan():
 
 def test_wgmma_plan():
     # Hopper (sm_90 GPU, 90a build): M > 128 goes to the wgmma kernel (plan index 5 = 128 x 128
-    # tiles, 6 = 128 x 256 when those alone cover the SMs), never split; M <= 128 keeps the sm80
-    # plan (split-K included); without `hopper` nothing changes.
+    # tiles, 6 = 128 x 256 when those alone cover the SMs); M <= 256 splits K while all slices fit
+    # one wave (one CTA per SM), >= 4 K steps each;
+    # M <= 128 keeps the sm80 plan (split-K included); without `hopper` nothing changes.
     plan = _plan_or_skip()
     assert plan(4096, 4096, 4096, 132, hopper=True) == (6, 1)      # 32 x 16 = 512 tiles of 128 x 256
     assert plan(1024, 4096, 4096, 132, hopper=True) == (5, 1)      # 8 x 16 = 128 < 132: 128 x 128 tiles
-    assert plan(129, 16, 64, 132, hopper=True) == (5, 1)
+    assert plan(129, 16, 64, 132, hopper=True) == (5, 1)           # one K step: nothing to split
+    assert plan(256, 4096, 4096, 132, hopper=True) == (5, 2)       # 64 tiles: 2 x 64 in one wave (4 x 64: two)
+    assert plan(129, 1024, 4096, 132, hopper=True) == (5, 8)       # 16 tiles x 8 = 128 <= 132
+    assert plan(200, 1024, 1024, 132, hopper=True) == (5, 2)       # 8 K steps: >= 4 per slice
+    assert plan(200, 14336, 4096, 132, hopper=True) == (5, 1)      # 224 tiles: already past one wave
+    assert plan(257, 4096, 4096, 132, hopper=True) == (5, 1)       # M > 256: no split
     for M, N, K in ((128, 4096, 4096), (1, 1024, 4096), (33, 64, 4096)):
         assert plan(M, N, K, 132, hopper=True) == plan(M, N, K, 132)
     assert plan(4096, 4096, 4096, 132) == (4, 1)
@@ -293,8 +299,12 @@ def test_gpu_split_k_equals_single_pass(out_dtype):
     # The same call with and without the split-K workspace: int32 bit-identical, scaled outputs
     # identical too (the epilogue sees the same exact int32 sum).
     from fastllm import _ext
+    from fastllm.bench.switches import hopper_90a
     lib = _ext.lib()
-    for M, N, K in ((3, 64, 4096), (50, 128, 4096 + 16), (100, 256, 4096)):   # configs 0, 2, 3
+    cases = [(3, 64, 4096), (50, 128, 4096 + 16), (100, 256, 4096)]   # configs 0, 2, 3
+    if hopper_90a(torch.device("cuda")):   # the wgmma kernel's split (M 129..256; N tails)
+        cases += [(200, 1024 + 16, 4096 + 16), (256, 4096, 4096), (131, 272, 2048)]
+    for M, N, K in cases:
         a, b = rand_int8(M, K), rand_int8(N, K)
         a_s, w_s = torch.rand(M, device="cuda"), torch.rand(N, device="cuda")
         ws_bytes = lib.int8_gemm_workspace(a.device.index, M, N, K)

@@ -16,7 +16,8 @@ memory until a wgmma.wait_group retires it, and a refill of a slot is allowed on
 last barrier before it, every warpgroup had retired every MMA that reads that slot.
 
 Proven here, given that mirror, for both tile configs and M / N / K tails (K = 16 up to a
-ring that wraps): raw int32 out == a @ b.T exactly; every output element written exactly once
+ring that wraps), unsplit and split-K (grid y slices of k_tiles_per_split 128-byte steps, each
+into its own int32 plane, the planes summed as the reduce kernel does): raw int32 out == a @ b.T exactly; every output element written exactly once
 and nothing past M / N; every cp.async reads inside its tensor (row strides > K included); no
 MMA reads a slot its step's copies have not landed in, no refill lands under a running MMA;
 descriptor fields in range (start address fits its 14 bits, tiles 1024-aligned).
@@ -76,6 +77,7 @@ KERNEL = dict(
     cp_wait=lambda stages: stages - 3,            # cp_async_wait<kStages - 3>
     mma_wait=1,                                   # wgmma::wait_group<1>
     d_pos=lambda w, g, c, j, h, e: (16 * w + g + 8 * h, 8 * j + 2 * c + e),
+    k_begin=lambda y, kps: y * kps * KBK if kps > 0 else 0,
 )
 
 
@@ -139,7 +141,9 @@ class Pipeline:
         del self.running[:max(0, len(self.running) - n)]
 
 
-def run_cta(K, cfg, a, b, M, N, Kd, pid, out, written, smem_base):
+def run_cta(K, cfg, a, b, M, N, Kd, pid, out, written, smem_base, y=0, kps=0):
+    """One CTA (blockIdx.x = pid, blockIdx.y = y); kps: p.k_tiles_per_split (0: no split). Its
+    partial goes to plane y of out (M, N) or (splits, M, N)."""
     kBN, kStages = CONFIGS[cfg]
     kA, kB = KBM * KBK, kBN * KBK
     smem_bytes = kStages * (KBM + kBN) * KBK + 1024
@@ -151,17 +155,20 @@ def run_cta(K, cfg, a, b, M, N, Kd, pid, out, written, smem_base):
     tile_m, tile_n = grouped_tile(tiles_m, tiles_n, pid)
     m0, n0 = tile_m * KBM, tile_n * kBN
     rows_a, rows_b = min(KBM, M - m0), min(kBN, N - n0)
-    KT = -(-Kd // KBK)
+    k_begin = K["k_begin"](y, kps)
+    k_len = max(0, min(Kd - k_begin, kps * KBK)) if kps > 0 else Kd
+    KT = -(-k_len // KBK)
     pipe = Pipeline(smem)
+    plane_out, plane_written = (out[y], written[y]) if out.ndim == 3 else (out, written)
 
     def load_tile(stage_addr, g, row0, rows_valid, k0, rows):
         i = np.arange(rows * 8)
         row, chunk = i // 8, i % 8
-        k = k0 + chunk * 16
-        valid = (row < rows_valid) & (k < Kd)
+        k = k0 + chunk * 16                      # relative to the operand pointers (+ k_begin)
+        valid = (row < rows_valid) & (k < k_len)
         buf, ld = g.reshape(-1), g.shape[1]      # g: the whole row-strided buffer
-        src = np.where(valid, (row0 + row) * ld + k, 0)
-        assert (src[valid] + 16 <= buf.size).all() and (k[valid] + 16 <= Kd).all(), "cp.async out of bounds"
+        src = np.where(valid, (row0 + row) * ld + k_begin + k, 0)
+        assert (src[valid] + 16 <= buf.size).all() and (k_begin + k[valid] + 16 <= Kd).all(), "cp.async out of bounds"
         data = buf[src[:, None] + np.arange(16)].copy()
         data[~valid] = 0
         dst = stage_addr + K["fill_offset"](row, chunk)
@@ -217,25 +224,35 @@ def run_cta(K, cfg, a, b, M, N, Kd, pid, out, written, smem_base):
                             m = m0 + wg * 64 + 16 * w + g + 8 * h
                             if m >= M:
                                 continue
-                            out[m, n + e] = acc[wg, r, col]
-                            written[m, n + e] += 1
+                            plane_out[m, n + e] = acc[wg, r, col]
+                            plane_written[m, n + e] += 1
 
 
-def run_gemm(cfg, M, N, Kd, lda_pad=0, seed=0, smem_base=0, **mut):
+def run_gemm(cfg, M, N, Kd, lda_pad=0, seed=0, smem_base=0, splits=1, **mut):
+    """The launch: splits > 1 as split_k_gemm (int8_launcher.cu) sets it up -- k_tiles_per_split =
+    ceil(K tiles / splits), the slices actually launched, planes of M * N -- and the reduce's sum
+    over the planes (int8_splitk_reduce_kernel, emulated in test_int8_kernel_emulated.py)."""
     K = dict(KERNEL, **mut)
     rng = np.random.default_rng(seed)
     a_full = rng.integers(-128, 128, size=(M, Kd + lda_pad), dtype=np.int8)
     a = a_full[:, :Kd] if lda_pad else a_full
     b = rng.integers(-128, 128, size=(N, Kd), dtype=np.int8)
-    out = np.full((M, N), -(2 ** 40), dtype=np.int64)
-    written = np.zeros((M, N), dtype=np.int64)
+    kps = -(-(-(-Kd // KBK)) // splits) if splits > 1 else 0
+    launched = -(-(-(-Kd // KBK)) // kps) if splits > 1 else 1
+    shape = (launched, M, N) if splits > 1 else (M, N)
+    out = np.full(shape, -(2 ** 40), dtype=np.int64)
+    written = np.zeros(shape, dtype=np.int64)
     kBN = CONFIGS[cfg][0]
     tiles = -(-M // KBM) * -(-N // kBN)
     seen = set()
-    for pid in range(tiles):
-        seen.add(grouped_tile(-(-M // KBM), -(-N // kBN), pid))
-        run_cta(K, cfg, a_full, b, M, N, Kd, pid, out, written, smem_base)
+    for y in range(launched):
+        for pid in range(tiles):
+            seen.add(grouped_tile(-(-M // KBM), -(-N // kBN), pid))
+            run_cta(K, cfg, a_full, b, M, N, Kd, pid, out, written, smem_base, y, kps)
     assert len(seen) == tiles, "raster covers every tile once"
+    if splits > 1:
+        assert (written == 1).all(), "every plane element written exactly once"
+        out, written = out.sum(0), written.max(0)
     return out, written, a.astype(np.int64) @ b.astype(np.int64).T
 
 
@@ -250,6 +267,20 @@ CASES = [  # cfg, M, N, K, row padding of a
 @pytest.mark.parametrize("cfg,M,N,K,pad", CASES)
 def test_wgmma_kernel_emulated(cfg, M, N, K, pad):
     out, written, ref = run_gemm(cfg, M, N, K, lda_pad=pad, seed=M + N + K)
+    assert (written == 1).all(), "every output written exactly once"
+    assert np.array_equal(out, ref)
+
+
+SPLIT_CASES = [  # cfg, M, N, K, splits asked (choose_wgmma_split may pick fewer), row padding of a
+    (0, 200, 144, 4096 + 16, 2, 16),   # 33 K steps in 2 slices of 17 / 16, a 16-byte K tail
+    (0, 256, 128, 1152, 4, 0),         # 9 steps: slices of 3 -> 3 launched (4 asked)
+    (1, 131, 272, 2048, 2, 32),        # 256-wide tiles, N tail
+]
+
+
+@pytest.mark.parametrize("cfg,M,N,K,splits,pad", SPLIT_CASES)
+def test_wgmma_split_k_emulated(cfg, M, N, K, splits, pad):
+    out, written, ref = run_gemm(cfg, M, N, K, lda_pad=pad, seed=M + K, splits=splits)
     assert (written == 1).all(), "every output written exactly once"
     assert np.array_equal(out, ref)
 
@@ -269,13 +300,14 @@ MUTANTS = {
     "cp_wait_too_loose": dict(cp_wait=lambda s: s - 2),
     "mma_not_waited": dict(mma_wait=2),
     "d_rows_swapped": dict(d_pos=lambda w, g, c, j, h, e: (16 * w + g + 8 * (1 - h), 8 * j + 2 * c + e)),
+    "split_slices_from_k0": dict(k_begin=lambda y, kps: 0),
 }
 
 
 @pytest.mark.parametrize("mutant", sorted(MUTANTS))
 def test_mutant_kernel_fails(mutant):
     with pytest.raises(AssertionError):
-        out, written, ref = run_gemm(1, 131, 272, 656, **MUTANTS[mutant])
+        out, written, ref = run_gemm(1, 131, 272, 656, splits=2 if "split" in mutant else 1, **MUTANTS[mutant])
         assert (written == 1).all() and np.array_equal(out, ref)
 
 
@@ -407,8 +439,14 @@ MIRRORED = {
         "const uint32_t sB = sA + kStages * kABytes;",
         "grouped_tile((p.M + kBM - 1) / kBM, (p.N + kBN - 1) / kBN, static_cast<int>(blockIdx.x), tile_m, tile_n);",
         "const int rows_a = min(kBM, p.M - m0), rows_b = min(kBN, p.N - n0);",
-        "load_tile<kBM, kBK / 16, kThreads>(sA + stage * kABytes, ga, p.lda, rows_a, kt * kBK, p.K, tid);",
-        "load_tile<kBN, kBK / 16, kThreads>(sB + stage * kBBytes, gb, p.ldb, rows_b, kt * kBK, p.K, tid);",
+        "load_tile<kBM, kBK / 16, kThreads>(sA + stage * kABytes, ga, p.lda, rows_a, kt * kBK, k_len, tid);",
+        "load_tile<kBN, kBK / 16, kThreads>(sB + stage * kBBytes, gb, p.ldb, rows_b, kt * kBK, k_len, tid);",
+        "const int k_begin = p.k_tiles_per_split > 0 ? static_cast<int>(blockIdx.y) * p.k_tiles_per_split * kBK : 0;",
+        "const int k_len = p.k_tiles_per_split > 0 ? max(0, min(p.K - k_begin, p.k_tiles_per_split * kBK)) : p.K;",
+        "const int8_t* ga = p.a + static_cast<int64_t>(m0) * p.lda + k_begin;",
+        "const int8_t* gb = p.b + static_cast<int64_t>(n0) * p.ldb + k_begin;",
+        "const int KT = (k_len + kBK - 1) / kBK;",
+        "OutT* out = static_cast<OutT*>(p.out) + static_cast<int64_t>(blockIdx.y) * p.split_stride;",
         "for (int s = 0; s < kStages - 2; ++s) {",
         "cp_async_wait<kStages - 3>();",
         "const int next = kt + kStages - 2;",

@@ -66,6 +66,43 @@ WgmmaMode wgmma_mode() {
   return env_is("FASTLLM_INT8_WGMMA", "tma") ? WgmmaMode::kTma : WgmmaMode::kCpAsync;
 }
 
+// Split-K: pass 1 (`partials`, a kernel launch writing raw int32) sums K slices of k_tile-wide
+// steps into per-slice planes of the workspace; pass 2 adds them and applies the epilogue.
+template <typename Pass1>
+int split_k_gemm(Int8GemmParams p, int splits, int k_tile, int out_dtype, uintptr_t workspace, cudaStream_t s,
+                 Pass1 partials) {
+  const int k_tiles = ceil_div(p.K, k_tile);
+  Int8GemmParams q = p;
+  q.k_tiles_per_split = ceil_div(k_tiles, splits);
+  q.splits = ceil_div(k_tiles, q.k_tiles_per_split);  // every launched slice is non-empty
+  q.split_stride = static_cast<int64_t>(p.M) * p.N;
+  q.out = reinterpret_cast<void*>(workspace);
+  if (const int e = partials(q)) return e;
+  const auto* partial = reinterpret_cast<const int32_t*>(workspace);
+  p.split_stride = q.split_stride;
+  switch (out_dtype) {
+    case kInt32: return run_int8_splitk_reduce<int32_t>(p, partial, q.splits, s);
+    case kFloat16: return run_int8_splitk_reduce<__half>(p, partial, q.splits, s);
+    case kBFloat16: return run_int8_splitk_reduce<__nv_bfloat16>(p, partial, q.splits, s);
+    default: return run_int8_splitk_reduce<float>(p, partial, q.splits, s);
+  }
+}
+
+bool workspace_fits(int splits, int64_t M, int64_t N, uintptr_t workspace, int64_t workspace_bytes) {
+  return splits > 1 && workspace != 0 && aligned(workspace, 8) && workspace_bytes >= int64_t{splits} * M * N * 4;
+}
+
+// Whether int8_gemm runs the cp.async-fed wgmma kernel on this device (the one path besides sm80
+// that splits K): a 90a build on an sm_90 GPU, not switched off or to the TMA variant.
+bool wgmma_split_capable(int major, int minor) {
+#if FASTLLM_HAS_SM90A
+  return major == 9 && minor == 0 && wgmma_mode() == WgmmaMode::kCpAsync;
+#else
+  (void)major, (void)minor;
+  return false;
+#endif
+}
+
 template <typename T>
 int w8a16_variant(const W8A16Params& p, const W8A16Choice& c, cudaStream_t s) {
   if (c.token_tiles == 1) return c.warps == 4 ? run_w8a16<T, 1, 4>(p, s) : run_w8a16<T, 1, 8>(p, s);
@@ -85,20 +122,20 @@ std::pair<int, int> int8_gemm_plan(int64_t M, int64_t N, int64_t K, int num_sms,
   using namespace int8;
   if (hopper) {
     const int wc = choose_wgmma_config(M, N, num_sms);
-    if (wc >= 0) return {kNumGemmConfigs + wc, 1};
+    if (wc >= 0) return {kNumGemmConfigs + wc, choose_wgmma_split(wc, M, N, K, num_sms)};
   }
   const int config = choose_gemm_config(M, N, K, num_sms);
   return {config, choose_split_k(config, M, N, K, num_sms)};
 }
 
 int64_t int8_gemm_workspace(int device, int64_t M, int64_t N, int64_t K) {
-  int sms = 0;
-  if (M <= 0 || N <= 0 || K <= 0 ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+  using namespace int8;
+  int sms = 0, major = 0, minor = 0;
+  if (M <= 0 || N <= 0 || K <= 0 || sm_info(device, &major, &sms, &minor) != 0) {
     cudaGetLastError();  // a failed query must not linger as the next launch's error
     return 0;
   }
-  const int splits = int8_gemm_plan(M, N, K, sms).second;
+  const int splits = int8_gemm_plan(M, N, K, sms, wgmma_split_capable(major, minor)).second;
   return splits > 1 ? static_cast<int64_t>(splits) * M * N * 4 : 0;
 }
 
@@ -149,6 +186,11 @@ int int8_gemm(int device, uintptr_t a, int64_t lda, uintptr_t b, int64_t ldb, ui
     const int wc = choose_wgmma_config(M, N, sms);
     const bool tma = mode == WgmmaMode::kTma && K > 0;  // a tensor map needs a non-empty K
     if (wc >= 0) {
+      const int splits = mode == WgmmaMode::kCpAsync ? choose_wgmma_split(wc, M, N, K, sms) : 1;
+      if (workspace_fits(splits, M, N, workspace, workspace_bytes)) {
+        return split_k_gemm(p, splits, WgmmaConfig<0>::kBK, out_dtype, workspace, s,
+                            [&](const Int8GemmParams& q) { return wgmma_config<int32_t>(q, wc, false, s); });
+      }
       switch (out_dtype) {
         case kInt32: return wgmma_config<int32_t>(p, wc, tma, s);
         case kFloat16: return wgmma_config<__half>(p, wc, tma, s);
@@ -160,23 +202,9 @@ int int8_gemm(int device, uintptr_t a, int64_t lda, uintptr_t b, int64_t ldb, ui
 #endif
   const int config = choose_gemm_config(M, N, K, sms);
   const int splits = choose_split_k(config, M, N, K, sms);
-  if (splits > 1 && workspace != 0 && aligned(workspace, 8) && workspace_bytes >= int64_t{splits} * M * N * 4) {
-    // Pass 1: raw int32 partials per split into the workspace; pass 2: sum + epilogue.
-    const int k_tiles = ceil_div(K, gemm_k_tile(config));
-    Int8GemmParams q = p;
-    q.k_tiles_per_split = ceil_div(k_tiles, splits);
-    q.splits = ceil_div(k_tiles, q.k_tiles_per_split);
-    q.split_stride = M * N;
-    q.out = reinterpret_cast<void*>(workspace);
-    if (const int e = gemm_config<int32_t>(q, config, s)) return e;
-    const auto* partial = reinterpret_cast<const int32_t*>(workspace);
-    p.split_stride = M * N;
-    switch (out_dtype) {
-      case kInt32: return run_int8_splitk_reduce<int32_t>(p, partial, q.splits, s);
-      case kFloat16: return run_int8_splitk_reduce<__half>(p, partial, q.splits, s);
-      case kBFloat16: return run_int8_splitk_reduce<__nv_bfloat16>(p, partial, q.splits, s);
-      default: return run_int8_splitk_reduce<float>(p, partial, q.splits, s);
-    }
+  if (workspace_fits(splits, M, N, workspace, workspace_bytes)) {
+    return split_k_gemm(p, splits, gemm_k_tile(config), out_dtype, workspace, s,
+                        [&](const Int8GemmParams& q) { return gemm_config<int32_t>(q, config, s); });
   }
   switch (out_dtype) {
     case kInt32: return gemm_config<int32_t>(p, config, s);

@@ -135,6 +135,23 @@ inline int choose_wgmma_config(long long M, long long N, int num_sms) {
   return big_tiles >= num_sms ? 1 : 0;
 }
 
+// Split-K on the wgmma path: M in (kWgmmaMinM, kWgmmaSplitMaxM] on narrow layers leaves SMs idle
+// (M 256, N 4096: 64 tiles of 128 x 128 on 132 SMs). One CTA per SM (the ring takes most of
+// shared memory), so a split pays while all slices run in one wave: the largest power of two
+// s <= kMaxSplitK with tiles * s <= SMs and >= kMinKTilesPerSplit K steps per slice. (A second
+// wave shortens the longest SM's work a little but multiplies the int32 partial traffic, which
+// then no longer stays in L2 on the wide layers where it would apply.)
+constexpr int kWgmmaSplitMaxM = 256;
+inline int choose_wgmma_split(int config, long long M, long long N, long long K, int num_sms) {
+  if (M > kWgmmaSplitMaxM) return 1;
+  const long long tiles = static_cast<long long>(ceil_div(M, WgmmaConfig<0>::kBM)) *
+                          ceil_div(N, config == 0 ? WgmmaConfig<0>::kBN : WgmmaConfig<1>::kBN);
+  const long long k_tiles = ceil_div(K, WgmmaConfig<0>::kBK);
+  int s = 1;
+  while (2 * s <= kMaxSplitK && tiles * 2 * s <= num_sms && k_tiles / (2 * s) >= kMinKTilesPerSplit) s *= 2;
+  return s;
+}
+
 // K tiles of a config (the split's unit).
 inline int gemm_k_tile(int config) {
   switch (config) {

@@ -24,6 +24,9 @@
 //      kt + kStages - 2 while they run.
 //   5. Epilogue straight from the accumulator registers (the m16n8 layout per warp, repeated
 //      over kBN / 8 column tiles), column pairs stored as one 8- or 4-byte write.
+//   6. Split-K at M <= kWgmmaSplitMaxM when the tiles leave SMs idle (choose_wgmma_split): grid y
+//      slices K as the sm80 kernel does, raw int32 partials to a workspace plane per slice, then
+//      the shared reduce kernel applies the epilogue.
 // Launcher: int8_launcher.cu (used on sm_90 for M > kWgmmaMinM when the build has 90a).
 // Instantiations: int8_wgmma_{i32,f16,bf16,f32}_sm90a.cu. Test: pytest tests/test_int8_cuda.py
 // (GPU); emulation of the layout and pipeline: tests/test_int8_wgmma_emulated.py.
@@ -53,7 +56,7 @@ template <int kBN, typename OutT>
 __device__ __forceinline__ void store_wgmma_tile(const Int8GemmParams& p, const int (&acc)[kBN / 2], int m0, int n0,
                                                  int wg, int warp, int lane) {
   const int g = lane / 4, c = lane % 4;
-  OutT* out = static_cast<OutT*>(p.out);
+  OutT* out = static_cast<OutT*>(p.out) + static_cast<int64_t>(blockIdx.y) * p.split_stride;  // split: its plane
   const int row0 = m0 + wg * 64 + warp * 16 + g;
 #pragma unroll
   for (int j = 0; j < kBN / 8; ++j) {
@@ -85,14 +88,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) int8_wgmma_kernel(const Int8
   const int m0 = tile_m * kBM, n0 = tile_n * kBN;
 
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32;
-  const int8_t* ga = p.a + static_cast<int64_t>(m0) * p.lda;
-  const int8_t* gb = p.b + static_cast<int64_t>(n0) * p.ldb;
+  // Split-K (as int8_gemm_kernel.cuh): this CTA sums K columns [k_begin, k_begin + k_len), all of
+  // K without a split; the operand pointers start at k_begin, so the loop is the unsplit one.
+  const int k_begin = p.k_tiles_per_split > 0 ? static_cast<int>(blockIdx.y) * p.k_tiles_per_split * kBK : 0;
+  const int k_len = p.k_tiles_per_split > 0 ? max(0, min(p.K - k_begin, p.k_tiles_per_split * kBK)) : p.K;
+  const int8_t* ga = p.a + static_cast<int64_t>(m0) * p.lda + k_begin;
+  const int8_t* gb = p.b + static_cast<int64_t>(n0) * p.ldb + k_begin;
   const int rows_a = min(kBM, p.M - m0), rows_b = min(kBN, p.N - n0);
-  const int KT = (p.K + kBK - 1) / kBK;
+  const int KT = (k_len + kBK - 1) / kBK;
 
   auto load_stage = [&](int stage, int kt) {
-    load_tile<kBM, kBK / 16, kThreads>(sA + stage * kABytes, ga, p.lda, rows_a, kt * kBK, p.K, tid);
-    load_tile<kBN, kBK / 16, kThreads>(sB + stage * kBBytes, gb, p.ldb, rows_b, kt * kBK, p.K, tid);
+    load_tile<kBM, kBK / 16, kThreads>(sA + stage * kABytes, ga, p.lda, rows_a, kt * kBK, k_len, tid);
+    load_tile<kBN, kBK / 16, kThreads>(sB + stage * kBBytes, gb, p.ldb, rows_b, kt * kBK, k_len, tid);
   };
 
   int acc[kBN / 2];
@@ -141,8 +148,9 @@ int run_int8_wgmma(const Int8GemmParams& p, cudaStream_t stream) {
   if (const int e = opt_in_dynamic_smem<int8_wgmma_kernel<Cfg, OutT>>(kSmem)) return e;
   const long long tiles =
       static_cast<long long>((p.M + Cfg::kBM - 1) / Cfg::kBM) * ((p.N + Cfg::kBN - 1) / Cfg::kBN);
-  if (tiles > 0x7fffffffLL || p.splits != 1) return kErrBadShape;
-  int8_wgmma_kernel<Cfg, OutT><<<static_cast<unsigned>(tiles), Cfg::kThreads, kSmem, stream>>>(p);
+  if (tiles > 0x7fffffffLL || p.splits < 1 || p.splits > 65535) return kErrBadShape;
+  int8_wgmma_kernel<Cfg, OutT>
+      <<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(p.splits)), Cfg::kThreads, kSmem, stream>>>(p);
   return launch_status();
 }
 

@@ -35,7 +35,7 @@ from .. import _ext
 # Mirrors of the launchers' limits (csrc/int8/int8_launcher.cu, int8_traits.h).
 W8A16_MAX_M = 16          # kW8A16MaxM: the W8A16 kernel is for decode; triton serves more tokens
 W8A16_GROUP_MULTIPLE = 64  # a 64-k block must lie in one scale group
-SPLIT_K_MAX_M = 128        # int8_traits.h kSplitKMaxM: larger M never splits K (skip the query above)
+SPLIT_K_MAX_M = 256        # max(kSplitKMaxM, kWgmmaSplitMaxM) (int8_traits.h): larger M never splits K
 FUSED_MAX_M = 16           # kW8A16MaxM: the fused-quantization W8A8 kernel shares W8A16's decode tiling
 MAX_DIM = 2 ** 31 - 1 - 1024
 GEMM_OUT = (torch.int32, torch.float16, torch.bfloat16, torch.float32)

@@ -30,9 +30,9 @@ Backends, in auto's order:
            cp.async ring and swizzled shared memory, tile config per M bucket and split-K
            factor (M <= 128 on a GPU the N tiles do not fill: int32 partials in a workspace,
            then a sum + epilogue pass) chosen in csrc/int8/int8_traits.h; on sm_90 (90a
-           builds) M > 128 runs a wgmma kernel (FASTLLM_INT8_WGMMA=0: the mma.sync one); int32 or scaled
-           fp16/bf16/fp32 out, per-token or
-           per-tensor a_scale, optional bias. W8A16: decode kernel for M <= 16, fp16/bf16 x,
+           builds) M > 128 runs a wgmma kernel, split the same way up to M 256 while the
+           slices fit one wave (FASTLLM_INT8_WGMMA=0: the mma.sync one); int32 or scaled
+           fp16/bf16/fp32 out, per-token or per-tensor a_scale, optional bias. W8A16: decode kernel for M <= 16, fp16/bf16 x,
            per-channel or per-group scales with group_size % 64 == 0 (other calls: triton).
            UNVERIFIED: compiled for sm_80/sm_90a, not yet run on a GPU.
   "triton" triton_kernels/int8_matmul.py (any M, strides, group size).
