@@ -1,5 +1,5 @@
 // Pieces both W8A8 GEMM kernels share (int8_gemm_kernel.cuh for sm80+, int8_wgmma_kernel.cuh for
-// sm_90a): the grouped CTA raster and the epilogue of one accumulator pair,
+// sm_90a): the grouped CTA raster, the split-K slice, and the epilogue of one accumulator pair,
 //   out[m, n..n+1] = acc                                              (OutT = int32_t)
 //   out[m, n..n+1] = rn_OutT(fma(fp32(acc) * a_scale[m or 0], w_scale[n], bias[n]))
 // Keeping one copy keeps the two kernels' results bit-identical.
@@ -25,6 +25,18 @@ __device__ __forceinline__ void grouped_tile(int tiles_m, int tiles_n, int pid, 
   const int group_rows = min(tiles_m - first_m, kGroupM);
   tile_m = first_m + (pid % per_group) % group_rows;
   tile_n = (pid % per_group) / group_rows;
+}
+
+// Split-K (k_tiles_per_split > 0): grid slice blockIdx.y sums the K columns [k_begin, k_begin +
+// k_len) -- all of K without a split -- and writes plane blockIdx.y of p.out (a workspace).
+template <int kBK>
+__device__ __forceinline__ void k_slice(const Int8GemmParams& p, int& k_begin, int& k_len) {
+  k_begin = p.k_tiles_per_split > 0 ? static_cast<int>(blockIdx.y) * p.k_tiles_per_split * kBK : 0;
+  k_len = p.k_tiles_per_split > 0 ? max(0, min(p.K - k_begin, p.k_tiles_per_split * kBK)) : p.K;
+}
+template <typename OutT>
+__device__ __forceinline__ OutT* split_plane(const Int8GemmParams& p) {
+  return static_cast<OutT*>(p.out) + static_cast<int64_t>(blockIdx.y) * p.split_stride;
 }
 
 // Two adjacent outputs (columns n, n + 1 of one row) in one store.

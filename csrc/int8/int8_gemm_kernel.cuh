@@ -115,8 +115,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) int8_gemm_kernel(const Int8G
   const int wm = warp / Cfg::kWarpsN, wn = warp % Cfg::kWarpsN;
   // Split-K: this CTA sums K columns [k_begin, k_begin + k_len) (all of K without a split):
   // the operand pointers start at k_begin, so the loop below is the unsplit one over k_len.
-  const int k_begin = p.k_tiles_per_split > 0 ? static_cast<int>(blockIdx.y) * p.k_tiles_per_split * kBK : 0;
-  const int k_len = p.k_tiles_per_split > 0 ? max(0, min(p.K - k_begin, p.k_tiles_per_split * kBK)) : p.K;
+  int k_begin, k_len;
+  k_slice<kBK>(p, k_begin, k_len);
   const int8_t* ga = p.a + static_cast<int64_t>(m0) * p.lda + k_begin;
   const int8_t* gb = p.b + static_cast<int64_t>(n0) * p.ldb + k_begin;
   const int rows_a = min(kBM, p.M - m0), rows_b = min(kBN, p.N - n0);
@@ -181,7 +181,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) int8_gemm_kernel(const Int8G
   // Epilogue: registers -> global. Row g / g + 8 of each m16 tile, columns 2c, 2c + 1 of each
   // n8 tile.
   const int g = lane / 4, c = lane % 4;
-  OutT* out = static_cast<OutT*>(p.out) + static_cast<int64_t>(blockIdx.y) * p.split_stride;
+  OutT* out = split_plane<OutT>(p);
 #pragma unroll
   for (int j = 0; j < kNT; ++j) {
     const int n = n0 + wn * Cfg::kWN + j * 8 + 2 * c;

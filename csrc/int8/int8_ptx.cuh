@@ -53,6 +53,37 @@ __device__ __forceinline__ float bias_at(const void* bias, int dtype, int i) {
   }
 }
 
+// The swap-AB decode kernels (W8A16, fused W8A8): lane (g, c)'s token rows g + 8t at column 16c.
+// A padding token (m >= M) points at row 0 and is never read (t_ok false).
+template <typename T, int kTokenTiles>
+__device__ __forceinline__ void decode_token_rows(const void* x, int64_t ldx, int M, int g, int c,
+                                                  const T* (&x_t)[kTokenTiles], bool (&t_ok)[kTokenTiles]) {
+#pragma unroll
+  for (int t = 0; t < kTokenTiles; ++t) {
+    const int m = g + 8 * t;
+    t_ok[t] = m < M;
+    x_t[t] = static_cast<const T*>(x) + (t_ok[t] ? static_cast<int64_t>(m) * ldx : 0) + 16 * c;
+  }
+}
+
+// Their loads of one 64-k block at k (ok: the lane's 16-k chunk lies inside K): 16 weight bytes
+// of rows g and g + 8 (read once: ld_stream_16) and the 16 activations of each token (sizeof(T)
+// 16-byte words, through L1). Padding tokens and K tails must be zeros, not stale memory
+// (0 * NaN = NaN).
+template <typename T, int kTokenTiles>
+__device__ __forceinline__ void decode_block_loads(const int8_t* w_g, int64_t w_next8, const T* const (&x_t)[kTokenTiles],
+                                                   const bool (&t_ok)[kTokenTiles], int k, bool ok, uint4 (&wv)[2],
+                                                   uint4 (&xv)[kTokenTiles][sizeof(T)]) {
+  const uint4 z = make_uint4(0, 0, 0, 0);
+  wv[0] = ok ? ld_stream_16(w_g + k) : z;
+  wv[1] = ok ? ld_stream_16(w_g + w_next8 + k) : z;
+#pragma unroll
+  for (int t = 0; t < kTokenTiles; ++t)
+#pragma unroll
+    for (int i = 0; i < static_cast<int>(sizeof(T)); ++i)
+      xv[t][i] = ok && t_ok[t] ? __ldg(reinterpret_cast<const uint4*>(x_t[t] + k) + i) : z;
+}
+
 // The swap-AB decode kernels (W8A16, fused W8A8): one warp's m16n8 D fragments of kTokenTiles
 // token tiles -> its slice red[token][channel] of the cross-warp reduction buffer. D rows are
 // channels g / g + 8, columns tokens 2c / 2c + 1 of tile t.

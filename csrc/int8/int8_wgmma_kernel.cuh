@@ -56,7 +56,7 @@ template <int kBN, typename OutT>
 __device__ __forceinline__ void store_wgmma_tile(const Int8GemmParams& p, const int (&acc)[kBN / 2], int m0, int n0,
                                                  int wg, int warp, int lane) {
   const int g = lane / 4, c = lane % 4;
-  OutT* out = static_cast<OutT*>(p.out) + static_cast<int64_t>(blockIdx.y) * p.split_stride;  // split: its plane
+  OutT* out = split_plane<OutT>(p);
   const int row0 = m0 + wg * 64 + warp * 16 + g;
 #pragma unroll
   for (int j = 0; j < kBN / 8; ++j) {
@@ -88,10 +88,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) int8_wgmma_kernel(const Int8
   const int m0 = tile_m * kBM, n0 = tile_n * kBN;
 
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32;
-  // Split-K (as int8_gemm_kernel.cuh): this CTA sums K columns [k_begin, k_begin + k_len), all of
-  // K without a split; the operand pointers start at k_begin, so the loop is the unsplit one.
-  const int k_begin = p.k_tiles_per_split > 0 ? static_cast<int>(blockIdx.y) * p.k_tiles_per_split * kBK : 0;
-  const int k_len = p.k_tiles_per_split > 0 ? max(0, min(p.K - k_begin, p.k_tiles_per_split * kBK)) : p.K;
+  // Split-K (as int8_gemm_kernel.cuh): the operand pointers start at this slice's k_begin, so the
+  // loop is the unsplit one over k_len.
+  int k_begin, k_len;
+  k_slice<kBK>(p, k_begin, k_len);
   const int8_t* ga = p.a + static_cast<int64_t>(m0) * p.lda + k_begin;
   const int8_t* gb = p.b + static_cast<int64_t>(n0) * p.ldb + k_begin;
   const int rows_a = min(kBM, p.M - m0), rows_b = min(kBN, p.N - n0);

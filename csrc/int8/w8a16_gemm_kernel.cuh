@@ -83,12 +83,7 @@ __global__ void __launch_bounds__(kWarps * 32) w8a16_kernel(const W8A16Params p)
   const int64_t w_next8 = 8 * p.ldw;
   const T* x_t[kTokenTiles];
   bool t_ok[kTokenTiles];
-#pragma unroll
-  for (int t = 0; t < kTokenTiles; ++t) {
-    const int m = g + 8 * t;
-    t_ok[t] = m < p.M;
-    x_t[t] = static_cast<const T*>(p.x) + (t_ok[t] ? static_cast<int64_t>(m) * p.ldx : 0) + 16 * c;
-  }
+  decode_token_rows<T, kTokenTiles>(p.x, p.ldx, p.M, g, c, x_t, t_ok);
   const bool grouped = p.group > 0;
   const float* s_g = p.w_scale + static_cast<int64_t>(n0 + g) * p.s_stride_n;
   const float* s_g8 = s_g + 8 * p.s_stride_n;
@@ -108,15 +103,7 @@ __global__ void __launch_bounds__(kWarps * 32) w8a16_kernel(const W8A16Params p)
     for (int u = 0; u < kUnroll; ++u) {
       const int k = (b0 + u * kWarps) * 64;
       const bool ok = b0 + u * kWarps < nblocks && k + 16 * c < p.K;  // K % 16 == 0: a chunk is in or out
-      const uint4 z = make_uint4(0, 0, 0, 0);
-      wv[u][0] = ok ? ld_stream_16(w_g + k) : z;
-      wv[u][1] = ok ? ld_stream_16(w_g + w_next8 + k) : z;
-#pragma unroll
-      for (int t = 0; t < kTokenTiles; ++t) {
-        // Padding tokens and K tails must be zeros, not stale memory (0 * NaN = NaN).
-        xv[u][t][0] = ok && t_ok[t] ? __ldg(reinterpret_cast<const uint4*>(x_t[t] + k)) : z;
-        xv[u][t][1] = ok && t_ok[t] ? __ldg(reinterpret_cast<const uint4*>(x_t[t] + k + 8)) : z;
-      }
+      decode_block_loads<T, kTokenTiles>(w_g, w_next8, x_t, t_ok, k, ok, wv[u], xv[u]);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {

@@ -163,12 +163,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) w8a8_decode_kernel(const W8A8D
   const int64_t w_next8 = 8 * p.ldw;
   const T* x_t[kTokenTiles];
   bool t_ok[kTokenTiles];
-#pragma unroll
-  for (int t = 0; t < kTokenTiles; ++t) {
-    const int m = g + 8 * t;
-    t_ok[t] = m < p.M;
-    x_t[t] = static_cast<const T*>(p.x) + (t_ok[t] ? static_cast<int64_t>(m) * p.ldx : 0) + 16 * c;
-  }
+  decode_token_rows<T, kTokenTiles>(p.x, p.ldx, p.M, g, c, x_t, t_ok);
   const bool per_channel = p.in_mul_len == p.K && p.in_mul_len > 1;
   const float m0 = !kDynamic && !per_channel && p.K > 0 ? p.in_mul[0] : 1.f;  // K == 0: no multiplier passed
 
@@ -187,14 +182,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) w8a8_decode_kernel(const W8A8D
     for (int u = 0; u < kUnroll; ++u) {
       const int k = (b0 + u * kWarps) * 64;
       const bool ok = b0 + u * kWarps < nblocks && k + 16 * c < p.K;  // K % 16 == 0: a chunk is in or out
-      const uint4 z = make_uint4(0, 0, 0, 0);
-      wv[u][0] = ok ? ld_stream_16(w_g + k) : z;
-      wv[u][1] = ok ? ld_stream_16(w_g + w_next8 + k) : z;
-#pragma unroll
-      for (int t = 0; t < kTokenTiles; ++t)
-#pragma unroll
-        for (int i = 0; i < kXWords; ++i)
-          xv[u][t][i] = ok && t_ok[t] ? __ldg(reinterpret_cast<const uint4*>(x_t[t] + k) + i) : z;
+      decode_block_loads<T, kTokenTiles>(w_g, w_next8, x_t, t_ok, k, ok, wv[u], xv[u]);
     }
   };
   load(warp);
