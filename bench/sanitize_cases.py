@@ -36,7 +36,8 @@ def _quantize():
 def _flash_attention():
     # Odd lengths (tails of the 128-row / 64-key tiles), GQA, a padding mask with an empty
     # batch row, causal with Sq > Skv, window + softcap, a per-row mask narrowing the key range;
-    # every dtype and head dim once.
+    # every dtype and head dim once (on an sm_90 GPU with a 90a build, D 64 / 128 / 256 run the
+    # wgmma kernel).
     from fastllm.ops._attention_cuda import HEAD_DIMS, flash_attention_cuda
     cases = [dict(B=2, Hq=4, Hkv=2, Sq=37, Skv=70, causal=True),
              dict(B=2, Hq=4, Hkv=1, Sq=70, Skv=37, causal=True),

@@ -294,8 +294,69 @@ def test_varlen_matches_per_sequence(dtype, D):
 def test_head_dims_match_the_compiled_instantiations():
     # Python's list of head dims is the generator's, and every instantiation unit exists.
     gen = open(os.path.join(ROOT, "csrc", "attention", "generate_instantiations.py")).read()
-    dims = tuple(int(d) for d in re.search(r"HEAD_DIMS = \(([^)]*)\)", gen).group(1).split(","))
+    dims = tuple(int(d) for d in re.search(r"^HEAD_DIMS = \(([^)]*)\)", gen, re.M).group(1).split(","))
     assert dims == HEAD_DIMS
     for d in HEAD_DIMS:
         for name in ("fp16", "bf16"):
             assert os.path.exists(os.path.join(ROOT, "csrc", "attention", f"flash_fwd_hdim{d}_{name}.cu"))
+
+
+def test_hopper_head_dims_match_traits_units_and_launcher():
+    # The wgmma kernel's head dims: the generator's SM90_HEAD_DIMS, one FlashFwdTraitsSm90
+    # specialization and two _sm90a.cu units each, the launcher's Hopper switch and use_wgmma.
+    src = lambda name: open(os.path.join(ROOT, "csrc", "attention", name)).read()
+    dims = tuple(int(d) for d in re.search(r"^SM90_HEAD_DIMS = \(([^)]*)\)",
+                                           src("generate_instantiations.py"), re.M).group(1).split(","))
+    assert dims and set(dims) <= set(HEAD_DIMS) and all(d % 64 == 0 for d in dims)
+    traits = src("flash_traits.h")
+    assert sorted(int(d) for d in re.findall(r"struct FlashFwdTraitsSm90<(\d+)>", traits)) == sorted(dims)
+    launcher = src("flash_fwd_launcher.cu")
+    hopper = launcher[launcher.index("int run_sm90_head_dim"):launcher.index("bool use_wgmma")]
+    assert sorted(int(d) for d in re.findall(r"run_flash_fwd_sm90<T, (\d+)>", hopper)) == sorted(dims)
+    use = launcher[launcher.index("bool use_wgmma"):launcher.index("int dispatch")]
+    assert sorted(int(d) for d in re.findall(r"head_dim == (\d+)", use)) == sorted(dims)
+    for d in dims:
+        for name in ("fp16", "bf16"):
+            assert os.path.exists(os.path.join(ROOT, "csrc", "attention", f"flash_fwd_hdim{d}_{name}_sm90a.cu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_wgmma_and_sm80_kernels_on_hopper(dtype, monkeypatch):
+    # Hopper: the wgmma kernel (D 64 / 128 / 256) and the sm80 kernel of the same calls
+    # (FASTLLM_ATTN_WGMMA=0) both within the reference tolerance, on the cases that exercise the
+    # wgmma path's tiles: tails in Sq and Skv, causal skipping, GQA, a padding mask with a fully
+    # masked row, window, softcap, a q with row stride != D; then the route itself.
+    from fastllm.bench.switches import hopper_90a
+    if not hopper_90a(torch.device("cuda")):
+        pytest.skip("the wgmma kernel runs on sm_90 GPUs with a 90a build")
+    gen = open(os.path.join(ROOT, "csrc", "attention", "generate_instantiations.py")).read()
+    dims = tuple(int(d) for d in re.search(r"^SM90_HEAD_DIMS = \(([^)]*)\)", gen, re.M).group(1).split(","))
+    for D in dims:
+        cases = [
+            dict(shape=(2, 8, 2, 97, 1025), causal=True),
+            dict(shape=(1, 8, 8, 1025, 1025), causal=False, q_layout="padded"),
+            dict(shape=(3, 8, 1, 17, 129), causal=True, softcap=30.0),
+            dict(shape=(2, 8, 2, 300, 300), causal=True, window=100),
+            dict(shape=(2, 8, 2, 200, 333), causal=False, masked=True),
+        ]
+        for case in cases:
+            B, Hq, Hkv, Sq, Skv = case["shape"]
+            q, k, v = make_qkv(B, Hq, Hkv, Sq, Skv, D, dtype, q_layout=case.get("q_layout", "bshd"))
+            mask = None
+            if case.get("masked"):
+                mask = torch.rand(B, 1, Sq, Skv, device="cuda") > 0.3
+                mask[0, 0, 5] = False                         # one row sees nothing
+                mask[1, 0, :, :40] = False                    # left padding of the second sequence
+            for flag in ("1", "0"):
+                monkeypatch.setenv("FASTLLM_ATTN_WGMMA", flag)
+                check(q, k, v, causal=case["causal"], mask=mask, window=case.get("window"),
+                      softcap=case.get("softcap"))
+    q, k, v = make_qkv(1, 8, 8, 256, 256, 128, dtype)
+    for flag, policy in (("1", "Sm90Mma"), ("0", "Sm80Mma")):
+        monkeypatch.setenv("FASTLLM_ATTN_WGMMA", flag)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            run_cuda(q, k, v, causal=True)
+        names = [e.name for e in prof.events()]
+        assert any("flash_fwd_kernel" in n and policy in n for n in names), (flag, names)

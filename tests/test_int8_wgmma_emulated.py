@@ -32,10 +32,11 @@ code with the sm80 kernel, int8_epilogue.cuh, compared bit for bit on the GPU), 
 test_mutant_kernel_fails shows that each of several deliberately wrong variants fails here.
 """
 import pathlib
-import re
 
 import numpy as np
 import pytest
+
+from helpers import assert_mirrored
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KERNEL_SRC = ROOT / "csrc" / "int8" / "int8_wgmma_kernel.cuh"
@@ -495,13 +496,5 @@ MIRRORED = {
 }
 
 
-def _norm(s):
-    return re.sub(r"\s+", " ", s).strip()
-
-
 def test_kernel_source_matches_mirror():
-    missing = []
-    for path, lines in MIRRORED.items():
-        src = _norm(path.read_text())
-        missing += [f"{path.name}: {l}" for l in lines if _norm(l) not in src]
-    assert not missing, "the kernel changed; update the emulation in this file:\n" + "\n".join(missing)
+    assert_mirrored(MIRRORED.items())

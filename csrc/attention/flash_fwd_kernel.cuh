@@ -119,8 +119,112 @@ __device__ __forceinline__ void load_tile_async(uint32_t smem_base, const T* gme
   }
 }
 
-template <typename Traits, typename T>
-__global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSM) flash_fwd_kernel(const FlashFwdParams p) {
+// P (the exponentiated S, fp32) of key step ks (keys 16ks..16ks+15) as the 16-bit A operand of
+// P V: the S accumulator layout of n-tiles 2ks, 2ks+1 is exactly the m16n8k16 A fragment (and
+// wgmma's A register fragment): a[0] = (g, keys 2c4..), a[1] = (g+8, 2c4..), a[2] = (g,
+// 8+2c4..), a[3] = (g+8, 8+2c4..).
+template <typename T, int kNT>
+__device__ __forceinline__ void p_fragment(uint32_t (&a)[4], const float (&s)[kNT][4], int ks) {
+  a[0] = pack2<T>(s[2 * ks][0], s[2 * ks][1]);
+  a[1] = pack2<T>(s[2 * ks][2], s[2 * ks][3]);
+  a[2] = pack2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]);
+  a[3] = pack2<T>(s[2 * ks + 1][2], s[2 * ks + 1][3]);
+}
+
+// The tensor-core part of the kernel for sm80+ (mma.sync m16n8k16 + ldmatrix): S = Q K^T and
+// O += P V for one warp's 16 query rows. The skeleton below (flash_fwd_kernel) owns loads,
+// masking, the online softmax and the epilogue; flash_fwd_wgmma.cuh is the Hopper policy.
+// Per-lane ldmatrix address parts (see SmemTile::addr):
+//   Q (A operand, x4): lane l addresses row l % 16, chunk l / 16 of the warp's 16 x 16 block:
+//     matrices = rows 0-7/k 0-7, rows 8-15/k 0-7, rows 0-7/k 8-15, rows 8-15/k 8-15 = a[0..3].
+//   K (B operand of Q K^T, x4, not transposed: K rows are the mma's n, D its k): lane l
+//     addresses key (l / 16) * 8 + l % 8, chunk (l / 8) % 2: matrices = keys 0-7/k 0-7,
+//     keys 0-7/k 8-15, keys 8-15/k 0-7, keys 8-15/k 8-15 = b0, b1 of n-tile 0, b0, b1 of
+//     n-tile 1.
+//   V (B operand of P V, x4.trans: V rows are the mma's k, D its n): lane l addresses key
+//     l % 16, chunk l / 16: matrices = keys 0-7/d 0-7, keys 8-15/d 0-7, keys 0-7/d 8-15,
+//     keys 8-15/d 8-15 = b0, b1 of d-tile 0, b0, b1 of d-tile 1.
+template <typename Traits_, typename T_>
+struct Sm80Mma {
+  using Traits = Traits_;
+  using T = T_;
+  static constexpr int kD = Traits::kHeadDim, kBM = Traits::kBlockM, kBN = Traits::kBlockN;
+  static constexpr int kNT = kBN / 8, kDT = kD / 8, kKS = kD / 16;
+  using QTile = SmemTile<kBM, Traits::kChunks>;
+  using KVTile = SmemTile<kBN, Traits::kChunks>;
+
+  uint32_t q_frag[Traits::kQInRegs ? kKS : 1][4];
+  uint32_t q_lane, k_lane, v_lane;
+  int q_x, k_x, v_x, warp;
+
+  __device__ __forceinline__ Sm80Mma(uint32_t sQ, uint32_t sK, uint32_t sV, int warp_, int lane) : warp(warp_) {
+    const int q_r = lane % 16, q_cl = lane / 16;
+    q_lane = sQ + QTile::lane_base(q_r);
+    q_x = QTile::lane_xor(q_r, q_cl);
+    const int k_r = (lane / 16) * 8 + lane % 8, k_cl = (lane / 8) % 2;
+    k_lane = sK + KVTile::lane_base(k_r);
+    k_x = KVTile::lane_xor(k_r, k_cl);
+    v_lane = sV + KVTile::lane_base(q_r);
+    v_x = KVTile::lane_xor(q_r, q_cl);
+  }
+  // Copies into shared memory have landed (this thread's; a barrier follows): nothing to do for
+  // ldmatrix, which reads through the generic proxy.
+  __device__ static __forceinline__ void copies_landed() {}
+  // The Q tile is in shared memory (after the barrier): Q fragments into registers, once.
+  __device__ __forceinline__ void q_ready() {
+    if constexpr (Traits::kQInRegs) {
+#pragma unroll
+      for (int kk = 0; kk < kKS; ++kk) ldmatrix_x4(q_frag[kk], QTile::addr(q_lane, q_x, warp * 16, kk * 2));
+    }
+  }
+  // S = Q K^T: 16 x kBN per warp, fp32, from the K tile at byte offset `stage` of the K buffers.
+  __device__ __forceinline__ void qk(float (&s)[kNT][4], uint32_t stage) {
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    const uint32_t k_stage = k_lane + stage;
+#pragma unroll
+    for (int kk = 0; kk < kKS; ++kk) {
+      uint32_t a[4];
+      if constexpr (Traits::kQInRegs) {
+        a[0] = q_frag[kk][0], a[1] = q_frag[kk][1], a[2] = q_frag[kk][2], a[3] = q_frag[kk][3];
+      } else {
+        ldmatrix_x4(a, QTile::addr(q_lane, q_x, warp * 16, kk * 2));
+      }
+#pragma unroll
+      for (int np = 0; np < kBN / 16; ++np) {
+        uint32_t b[4];
+        ldmatrix_x4(b, KVTile::addr(k_stage, k_x, np * 16, kk * 2));
+        mma_16816<T>(s[2 * np], a, b[0], b[1]);
+        mma_16816<T>(s[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+  }
+  // O += P V with P = the exponentiated S (p_fragment), V from the tile at byte offset `stage`.
+  __device__ __forceinline__ void pv(float (&o)[kDT][4], const float (&s)[kNT][4], uint32_t stage) {
+    const uint32_t v_stage = v_lane + stage;
+#pragma unroll
+    for (int ks = 0; ks < kBN / 16; ++ks) {
+      uint32_t a[4];
+      p_fragment<T>(a, s, ks);
+#pragma unroll
+      for (int dp = 0; dp < kD / 16; ++dp) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, KVTile::addr(v_stage, v_x, ks * 16, dp * 2));
+        mma_16816<T>(o[2 * dp], a, b[0], b[1]);
+        mma_16816<T>(o[2 * dp + 1], a, b[2], b[3]);
+      }
+    }
+  }
+};
+
+// The kernel skeleton: everything but the two matrix products, which the policy `Mma` computes
+// (Sm80Mma above; Sm90Mma in flash_fwd_wgmma.cuh). Both policies hold a warp's S and O in the
+// mma.sync m16n8 accumulator layout, so masking, softmax and the epilogue are shared.
+template <typename Mma>
+__global__ void __launch_bounds__(Mma::Traits::kThreads, Mma::Traits::kMinBlocksPerSM)
+    flash_fwd_kernel(const FlashFwdParams p) {
+  using Traits = typename Mma::Traits;
+  using T = typename Mma::T;
   constexpr int kD = Traits::kHeadDim;
   constexpr int kBM = Traits::kBlockM;
   constexpr int kBN = Traits::kBlockN;
@@ -128,12 +232,14 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSM) fla
   constexpr int kChunks = Traits::kChunks;
   constexpr int kNT = kBN / 8;   // 8-key n-tiles of S per warp
   constexpr int kDT = kD / 8;    // 8-dim n-tiles of O per warp
-  constexpr int kKS = kD / 16;   // k-steps of Q K^T
   constexpr uint32_t kKVStageBytes = Traits::kSmemKVElems * 2;
   using QTile = SmemTile<kBM, kChunks>;
-  using KVTile = SmemTile<kBN, kChunks>;
 
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  // wgmma's swizzle is a function of address bits 4-9: its tiles start 1024-byte aligned.
+  constexpr uint32_t kAlign = Traits::kSmemAlign;
+  unsigned char* smem = smem_raw;
+  if constexpr (kAlign > 128) smem += (kAlign - smem_u32(smem_raw) % kAlign) % kAlign;
   T* sQ = reinterpret_cast<T*>(smem);  // Q tile, later the O staging tile
   const uint32_t sQ_u32 = smem_u32(smem);
   const uint32_t sK_u32 = sQ_u32 + Traits::kSmemQElems * 2;             // kStages K tiles
@@ -210,33 +316,12 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSM) fla
                                           Skv - nb_last * kBN, tid);
   cp_async_commit();
 
-  // Per-lane ldmatrix address parts (see SmemTile::addr).
-  //   Q (A operand, x4): lane l addresses row l % 16, chunk l / 16 of the warp's 16 x 16 block:
-  //     matrices = rows 0-7/k 0-7, rows 8-15/k 0-7, rows 0-7/k 8-15, rows 8-15/k 8-15 = a[0..3].
-  //   K (B operand of Q K^T, x4, not transposed: K rows are the mma's n, D its k): lane l
-  //     addresses key (l / 16) * 8 + l % 8, chunk (l / 8) % 2: matrices = keys 0-7/k 0-7,
-  //     keys 0-7/k 8-15, keys 8-15/k 0-7, keys 8-15/k 8-15 = b0, b1 of n-tile 0, b0, b1 of
-  //     n-tile 1.
-  //   V (B operand of P V, x4.trans: V rows are the mma's k, D its n): lane l addresses key
-  //     l % 16, chunk l / 16: matrices = keys 0-7/d 0-7, keys 8-15/d 0-7, keys 0-7/d 8-15,
-  //     keys 8-15/d 8-15 = b0, b1 of d-tile 0, b0, b1 of d-tile 1.
-  const int q_r = lane % 16, q_cl = lane / 16;
-  const uint32_t q_lane = sQ_u32 + QTile::lane_base(q_r);
-  const int q_x = QTile::lane_xor(q_r, q_cl);
-  const int k_r = (lane / 16) * 8 + lane % 8, k_cl = (lane / 8) % 2;
-  const uint32_t k_lane = sK_u32 + KVTile::lane_base(k_r);
-  const int k_x = KVTile::lane_xor(k_r, k_cl);
-  const uint32_t v_lane = sV_u32 + KVTile::lane_base(q_r);
-  const int v_x = KVTile::lane_xor(q_r, q_cl);
-
-  // Q fragments: wait for group 0 only (the first K/V tile may still be in flight).
-  uint32_t q_frag[Traits::kQInRegs ? kKS : 1][4];
+  Mma mma(sQ_u32, sK_u32, sV_u32, warp, lane);
+  // Q: wait for group 0 only (the first K/V tile may still be in flight).
   cp_async_wait<1>();
+  Mma::copies_landed();
   __syncthreads();
-  if constexpr (Traits::kQInRegs) {
-#pragma unroll
-    for (int kk = 0; kk < kKS; ++kk) ldmatrix_x4(q_frag[kk], QTile::addr(q_lane, q_x, warp * 16, kk * 2));
-  }
+  mma.q_ready();
 
   // Each thread owns rows g and g + 8 of its warp's 16 (index r = 0, 1 below); a row's state
   // is replicated in the 4 threads of its quad.
@@ -265,29 +350,12 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSM) fla
     } else {
       cp_async_wait<0>();
     }
+    Mma::copies_landed();
     __syncthreads();
 
     // ---- S = Q K^T: 16 x kBN per warp, fp32.
     float s[kNT][4];
-#pragma unroll
-    for (int i = 0; i < kNT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-    const uint32_t k_stage = k_lane + stage * kKVStageBytes;
-#pragma unroll
-    for (int kk = 0; kk < kKS; ++kk) {
-      uint32_t a[4];
-      if constexpr (Traits::kQInRegs) {
-        a[0] = q_frag[kk][0], a[1] = q_frag[kk][1], a[2] = q_frag[kk][2], a[3] = q_frag[kk][3];
-      } else {
-        ldmatrix_x4(a, QTile::addr(q_lane, q_x, warp * 16, kk * 2));
-      }
-#pragma unroll
-      for (int np = 0; np < kBN / 16; ++np) {
-        uint32_t b[4];
-        ldmatrix_x4(b, KVTile::addr(k_stage, k_x, np * 16, kk * 2));
-        mma_16816<T>(s[2 * np], a, b[0], b[1]);
-        mma_16816<T>(s[2 * np + 1], a, b[2], b[3]);
-      }
-    }
+    mma.qk(s, stage * kKVStageBytes);
 
     // ---- softcap: s <- tanh(s * scale / cap) * cap * log2(e) (log2 domain, so mult = 1).
     if (p.has_softcap) {
@@ -356,25 +424,8 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSM) fla
       }
     }
 
-    // ---- O += P V. The S accumulator layout of n-tiles 2ks, 2ks+1 is exactly the A fragment
-    // of key step ks: a[0] = (g, keys 2c4..), a[1] = (g+8, 2c4..), a[2] = (g, 8+2c4..),
-    // a[3] = (g+8, 8+2c4..).
-    const uint32_t v_stage = v_lane + stage * kKVStageBytes;
-#pragma unroll
-    for (int ks = 0; ks < kBN / 16; ++ks) {
-      uint32_t a[4];
-      a[0] = pack2<T>(s[2 * ks][0], s[2 * ks][1]);
-      a[1] = pack2<T>(s[2 * ks][2], s[2 * ks][3]);
-      a[2] = pack2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]);
-      a[3] = pack2<T>(s[2 * ks + 1][2], s[2 * ks + 1][3]);
-#pragma unroll
-      for (int dp = 0; dp < kD / 16; ++dp) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, KVTile::addr(v_stage, v_x, ks * 16, dp * 2));
-        mma_16816<T>(acc_o[2 * dp], a, b[0], b[1]);
-        mma_16816<T>(acc_o[2 * dp + 1], a, b[2], b[3]);
-      }
-    }
+    // ---- O += P V.
+    mma.pv(acc_o, s, stage * kKVStageBytes);
     __syncthreads();  // every warp is done with this stage before the next prefetch overwrites it
   }
 
@@ -419,15 +470,20 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSM) fla
 }
 
 // Launch for element type T and head dim D (explicitly instantiated once per .cu file).
+// Launch the skeleton with policy Mma (one CTA per kBlockM query rows of one (head, batch)).
+template <typename Mma>
+int launch_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
+  using Traits = typename Mma::Traits;
+  constexpr int kSmem = Traits::kSmemBytes;
+  if (const int e = opt_in_dynamic_smem<flash_fwd_kernel<Mma>>(kSmem)) return e;
+  const dim3 grid((p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, p.heads_q, p.batch);
+  flash_fwd_kernel<Mma><<<grid, Traits::kThreads, kSmem, stream>>>(p);
+  return launch_status();
+}
+
 template <typename T, int D>
 int run_flash_fwd_sm80(const FlashFwdParams& p, cudaStream_t stream) {
-  using Traits = FlashFwdTraits<D>;
-  auto kernel = flash_fwd_kernel<Traits, T>;
-  constexpr int kSmem = Traits::kSmemBytes;
-  if (const int e = opt_in_dynamic_smem<flash_fwd_kernel<Traits, T>>(kSmem)) return e;
-  const dim3 grid((p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, p.heads_q, p.batch);
-  kernel<<<grid, Traits::kThreads, kSmem, stream>>>(p);
-  return launch_status();
+  return launch_flash_fwd<Sm80Mma<FlashFwdTraits<D>, T>>(p, stream);
 }
 
 }  // namespace attention

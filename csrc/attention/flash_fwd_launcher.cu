@@ -1,8 +1,9 @@
 // Prefill flash-attention forward: the launcher (argument checks, params, dispatch).
 //
-// What the kernel computes and how: flash_fwd_kernel.cuh. This unit holds no kernel; it maps
-// (arch, dtype, head dim) to an instantiation (flash_fwd_hdim{D}_{dtype}.cu) whose tile config
-// is in flash_traits.h. Python (python/fastllm/ops/_attention_cuda.py) checks the tensors
+// What the kernel computes and how: flash_fwd_kernel.cuh (sm80+, mma.sync) and
+// flash_fwd_wgmma.cuh (Hopper, wgmma; same skeleton). This unit holds no attention kernel; it
+// maps (arch, dtype, head dim) to an instantiation (flash_fwd_hdim{D}_{dtype}[_sm90a].cu) whose
+// tile config is in flash_traits.h. Python (python/fastllm/ops/_attention_cuda.py) checks the tensors
 // first; the checks here repeat what the kernel relies on, so a bad call gets a status code
 // instead of a fault. The one kernel here serves calls without keys (Skv == 0).
 #include <cuda_bf16.h>
@@ -55,17 +56,46 @@ int run_sm80_head_dim(const FlashFwdParams& p, int head_dim, cudaStream_t stream
   }
 }
 
+#if FASTLLM_HAS_SM90A
+template <typename T>
+int run_sm90_head_dim(const FlashFwdParams& p, int head_dim, cudaStream_t stream) {
+  switch (head_dim) {
+    case 64: return run_flash_fwd_sm90<T, 64>(p, stream);
+    case 128: return run_flash_fwd_sm90<T, 128>(p, stream);
+    default: return run_flash_fwd_sm90<T, 256>(p, stream);
+  }
+}
+#endif
+
+// Whether the Hopper wgmma kernel serves this call: a 90a build (sm_90a SASS runs on compute
+// capability 9.0 only), D in {64, 128, 256}, not switched off with FASTLLM_ATTN_WGMMA=0 (read
+// per call, so the benchmark and the tests compare both kernels in one process).
+bool use_wgmma(int major, int minor, int head_dim) {
+#if FASTLLM_HAS_SM90A
+  return major == 9 && minor == 0 && (head_dim == 64 || head_dim == 128 || head_dim == 256) &&
+         !env_is("FASTLLM_ATTN_WGMMA", "0");
+#else
+  (void)major, (void)minor, (void)head_dim;
+  return false;
+#endif
+}
+
 // The one place that picks a kernel family by GPU arch.
 int dispatch(const FlashFwdParams& p, int device, int dtype, int head_dim, cudaStream_t stream) {
-  int major = 0;
-  const cudaError_t e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  int major = 0, minor = 0;
+  cudaError_t e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
   if (e != cudaSuccess) return static_cast<int>(e);
   if (major < 8) return kErrUnsupportedArch;  // cp.async / bf16 mma.sync need sm80
   // Dense calls without keys: a plain fill. Varlen key counts live on the device, so there
   // the kernel writes out = 0 / lse = -inf for a sequence without keys itself.
   if (p.seqlen_kv == 0 && p.cu_seqlens_q == nullptr) return launch_no_keys(p, head_dim, stream);
-  // Hopper (major == 9, FASTLLM_HAS_SM90A builds): a wgmma + TMA kernel in
-  // flash_fwd_*_sm90a.cu belongs here. Until it exists, sm90 runs the sm80 (mma.sync) kernel.
+#if FASTLLM_HAS_SM90A
+  if (use_wgmma(major, minor, head_dim)) {
+    return dtype == kFloat16 ? run_sm90_head_dim<__half>(p, head_dim, stream)
+                             : run_sm90_head_dim<__nv_bfloat16>(p, head_dim, stream);
+  }
+#endif
   switch (dtype) {
     case kFloat16: return run_sm80_head_dim<__half>(p, head_dim, stream);
     case kBFloat16: return run_sm80_head_dim<__nv_bfloat16>(p, head_dim, stream);

@@ -53,6 +53,9 @@ struct FlashFwdParams {
 // dim D. Returns 0 or a cudaError_t.
 template <typename T, int D>
 int run_flash_fwd_sm80(const FlashFwdParams& params, cudaStream_t stream);
+// The Hopper (wgmma) kernel, D in {64, 128, 256}; instantiated only in 90a builds.
+template <typename T, int D>
+int run_flash_fwd_sm90(const FlashFwdParams& params, cudaStream_t stream);
 
 }  // namespace attention
 }  // namespace fastllm

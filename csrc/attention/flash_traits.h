@@ -41,6 +41,7 @@ struct FlashFwdTile {
   static constexpr int kChunks = kHeadDim / 8;
   static constexpr int kSmemQElems = kBlockM * kHeadDim;   // also the O staging tile
   static constexpr int kSmemKVElems = kBlockN * kHeadDim;  // one K (or V) stage
+  static constexpr int kSmemAlign = 128;  // the extern array's alignment: no slack needed
   static constexpr int kSmemBytes = (kSmemQElems + 2 * kStages * kSmemKVElems) * 2;
   // sm86 / sm89 allow at most 99 KB of dynamic shared memory per block.
   static_assert(kSmemBytes <= 99 * 1024, "tile does not fit the smallest sm80+ shared memory");
@@ -61,6 +62,40 @@ template <> struct FlashFwdTraits<128> : FlashFwdTile<128, 128, 64, 8, true> {};
 // S tile at 16 registers; 96 KB smem. Q stays resident in shared memory (re-read by ldmatrix
 // each k-step): with Q in registers too (64 more) ptxas spills at the 255-register cap.
 template <> struct FlashFwdTraits<256> : FlashFwdTile<256, 64, 32, 4, false> {};
+
+// Hopper (sm_90a) tiles of the wgmma kernel (flash_fwd_wgmma.cuh): two warpgroups, each owning
+// 64 query rows (one m64 MMA), so kBlockM = 128 and 8 warps as above (a warp still owns 16 rows:
+// the wgmma accumulator layout per warp is mma.sync's). Q stays in shared memory (wgmma reads A
+// there); K / V tiles double-buffered. Shared memory: the swizzled tiles of SmemTile with
+// kGroup = 8 are exactly wgmma's 128-byte-swizzle layout, which needs D % 64 == 0 and tiles
+// starting 1024-byte aligned (kSmemBytes holds 1024 bytes of slack for that).
+// Registers per thread: S kBlockN / 2 + O D / 2 + P kBlockN / 4 fp32 / packed values.
+template <int kHeadDim_, int kBlockN_>
+struct FlashFwdTileSm90 {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 128;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kNWarps = 8;
+  static constexpr int kThreads = kNWarps * 32;
+  static constexpr bool kQInRegs = false;
+  static constexpr int kStages = 2;
+  static constexpr int kMinBlocksPerSM = 1;
+  static_assert(kHeadDim % 64 == 0, "wgmma's 128-byte swizzle rows hold 64 16-bit values");
+  static_assert(kBlockN % 64 == 0 && kBlockN <= 256, "S = Q K^T is one m64nN wgmma per k step");
+  static constexpr int kChunks = kHeadDim / 8;
+  static constexpr int kSmemQElems = kBlockM * kHeadDim;
+  static constexpr int kSmemKVElems = kBlockN * kHeadDim;
+  static constexpr int kSmemAlign = 1024;
+  static constexpr int kSmemBytes = (kSmemQElems + 2 * kStages * kSmemKVElems) * 2 + kSmemAlign;
+  static_assert(kSmemBytes <= 227 * 1024, "tile does not fit an H100's shared memory");
+};
+
+template <int D> struct FlashFwdTraitsSm90;
+// D=64 / 128: 128 x 128 tiles (S 64, O 32 / 64 registers); 82 KB / 162 KB smem.
+template <> struct FlashFwdTraitsSm90<64> : FlashFwdTileSm90<64, 128> {};
+template <> struct FlashFwdTraitsSm90<128> : FlashFwdTileSm90<128, 128> {};
+// D=256: O alone is 128 registers per thread: 64-key tiles keep S at 32; 194 KB smem.
+template <> struct FlashFwdTraitsSm90<256> : FlashFwdTileSm90<256, 64> {};
 
 }  // namespace attention
 }  // namespace fastllm

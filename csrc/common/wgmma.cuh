@@ -28,6 +28,17 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
          (uint64_t{1} << 62);
 }
 
+// Descriptor of an N-major (imm-trans-b = 1), 128-byte-swizzled B tile at `addr` (1024-aligned):
+// the same storage as above read the other way round. Rows are the MMA's K (e.g. keys of a V
+// tile), each row holds 64 16-bit N values (128 bytes), 8 rows make one 1024-byte atom, so the
+// stride byte offset (between 8-row groups along K) is 1024 and the leading byte offset is the
+// distance between 64-wide N blocks (`n_block_bytes`; one block's rows follow each other, then
+// the next block's): PTX ISA, "leading dimension byte offset", MN-major swizzled layouts.
+__device__ __forceinline__ uint64_t desc_sw128_mn(uint32_t addr, uint32_t n_block_bytes) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>((n_block_bytes & 0x3FFFF) >> 4) << 16) |
+         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+
 // Orders this thread's earlier register / shared-memory accesses before the warpgroup's next
 // wgmma (needed before the first wgmma and whenever the accumulators were touched).
 __device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -45,6 +56,11 @@ __device__ __forceinline__ void fence_operands(int (&d)[kN]) {
   for (int i = 0; i < kN; ++i) asm volatile("" : "+r"(d[i])::"memory");
 }
 template <int kN>
+__device__ __forceinline__ void fence_operands(uint32_t (&d)[kN]) {
+#pragma unroll
+  for (int i = 0; i < kN; ++i) asm volatile("" : "+r"(d[i])::"memory");
+}
+template <int kN>
 __device__ __forceinline__ void fence_operands(float (&d)[kN]) {
 #pragma unroll
   for (int i = 0; i < kN; ++i) asm volatile("" : "+f"(d[i])::"memory");
@@ -57,9 +73,11 @@ __device__ __forceinline__ void fence_proxy_async_smem() {
 
 // The accumulator operands of an m64nN wgmma, written once: "{%0, ..., %(N/2 - 1)}" and the
 // matching constraint list C(d[0]), ..., C(d[N/2 - 1]) (C is "+r" for s32, "+f" for f32).
-#define FASTLLM_WGMMA_R0_63 \
+#define FASTLLM_WGMMA_R0_31 \
   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define FASTLLM_WGMMA_R0_63 \
+  FASTLLM_WGMMA_R0_31 ", " \
   "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
   "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
 #define FASTLLM_WGMMA_R64_127 \
@@ -67,13 +85,16 @@ __device__ __forceinline__ void fence_proxy_async_smem() {
   "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
   "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
   "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+#define FASTLLM_WGMMA_D32 "{" FASTLLM_WGMMA_R0_31 "}"
 #define FASTLLM_WGMMA_D64 "{" FASTLLM_WGMMA_R0_63 "}"
 #define FASTLLM_WGMMA_D128 "{" FASTLLM_WGMMA_R0_63 ", " FASTLLM_WGMMA_R64_127 "}"
-#define FASTLLM_WGMMA_OPS64(C) \
+#define FASTLLM_WGMMA_OPS32(C) \
   C(d[0]), C(d[1]), C(d[2]), C(d[3]), C(d[4]), C(d[5]), C(d[6]), C(d[7]), \
   C(d[8]), C(d[9]), C(d[10]), C(d[11]), C(d[12]), C(d[13]), C(d[14]), C(d[15]), \
   C(d[16]), C(d[17]), C(d[18]), C(d[19]), C(d[20]), C(d[21]), C(d[22]), C(d[23]), \
-  C(d[24]), C(d[25]), C(d[26]), C(d[27]), C(d[28]), C(d[29]), C(d[30]), C(d[31]), \
+  C(d[24]), C(d[25]), C(d[26]), C(d[27]), C(d[28]), C(d[29]), C(d[30]), C(d[31])
+#define FASTLLM_WGMMA_OPS64(C) \
+  FASTLLM_WGMMA_OPS32(C), \
   C(d[32]), C(d[33]), C(d[34]), C(d[35]), C(d[36]), C(d[37]), C(d[38]), C(d[39]), \
   C(d[40]), C(d[41]), C(d[42]), C(d[43]), C(d[44]), C(d[45]), C(d[46]), C(d[47]), \
   C(d[48]), C(d[49]), C(d[50]), C(d[51]), C(d[52]), C(d[53]), C(d[54]), C(d[55]), \
@@ -135,6 +156,55 @@ __device__ __forceinline__ void wgmma_sp_m64n128k64_s8(int (&d)[64], uint64_t de
                : "memory");
 }
 
+// Dense 16-bit MMAs with fp32 accumulators (flash attention, flash_fwd_wgmma.cuh), D (64 x N):
+//   ss: D (+)= A (64 x 16, K-major, descriptor) * B (16 x N, K-major, descriptor);
+//   rs: D (+)= A (64 x 16, registers) * B (16 x N, N-major: imm-trans-b = 1, descriptor).
+// `accumulate` is wgmma's scale-d as a predicate: 0 makes D = A * B (the first k step of a
+// tile, so D need not be zeroed first). The A registers of the rs form follow mma.sync
+// m16n8k16's A fragment per warp (warp w rows 16w..16w+15): a[0] (g, 2c..2c+1), a[1] (g + 8,
+// 2c..), a[2] (g, 8 + 2c..), a[3] (g + 8, 8 + 2c..), two 16-bit values per register, the lower
+// column in the low half; D is laid out as described above for s8.
+#define FASTLLM_WGMMA_SS_16BIT(NAME, N, TYPE, DLIST, OPS, IA, IB, IS)                                         \
+  __device__ __forceinline__ void NAME(float(&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int accumulate) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" IS ", 0;\n"                                              \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TYPE "." TYPE " " DLIST ", %" IA ", %" IB  \
+                 ", p, 1, 1, 0, 0;\n}\n"                                                                       \
+                 : OPS("+f")                                                                                \
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate)                                                \
+                 : "memory");                                                                               \
+  }
+#define FASTLLM_WGMMA_RS_16BIT(NAME, N, TYPE, DLIST, OPS, A0, A1, A2, A3, IB, IS)                             \
+  __device__ __forceinline__ void NAME(float(&d)[N / 2], const uint32_t(&a)[4], uint64_t desc_b,             \
+                                       int accumulate) {                                                    \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" IS ", 0;\n"                                              \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TYPE "." TYPE " " DLIST ", {%" A0 ", %" A1 \
+                 ", %" A2 ", %" A3 "}, %" IB ", p, 1, 1, 1;\n}\n"                                               \
+                 : OPS("+f")                                                                                \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate)                \
+                 : "memory");                                                                               \
+  }
+FASTLLM_WGMMA_SS_16BIT(ss_m64n64k16_f16, 64, "f16", FASTLLM_WGMMA_D32, FASTLLM_WGMMA_OPS32, "32", "33", "34")
+FASTLLM_WGMMA_SS_16BIT(ss_m64n64k16_bf16, 64, "bf16", FASTLLM_WGMMA_D32, FASTLLM_WGMMA_OPS32, "32", "33", "34")
+FASTLLM_WGMMA_SS_16BIT(ss_m64n128k16_f16, 128, "f16", FASTLLM_WGMMA_D64, FASTLLM_WGMMA_OPS64, "64", "65", "66")
+FASTLLM_WGMMA_SS_16BIT(ss_m64n128k16_bf16, 128, "bf16", FASTLLM_WGMMA_D64, FASTLLM_WGMMA_OPS64, "64", "65", "66")
+FASTLLM_WGMMA_RS_16BIT(rs_m64n64k16_f16, 64, "f16", FASTLLM_WGMMA_D32, FASTLLM_WGMMA_OPS32, "32", "33", "34", "35", "36",
+                       "37")
+FASTLLM_WGMMA_RS_16BIT(rs_m64n64k16_bf16, 64, "bf16", FASTLLM_WGMMA_D32, FASTLLM_WGMMA_OPS32, "32", "33", "34", "35",
+                       "36", "37")
+FASTLLM_WGMMA_RS_16BIT(rs_m64n128k16_f16, 128, "f16", FASTLLM_WGMMA_D64, FASTLLM_WGMMA_OPS64, "64", "65", "66", "67",
+                       "68", "69")
+FASTLLM_WGMMA_RS_16BIT(rs_m64n128k16_bf16, 128, "bf16", FASTLLM_WGMMA_D64, FASTLLM_WGMMA_OPS64, "64", "65", "66",
+                       "67", "68", "69")
+FASTLLM_WGMMA_RS_16BIT(rs_m64n256k16_f16, 256, "f16", FASTLLM_WGMMA_D128, FASTLLM_WGMMA_OPS128, "128", "129", "130",
+                       "131", "132", "133")
+FASTLLM_WGMMA_RS_16BIT(rs_m64n256k16_bf16, 256, "bf16", FASTLLM_WGMMA_D128, FASTLLM_WGMMA_OPS128, "128", "129",
+                       "130", "131", "132", "133")
+#undef FASTLLM_WGMMA_SS_16BIT
+#undef FASTLLM_WGMMA_RS_16BIT
+
+#undef FASTLLM_WGMMA_R0_31
+#undef FASTLLM_WGMMA_D32
+#undef FASTLLM_WGMMA_OPS32
 #undef FASTLLM_WGMMA_R0_63
 #undef FASTLLM_WGMMA_R64_127
 #undef FASTLLM_WGMMA_D64

@@ -1,6 +1,7 @@
 """Kernel switches the benchmark flips to compare a kernel with the one it replaces on the same
 GPU: the CUDA launchers read these environment variables on every call (FASTLLM_INT8_WGMMA,
-FASTLLM_SPARSE24_WGMMA), the int8 ops' CUDA glue FASTLLM_INT8_FUSED; see README's support table."""
+FASTLLM_SPARSE24_WGMMA, FASTLLM_ATTN_WGMMA), the int8 ops' CUDA glue FASTLLM_INT8_FUSED; see README's
+support table."""
 import os
 
 import torch

@@ -42,8 +42,11 @@ Custom ops: fastllm::flash_attention and fastllm::flash_attention_varlen; both a
 arguments are normalized: scale a float, window an int (<= 0: none), softcap a float
 (0.0: none), mask None or a bool tensor broadcastable to (B, 1, Sq, Skv).
 
-Backends: "cuda" (csrc/attention, through the hook module fastllm.ops._attention_cuda),
-"triton" (triton_kernels/flash_attention.py, D <= 256), "torch" (fastllm/ref/attention.py).
+Backends: "cuda" (csrc/attention, through the hook module fastllm.ops._attention_cuda: mma.sync
+for D 64 / 80 / 96 / 128 / 256 on sm80+; on sm_90 with a 90a build D 64 / 128 / 256 run a wgmma
+kernel with the same skeleton, FASTLLM_ATTN_WGMMA=0 keeps the mma.sync one; UNVERIFIED: compiled,
+never run on a GPU), "triton" (triton_kernels/flash_attention.py, D <= 256), "torch"
+(fastllm/ref/attention.py).
 """
 import math
 import numbers

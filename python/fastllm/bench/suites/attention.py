@@ -6,6 +6,8 @@ Shapes follow FlashAttention's own benchmark: batch x seqlen = 16k tokens, hidde
 FLOPs = 4 * B * H * Sq * Skv * D, halved for causal (the work a causal kernel must do).
 Every implementation is checked on the same inputs against a float32 reference of the first
 (batch, 2 heads) slice before it is timed; a wrong one is reported WRONG, not timed.
+On an sm_90 GPU with a 90a build, "fastllm-cuda" is the wgmma kernel and "fastllm-cuda-sm80" the
+same call on the mma.sync kernel it replaces there (FASTLLM_ATTN_WGMMA=0).
 """
 import math
 
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import fastllm
+from fastllm.bench.switches import hopper_90a, with_env
 
 COLUMNS = ["impl", "dtype", "D", "causal", "B", "H", "S", "ms", "TFLOP/s", "frac_peak", "ok"]
 PLOT = dict(x="S", y="TFLOP/s", series="impl")
@@ -80,6 +83,9 @@ def run(ctx):
                 impls = {f"fastllm-{b}": (lambda q, k, v, causal, b=b: fastllm.ops.flash_attention(
                     q, k, v, causal=causal, backend=b)) for b in ctx.backends(op, dev, q, k, v, None, causal,
                                                                              1 / math.sqrt(D), 0, 0.0)}
+                if "fastllm-cuda" in impls and D % 64 == 0 and hopper_90a(dev):
+                    impls["fastllm-cuda-sm80"] = lambda q, k, v, causal: with_env(
+                        "FASTLLM_ATTN_WGMMA", "0", fastllm.ops.flash_attention, q, k, v, causal=causal, backend="cuda")
                 impls.update(peers)
                 errs = {}
                 for name, fn in impls.items():
