@@ -301,12 +301,17 @@ def test_head_dims_match_the_compiled_instantiations():
             assert os.path.exists(os.path.join(ROOT, "csrc", "attention", f"flash_fwd_hdim{d}_{name}.cu"))
 
 
+def _sm90_head_dims():
+    """The wgmma kernel's head dims: SM90_HEAD_DIMS of csrc/attention/generate_instantiations.py."""
+    gen = open(os.path.join(ROOT, "csrc", "attention", "generate_instantiations.py")).read()
+    return tuple(int(d) for d in re.search(r"^SM90_HEAD_DIMS = \(([^)]*)\)", gen, re.M).group(1).split(","))
+
+
 def test_hopper_head_dims_match_traits_units_and_launcher():
     # The wgmma kernel's head dims: the generator's SM90_HEAD_DIMS, one FlashFwdTraitsSm90
     # specialization and two _sm90a.cu units each, the launcher's Hopper switch and use_wgmma.
     src = lambda name: open(os.path.join(ROOT, "csrc", "attention", name)).read()
-    dims = tuple(int(d) for d in re.search(r"^SM90_HEAD_DIMS = \(([^)]*)\)",
-                                           src("generate_instantiations.py"), re.M).group(1).split(","))
+    dims = _sm90_head_dims()
     assert dims and set(dims) <= set(HEAD_DIMS) and all(d % 64 == 0 for d in dims)
     traits = src("flash_traits.h")
     assert sorted(int(d) for d in re.findall(r"struct FlashFwdTraitsSm90<(\d+)>", traits)) == sorted(dims)
@@ -331,9 +336,7 @@ def test_gpu_wgmma_and_sm80_kernels_on_hopper(dtype, monkeypatch):
     from fastllm.bench.switches import hopper_90a
     if not hopper_90a(torch.device("cuda")):
         pytest.skip("the wgmma kernel runs on sm_90 GPUs with a 90a build")
-    gen = open(os.path.join(ROOT, "csrc", "attention", "generate_instantiations.py")).read()
-    dims = tuple(int(d) for d in re.search(r"^SM90_HEAD_DIMS = \(([^)]*)\)", gen, re.M).group(1).split(","))
-    for D in dims:
+    for D in _sm90_head_dims():
         cases = [
             dict(shape=(2, 8, 2, 97, 1025), causal=True),
             dict(shape=(1, 8, 8, 1025, 1025), causal=False, q_layout="padded"),

@@ -1074,7 +1074,9 @@ MIRRORED_TRAITS_LINES = [
     "static constexpr int kChunks = kHeadDim / 8;",
     "static constexpr int kSmemQElems = kBlockM * kHeadDim;",
     "static constexpr int kSmemKVElems = kBlockN * kHeadDim;",
-    "static constexpr int kSmemBytes = (kSmemQElems + 2 * kStages * kSmemKVElems) * 2;",
+    "static constexpr int kSmemSlack = kSmemAlign > 128 ? kSmemAlign : 0;",
+    "static constexpr int kSmemBytes = (kSmemQElems + 2 * kStages * kSmemKVElems) * 2 + kSmemSlack;",
+    "int kSmemAlign_ = 128, int kSmemLimitKB_ = 99>",
 ]
 
 MIRRORED_LAUNCHER_LINES = [

@@ -75,17 +75,27 @@ class Sm90Tile:
 
 
 def parse_sm90_traits():
+    """FlashFwdTileSm90<D, BN> derives from FlashFwdTile<...>: evaluate FlashFwdTile's constants with
+    the arguments FlashFwdTileSm90 passes."""
     text = TRAITS_SRC.read_text()
-    body = re.search(r"struct FlashFwdTileSm90 \{(.*?)\n\};", text, re.S).group(1)
+    params = re.search(r"template <([^>]*)>\s*struct FlashFwdTile \{", text).group(1)
+    names = re.findall(r"(?:int|bool)\s+(\w+)", params)
+    body = re.search(r"struct FlashFwdTile \{(.*?)\n\};", text, re.S).group(1)
     exprs = re.findall(r"static constexpr (?:int|bool) (k\w+) = ([^;]+);", body)
+    args = re.search(r"struct FlashFwdTileSm90 : FlashFwdTile<([^>]*)>", text).group(1).split(",")
+    assert len(names) == len(args), (names, args)
     specs = re.findall(r"struct FlashFwdTraitsSm90<(\d+)>\s*:\s*FlashFwdTileSm90<(\d+),\s*(\d+)>", text)
     cfgs = {}
     for key, D, bn in specs:
         assert key == D
-        env = {"kHeadDim_": int(D), "kBlockN_": int(bn), "false": False, "true": True}
+        outer = {"kHeadDim_": int(D), "kBlockN_": int(bn), "false": False, "true": True}
+        env = dict(outer)
+        for name, arg in zip(names, args):
+            env[name] = eval(arg.strip(), {"__builtins__": {}}, outer)
         for name, expr in exprs:                         # int arithmetic: C++ `/` is `//` here
-            assert re.fullmatch(r"[\w\s*/+%()-]+", expr), expr
-            env[name] = eval(expr.replace("/", "//"), {"__builtins__": {}}, env)
+            assert re.fullmatch(r"[\w\s*/+%()<>?:-]+", expr), expr
+            py = re.sub(r"(.+?)\s*\?\s*(.+?)\s*:\s*(.+)", r"(\2 if \1 else \3)", expr.replace("/", "//"))
+            env[name] = eval(py, {"__builtins__": {}}, env)
         cfgs[int(D)] = Sm90Tile({k: v for k, v in env.items() if not k.endswith("_")})
     return cfgs
 
@@ -170,14 +180,19 @@ def rs_a_matrix(a):
 # ----------------------------------------------------------------------------------------------
 # The kernel, mirrored. KERNEL holds the pieces the mutants replace.
 
+def desc_sw128_lbo(addr, lbo_bytes):
+    """wgmma::desc_sw128_lbo."""
+    return ((addr & 0x3FFFF) >> 4) | (((lbo_bytes & 0x3FFFF) >> 4) << 16) | ((1024 >> 4) << 32) | (1 << 62)
+
+
 def desc_sw128(addr):
     """wgmma::desc_sw128."""
-    return ((addr & 0x3FFFF) >> 4) | (1 << 16) | ((1024 >> 4) << 32) | (1 << 62)
+    return desc_sw128_lbo(addr, 16)
 
 
 def desc_sw128_mn(addr, n_block_bytes):
     """wgmma::desc_sw128_mn."""
-    return ((addr & 0x3FFFF) >> 4) | (((n_block_bytes & 0x3FFFF) >> 4) << 16) | ((1024 >> 4) << 32) | (1 << 62)
+    return desc_sw128_lbo(addr, n_block_bytes)
 
 
 def at(desc, nbytes):
@@ -579,9 +594,10 @@ MIRRORED = {
         "return ((chunk / kGroup) * kRows + row) * (kGroup * 8) + phys * 8;",
     ],
     WGMMA_SRC: [
-        "return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |",
-        "return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>((n_block_bytes & 0x3FFFF) >> 4) << 16) |",
+        "return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>((lbo_bytes & 0x3FFFF) >> 4) << 16) |",
         "(uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);",
+        "__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) { return desc_sw128_lbo(addr, 16); }",
+        "return desc_sw128_lbo(addr, n_block_bytes);",
         r'"{\n.reg .pred p;\nsetp.ne.b32 p, %" IS ", 0;\n"',
         r'", p, 1, 1, 0, 0;\n}\n"',
         r'", %" A2 ", %" A3 "}, %" IB ", p, 1, 1, 1;\n}\n"',
@@ -600,8 +616,9 @@ MIRRORED = {
         "template <> struct FlashFwdTraitsSm90<64> : FlashFwdTileSm90<64, 128> {};",
         "template <> struct FlashFwdTraitsSm90<128> : FlashFwdTileSm90<128, 128> {};",
         "template <> struct FlashFwdTraitsSm90<256> : FlashFwdTileSm90<256, 64> {};",
-        "static constexpr int kSmemAlign = 1024;",
-        "static constexpr int kSmemBytes = (kSmemQElems + 2 * kStages * kSmemKVElems) * 2 + kSmemAlign;",
+        "struct FlashFwdTileSm90 : FlashFwdTile<kHeadDim_, 128, kBlockN_, 8, false, 1, 1024, 227> {",
+        "static constexpr int kSmemSlack = kSmemAlign > 128 ? kSmemAlign : 0;",
+        "static constexpr int kSmemBytes = (kSmemQElems + 2 * kStages * kSmemKVElems) * 2 + kSmemSlack;",
     ],
 }
 

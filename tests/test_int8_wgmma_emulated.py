@@ -57,9 +57,14 @@ def swizzle_offset(row, chunk):
     return row * 128 + ((chunk % 8) ^ (row % 8)) * 16
 
 
+def desc_sw128_lbo(addr, lbo_bytes):
+    """wgmma::desc_sw128_lbo (common/wgmma.cuh)."""
+    return ((addr & 0x3FFFF) >> 4) | (((lbo_bytes & 0x3FFFF) >> 4) << 16) | ((1024 >> 4) << 32) | (1 << 62)
+
+
 def desc_sw128(addr):
     """wgmma::desc_sw128 (common/wgmma.cuh)."""
-    return ((addr & 0x3FFFF) >> 4) | (1 << 16) | ((1024 >> 4) << 32) | (1 << 62)
+    return desc_sw128_lbo(addr, 16)
 
 
 def grouped_tile(tiles_m, tiles_n, pid):
@@ -473,8 +478,9 @@ MIRRORED = {
         "const uint32_t sA = (smem_u32(smem) + 1023u) & ~1023u; // 128-byte swizzle: 1024-aligned tiles",
     ],
     WGMMA_SRC: [
-        "return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |",
-        "(uint64_t{1} << 62);",
+        "return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>((lbo_bytes & 0x3FFFF) >> 4) << 16) |",
+        "(uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);",
+        "__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) { return desc_sw128_lbo(addr, 16); }",
     ],
     TRAITS_SRC: [
         "static constexpr int kBM = 128, kBN = kBN_, kBK = 128, kStages = kStages_;",

@@ -16,7 +16,11 @@
 namespace fastllm {
 namespace attention {
 
-template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, bool kQInRegs_, int kMinBlocksPerSM_ = 1>
+// kSmemAlign_: where the kernel's tiles must start (the extern array itself is 128-aligned; more
+// costs that many bytes of slack). kSmemLimitKB_: the smallest per-block shared memory of the
+// archs the tile is built for.
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, bool kQInRegs_, int kMinBlocksPerSM_ = 1,
+          int kSmemAlign_ = 128, int kSmemLimitKB_ = 99>
 struct FlashFwdTile {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;   // query rows per CTA
@@ -41,10 +45,11 @@ struct FlashFwdTile {
   static constexpr int kChunks = kHeadDim / 8;
   static constexpr int kSmemQElems = kBlockM * kHeadDim;   // also the O staging tile
   static constexpr int kSmemKVElems = kBlockN * kHeadDim;  // one K (or V) stage
-  static constexpr int kSmemAlign = 128;  // the extern array's alignment: no slack needed
-  static constexpr int kSmemBytes = (kSmemQElems + 2 * kStages * kSmemKVElems) * 2;
-  // sm86 / sm89 allow at most 99 KB of dynamic shared memory per block.
-  static_assert(kSmemBytes <= 99 * 1024, "tile does not fit the smallest sm80+ shared memory");
+  static constexpr int kSmemAlign = kSmemAlign_;
+  static constexpr int kSmemSlack = kSmemAlign > 128 ? kSmemAlign : 0;
+  static constexpr int kSmemBytes = (kSmemQElems + 2 * kStages * kSmemKVElems) * 2 + kSmemSlack;
+  // sm86 / sm89 allow at most 99 KB of dynamic shared memory per block, sm90 227 KB.
+  static_assert(kSmemBytes <= kSmemLimitKB_ * 1024, "tile does not fit the target archs' shared memory");
 };
 
 template <int D> struct FlashFwdTraits;
@@ -71,23 +76,9 @@ template <> struct FlashFwdTraits<256> : FlashFwdTile<256, 64, 32, 4, false> {};
 // starting 1024-byte aligned (kSmemBytes holds 1024 bytes of slack for that).
 // Registers per thread: S kBlockN / 2 + O D / 2 + P kBlockN / 4 fp32 / packed values.
 template <int kHeadDim_, int kBlockN_>
-struct FlashFwdTileSm90 {
-  static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = 128;
-  static constexpr int kBlockN = kBlockN_;
-  static constexpr int kNWarps = 8;
-  static constexpr int kThreads = kNWarps * 32;
-  static constexpr bool kQInRegs = false;
-  static constexpr int kStages = 2;
-  static constexpr int kMinBlocksPerSM = 1;
-  static_assert(kHeadDim % 64 == 0, "wgmma's 128-byte swizzle rows hold 64 16-bit values");
-  static_assert(kBlockN % 64 == 0 && kBlockN <= 256, "S = Q K^T is one m64nN wgmma per k step");
-  static constexpr int kChunks = kHeadDim / 8;
-  static constexpr int kSmemQElems = kBlockM * kHeadDim;
-  static constexpr int kSmemKVElems = kBlockN * kHeadDim;
-  static constexpr int kSmemAlign = 1024;
-  static constexpr int kSmemBytes = (kSmemQElems + 2 * kStages * kSmemKVElems) * 2 + kSmemAlign;
-  static_assert(kSmemBytes <= 227 * 1024, "tile does not fit an H100's shared memory");
+struct FlashFwdTileSm90 : FlashFwdTile<kHeadDim_, 128, kBlockN_, 8, false, 1, 1024, 227> {
+  static_assert(kHeadDim_ % 64 == 0, "wgmma's 128-byte swizzle rows hold 64 16-bit values");
+  static_assert(kBlockN_ % 64 == 0 && kBlockN_ <= 256, "S = Q K^T is one m64nN wgmma per k step");
 };
 
 template <int D> struct FlashFwdTraitsSm90;

@@ -20,23 +20,24 @@
 namespace fastllm {
 namespace wgmma {
 
-// Descriptor of a K-major, 128-byte-swizzled tile at shared address `addr` (1024-aligned):
-//   bits 0-13 start address >> 4, 16-29 leading byte offset >> 4 (unused here: 1),
-//   32-45 stride byte offset >> 4 (1024 B between 8-row groups), 62-63 swizzle (1 = 128 B).
-__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
-         (uint64_t{1} << 62);
-}
-
-// Descriptor of an N-major (imm-trans-b = 1), 128-byte-swizzled B tile at `addr` (1024-aligned):
-// the same storage as above read the other way round. Rows are the MMA's K (e.g. keys of a V
-// tile), each row holds 64 16-bit N values (128 bytes), 8 rows make one 1024-byte atom, so the
-// stride byte offset (between 8-row groups along K) is 1024 and the leading byte offset is the
-// distance between 64-wide N blocks (`n_block_bytes`; one block's rows follow each other, then
-// the next block's): PTX ISA, "leading dimension byte offset", MN-major swizzled layouts.
-__device__ __forceinline__ uint64_t desc_sw128_mn(uint32_t addr, uint32_t n_block_bytes) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>((n_block_bytes & 0x3FFFF) >> 4) << 16) |
+// Descriptor of a 128-byte-swizzled tile at shared address `addr` (1024-aligned):
+//   bits 0-13 start address >> 4, 16-29 leading byte offset >> 4, 32-45 stride byte offset >> 4
+//   (1024 B between 8-row groups), 62-63 swizzle (1 = 128 B).
+__device__ __forceinline__ uint64_t desc_sw128_lbo(uint32_t addr, uint32_t lbo_bytes) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>((lbo_bytes & 0x3FFFF) >> 4) << 16) |
          (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+// K-major: the leading byte offset is unused (the K extent of one MMA lies inside a 128-byte
+// row); set to 16 bytes (encoded 1).
+__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) { return desc_sw128_lbo(addr, 16); }
+// N-major (imm-trans-b = 1) B tile: the same storage as above read the other way round. Rows are
+// the MMA's K (e.g. keys of a V tile), each row holds 64 16-bit N values (128 bytes), 8 rows
+// make one 1024-byte atom (the stride byte offset, between 8-row groups along K), and the leading
+// byte offset is the distance between 64-wide N blocks (`n_block_bytes`; one block's rows follow
+// each other, then the next block's): PTX ISA, "leading dimension byte offset", MN-major
+// swizzled layouts.
+__device__ __forceinline__ uint64_t desc_sw128_mn(uint32_t addr, uint32_t n_block_bytes) {
+  return desc_sw128_lbo(addr, n_block_bytes);
 }
 
 // Orders this thread's earlier register / shared-memory accesses before the warpgroup's next
