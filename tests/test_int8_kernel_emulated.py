@@ -1193,7 +1193,7 @@ MIRRORED_LAUNCHER_LINES = [  # int8_launcher.cu (the sm80 path; the sm_90a wgmma
     "p.ldx = M > 1 ? ldx : 0;",
     "p.ldw = N > 1 ? ldw : K;",
     "p.s_stride_n = s_stride_n, p.s_stride_g = group_size > 0 ? s_stride_g : 0;",
-    "const W8A16Choice c = choose_w8a16_config(M, N, K, sms);",
+    "return launch(choose_w8a16_config(M, N, K, sms), reinterpret_cast<cudaStream_t>(stream));",
     "if (c.token_tiles == 1) return c.warps == 4 ? run_w8a16<T, 1, 4>(p, s) : run_w8a16<T, 1, 8>(p, s);",
     "return c.warps == 4 ? run_w8a16<T, 2, 4>(p, s) : run_w8a16<T, 2, 8>(p, s);",
 ]

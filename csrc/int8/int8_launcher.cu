@@ -115,6 +115,19 @@ int w8a8_decode_variant(const W8A8DecodeParams& p, const W8A16Choice& c, cudaStr
   return c.warps == 4 ? run_w8a8_decode<T, 2, 4>(p, s) : run_w8a8_decode<T, 2, 8>(p, s);
 }
 
+// The decode kernels' (W8A16, fused W8A8) common tail: on `device` (the guard lives until the
+// launch returns), check the arch (bf16 / s8 mma.sync need sm80), pick the 16-channels-per-CTA
+// plan for this SM count and run `launch(plan, stream)`.
+template <typename Launch>
+int launch_decode_plan(int device, int64_t M, int64_t N, int64_t K, uintptr_t stream, Launch launch) {
+  DeviceGuard guard(device);
+  if (guard.status() != cudaSuccess) return guard.status();
+  int major = 0, sms = 0;
+  if (const int e = sm_info(device, &major, &sms)) return e;
+  if (major < 8) return kErrUnsupportedArch;
+  return launch(choose_w8a16_config(M, N, K, sms), reinterpret_cast<cudaStream_t>(stream));
+}
+
 }  // namespace
 }  // namespace int8
 
@@ -242,14 +255,9 @@ int w8a16_gemm(int device, int dtype, uintptr_t x, int64_t ldx, uintptr_t w, int
   p.bias_dtype = bias_dtype;
   p.M = static_cast<int>(M), p.N = static_cast<int>(N), p.K = static_cast<int>(K);
 
-  DeviceGuard guard(device);
-  if (guard.status() != cudaSuccess) return guard.status();
-  int major = 0, sms = 0;
-  if (const int e = sm_info(device, &major, &sms)) return e;
-  if (major < 8) return kErrUnsupportedArch;  // bf16 mma.sync needs sm80
-  const W8A16Choice c = choose_w8a16_config(M, N, K, sms);
-  auto s = reinterpret_cast<cudaStream_t>(stream);
-  return dtype == kFloat16 ? w8a16_variant<__half>(p, c, s) : w8a16_variant<__nv_bfloat16>(p, c, s);
+  return launch_decode_plan(device, M, N, K, stream, [&](const W8A16Choice& c, cudaStream_t s) {
+    return dtype == kFloat16 ? w8a16_variant<__half>(p, c, s) : w8a16_variant<__nv_bfloat16>(p, c, s);
+  });
 }
 
 int w8a8_decode_gemm(int device, int dtype, uintptr_t x, int64_t ldx, uintptr_t w, int64_t ldw, uintptr_t w_scale,
@@ -287,18 +295,13 @@ int w8a8_decode_gemm(int device, int dtype, uintptr_t x, int64_t ldx, uintptr_t 
   p.bias_dtype = bias_dtype;
   p.M = static_cast<int>(M), p.N = static_cast<int>(N), p.K = static_cast<int>(K);
 
-  DeviceGuard guard(device);
-  if (guard.status() != cudaSuccess) return guard.status();
-  int major = 0, sms = 0;
-  if (const int e = sm_info(device, &major, &sms)) return e;
-  if (major < 8) return kErrUnsupportedArch;  // s8 mma.sync m16n8k32 needs sm80
-  const W8A16Choice c = choose_w8a16_config(M, N, K, sms);
-  auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case kFloat16: return w8a8_decode_variant<__half>(p, c, s);
-    case kBFloat16: return w8a8_decode_variant<__nv_bfloat16>(p, c, s);
-    default: return w8a8_decode_variant<float>(p, c, s);
-  }
+  return launch_decode_plan(device, M, N, K, stream, [&](const W8A16Choice& c, cudaStream_t s) {
+    switch (dtype) {
+      case kFloat16: return w8a8_decode_variant<__half>(p, c, s);
+      case kBFloat16: return w8a8_decode_variant<__nv_bfloat16>(p, c, s);
+      default: return w8a8_decode_variant<float>(p, c, s);
+    }
+  });
 }
 
 }  // namespace fastllm
