@@ -56,7 +56,6 @@ int wgmma_config(const Int8GemmParams& p, int config, bool tma, cudaStream_t s) 
   return config == 0 ? run_int8_wgmma<OutT, 0>(p, s) : run_int8_wgmma<OutT, 1>(p, s);
 }
 static_assert(kNumWgmmaConfigs == 2, "update wgmma_config() and generate_instantiations.py");
-#endif
 
 // Which Hopper kernel: FASTLLM_INT8_WGMMA=0 keeps Hopper on the sm80 kernel, =tma selects the
 // experimental TMA-fed variant, anything else the cp.async-fed wgmma kernel.
@@ -65,6 +64,7 @@ WgmmaMode wgmma_mode() {
   if (env_is("FASTLLM_INT8_WGMMA", "0")) return WgmmaMode::kOff;
   return env_is("FASTLLM_INT8_WGMMA", "tma") ? WgmmaMode::kTma : WgmmaMode::kCpAsync;
 }
+#endif
 
 // Split-K: pass 1 (`partials`, a kernel launch writing raw int32) sums K slices of k_tile-wide
 // steps into per-slice planes of the workspace; pass 2 adds them and applies the epilogue.
