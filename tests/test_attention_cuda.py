@@ -265,6 +265,28 @@ def test_varlen_supports():
     assert "multiples of 8" in cuda_varlen_supports(wide, t, t, cu, cu, 23, 23, True, 0.1, 0, 0.0)
 
 
+def test_varlen_passes_the_strides_it_checked(monkeypatch):
+    # Regression: the check zeroed the stride of a size-1 dim (never stepped over) but the raw
+    # stride went to C++, whose alignment check then failed at launch after supports said yes.
+    from fastllm import _ext
+    from fastllm.ops import _attention_cuda as ac
+    seen = {}
+
+    class FakeLib:
+        def flash_attention_varlen_fwd(self, *args):
+            seen["args"] = args
+            return 0
+    monkeypatch.setattr(_ext, "lib", lambda: FakeLib())
+    monkeypatch.setattr(_ext, "stream_of", lambda t: 0)
+    q = torch.empty(40, 8, 64, dtype=torch.float16)
+    kv = torch.empty(40 * 64, dtype=torch.float16).as_strided((40, 1, 64), (64, 3, 1))  # MQA, odd head stride
+    cu = torch.tensor([0, 17, 40], dtype=torch.int32)
+    assert cuda_varlen_supports(q, kv, kv, cu, cu, 23, 23, True, 0.1, 0, 0.0) is None
+    ac.flash_attention_varlen_cuda(q, kv, kv, cu, cu, 23, 23, True, 0.1, 0, 0.0)
+    strides = seen["args"][16:22]  # q head, q row, k head, k row, v head, v row
+    assert strides == (64, 8 * 64, 0, 64, 0, 64)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -93,6 +93,25 @@ def test_no_driver_is_a_clear_python_error():
         _ext.check(code, "quantize_per_token")
 
 
+def test_runtime_without_usable_driver_rules_out_the_cuda_backend(monkeypatch):
+    # PyTorch may see a GPU whose driver is too old for the toolkit fastllm._C was built with:
+    # auto must then pick another backend, not fail at launch.
+    class FakeC:
+        def device_count(self):
+            return -35
+
+        def error_string(self, code):
+            return "CUDA driver version is insufficient for CUDA runtime version"
+    monkeypatch.setattr(_ext, "_load", lambda: (FakeC(), None))
+    monkeypatch.setattr(_ext, "arch_reason", lambda i: None)
+    _ext.runtime_reason.cache_clear()
+    try:
+        why = registry.device_reason("cuda", torch.device("cuda", 0), True)
+    finally:
+        _ext.runtime_reason.cache_clear()
+    assert "driver" in why and "insufficient" in why and "update the NVIDIA driver" in why
+
+
 def test_launcher_validates_shapes():
     if _ext.unavailable_reason():
         pytest.skip(_ext.unavailable_reason())

@@ -93,7 +93,10 @@ inline int opt_in_dynamic_smem(int bytes) {
   const uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
   if (bit && (done.load(std::memory_order_relaxed) & bit)) return 0;
   const cudaError_t e = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (e != cudaSuccess) return static_cast<int>(e);
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // not sticky: clear it, or the next launch_status() would report it
+    return static_cast<int>(e);
+  }
   done.fetch_or(bit, std::memory_order_relaxed);
   return 0;
 }

@@ -54,6 +54,26 @@ def unavailable_reason():
     return _load()[1]
 
 
+@functools.lru_cache(None)
+def runtime_reason():
+    """None if the extension's own (statically linked) CUDA runtime sees a GPU, else why not.
+
+    PyTorch may see the GPU while fastllm._C cannot: a driver older than the CUDA toolkit the
+    extension was built with (cudaErrorInsufficientDriver). The cuda backend is then unusable
+    and auto must pick another one rather than fail at launch."""
+    mod, reason = _load()
+    if mod is None:
+        return reason
+    n = mod.device_count()
+    if n > 0:
+        return None
+    if n == 0:
+        return "fastllm._C's CUDA runtime sees no GPU"
+    cuda = build_info().get("cuda_version", "?")
+    return (f"fastllm._C's CUDA runtime cannot use this machine's driver ({mod.error_string(-n)}); it was "
+            f"built with CUDA {cuda}: update the NVIDIA driver or rebuild with a matching toolkit")
+
+
 def built_archs():
     mod, _ = _load()
     if mod is not None:

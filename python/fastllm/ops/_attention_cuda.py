@@ -156,10 +156,12 @@ def flash_attention_varlen_cuda(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale
     B = cu_q.shape[0] - 1
     if out.numel() == 0 or B == 0 or max_q == 0:
         return out, lse
+    # (head, row) strides as cuda_varlen_supports checked them: 0 for a dim of size 1.
+    hs = [_strides(t.transpose(0, 1)[None])[1:] for t in (q, k, v)]
     code = _ext.lib().flash_attention_varlen_fwd(
         q.device.index, _ext.DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(),
         out.data_ptr(), lse.data_ptr(), cu_q.data_ptr(), cu_k.data_ptr(), B, total_q, Hq, k.shape[1],
-        int(max_q), int(max_k), D, q.stride(1), q.stride(0), k.stride(1), k.stride(0), v.stride(1), v.stride(0),
+        int(max_q), int(max_k), D, *hs[0], *hs[1], *hs[2],
         float(scale), window, softcap, bool(causal), _ext.stream_of(q))
     _ext.check(code, "flash_attention_varlen")
     return out, lse

@@ -39,7 +39,7 @@ def device_reason(backend: str, device: torch.device, auto: bool) -> Optional[st
     if backend == "cuda":
         if device.type != "cuda":
             return f"needs CUDA tensors (got {device.type})"
-        reason = _ext.unavailable_reason()
+        reason = _ext.unavailable_reason() or _ext.runtime_reason()
         if reason:
             return reason
         return _ext.arch_reason(device.index if device.index is not None else torch.cuda.current_device())
