@@ -112,6 +112,19 @@ def test_int32_strided(backend):
     assert torch.equal(int8_matmul_int32(a, b, backend=backend).cpu().long(), exact_int(a, b))
 
 
+@pytest.mark.parametrize("backend", [b for b in ALL if b != "cuda"])
+def test_int32_broadcast_and_overlapping_rows(backend):
+    # Regression: CPU torch._int_mm read garbage for zero / overlapping strides (the torch
+    # backend now hands it only the probed dense layout). The kernels take any strides.
+    row = rand_int8(1, 64)
+    a = row.expand(5, 64)                                        # row stride 0
+    a_ov = rand_int8(1, 200)[0].as_strided((5, 64), (16, 1))     # rows overlap
+    b = rand_int8(16, 64)
+    b_bc = rand_int8(1, 64).expand(16, 64)
+    for x, w in ((a, b), (a_ov, b), (a_ov, b_bc)):
+        assert torch.equal(int8_matmul_int32(x, w, backend=backend).cpu().long(), exact_int(x, w))
+
+
 @pytest.mark.parametrize("backend", ALL)
 def test_empty(backend):
     acc = int8_matmul_int32(rand_int8(0, 32), rand_int8(16, 32), backend=backend)

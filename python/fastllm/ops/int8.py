@@ -97,7 +97,9 @@ def cpu_int_mm_ok() -> bool:
 
 def _int32_torch(a, b):
     if a.device.type == "cpu" and a.shape[0] > 0 and b.shape[0] > 0 and a.shape[1] > 0 and cpu_int_mm_ok():
-        return torch._int_mm(a, b.t())
+        # Only the probed layout: _int_mm reads garbage for zero / overlapping strides (expand,
+        # as_strided windows) on CPU. contiguous() is free for the usual dense operands.
+        return torch._int_mm(a.contiguous(), b.contiguous().t())
     return ref.int8_matmul_int32(a, b)
 
 
