@@ -162,6 +162,28 @@ def test_half_precision_layers(dtype, mode):
     assert rel_err(y, yref) < BOUND[mode] + torch.finfo(dtype).eps
 
 
+@pytest.mark.parametrize("mode", ["w8a8-dynamic", "w8a8-static", "w8a16"])
+def test_model_half_keeps_int8_weight_and_fp32_scales(mode):
+    # Regression: model.half() after quantizing cast the scale buffers to fp16 (precision lost)
+    # and every forward then failed the ops' fp32-scale check. Only the bias converts.
+    lin = nn.Linear(K, N, device=DEVICE)
+    kw = {} if mode == "w8a16" else dict(act_amax=torch.rand(K, device=DEVICE) * 5, smooth_alpha=0.5)
+    q = Int8Linear.from_linear(lin, mode, **kw)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    q.half()
+    for k, v in q.state_dict().items():
+        if k == "bias":
+            assert v.dtype == torch.float16
+        else:
+            assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    x = inputs(5).half()
+    with torch.no_grad():
+        y = q(x)
+        q.float()
+        y32 = q(x.float())
+    assert y.dtype == torch.float16 and rel_err(y, y32) < 4e-3
+
+
 def test_state_dict_and_buffers():
     lin = nn.Linear(K, N, device=DEVICE)
     q = Int8Linear.from_linear(lin, "w8a8-static", act_amax=torch.rand(K, device=DEVICE) * 5, smooth_alpha=0.5)

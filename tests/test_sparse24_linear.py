@@ -79,6 +79,17 @@ def test_wanda_and_int8():
     assert (q(x) - s(x)).abs().max() <= 0.03 * s(x).abs().max()
 
 
+def test_int8_model_bfloat16_keeps_fp32_scales():
+    # Regression: .bfloat16() cast weight_scale to 16 bits and the int8 forward then failed.
+    q = Sparse24Linear.from_linear(linear(128, 32), prune="magnitude", int8=True, backend="torch")
+    scale = q.weight_scale.clone()
+    q.bfloat16()
+    assert q.weight_scale.dtype == torch.float32 and torch.equal(q.weight_scale, scale)
+    assert q.values.dtype == torch.int8 and q.bias.dtype == torch.bfloat16
+    x = torch.randn(3, 128, device=DEVICE, dtype=torch.bfloat16)
+    assert q(x).dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("int8", [False, True])
 def test_save_load_roundtrip(tmp_path, int8):
     torch.manual_seed(torch.initial_seed() % 2 ** 31)

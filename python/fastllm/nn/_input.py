@@ -1,8 +1,9 @@
-"""Shared by fastllm's linear layers: dtype names in messages and the (..., K) -> (rows, K) input
-check every layer's forward starts with."""
+"""Shared by fastllm's linear layers: dtype names in messages, the (..., K) -> (rows, K) input
+check every layer's forward starts with, and fp32 scale buffers that survive model.half()."""
 from typing import Tuple
 
 import torch
+from torch import nn
 
 from ..ops._checks import FLOAT_DTYPES
 
@@ -19,3 +20,19 @@ def as_rows(layer: str, x, in_features: int) -> Tuple[torch.Tensor, torch.Size]:
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"{layer}: input must have shape (..., {in_features}), got {tuple(x.shape)}")
     return x.reshape(-1, in_features), x.shape[:-1]
+
+
+class KeepsFp32Scales(nn.Module):
+    """Its buffers named in _FP32_BUFFERS stay float32 through .half() / .bfloat16() / .to(dtype)
+    (the kernels take fp32 scales; a 16-bit round trip would lose their precision) while still
+    following device moves. Everything else converts as in any nn.Module."""
+    _FP32_BUFFERS: Tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        kept = {n: self._buffers[n] for n in self._FP32_BUFFERS if self._buffers.get(n) is not None}
+        out = super()._apply(fn, recurse)
+        for n, old in kept.items():
+            new = self._buffers[n]
+            if new.dtype != torch.float32:
+                self._buffers[n] = old.to(device=new.device)
+        return out

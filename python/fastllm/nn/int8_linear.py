@@ -22,7 +22,8 @@ channels in w8a16) by fastllm.quant.weights.
 Buffers (all saved in the state dict): weight_int8 (N, K) int8, weight_scale (N,) or
 (N, K // group_size) fp32, bias (N,) in the original dtype (or absent), act_scale (1,) fp32
 (static mode), smooth (K,) fp32 (when SmoothQuant could not be folded into a norm: the input
-is multiplied by it, i.e. smooth = 1 / s).
+is multiplied by it, i.e. smooth = 1 / s). `.half()` / `.to(dtype)` convert the bias only: the
+int8 weight and the fp32 scales keep their dtype.
 
 Inputs of any leading shape (..., K) in float16, bfloat16 or float32; output (..., N) in the
 input's dtype. in_features and out_features must be multiples of 16 (the int8 kernels').
@@ -34,14 +35,15 @@ from torch import nn
 
 from .. import ops
 from ..ops._checks import FLOAT_DTYPES
-from ._input import as_rows, fmt as _fmt
+from ._input import KeepsFp32Scales, as_rows, fmt as _fmt
 
 MODES = ("w8a8-dynamic", "w8a8-static", "w8a16")
 
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(KeepsFp32Scales):
     """int8-weight linear layer; build with Int8Linear.from_linear (see the module docstring)."""
+    _FP32_BUFFERS = ("weight_scale", "act_scale", "smooth")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, mode: str = "w8a8-dynamic",
                  group_size: Optional[int] = None, smooth: bool = False, bias_dtype: torch.dtype = torch.float32,

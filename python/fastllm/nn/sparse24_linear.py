@@ -13,7 +13,7 @@ epilogue (per-token x per-channel scales, bias) in fp32.
 
 Buffers (all in the state dict, safetensors-friendly): values (N, K // 2) (the weight's dtype,
 or int8), meta (N // 16, K // 2) int32 (fastllm/sparse/format.py), bias (N,) or absent,
-weight_scale (N,) fp32 (int8 only). in_features must be a multiple of 64 and out_features of
+weight_scale (N,) fp32 (int8 only; `.half()` / `.to(dtype)` leave it fp32). in_features must be a multiple of 64 and out_features of
 16 (the compressed format's metadata block). Whole models: fastllm.sparse.sparsify_linears,
 save_sparse, load_sparse.
 """
@@ -24,14 +24,15 @@ from torch import nn
 
 from .. import ops
 from ..ops._checks import FLOAT_DTYPES
-from ._input import as_rows, fmt as _fmt
+from ._input import KeepsFp32Scales, as_rows, fmt as _fmt
 
 PRUNE_METHODS = (None, "magnitude", "wanda")
 
 
 
-class Sparse24Linear(nn.Module):
+class Sparse24Linear(KeepsFp32Scales):
     """2:4-sparse linear layer; build with Sparse24Linear.from_linear (module docstring)."""
+    _FP32_BUFFERS = ("weight_scale",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, int8: bool = False,
                  dtype: torch.dtype = torch.float16, bias_dtype: Optional[torch.dtype] = None, device=None,
