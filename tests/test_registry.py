@@ -112,6 +112,20 @@ def test_runtime_without_usable_driver_rules_out_the_cuda_backend(monkeypatch):
     assert "driver" in why and "insufficient" in why and "update the NVIDIA driver" in why
 
 
+def test_first_auto_selection_inside_torch_compile(monkeypatch):
+    # Regression: the first auto selection of an op logs its choice, which dynamo cannot trace:
+    # compiling fullgraph before any eager call failed.
+    from torch import nn
+    from fastllm.nn import Int8Linear
+    for op in registry.OPS.values():
+        monkeypatch.setattr(op, "_announced", set())
+    m = Int8Linear.from_linear(nn.Linear(64, 32, device=DEVICE))
+    x = torch.randn(4, 64, device=DEVICE)
+    torch._dynamo.reset()
+    y = torch.compile(m, fullgraph=True, backend="eager")(x)
+    assert torch.equal(y, m(x))
+
+
 def test_launcher_validates_shapes():
     if _ext.unavailable_reason():
         pytest.skip(_ext.unavailable_reason())

@@ -105,7 +105,9 @@ class Op:
         for b in self.order:
             why = self.reason(b, device, *args, auto=True, **kw)
             if why is None:
-                if (b, device.type) not in self._announced:
+                # Not while torch.compile traces: dynamo cannot trace logging (an eager call
+                # announces it).
+                if not torch.compiler.is_compiling() and (b, device.type) not in self._announced:
                     self._announced.add((b, device.type))
                     log.info("%s: backend '%s' on %s (%s)", self.name, b, device.type,
                              "; ".join(tried) or "first choice")
