@@ -124,3 +124,13 @@ def test_opcheck(backend):
     torch.library.opcheck(torch.ops.fastllm.int8_matmul_static.default,
                           (x.half(), b, in_mul[:1], torch.tensor([0.1], device=DEVICE), w_s,
                            torch.randn(32, device=DEVICE), backend))
+
+
+def test_torch_compile_fullgraph_static_layer():
+    # Regression: the CPU check of act_scale's value (.item()) broke fullgraph compile.
+    from torch import nn
+    from fastllm.nn import Int8Linear
+    m = Int8Linear.from_linear(nn.Linear(64, 32, device=DEVICE), "w8a8-static", act_scale=0.02)
+    x = torch.randn(4, 64, device=DEVICE)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(m, fullgraph=True, backend="eager")(x), m(x))

@@ -124,8 +124,10 @@ def int8_matmul_static(x: torch.Tensor, b: torch.Tensor, act_scale: Union[torch.
         raise ValueError(f"{NAME}: argument 'act_scale' must be one calibrated per-tensor scale (one element), "
                          f"got shape {tuple(act_scale.shape)}")
     a_scale = check_epilogue(NAME, x, M, N, act_scale, w_scale, bias, x.dtype, "row of b")
-    if x.device.type == "cpu" and not (act_scale.item() > 0 and act_scale.isfinite().item()):
-        # (On CUDA this check would sync; a bad scale there gives NaN/inf outputs, not a crash.)
+    if (x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not (act_scale.item() > 0 and act_scale.isfinite().item())):
+        # (On CUDA this check would sync, and a compiled graph cannot branch on a value; a bad
+        # scale there gives NaN/inf outputs, not a crash. Int8Linear checks it when it is set.)
         raise ValueError(f"{NAME}: argument 'act_scale' must be positive and finite, got {act_scale.item()}")
     if smooth is not None:
         check_tensor(NAME, "smooth", smooth, dtypes=(torch.float32,))
