@@ -99,6 +99,10 @@ def test_kernel_backends_reject_column_stride(backend):
 def test_opcheck(backend):
     x = torch.randn(5, 33, device=DEVICE, dtype=torch.float16)
     torch.library.opcheck(torch.ops.fastllm.quantize_per_token.default, (x, backend))
+    if backend == "torch":  # any layout there; q is still row-major (regression: it kept x's)
+        xt = torch.randn(33, 5, device=DEVICE).t()
+        torch.library.opcheck(torch.ops.fastllm.quantize_per_token.default, (xt, backend))
+        assert quantize_per_token(xt, backend=backend)[0].is_contiguous()
 
 
 def test_torch_compile_fullgraph():
