@@ -79,6 +79,15 @@ def test_wanda_and_int8():
     assert (q(x) - s(x)).abs().max() <= 0.03 * s(x).abs().max()
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"] + (["cuda"] if DEVICE == "cuda" else []))
+def test_int8_column_major_input(backend):
+    # Regression: the int8 layer handed a column-major input to quantize_per_token, whose
+    # kernels need unit stride along K (a forced triton / cuda backend refused it).
+    q = Sparse24Linear.from_linear(linear(64, 32), prune="magnitude", int8=True, backend=backend)
+    x = torch.randn(64, 3, device=DEVICE).t()
+    assert torch.equal(q(x), q(x.contiguous()))
+
+
 def test_int8_model_bfloat16_keeps_fp32_scales():
     # Regression: .bfloat16() cast weight_scale to 16 bits and the int8 forward then failed.
     q = Sparse24Linear.from_linear(linear(128, 32), prune="magnitude", int8=True, backend="torch")

@@ -118,6 +118,8 @@ class Sparse24Linear(KeepsFp32Scales):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2, lead = as_rows("Sparse24Linear", x, self.in_features)
         if self.int8:
+            if x2.stride(1) != 1 and self.in_features > 1:
+                x2 = x2.contiguous()  # the quantize kernels read rows with unit stride (as int8_matmul_dynamic)
             q, a_scale = ops.quantize_per_token(x2, backend=self.backend)
             y = ops.sparse24_int8_matmul(q, self.values, self.meta, a_scale, self.weight_scale, self.bias,
                                          out_dtype=x.dtype, backend=self.backend)
