@@ -302,6 +302,15 @@ def test_quantize_linears_report():
     assert report["skipped"]["0"].startswith("no calibration data")
     with pytest.raises(TypeError, match="not an nn.Linear"):
         quantize_linears(nn.Sequential(nn.ReLU()), layers=["0"])
+    # Regression: a later layer that group_size does not divide raised after earlier layers were
+    # swapped; it is skipped now, and an error (bad group_size) leaves every layer as it was.
+    model = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 32))
+    report = quantize_linears(model, "w8a16", group_size=128)
+    assert report["quantized"] == ["0"] and "group_size=128" in report["skipped"]["2"]
+    model = nn.Sequential(nn.Linear(256, 64), nn.Linear(64, 32, dtype=torch.float64))
+    with pytest.raises(TypeError, match="float64"):
+        quantize_linears(model, "w8a16", group_size=32)
+    assert all(type(m) is nn.Linear for m in model)
 
 
 # ----------------------------------------------------------------------------------------------

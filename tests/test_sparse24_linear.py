@@ -134,3 +134,11 @@ def test_load_errors(tmp_path):
         load_sparse(nn.Sequential(nn.Linear(128, 32)), path)
     with pytest.raises(ValueError, match="has no Sparse24Linear layer"):
         save_sparse(nn.Sequential(nn.Linear(128, 64)), path)
+
+
+def test_sparsify_error_leaves_model_unchanged():
+    # A layer that fails to build (float64 weight) after one that built: nothing is swapped.
+    model = nn.Sequential(nn.Linear(128, 64), nn.Linear(128, 64, dtype=torch.float64)).to(DEVICE)
+    with pytest.raises(TypeError):
+        sparsify_linears(model, "magnitude")
+    assert all(type(m) is nn.Linear for m in model)

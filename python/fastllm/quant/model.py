@@ -30,14 +30,15 @@ def quantize_linears(model: nn.Module, mode: str = "w8a8-dynamic", *,
     layers: names to convert (None: every nn.Linear); skip: names to leave alone (e.g.
     "lm_head"). act_amax: {name: (K,)} from fastllm.quant.calibrate, needed for static mode
     and smooth_alpha. Returns {"quantized": [names], "skipped": {name: reason}}: a layer whose
-    sizes are not multiples of 16, or (static / SmoothQuant) that has no calibration data, is
-    skipped with the reason, not an error; a name in `layers` that is missing or not a Linear
-    raises.
+    sizes are not multiples of 16 (or in_features of group_size), or (static / SmoothQuant) that
+    has no calibration data, is skipped with the reason, not an error; a name in `layers` that is
+    missing or not a Linear raises. An error leaves the model unchanged.
     """
     named, names = select_linears(model, layers, "quantize_linears")
     skip = set(skip)
     needs_amax = mode == "w8a8-static" or smooth_alpha is not None
     report = {"quantized": [], "skipped": {}}
+    built = []
     for n in names:
         lin = named[n]
         if n in skip:
@@ -45,13 +46,18 @@ def quantize_linears(model: nn.Module, mode: str = "w8a8-dynamic", *,
         elif lin.in_features % 16 or lin.out_features % 16:
             report["skipped"][n] = (f"in_features={lin.in_features}, out_features={lin.out_features}: "
                                     "not multiples of 16")
+        elif isinstance(group_size, int) and group_size > 0 and lin.in_features % group_size:
+            report["skipped"][n] = f"in_features={lin.in_features} is not a multiple of group_size={group_size}"
         elif needs_amax and (act_amax is None or n not in act_amax):
             report["skipped"][n] = "no calibration data (act_amax) for this layer"
         else:
-            set_module(model, n, Int8Linear.from_linear(
+            built.append((n, Int8Linear.from_linear(
                 lin, mode, act_amax=act_amax.get(n) if act_amax else None, smooth_alpha=smooth_alpha,
-                group_size=group_size, backend=backend))
+                group_size=group_size, backend=backend)))
             report["quantized"].append(n)
+    # Swapped only once every layer was built: an error above leaves the model untouched.
+    for n, q in built:
+        set_module(model, n, q)
     return report
 
 

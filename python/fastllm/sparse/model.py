@@ -30,11 +30,12 @@ def sparsify_linears(model: nn.Module, prune: Optional[str] = "magnitude", *, la
     Returns {"sparsified": {name: fraction of the norm removed}, "skipped": {name: reason}}.
     A layer whose sizes do not fit the format (in_features % 64, out_features % 16), without
     Wanda norms, or (prune=None) whose weight is not 2:4, is skipped with the reason; a name in
-    `layers` that is missing or not a Linear raises."""
+    `layers` that is missing or not a Linear raises. An error leaves the model unchanged."""
     from .format import NotSparse24Error
     named, names = select_linears(model, layers, "sparsify_linears")
     skip = set(skip)
     report = {"sparsified": {}, "skipped": {}}
+    built = []
     for n in names:
         lin = named[n]
         if n in skip:
@@ -51,8 +52,11 @@ def sparsify_linears(model: nn.Module, prune: Optional[str] = "magnitude", *, la
             except NotSparse24Error as e:
                 report["skipped"][n] = str(e)
                 continue
-            set_module(model, n, new)
+            built.append((n, new))
             report["sparsified"][n] = new.prune_report.norm_removed if new.prune_report else 0.0
+    # Swapped only once every layer was built: an error above leaves the model untouched.
+    for n, new in built:
+        set_module(model, n, new)
     return report
 
 
