@@ -237,6 +237,10 @@ def test_calibrate_records_per_channel_max_and_removes_hooks():
     assert all(not m._forward_pre_hooks for m in model.modules())
     amax = calibrate(model, [(batches[0],)], layers=[model[2]])
     assert set(amax) == {"2"} and (amax["2"] >= 0).all()
+    # A Linear called with its input as a keyword (regression: IndexError in the hook).
+    lin = nn.Linear(32, 16).to(DEVICE)
+    amax = calibrate(lin, [{"input": batches[0]}])
+    torch.testing.assert_close(amax[""], batches[0].abs().amax(0), rtol=0, atol=0)
 
 
 def test_calibrate_errors_and_cleanup_on_exception():

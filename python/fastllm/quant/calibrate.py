@@ -52,15 +52,15 @@ def observe_inputs(model: nn.Module, batches: Iterable, layers, stat: Callable[[
     acc: Dict[str, torch.Tensor] = {}
 
     def hook_for(name):
-        def hook(mod, args):
-            x = args[0]
+        def hook(mod, args, kwargs):
+            x = args[0] if args else kwargs.get("input")  # nn.Linear.forward(input)
             if not isinstance(x, torch.Tensor) or x.numel() == 0:
                 return
             v = stat(x.detach().reshape(-1, x.shape[-1]))
             acc[name] = v if name not in acc else merge(acc[name], v)
         return hook
 
-    handles = [mod.register_forward_pre_hook(hook_for(name)) for name, mod in chosen.items()]
+    handles = [mod.register_forward_pre_hook(hook_for(name), with_kwargs=True) for name, mod in chosen.items()]
     n = 0
     try:
         with torch.no_grad():
