@@ -107,8 +107,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("flash_attention_varlen_fwd", &fastllm::flash_attention_varlen_fwd,
         py::call_guard<py::gil_scoped_release>(), py::arg("device"), py::arg("dtype"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
-        py::arg("batch"), py::arg("total_q"), py::arg("heads_q"), py::arg("heads_kv"), py::arg("max_seqlen_q"),
-        py::arg("max_seqlen_k"), py::arg("head_dim"), py::arg("q_head_stride"), py::arg("q_row_stride"),
+        py::arg("batch"), py::arg("total_q"), py::arg("total_k"), py::arg("heads_q"), py::arg("heads_kv"),
+        py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("head_dim"), py::arg("q_head_stride"), py::arg("q_row_stride"),
         py::arg("k_head_stride"), py::arg("k_row_stride"), py::arg("v_head_stride"), py::arg("v_row_stride"),
         py::arg("scale"), py::arg("window"), py::arg("softcap"), py::arg("causal"), py::arg("stream"));
   m.def("sparse24_gemm", &fastllm::sparse24_gemm, py::call_guard<py::gil_scoped_release>(), py::arg("device"),

@@ -268,6 +268,9 @@ def test_empty_and_no_keys(backend):
     q, k, v = qkv(2, 4, 2, 5, 0, 64, torch.float16)
     out, lse = flash_attention(q, k, v, causal=False, backend=backend, return_lse=True)
     assert out.shape == (2, 5, 4, 64) and (out == 0).all() and torch.isneginf(lse).all()
+    mask = torch.ones(2, 1, 5, 0, dtype=torch.bool, device=DEVICE)   # regression: the torch path crashed
+    out, lse = flash_attention(q, k, v, causal=False, mask=mask, backend=backend, return_lse=True)
+    assert (out == 0).all() and torch.isneginf(lse).all()
 
 
 def test_return_lse_flag_and_default_scale():
@@ -324,6 +327,27 @@ def test_varlen_equals_padded_batch(backend):
     batched = flash_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                               causal=True, backend=backend)
     assert torch.equal(out, batched[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_uncovered_rows_and_clamped_offsets(backend):
+    # Rows past cu_seqlens_q[-1]: out 0, lse -inf on every backend (the kernels' outputs were
+    # torch.empty there). And the kernels themselves, handed unchecked bad offsets (past the
+    # end, decreasing, negative: what an unvalidated CUDA call may get), read them clamped into
+    # the packed tensors exactly as the reference does: no stray access (the interpreter
+    # corrupted the heap before), the same rows.
+    from fastllm.ops.attention import OP_VARLEN
+    q, k, v, _, _ = varlen_inputs([13, 10], [20, 17], 4, 2, 64, torch.float16)
+    for cq, ck in (([0, 5, 11], [0, 9, 37]), ([0, 13, 23], [0, 20, 37]), ([0, 30, 40], [0, 20, 60]),
+                   ([0, 15, 7], [0, 25, 3]), ([-4, 9, 23], [0, -2, 37])):
+        cu_q, cu_k = (torch.tensor(c, dtype=torch.int32, device=DEVICE) for c in (cq, ck))
+        exact = ref.flash_attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, causal=True)
+        out, lse = OP_VARLEN.impls[backend](q, k, v, cu_q, cu_k, 64, 64, True, 0.125, 0, 0.0)
+        assert torch.equal(torch.isneginf(lse), torch.isneginf(exact[1])), (cq, ck)
+        torch.testing.assert_close(out.double(), exact[0], rtol=0, atol=1e-2)
+        if cq == [0, 5, 11]:  # a valid call with uncovered rows: the public op too
+            out2 = flash_attention_varlen(q, k, v, cu_q, cu_k, 6, 28, causal=True, scale=0.125, backend=backend)
+            assert torch.equal(out2, out) and (out[11:] == 0).all()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,6 +419,18 @@ def test_bad_inputs():
         flash_attention(q, k, v, causal=True, softcap=0.0)
     with pytest.raises(ValueError, match="argument 'softcap' must be a finite float > 0"):
         flash_attention(q, k, v, causal=True, softcap=-1.0)
+    # Finite in Python but not in the kernels' fp32 (NaN outputs before), type vs value errors.
+    with pytest.raises(ValueError, match="argument 'softcap' must be a finite float > 0 .within float32."):
+        flash_attention(q, k, v, causal=True, softcap=1e39)
+    with pytest.raises(ValueError, match="scale / softcap underflows float32"):
+        flash_attention(q, k, v, causal=True, softcap=3e38)
+    for bad in (float("nan"), float("inf"), 1e39):
+        with pytest.raises(ValueError, match="argument 'scale' must be finite in float32"):
+            flash_attention(q, k, v, causal=True, scale=bad)
+    with pytest.raises(TypeError, match="argument 'scale' must be a float or None, got str"):
+        flash_attention(q, k, v, causal=True, scale="0.1")
+    # A window longer than any sequence restricts nothing, however large (it broke the op schema).
+    assert torch.equal(flash_attention(q, k, v, causal=True, window=2 ** 63), flash_attention(q, k, v, causal=True))
     with pytest.raises(TypeError, match="argument 'causal' must be a bool"):
         flash_attention(q, k, v, causal=None)
     with pytest.raises(TypeError, match="missing 1 required keyword-only argument: 'causal'"):
@@ -411,13 +447,29 @@ def test_bad_varlen_inputs():
         flash_attention_varlen(q, k, v, cu_q.long(), cu_k, 4, 6, causal=True)
     with pytest.raises(ValueError, match="'cu_seqlens_q' and 'cu_seqlens_k' must have the same length"):
         flash_attention_varlen(q, k, v, cu_q, cu_k[:2], 4, 6, causal=True)
-    with pytest.raises(TypeError, match="argument 'max_seqlen_k' must be an int >= 0"):
+    with pytest.raises(ValueError, match="argument 'max_seqlen_k' must be an int >= 0"):
         flash_attention_varlen(q, k, v, cu_q, cu_k, 4, -1, causal=True)
+    with pytest.raises(TypeError, match="argument 'max_seqlen_k' must be an int >= 0"):
+        flash_attention_varlen(q, k, v, cu_q, cu_k, 4, 6.0, causal=True)
     with pytest.raises(ValueError, match=r"query heads \(4\) must be a multiple"):
         flash_attention_varlen(q, k[:, :1].expand(-1, 3, -1), v[:, :1].expand(-1, 3, -1), cu_q, cu_k, 4, 6,
                                causal=True)
     with pytest.raises(ValueError, match="argument 'window' must be >= 1"):
         flash_attention_varlen(q, k, v, cu_q, cu_k, 4, 6, causal=True, window=-3)
+    # Values (always on CPU; on CUDA with validate=True, a device sync).
+    bad = lambda *c: torch.tensor(c, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    for cq, ck, msg in (((0, 3, 8), (0, 3, 9), "'cu_seqlens_q' must be non-decreasing prefix sums from 0 to at most 7"),
+                        ((1, 3, 7), (0, 3, 9), "'cu_seqlens_q' must be non-decreasing"),
+                        ((0, 5, 4), (0, 3, 9), "'cu_seqlens_q' must be non-decreasing"),
+                        ((0, 3, 7), (0, 3, 10), "'cu_seqlens_k' must be non-decreasing prefix sums from 0 to at most 9"),
+                        ((0, 3, 7), (0, 3, 9), "'max_seqlen_q' = 3 is below the longest sequence")):
+        with pytest.raises(ValueError, match=msg):
+            flash_attention_varlen(q, k, v, bad(*cq), bad(*ck), 3 if "max_seqlen_q" in msg else 4, 6,
+                                   causal=True, validate=True)
+    with pytest.raises(ValueError, match="'max_seqlen_k' = 5 is below the longest sequence in 'cu_seqlens_k' .6."):
+        flash_attention_varlen(q, k, v, cu_q, cu_k, 4, 5, causal=True, validate=True)
+    with pytest.raises(TypeError, match="argument 'validate' must be a bool"):
+        flash_attention_varlen(q, k, v, cu_q, cu_k, 4, 6, causal=True, validate=1)
 
 
 # ----------------------------------------------------------------------------------------------

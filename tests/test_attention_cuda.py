@@ -283,7 +283,8 @@ def test_varlen_passes_the_strides_it_checked(monkeypatch):
     cu = torch.tensor([0, 17, 40], dtype=torch.int32)
     assert cuda_varlen_supports(q, kv, kv, cu, cu, 23, 23, True, 0.1, 0, 0.0) is None
     ac.flash_attention_varlen_cuda(q, kv, kv, cu, cu, 23, 23, True, 0.1, 0, 0.0)
-    strides = seen["args"][16:22]  # q head, q row, k head, k row, v head, v row
+    strides = seen["args"][17:23]  # q head, q row, k head, k row, v head, v row
+    assert seen["args"][10:12] == (40, 40)  # total_q, total_k
     assert strides == (64, 8 * 64, 0, 64, 0, 64)
 
 

@@ -442,17 +442,21 @@ def varlen_params(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, soft
     p = SimpleNamespace(q=flat(q), k=flat(k), v=flat(v), cu_q=cu_q.numpy().astype(np.int64),
                         cu_k=cu_k.numpy().astype(np.int64), mask=None, mask_align=0,
                         mask_batch_stride=0, mask_row_stride=0, mask_col_stride=0)
-    p.q_batch_stride, p.q_head_stride, p.q_row_stride = 0, q.stride(1), q.stride(0)
-    p.k_batch_stride, p.k_head_stride, p.k_row_stride = 0, k.stride(1), k.stride(0)
-    p.v_batch_stride, p.v_head_stride, p.v_row_stride = 0, v.stride(1), v.stride(0)
+    hs = [tuple(t.stride(i) if t.size(i) > 1 else 0 for i in (1, 0)) for t in (q, k, v)]  # (head, row)
+    p.q_batch_stride, p.q_head_stride, p.q_row_stride = 0, *hs[0]
+    p.k_batch_stride, p.k_head_stride, p.k_row_stride = 0, *hs[1]
+    p.v_batch_stride, p.v_head_stride, p.v_row_stride = 0, *hs[2]
     p.out_batch_stride = 0
     p.lse_batch_stride = 0
     p.lse_head_stride = total_q
+    p.total_q, p.total_kv = total_q, k.shape[0]
     set_common(p, cu_q.shape[0] - 1, Hq, k.shape[1], max_q, max_k, scale, 0, softcap, causal)
     p.window = (window if window < window_cap else window_cap) if window > 0 else 0
 
     def allowed(b):
-        Sq, Skv = int(p.cu_q[b + 1] - p.cu_q[b]), int(p.cu_k[b + 1] - p.cu_k[b])
+        q0, k0 = min(max(int(p.cu_q[b]), 0), total_q), min(max(int(p.cu_k[b]), 0), k.shape[0])
+        Sq = min(max(int(p.cu_q[b + 1]), q0), total_q) - q0
+        Skv = min(max(int(p.cu_k[b + 1]), k0), k.shape[0]) - k0
         return allowed_keys(Sq, Skv, causal=causal, window=window if window > 0 else None)[0, 0].numpy()
     p.allowed = allowed
     p.out_len, p.lse_len = total_q * Hq * D, Hq * total_q
@@ -480,10 +484,13 @@ def cta(p, t, bx, head, batch, grid_x, ws, stats, mutant=None):
     Sq, Skv = p.seqlen_q, p.seqlen_kv
     q_start = k_start = 0
     if p.cu_q is not None:
-        q_start = int(p.cu_q[batch])
-        Sq = int(p.cu_q[batch + 1]) - q_start
-        k_start = int(p.cu_k[batch])
-        Skv = int(p.cu_k[batch + 1]) - k_start
+        q_start = min(max(int(p.cu_q[batch]), 0), p.total_q)
+        Sq = min(max(int(p.cu_q[batch + 1]), q_start), p.total_q) - q_start
+        k_start = min(max(int(p.cu_k[batch]), 0), p.total_kv)
+        Skv = min(max(int(p.cu_k[batch + 1]), k_start), p.total_kv) - k_start
+        if mutant == "varlen_no_clamp":
+            q_start, k_start = int(p.cu_q[batch]), int(p.cu_k[batch])
+            Sq, Skv = int(p.cu_q[batch + 1]) - q_start, int(p.cu_k[batch + 1]) - k_start
         if mutant == "varlen_k_start":
             k_start = 0
     offset = Skv - Sq
@@ -667,13 +674,15 @@ def run_dense(q, k, v, mask, causal, scale, window, softcap, stats, mutant=None)
 
 
 def run_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, stats, mutant=None,
-               window_cap=INT_MAX // 2):
+               window_cap=INT_MAX // 2, wrapper_init=False):
     assert cuda_varlen_supports(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap) is None
     total_q, Hq, D = q.shape
     ref_out, ref_lse = ref_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, causal=causal, scale=scale,
                                   window=window if window > 0 else None, softcap=softcap if softcap > 0 else None)
     p = varlen_params(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, window_cap)
     out, lse = emulate(p, D, stats, mutant)
+    if wrapper_init:  # flash_attention_varlen_cuda allocates out zeroed and lse -inf
+        out[np.isnan(out)], lse[np.isnan(lse)] = 0.0, -np.inf
     stats["empty_rows"] += int(torch.isneginf(ref_lse).sum())
     compare(torch.from_numpy(out.reshape(total_q, Hq, D)), torch.from_numpy(lse.reshape(Hq, total_q)),
             ref_out, ref_lse, (1, 0))
@@ -913,6 +922,23 @@ def test_algorithm_mutants_detected(mutant):
         run_dense(*case, new_stats(), mutant=mutant)
 
 
+def test_varlen_bad_offsets_stay_in_bounds():
+    # Unchecked cu_seqlens on the device (past total, decreasing, negative): the kernel clamps
+    # the offsets (flash_params.h), every read stays inside q / k / v (gather asserts it) and
+    # every write inside out / lse; rows it leaves keep the wrapper's 0 / -inf, and the
+    # reference reads the offsets the same way. Without the clamp the accesses stray (past the
+    # end, below 0); decreasing offsets give empty sequences either way.
+    q, k, v = half(30, 2, 64), half(50, 1, 64), half(50, 1, 64)
+    for cq, ck, strays in (([0, 10, 40], [0, 20, 70], True), ([0, 20, 10], [0, 30, 5], False),
+                           ([-5, 10, 30], [0, -3, 50], True)):
+        cu_q, cu_k = torch.tensor(cq, dtype=torch.int32), torch.tensor(ck, dtype=torch.int32)
+        args = (q, k, v, cu_q, cu_k, 64, 80, True, 0.125, 0, 0.0)
+        run_varlen(*args, new_stats(), wrapper_init=True)
+        if strays:
+            with pytest.raises((AssertionError, IndexError)):
+                run_varlen(*args, new_stats(), mutant="varlen_no_clamp", wrapper_init=True)
+
+
 def test_varlen_mutant_detected():
     q, k, v = half(30, 2, 64), half(50, 1, 64), half(50, 1, 64)
     cu_q, cu_k = torch.tensor([0, 10, 30], dtype=torch.int32), torch.tensor([0, 20, 50], dtype=torch.int32)
@@ -954,10 +980,10 @@ MIRRORED_KERNEL_LINES = [
     "const int g = lane / 4, c4 = lane % 4;",
     "const int m_block = gridDim.x - 1 - blockIdx.x;",
     "const int kv_head = head / p.group;",
-    "q_start = p.cu_seqlens_q[batch];",
-    "Sq = p.cu_seqlens_q[batch + 1] - q_start;",
-    "k_start = p.cu_seqlens_k[batch];",
-    "Skv = p.cu_seqlens_k[batch + 1] - k_start;",
+    "q_start = min(max(p.cu_seqlens_q[batch], 0), p.total_q);",
+    "Sq = min(max(p.cu_seqlens_q[batch + 1], q_start), p.total_q) - q_start;",
+    "k_start = min(max(p.cu_seqlens_k[batch], 0), p.total_kv);",
+    "Skv = min(max(p.cu_seqlens_k[batch + 1], k_start), p.total_kv) - k_start;",
     "const int offset = Skv - Sq;",
     "const int m0 = m_block * kBM;",
     "if (m0 >= Sq) return;",
@@ -1092,6 +1118,7 @@ MIRRORED_LAUNCHER_LINES = [
     "p.lse_batch_stride = heads_q * seqlen_q;",
     "p.lse_head_stride = seqlen_q;",
     "p.lse_head_stride = total_q;",
+    "p.total_q = static_cast<int>(total_q), p.total_kv = static_cast<int>(total_k);",
     "set_common(p, batch, heads_q, heads_kv, max_seqlen_q, max_seqlen_k, scale, 0, softcap, causal);",
     "p.window = window > 0 ? static_cast<int>(window < INT_MAX / 2 ? window : INT_MAX / 2) : 0;",
 ]
@@ -1100,7 +1127,8 @@ MIRRORED_GLUE_LINES = [         # python/fastllm/ops/_attention_cuda.py
     "return tuple(t.stride(i) if t.size(i) > 1 else 0 for i in range(3))",
     "m = torch.broadcast_to(mask, (B, 1, Sq, Skv))[:, 0]",
     "m_strides = tuple(m.stride(i) if m.size(i) > 1 else 0 for i in range(3))",
-    "q.stride(1), q.stride(0), k.stride(1), k.stride(0), v.stride(1), v.stride(0),",
+    "hs = [_strides(t.transpose(0, 1)[None])[1:] for t in (q, k, v)]",
+    "int(max_q), int(max_k), D, *hs[0], *hs[1], *hs[2],",
 ]
 
 MIRRORED_MASK_RANGE_LINES = [   # mirrored in test_decode_kernel_emulated.mask_key_range

@@ -145,6 +145,25 @@ def test_paged_equals_contiguous(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_unused_slots_never_reaches_the_output(backend):
+    # Caches from torch.empty / recycled pages hold anything past each length, NaN included:
+    # every backend must ignore those slots (regression: the reference's p @ V gave 0 * NaN).
+    lens = [45, 17]
+    q = rand(2, 4, 2, 64, dtype=torch.float16)
+    k, v = make_cache(2, 2, 45, 64, torch.float16, lens)
+    want = decode_attention(q, k, v, cache_seqlens=lens_t(lens), window=20, backend=backend)
+    for b, L in enumerate(lens):
+        k[b, :, L:], v[b, :, L:] = float("nan"), float("inf")
+    k[0, :, :5], v[0, :, :5] = float("nan"), float("-inf")   # outside every query's window
+    assert torch.equal(decode_attention(q, k, v, cache_seqlens=lens_t(lens), window=20, backend=backend), want)
+    kp, vp, table = to_pages(k, v, 16, lens)
+    kp[kp == GARBAGE], vp[vp == GARBAGE] = float("nan"), float("nan")
+    out = decode_attention(q, kp, vp, cache_seqlens=lens_t(lens), block_table=table, window=20, backend=backend)
+    # (the torch path narrows contiguous caches to the attended keys, not paged ones: rounding)
+    torch.testing.assert_close(out, want, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", LOW)
 def test_left_padded_mask(backend, dtype):
     # transformers' sdpa mask of a left-padded batch decoding Sq = 2 tokens against a 30-slot
@@ -332,6 +351,8 @@ def test_bad_inputs():
         decode_attention(q, k, v, softcap=-1.0)
     with pytest.raises(ValueError, match="argument 'num_splits' must be an int >= 1"):
         decode_attention(q, k, v, num_splits=0)
+    with pytest.raises(TypeError, match="argument 'num_splits' must be an int >= 1 or None, got float"):
+        decode_attention(q, k, v, num_splits=2.0)
     with pytest.raises(ValueError, match="argument 'backend' must be one of"):
         decode_attention(q, k, v, backend="sdpa")
     # Paged.

@@ -218,11 +218,14 @@ def flash_attention_fwd_kernel(
     b = bh // Hq
     h = bh % Hq
     hk = h // GROUP                                  # GQA: the kv head this query head reads
-    if VARLEN:
-        q_start = tl.load(CuQ + b).to(tl.int64)
-        seqlen_q = (tl.load(CuQ + b + 1) - tl.load(CuQ + b))
-        k_start = tl.load(CuK + b).to(tl.int64)
-        seqlen_k = (tl.load(CuK + b + 1) - tl.load(CuK + b))
+    if VARLEN:   # Sq / Skv are total_q / total_k: offsets clamped into them (bad cu_seqlens
+        # give wrong rows, never accesses out of bounds; the wrapper checks values when asked)
+        q_lo = tl.minimum(tl.maximum(tl.load(CuQ + b), 0), Sq)
+        seqlen_q = tl.minimum(tl.maximum(tl.load(CuQ + b + 1), q_lo), Sq) - q_lo
+        k_lo = tl.minimum(tl.maximum(tl.load(CuK + b), 0), Skv)
+        seqlen_k = tl.minimum(tl.maximum(tl.load(CuK + b + 1), k_lo), Skv) - k_lo
+        q_start = q_lo.to(tl.int64)
+        k_start = k_lo.to(tl.int64)
     else:
         q_start = 0
         seqlen_q = Sq
@@ -344,11 +347,12 @@ def flash_attention_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: 
     total_q, Hq, D = q.shape
     Hkv = k.shape[1]
     B = cu_q.shape[0] - 1
-    out = torch.empty((total_q, Hq, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((Hq, total_q), dtype=torch.float32, device=q.device)
+    # Rows no sequence covers (past cu_q[-1]) stay out 0 / lse -inf, as in the reference.
+    out = torch.zeros((total_q, Hq, D), dtype=q.dtype, device=q.device)
+    lse = torch.full((Hq, total_q), float("-inf"), dtype=torch.float32, device=q.device)
     if B * Hq * total_q == 0 or max_q == 0:
         return out, lse
     _launch(q, k, v, None, out, lse, cu_q, cu_k,
             (0, q.stride(1), q.stride(0)), (0, k.stride(1), k.stride(0)), (0, v.stride(1), v.stride(0)),
-            (0, D, Hq * D), (0, total_q), B, Hq, Hkv, max_q, 0, 0, causal, scale, window, softcap)
+            (0, D, Hq * D), (0, total_q), B, Hq, Hkv, max_q, total_q, k.shape[0], causal, scale, window, softcap)
     return out, lse

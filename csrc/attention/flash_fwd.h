@@ -17,11 +17,14 @@ int flash_attention_fwd(int device, int dtype, uintptr_t q, uintptr_t k, uintptr
                         double softcap, bool causal, uintptr_t stream);
 // The same over packed sequences (flash-attn's varlen layout): q (total_q, Hq, D), k/v
 // (total_k, Hkv, D), cu_seqlens_* int32 (batch + 1) device pointers; out (total_q, Hq, D)
-// contiguous, lse (Hq, total_q). max_seqlen_* bound the per-sequence lengths (grid size).
+// contiguous, lse (Hq, total_q). max_seqlen_* bound the per-sequence lengths (grid size). The
+// kernel reads the offsets clamped into [0, total_q] / [0, total_k]: bad values give wrong rows,
+// never out-of-bounds accesses.
 int flash_attention_varlen_fwd(int device, int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
                                uintptr_t lse, uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k, int64_t batch,
-                               int64_t total_q, int64_t heads_q, int64_t heads_kv, int64_t max_seqlen_q,
-                               int64_t max_seqlen_k, int64_t head_dim, int64_t q_head_stride, int64_t q_row_stride,
+                               int64_t total_q, int64_t total_k, int64_t heads_q, int64_t heads_kv,
+                               int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t head_dim, int64_t q_head_stride,
+                               int64_t q_row_stride,
                                int64_t k_head_stride, int64_t k_row_stride, int64_t v_head_stride,
                                int64_t v_row_stride, double scale, int64_t window, double softcap, bool causal,
                                uintptr_t stream);

@@ -254,11 +254,11 @@ __global__ void __launch_bounds__(Mma::Traits::kThreads, Mma::Traits::kMinBlocks
   const int kv_head = head / p.group;
   int Sq = p.seqlen_q, Skv = p.seqlen_kv;
   int q_start = 0, k_start = 0;  // varlen: this sequence's first row in the packed tensors
-  if (p.cu_seqlens_q != nullptr) {
-    q_start = p.cu_seqlens_q[batch];
-    Sq = p.cu_seqlens_q[batch + 1] - q_start;
-    k_start = p.cu_seqlens_k[batch];
-    Skv = p.cu_seqlens_k[batch + 1] - k_start;
+  if (p.cu_seqlens_q != nullptr) {  // offsets clamped into the packed tensors (flash_params.h)
+    q_start = min(max(p.cu_seqlens_q[batch], 0), p.total_q);
+    Sq = min(max(p.cu_seqlens_q[batch + 1], q_start), p.total_q) - q_start;
+    k_start = min(max(p.cu_seqlens_k[batch], 0), p.total_kv);
+    Skv = min(max(p.cu_seqlens_k[batch + 1], k_start), p.total_kv) - k_start;
   }
   const int offset = Skv - Sq;  // absolute position of query i is i + offset
   const int m0 = m_block * kBM;

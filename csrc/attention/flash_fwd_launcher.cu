@@ -188,15 +188,16 @@ int flash_attention_fwd(int device, int dtype, uintptr_t q, uintptr_t k, uintptr
 
 int flash_attention_varlen_fwd(int device, int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
                                uintptr_t lse, uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k, int64_t batch,
-                               int64_t total_q, int64_t heads_q, int64_t heads_kv, int64_t max_seqlen_q,
-                               int64_t max_seqlen_k, int64_t head_dim, int64_t q_head_stride, int64_t q_row_stride,
+                               int64_t total_q, int64_t total_k, int64_t heads_q, int64_t heads_kv,
+                               int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t head_dim, int64_t q_head_stride,
+                               int64_t q_row_stride,
                                int64_t k_head_stride, int64_t k_row_stride, int64_t v_head_stride,
                                int64_t v_row_stride, double scale, int64_t window, double softcap, bool causal,
                                uintptr_t stream) {
   using namespace attention;
   const int st = check_common(dtype, batch, heads_q, heads_kv, max_seqlen_q, max_seqlen_k, head_dim, scale, softcap);
   if (st != kOk) return st;
-  if (total_q < 0 || total_q > INT_MAX / 2) return kErrBadShape;
+  if (total_q < 0 || total_q > INT_MAX / 2 || total_k < 0 || total_k > INT_MAX / 2) return kErrBadShape;
   if (batch == 0 || heads_q == 0 || max_seqlen_q == 0 || total_q == 0) return kOk;
   if (cu_seqlens_q == 0 || cu_seqlens_k == 0 || cu_seqlens_q % 4 != 0 || cu_seqlens_k % 4 != 0) return kErrMisaligned;
   if (!aligned16(q) || !aligned16(k) || !aligned16(v) || !aligned16(out) || lse % 4 != 0) return kErrMisaligned;
@@ -216,6 +217,7 @@ int flash_attention_varlen_fwd(int device, int dtype, uintptr_t q, uintptr_t k, 
   p.k_head_stride = k_head_stride, p.k_row_stride = k_row_stride;
   p.v_head_stride = v_head_stride, p.v_row_stride = v_row_stride;
   p.lse_head_stride = total_q;  // lse (Hq, total_q); batch strides stay 0
+  p.total_q = static_cast<int>(total_q), p.total_kv = static_cast<int>(total_k);
   // The window is per sequence (each has its own Skv): keep it, capped at INT_MAX / 2. Positions
   // are below INT_MAX / 2, so the cap restricts nothing more, and the kernel's m0 + offset -
   // window (offset = Skv - Sq < 0 when Sq > Skv) stays inside int (at INT_MAX it wrapped around:

@@ -19,7 +19,8 @@ namespace attention {
 // [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q / out and [cu_seqlens_k[b], ..) of k / v; batch
 // strides are then 0, seqlen_q / seqlen_kv are only the maxima that size the grid, and each
 // row offset (q_start, k_start) is added through the row strides. out is (total_q, Hq, D),
-// lse (Hq, total_q); no mask.
+// lse (Hq, total_q); no mask. The kernel clamps the offsets (start into [0, total], end into
+// [start, total]): unchecked cu_seqlens values can give wrong rows, never stray accesses.
 struct FlashFwdParams {
   const void* q;
   const void* k;
@@ -39,6 +40,7 @@ struct FlashFwdParams {
 
   int batch, heads_q, heads_kv, group;  // group = heads_q / heads_kv
   int seqlen_q, seqlen_kv;
+  int total_q, total_kv;  // varlen: rows of q / out and of k / v (the offsets are clamped into them)
 
   bool causal;        // bottom-right aligned: query i sits at key position i + Skv - Sq
   int window;         // > 0: query at position p sees keys > p - window; 0: none

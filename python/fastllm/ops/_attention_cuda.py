@@ -151,8 +151,9 @@ def flash_attention_varlen_cuda(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale
     reason = cuda_varlen_supports(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap)
     if reason is not None:
         raise ValueError(f"flash_attention_varlen (cuda backend): {reason}")
-    out = torch.empty((total_q, Hq, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((Hq, total_q), dtype=torch.float32, device=q.device)
+    # Rows no sequence covers (past cu_q[-1]) stay out 0 / lse -inf, as in the reference.
+    out = torch.zeros((total_q, Hq, D), dtype=q.dtype, device=q.device)
+    lse = torch.full((Hq, total_q), float("-inf"), dtype=torch.float32, device=q.device)
     B = cu_q.shape[0] - 1
     if out.numel() == 0 or B == 0 or max_q == 0:
         return out, lse
@@ -160,7 +161,7 @@ def flash_attention_varlen_cuda(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale
     hs = [_strides(t.transpose(0, 1)[None])[1:] for t in (q, k, v)]
     code = _ext.lib().flash_attention_varlen_fwd(
         q.device.index, _ext.DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(),
-        out.data_ptr(), lse.data_ptr(), cu_q.data_ptr(), cu_k.data_ptr(), B, total_q, Hq, k.shape[1],
+        out.data_ptr(), lse.data_ptr(), cu_q.data_ptr(), cu_k.data_ptr(), B, total_q, k.shape[0], Hq, k.shape[1],
         int(max_q), int(max_k), D, *hs[0], *hs[1], *hs[2],
         float(scale), window, softcap, bool(causal), _ext.stream_of(q))
     _ext.check(code, "flash_attention_varlen")

@@ -33,7 +33,8 @@ def attended_key_slice(mask, n_keys):
     keys). For the torch backends on CPU, where the host values cost no device sync: a
     StaticCache holds max_cache_len slots of which the mask attends the filled ones, and the
     reference computes every slot otherwise. Not while torch.compile traces (values unknown)."""
-    if mask is None or mask.device.type != "cpu" or mask.shape[-1] == 1 or torch.compiler.is_compiling():
+    if (mask is None or mask.device.type != "cpu" or mask.shape[-1] <= 1 or mask.numel() == 0
+            or torch.compiler.is_compiling()):
         return None
     cols = mask.reshape(-1, mask.shape[-1]).any(0).nonzero()
     if cols.numel() == 0:

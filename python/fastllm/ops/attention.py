@@ -31,11 +31,14 @@ flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
                        causal, scale=None, window=None, softcap=None, return_lse=False,
                        backend="auto")
   flash-attn's packed layout, no padding tokens computed: q (total_q, Hq, D), k/v
-  (total_k, Hkv, D), cu_seqlens_* int32 (B + 1,) prefix sums starting at 0; max_seqlen_* are
-  upper bounds of the per-sequence lengths (they size the launch grid; not checked, since that
-  would need a device sync). Same semantics per sequence (causal bottom-right aligned per
-  sequence). Returns out (total_q, Hq, D) contiguous and, with return_lse, lse (Hq, total_q)
-  float32 (flash-attn's varlen lse layout).
+  (total_k, Hkv, D), cu_seqlens_* int32 (B + 1,) non-decreasing prefix sums from 0 to at most
+  total_q / total_k; max_seqlen_* are upper bounds of the per-sequence lengths (they size the
+  launch grid). Same semantics per sequence (causal bottom-right aligned per sequence). Returns
+  out (total_q, Hq, D) contiguous and, with return_lse, lse (Hq, total_q) float32 (flash-attn's
+  varlen lse layout); rows past cu_seqlens_q[-1] get out 0, lse -inf. The values of cu_seqlens
+  and max_seqlen are checked on CPU tensors (ValueError naming the argument); on CUDA only with
+  validate=True (a device sync). Unchecked, every backend reads the offsets clamped into the
+  packed tensors: bad values give wrong rows (past max_seqlen_q: 0), never out-of-bounds accesses.
 
 Custom ops: fastllm::flash_attention and fastllm::flash_attention_varlen; both always return
 (out, lse) (lse is cheap); the public functions drop lse unless return_lse. Inside the ops the
@@ -206,26 +209,38 @@ def _check_qkv(name, q, k, v, ndim, head_dim):
                              f"got strides {tuple(t.stride())}")
 
 
+_FP32_MAX, _FP32_TINY = torch.finfo(torch.float32).max, torch.finfo(torch.float32).tiny
+_WINDOW_MAX = 2 ** 31 - 1
+
+
 def _normalize(name, D, causal, scale, window, softcap):
     if not isinstance(causal, bool):
         raise TypeError(f"{name}: argument 'causal' must be a bool, got {type(causal).__name__}")
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise TypeError(f"{name}: argument 'scale' must be a finite float or None, got {scale!r}")
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{name}: argument 'scale' must be a float or None, got {type(scale).__name__}")
+    elif not abs(scale) <= _FP32_MAX:   # the kernels compute in fp32 (NaN fails this too)
+        raise ValueError(f"{name}: argument 'scale' must be finite in float32, got {scale}")
     if window is None:
         window = 0
     elif isinstance(window, bool) or not isinstance(window, numbers.Integral):
         raise TypeError(f"{name}: argument 'window' must be an int >= 1 or None, got {type(window).__name__}")
     elif window < 1:
         raise ValueError(f"{name}: argument 'window' must be >= 1 (or None for no window), got {window}")
+    # A window at least as long as any sequence restricts nothing: capped so it fits every int type.
+    window = min(int(window), _WINDOW_MAX)
     if softcap is None:
         softcap = 0.0
     elif isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"{name}: argument 'softcap' must be a float > 0 or None, got {type(softcap).__name__}")
-    elif not softcap > 0 or not math.isfinite(softcap):
-        raise ValueError(f"{name}: argument 'softcap' must be a finite float > 0 (or None), got {softcap}")
-    return float(scale), int(window), float(softcap)
+    elif not 0 < softcap <= _FP32_MAX:
+        raise ValueError(f"{name}: argument 'softcap' must be a finite float > 0 (within float32) or None, got {softcap}")
+    elif scale != 0 and abs(scale) / softcap < _FP32_TINY:
+        # scale / softcap is the kernels' fp32 multiplier inside tanh: it must not underflow.
+        raise ValueError(f"{name}: argument 'softcap' = {softcap} is too large for scale {scale} "
+                         f"(scale / softcap underflows float32)")
+    return float(scale), window, float(softcap)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
@@ -257,12 +272,26 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     return (out, lse) if return_lse else out
 
 
+def _check_varlen_values(name, cu_q, cu_k, total_q, total_k, max_q, max_k):
+    """Value checks of cu_seqlens (a device sync on CUDA: only on CPU or with validate)."""
+    for n, cu, total, mx, mname in (("cu_seqlens_q", cu_q, total_q, max_q, "max_seqlen_q"),
+                                    ("cu_seqlens_k", cu_k, total_k, max_k, "max_seqlen_k")):
+        c = cu.long().cpu()
+        lens = c[1:] - c[:-1]
+        if int(c[0]) != 0 or (lens.numel() and int(lens.min()) < 0) or int(c[-1]) > total:
+            raise ValueError(f"{name}: argument '{n}' must be non-decreasing prefix sums from 0 to at most "
+                             f"{total} (the packed rows), got {c.tolist() if c.numel() <= 8 else c}")
+        if lens.numel() and int(lens.max()) > mx:
+            raise ValueError(f"{name}: argument '{mname}' = {mx} is below the longest sequence in '{n}' "
+                             f"({int(lens.max())}); its rows past {mname} would not be computed")
+
+
 def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                            max_seqlen_q: int, max_seqlen_k: int, *, causal: bool,
                            scale: Optional[float] = None, window: Optional[int] = None,
                            softcap: Optional[float] = None, return_lse: bool = False,
-                           backend: str = "auto"):
+                           validate: bool = False, backend: str = "auto"):
     """Exact attention over packed sequences; see the module docstring. Returns out
     (total_q, Hq, D), or (out, lse (Hq, total_q))."""
     name = "flash_attention_varlen"
@@ -277,9 +306,15 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"{name}: arguments 'cu_seqlens_q' and 'cu_seqlens_k' must have the same length "
                          f"(B + 1), got {cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
     for n, x in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0:
-            raise TypeError(f"{name}: argument '{n}' must be an int >= 0, got {x!r}")
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+            raise TypeError(f"{name}: argument '{n}' must be an int >= 0, got {type(x).__name__}")
+        if x < 0:
+            raise ValueError(f"{name}: argument '{n}' must be an int >= 0, got {x}")
     scale, window, softcap = _normalize(name, q.shape[-1], causal, scale, window, softcap)
+    if not isinstance(validate, bool):
+        raise TypeError(f"{name}: argument 'validate' must be a bool, got {type(validate).__name__}")
+    if (validate or q.device.type == "cpu") and not torch.compiler.is_compiling():
+        _check_varlen_values(name, cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), causal, scale,
             window, softcap)
     b = OP_VARLEN.select(backend, q.device, *args)

@@ -291,8 +291,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     scale, window, softcap = _normalize(NAME, D, True, scale, window, softcap)
     if num_splits is None:
         num_splits = 0
-    elif isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 1:
-        raise ValueError(f"{NAME}: argument 'num_splits' must be an int >= 1 or None, got {num_splits!r}")
+    elif isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
+        raise TypeError(f"{NAME}: argument 'num_splits' must be an int >= 1 or None, got {type(num_splits).__name__}")
+    elif num_splits < 1:
+        raise ValueError(f"{NAME}: argument 'num_splits' must be an int >= 1 or None, got {num_splits}")
     if not isinstance(validate, bool):
         raise TypeError(f"{NAME}: argument 'validate' must be a bool, got {type(validate).__name__}")
     if (validate or q.device.type == "cpu") and not torch.compiler.is_compiling():

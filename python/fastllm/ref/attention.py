@@ -18,6 +18,10 @@ Computed the plain way, with the whole (Sq, Skv) score matrix materialized, in f
     out_i = sum_{allowed j} exp(s[i, j] - lse_i) v_j   (0 when nothing is allowed)
 
 Query head h reads kv head h // (Hq // Hkv).
+Keys that no query attends (padding, slots past a cache's length: often uninitialized memory)
+never contribute, even if they hold NaN / inf. The kernels guarantee that for keys past the
+sequence / cache length (never loaded); keys inside it that the mask, causality or the window
+exclude are still loaded with their tile (p = 0 times V), so their V must be finite there.
 """
 import math
 from typing import Optional, Tuple
@@ -66,6 +70,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         s = softcap * torch.tanh(s / softcap)
     allowed = allowed_keys(Sq, Skv, causal=causal, window=window, mask=mask, device=q.device)
     s = s.masked_fill(~allowed, float("-inf"))
+    # p = 0 there, but 0 * NaN = NaN: keys nobody attends are zeroed (unused cache slots).
+    vf = vf.masked_fill(~allowed.any(dim=-2, keepdim=True).transpose(-1, -2), 0.0)
 
     lse = torch.logsumexp(s, dim=-1)                                          # -inf: empty row
     lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
@@ -82,13 +88,19 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Packed sequences (flash-attn's varlen layout): q (total_q, Hq, D), k/v (total_k, Hkv, D),
     cu_seqlens_* int32 (B + 1,) prefix sums. Sequence b is q[cu_q[b]:cu_q[b+1]] against
     k/v[cu_k[b]:cu_k[b+1]], with the semantics of flash_attention (causal bottom-right aligned
-    per sequence). Returns (out (total_q, Hq, D), lse (Hq, total_q) float32) as flash-attn."""
+    per sequence). Returns (out (total_q, Hq, D), lse (Hq, total_q) float32) as flash-attn.
+    Rows no sequence covers: out 0, lse -inf. Offsets are read clamped (start into [0, total],
+    end into [start, total]) as the kernels read them; fastllm.ops checks them on CPU."""
     total_q, Hq, D = q.shape
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.full((Hq, total_q), float("-inf"), dtype=_acc_dtype(q.dtype), device=q.device)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    clamp = lambda x, lo, hi: min(max(x, lo), hi)  # noqa: E731 - the kernels' reading of bad offsets
     for b in range(len(cq) - 1):
-        q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        q0 = clamp(cq[b], 0, total_q)
+        q1 = clamp(cq[b + 1], q0, total_q)
+        k0 = clamp(ck[b], 0, k.shape[0])
+        k1 = clamp(ck[b + 1], k0, k.shape[0])
         if q1 == q0:
             continue
         o, l = flash_attention(q[q0:q1].transpose(0, 1)[None], k[k0:k1].transpose(0, 1)[None],
