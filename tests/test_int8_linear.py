@@ -351,3 +351,17 @@ def test_bad_inputs():
         q(torch.randn(3, 32))
     with pytest.raises(TypeError, match="input must be a float16/bfloat16/float32 tensor, got int32"):
         q(torch.ones(3, 64, dtype=torch.int32))
+
+
+def test_weight_property_is_the_dequantized_weight():
+    # For model code that reads `.weight` of a swapped layer instead of calling it.
+    lin = nn.Linear(K, N, device=DEVICE)
+    q = Int8Linear.from_linear(lin, "w8a16", group_size=32)
+    x = inputs(5)
+    torch.testing.assert_close(torch.nn.functional.linear(x, q.weight, q.bias), q(x), rtol=1e-5, atol=1e-5)
+    assert q.weight.dtype == lin.weight.dtype and (q.weight - lin.weight).abs().max() < 0.02
+    s = Int8Linear.from_linear(lin, "w8a8-dynamic", act_amax=torch.rand(K, device=DEVICE) * 5, smooth_alpha=0.5)
+    from fastllm.ref.int8 import dequantize_weight
+    torch.testing.assert_close(s.weight, dequantize_weight(s.weight_int8, s.weight_scale) * s.smooth)
+    with pytest.raises((AttributeError, KeyError)):
+        s.weight = lin.weight   # read-only: the layer holds no float weight

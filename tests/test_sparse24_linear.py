@@ -142,3 +142,12 @@ def test_sparsify_error_leaves_model_unchanged():
     with pytest.raises(TypeError):
         sparsify_linears(model, "magnitude")
     assert all(type(m) is nn.Linear for m in model)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_weight_property_is_the_dense_weight(int8):
+    lin = linear(128, 32)
+    s = Sparse24Linear.from_linear(lin, prune="magnitude", int8=int8, backend="torch")
+    w = decompress(s.values, s.meta)
+    want = w.float() * s.weight_scale.reshape(-1, 1) if int8 else w
+    assert torch.equal(s.weight, want.to(s.bias.dtype) if int8 else want)

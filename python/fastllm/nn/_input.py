@@ -22,6 +22,12 @@ def as_rows(layer: str, x, in_features: int) -> Tuple[torch.Tensor, torch.Size]:
     return x.reshape(-1, in_features), x.shape[:-1]
 
 
+def dense_weight(w: torch.Tensor, bias) -> torch.Tensor:
+    """A quantized / compressed layer's effective weight (fp32 math) as model code reading
+    `.weight` gets it: in the bias's dtype, float32 without a bias."""
+    return w.to(bias.dtype if bias is not None else torch.float32)
+
+
 class KeepsFp32Scales(nn.Module):
     """Its buffers named in _FP32_BUFFERS stay float32 through .half() / .bfloat16() / .to(dtype)
     (the kernels take fp32 scales; a 16-bit round trip would lose their precision) while still

@@ -35,7 +35,7 @@ from torch import nn
 
 from .. import ops
 from ..ops._checks import FLOAT_DTYPES
-from ._input import KeepsFp32Scales, as_rows, fmt as _fmt
+from ._input import KeepsFp32Scales, as_rows, dense_weight, fmt as _fmt
 
 MODES = ("w8a8-dynamic", "w8a8-static", "w8a16")
 
@@ -137,6 +137,17 @@ class Int8Linear(KeepsFp32Scales):
                                  f"got {act_scale.tolist()}")
             m.act_scale.copy_(act_scale)
         return m
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight this layer applies (int8 x scales, times the smoothing factors), dequantized
+        into a new tensor on every read: for model code that reads `.weight` instead of calling
+        the layer (a router's dtype check, a head that matmuls it). The forward never builds it."""
+        from ..ref.int8 import dequantize_weight
+        w = dequantize_weight(self.weight_int8, self.weight_scale, self.group_size)
+        if self.smooth is not None:
+            w = w * self.smooth.reshape(1, -1)
+        return dense_weight(w, self.bias)
 
     # ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
