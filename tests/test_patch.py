@@ -205,12 +205,53 @@ def test_static_cache_prefill_slices_unwritten_slots():
 def test_attention_function_rejects_what_it_cannot_do():
     q = torch.randn(1, 2, 3, 8)
     module = torch.nn.Module()
-    with pytest.raises(TypeError, match="boolean masks"):
-        _attention.attention_forward(module, q, q, q, torch.zeros(1, 1, 3, 3))
+    with pytest.raises(TypeError, match="values other than 0 and -inf"):   # a bias, not a mask
+        _attention.attention_forward(module, q, q, q, torch.randn(1, 1, 3, 3))
+    with pytest.raises(TypeError, match="expected bool"):
+        _attention.attention_forward(module, q, q, q, torch.ones(1, 1, 3, 3, dtype=torch.int64))
     with pytest.raises(NotImplementedError, match="sinks"):
         _attention.attention_forward(module, q, q, q, None, s_aux=torch.zeros(2))
     with pytest.raises(ValueError, match="dropout"):
         _attention.attention_forward(module, q, q, q, None, dropout=0.1)
+
+
+def test_attention_function_float_masks_and_mla_head_dims():
+    # A pure additive float mask (0 / -inf or the dtype's minimum: what some models build
+    # themselves, e.g. Pixtral's block mask) is the bool mask it encodes.
+    q, k, v = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)
+    allowed = torch.rand(2, 1, 5, 7) > 0.3
+    want, _ = _attention.attention_forward(torch.nn.Module(), q, k, v, allowed)
+    for neg in (float("-inf"), torch.finfo(torch.float32).min):
+        additive = torch.zeros(2, 1, 5, 7).masked_fill(~allowed, neg)
+        got, _ = _attention.attention_forward(torch.nn.Module(), q, k, v, additive)
+        assert torch.equal(got, want)
+    # MLA (V head dim != Q/K's): zero padding, output sliced back; == attention computed
+    # directly on the unpadded tensors (both directions of the mismatch, prefill and decode).
+    for dqk, dv in ((24, 16), (16, 24)):
+        for sq, skv in ((7, 7), (1, 7)):   # causal prefill, one query seeing every key
+            q, k, v = torch.randn(2, 4, sq, dqk), torch.randn(2, 2, skv, dqk), torch.randn(2, 2, skv, dv)
+            got, _ = _attention.attention_forward(torch.nn.Module(), q, k, v, None, scaling=0.3)
+            s = (q.reshape(2, 2, 2 * sq, dqk) @ k.transpose(-1, -2)).reshape(2, 4, sq, skv) * 0.3
+            s = s.masked_fill(torch.ones(sq, skv, dtype=torch.bool).triu(skv - sq + 1), float("-inf"))
+            ref = (s.softmax(-1).reshape(2, 2, 2 * sq, skv) @ v).reshape(2, 4, sq, dv).transpose(1, 2)
+            assert got.shape == (2, sq, 4, dv)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_mla_model():
+    # DeepSeek-V3 (MLA: qk head dim 24, v head dim 16): every forward raised before.
+    model = T.DeepseekV3ForCausalLM(T.DeepseekV3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=1, topk_group=1, pad_token_id=0)).eval()
+    ids, mask = batch()
+    base = out(model, ids, mask)
+    tokens, logits = greedy(model, ids, mask, cache_implementation="static")
+    fastllm.patch(model, backend="torch")
+    got = out(model, ids, mask)
+    assert (got - base)[mask.bool()].abs().max() < 1e-4
+    assert_same_tokens(tokens, logits, greedy(model, ids, mask, cache_implementation="static")[0], "mla static")
 
 
 def test_training_with_attention_dropout_raises():
@@ -361,8 +402,30 @@ def _gpt_oss():
         num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1, pad_token_id=0))
 
 
+def _gemma4(shared=0):
+    return T.Gemma4ForCausalLM(T.Gemma4TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, global_head_dim=32, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=shared,
+        hidden_size_per_layer_input=16, vocab_size_per_layer_input=128, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2))
+
+
+def _gemma3n_skip():
+    model = T.Gemma3nForCausalLM(T.Gemma3nTextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=[128] * 4, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=5, layer_types=["sliding_attention", "full_attention"] * 2,
+        num_kv_shared_layers=2, hidden_size_per_layer_input=16, vocab_size_per_layer_input=128, laurel_rank=8,
+        activation_sparsity_pattern=[0.0] * 4, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    model.skip_kw = dict(skip_attention=1)
+    return model
+
+
 @pytest.mark.parametrize("make, match", [
     (_gpt_oss, "s_aux"),                                                   # attention sinks
+    # KV-shared layers get sliced queries with mask None (wrong positions before: logits off 0.2)
+    (lambda: _gemma4(shared=2), "_maybe_slice_kv_shared_inputs"),
+    (_gemma3n_skip, "num_kv_shared_layers = 2"),   # skipping a layer others read K/V from
     (lambda: T.MambaForCausalLM(T.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
                                               state_size=4, pad_token_id=0)), "AttentionInterface"),
     (lambda: T.T5ForConditionalGeneration(T.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=32,
@@ -373,8 +436,19 @@ def test_unsupported_model_raises_and_is_untouched(make, match):
     model = make().eval()
     cfg, impl, sd = model.config, model.config._attn_implementation, state_snapshot(model)
     with pytest.raises(UnsupportedModelError, match=match):
-        fastllm.patch(model)
+        fastllm.patch(model, **getattr(model, "skip_kw", {}))
     assert_untouched(model, cfg, impl, sd)
+
+
+def test_per_layer_config_model():
+    # Gemma 4's config forbids global reads of per-layer attributes (head_dim): patch crashed
+    # with transformers' RuntimeError. Without KV sharing it is an ordinary model.
+    model = _gemma4().eval()
+    ids = torch.randint(3, 128, (2, 9))
+    base = out(model, ids)
+    fastllm.patch(model, backend="torch")
+    assert (out(model, ids) - base).abs().max() < 1e-5
+    assert "flash_attention" in str(fastllm.patch_report(model))
 
 
 def test_unknown_layer_type_raises():

@@ -210,6 +210,32 @@ def test_include_exclude():
     assert why["lm_head"] == "not matched by include"
 
 
+def test_moe_routers_left_alone_and_weight_readers_work():
+    # MoE routers are excluded by default (HunYuan's gate reads `wg.weight.dtype`: every forward
+    # raised AttributeError once wg was an Int8Linear). Code that reads `.weight` of a swapped
+    # layer (MobileBERT's MLM head matmuls `dense.weight`) gets the dequantized weight.
+    T = transformers
+    model = T.HunYuanMoEV1ForCausalLM(T.HunYuanMoEV1Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_experts=16, moe_topk=2, pad_token_id=0)).eval()
+    ids = torch.randint(3, VOCAB, (2, 7))
+    fastllm.patch(model, quantize="w8a16", backend="torch")
+    why = {m.name: m.detail for m in fastllm.patch_report(model).modules if m.action == "left"}
+    assert "default" in why["model.layers.0.mlp.gate.wg"], why
+    assert "model.layers.0.self_attn.q_proj" in swapped(model)
+    with torch.no_grad():
+        model(ids)
+    model = T.MobileBertForMaskedLM(T.MobileBertConfig(
+        vocab_size=VOCAB, hidden_size=64, embedding_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, intra_bottleneck_size=32, true_hidden_size=32, num_feedforward_networks=1,
+        pad_token_id=0)).eval()
+    with torch.no_grad():
+        base = model(ids).logits
+        fastllm.patch(model, quantize="w8a16", include="cls.*", backend="torch")
+        assert "cls.predictions.dense" in swapped(model)
+        assert (model(ids).logits - base).abs().max() < 0.05 * base.abs().max()
+
+
 def test_include_names_lm_head_explicitly():
     model = build("llama")
     fastllm.patch(model, quantize="w8a8", include=["lm_head", "*.o_proj"], backend="torch")
@@ -315,7 +341,11 @@ def test_save_load_identical_outputs(tmp_path, mode, extra):
     assert torch.equal(out(loaded, ids, mask), expected)
     sd, sd2 = model.state_dict(), loaded.state_dict()
     assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
-    assert all("loaded from" in m.detail for m in fastllm.patch_report(loaded).replaced if "Int8" in m.detail)
+    rep, rep2 = fastllm.patch_report(model), fastllm.patch_report(loaded)
+    assert all("loaded from" in m.detail for m in rep2.replaced if "Int8" in m.detail)
+    # Regression: the reloaded report said 0 bytes saved and lost the int8 ops.
+    assert rep2.bytes_saved == rep.bytes_saved > 0
+    assert [(o.op, o.selected) for o in rep2.ops] == [(o.op, o.selected) for o in rep.ops]
     tokens, _ = greedy(loaded, ids, mask, n=3)
     assert torch.equal(tokens, greedy(model, ids, mask, n=3)[0])
     with pytest.raises(OriginalsDiscardedError):
@@ -501,3 +531,14 @@ def test_model_bench_cpu_smoke():
     assert [r for r in rows if r["mode"] == "w8a8"][0]["weights_MiB"] < exact[0]["weights_MiB"]
     assert {"2:4", "2:4+int8"} <= modes and not ctx.missing
     assert "tokens/s" in report.markdown(rows, suite.COLUMNS)
+
+
+def test_weights_no_rule_swaps_are_reported():
+    # GPT-2's projections are transformers Conv1D, not nn.Linear: quantize= swaps nothing there,
+    # and the report must say so per module rather than leave them out.
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=4, bos_token_id=1, eos_token_id=2)).eval()
+    fastllm.patch(model, quantize="w8a16", backend="torch")
+    left = {m.name: m.detail for m in fastllm.patch_report(model).modules if m.action == "left"}
+    assert "not an nn.Linear" in left["transformer.h.0.attn.c_attn"] and "(64, 192)" in left["transformer.h.0.attn.c_attn"]
+    assert swapped(model) == {}

@@ -47,6 +47,7 @@ only Sq == 1 is routed there, where "no cache_seqlens, no mask" means every key.
 else (prefill, a non-causal Sq > 1 call without a mask) goes to flash_attention.
 """
 import torch
+import torch.nn.functional as F
 
 from ..ops.attention import flash_attention
 from ..ops.decode import MAX_QUERIES as DECODE_MAX_Q
@@ -102,10 +103,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     q_len = query.shape[2]
     if mask is not None:
         if mask.dtype != torch.bool:
-            raise TypeError(
-                "fastllm attention takes the boolean masks transformers builds for it (True = attend); "
-                f"got a {mask.dtype} 4-D mask, probably passed in by the caller as an additive mask. "
-                "Pass the 2-D padding mask instead, or build the 4-D mask as bool.")
+            mask = _bool_from_additive(mask, module)
         causal = False   # the mask holds causality (and padding, window) in cache positions
     else:
         is_causal = kwargs.get("is_causal")
@@ -117,6 +115,16 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             key = key[:, :, :q_len]
             value = value[:, :, :q_len]
     softcap = kwargs.get("softcap") or None
+    # MLA (DeepSeek-V2 / V3, MiniCPM3): V's head dim differs from Q / K's. Zero columns change
+    # neither the scores nor the kept outputs: pad the narrower side, slice the output back.
+    dq, dv = query.shape[-1], value.shape[-1]
+    if dq != dv:
+        if scaling is None:
+            scaling = dq ** -0.5
+        if dv < dq:
+            value = F.pad(value, (0, dq - dv))
+        else:
+            query, key = F.pad(query, (0, dv - dq)), F.pad(key, (0, dv - dq))
     if _kernel_for(q_len, key.shape[2], mask is not None) is decode_attention:
         # mask given: it alone decides (causal is False above); else Sq == 1 sees every key.
         out = decode_attention(query, key, value, scale=scaling, mask=mask, softcap=softcap,
@@ -124,7 +132,24 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     else:
         out = flash_attention(query, key, value, causal=causal, scale=scaling, mask=mask,
                               softcap=softcap, backend=_fastllm_backend)
-    return out, None
+    return (out[..., :dv] if dq != dv else out), None
+
+
+def _bool_from_additive(mask, module):
+    """A float 4-D mask as transformers' eager path uses it (added to the scores): exactly a bool
+    mask when every value is 0 (attend) or hugely negative (-inf or near the dtype's minimum);
+    some models build such masks themselves (Pixtral's block mask, Doge). Anything else is a
+    bias, which fastllm's kernels do not add."""
+    if not mask.is_floating_point():
+        raise TypeError(f"fastllm attention: {type(module).__name__} got a {mask.dtype} attention mask; "
+                        "expected bool (True = attend) or a float additive mask")
+    allowed = mask == 0
+    if not (allowed | (mask <= torch.finfo(mask.dtype).min / 2)).all():
+        raise TypeError(
+            f"fastllm attention: {type(module).__name__} got a {mask.dtype} additive mask holding values "
+            "other than 0 and -inf (a bias on the scores, not a mask), which fastllm's kernels do not "
+            "add. Pass the 2-D padding mask, or fastllm.unpatch(model) for this model.")
+    return allowed
 
 
 _REGISTERED = set()

@@ -101,7 +101,7 @@ def select(model, options) -> Tuple[List[Tuple[str, nn.Module, object]], List[Mo
         elif include is not None and not _matches(n, include):
             why = "not matched by include"
         elif _matches(n, rule.default_exclude) and not (include and _matches(n, include)):
-            why = "excluded from linear swaps by default (lm_head / embeddings; include it to swap it)"
+            why = "excluded from linear swaps by default (lm_head / embeddings / MoE routers; include it to swap it)"
         elif len(owners.get(id(m.weight), ())) > 1:
             others = [o for o in owners[id(m.weight)] if o != f"{n}.weight"]
             why = f"weight shared with {', '.join(others)} (tied); swapping would duplicate it"
@@ -113,6 +113,16 @@ def select(model, options) -> Tuple[List[Tuple[str, nn.Module, object]], List[Mo
             chosen.append((n, m, rule))
             continue
         left.append(ModuleEntry(n, type(m).__name__, "left", why))
+    if rules:   # weights no rule can swap: say so rather than leave them out of the report
+        for n, m in model.named_modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)) or is_linear(n, m):
+                continue
+            big = [(pn, tuple(p.shape)) for pn, p in m._parameters.items() if p is not None and p.dim() >= 2]
+            if big:
+                what = ", ".join(f"{pn} {shape}" for pn, shape in big)
+                left.append(ModuleEntry(n, type(m).__name__, "left",
+                                        f"holds {what} but is not an nn.Linear (e.g. fused 3-D expert weights, "
+                                        "transformers' Conv1D, a router or convolution): no swap rule; kept in float"))
     return chosen, left
 
 

@@ -40,8 +40,9 @@ from ..errors import BackendUnavailableError, FastllmError
 from ..ops.registry import OPS, resolve_request
 from . import _attention, _linear
 from .report import ModuleEntry, OpEntry, PatchReport
-from .rules import (ATTENTION_SUBLAYER_NAMES, INT8_MODES, LINEAR_DEFAULT_EXCLUDE, PRUNE, RULES, SPARSITY,
-                    SUPPORTED_LAYER_TYPES, attention_unsupported_reason, sparse24_class)
+from .rules import (ATTENTION_SUBLAYER_NAMES, INT8_MODES, KV_SHARING_ATTRIBUTE, LINEAR_DEFAULT_EXCLUDE, PRUNE,
+                    QUERY_SLICING_METHODS, RULES, SPARSITY, SUPPORTED_LAYER_TYPES, attention_unsupported_reason,
+                    sparse24_class)
 
 STATE_ATTR = "_fastllm_patch"
 CONFIG_FILE = "fastllm_config.json"
@@ -229,6 +230,12 @@ def _check_supported(model, options, transformers) -> List[Tuple[str, nn.Module]
             raise UnsupportedModelError(f"{name}: attention module {n} ({type(m).__name__}): {why}. "
                                         "Model left unchanged.")
     cfg = _text_config(model)
+    for method, count in QUERY_SLICING_METHODS:
+        if _cfg_get(cfg, count, 0) and any(hasattr(m, method) for m in model.modules()):
+            raise UnsupportedModelError(
+                f"{name}: {method} hands its {count} = {_cfg_get(cfg, count, 0)} shared layers fewer queries "
+                "than keys with attention_mask=None, which transformers leaves undefined for registered "
+                "attention functions (fastllm would compute the wrong positions). Model left unchanged.")
     layer_types = getattr(cfg, "layer_types", None) or ()
     unknown = sorted(set(layer_types) - set(SUPPORTED_LAYER_TYPES))
     if unknown:
@@ -238,13 +245,22 @@ def _check_supported(model, options, transformers) -> List[Tuple[str, nn.Module]
     return attn
 
 
+def _cfg_get(cfg, attr, default):
+    """getattr that survives per-layer configs (Gemma 4): transformers raises a RuntimeError
+    (AmbiguousGlobalPerLayerAttributeError) for a global read of a per-layer attribute."""
+    try:
+        return getattr(cfg, attr, default)
+    except RuntimeError:
+        return default
+
+
 def _example_call(model, device, dtype):
     """Arguments of a typical flash_attention call for this model (for the registry)."""
     cfg = _text_config(model)
-    heads = getattr(cfg, "num_attention_heads", None) or 1
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or (getattr(cfg, "hidden_size", 64) // heads)
-    softcap = float(getattr(cfg, "attn_logit_softcapping", None) or 0.0)
+    heads = _cfg_get(cfg, "num_attention_heads", None) or 1
+    kv_heads = _cfg_get(cfg, "num_key_value_heads", None) or heads
+    head_dim = _cfg_get(cfg, "head_dim", None) or (_cfg_get(cfg, "hidden_size", 64) // heads)
+    softcap = float(_cfg_get(cfg, "attn_logit_softcapping", None) or 0.0)
     q = torch.empty(1, heads, 16, head_dim, device=device, dtype=dtype)
     k = torch.empty(1, kv_heads, 16, head_dim, device=device, dtype=dtype)
     return (q, k, k, None, True, head_dim ** -0.5, 0, softcap)
@@ -289,6 +305,23 @@ def _linear_example(name, linear, options, device, dtype):
         gs = options["group_size"]
         return (e(M, K, dtype=dtype), e(N, K, dtype=torch.int8), e(N, K // gs) if gs else e(N), None, gs or 0)
     return None
+
+
+def _loaded_as_chosen(options, loaded):
+    """[(name, module, rule)] for the layers from_pretrained rebuilt, as select() gives them."""
+    rules = {r.name: r for r in _linear.swap_rules(options)}
+    out = []
+    for n, m in loaded[1]:
+        r = rules.get("sparse24_linear" if isinstance(m, sparse24_class()) else "int8_linear")
+        if r is not None:
+            out.append((n, m, r))
+    return out
+
+
+def _float_bytes(m, dtype) -> int:
+    """Parameter bytes of the float nn.Linear that `m` (a rebuilt swapped layer) replaced."""
+    n = m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
+    return n * torch.empty(0, dtype=dtype).element_size()
 
 
 def _linear_op_entries(options, chosen, backend, device, dtype) -> Tuple[List[OpEntry], List[str]]:
@@ -348,6 +381,11 @@ def _decoder_layers(model) -> Tuple[str, nn.ModuleList, str]:
 def _resolve_skip(model, skip) -> List[Tuple[str, nn.Module]]:
     if skip is None:
         return []
+    shared = _cfg_get(_text_config(model), KV_SHARING_ATTRIBUTE, 0)
+    if shared:
+        raise UnsupportedModelError(
+            f"skip_attention: {type(model).__name__} has {KV_SHARING_ATTRIBUTE} = {shared} (layers read K/V "
+            "other layers compute); a skipped attention sub-layer would break them. Model left unchanged.")
     list_name, layers, child = _decoder_layers(model)
     n = len(layers)
     if isinstance(skip, int):
@@ -396,9 +434,18 @@ def _skipped_attention_forward(module, n_kv_heads, head_dim, *args, **kwargs):
 
 
 def _install_skip(module, cfg):
-    heads = getattr(cfg, "num_attention_heads")
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(module, "head_dim", None) or getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    # The module's own sizes first: per-layer configs (Gemma 4) have no global ones.
+    mcfg = getattr(module, "config", None) or cfg
+    heads = _cfg_get(mcfg, "num_attention_heads", None) or _cfg_get(cfg, "num_attention_heads", None)
+    kv_heads = _cfg_get(mcfg, "num_key_value_heads", None) or _cfg_get(cfg, "num_key_value_heads", None)
+    groups = getattr(module, "num_key_value_groups", None)
+    if heads and not kv_heads:
+        kv_heads = heads // groups if groups else heads
+    head_dim = getattr(module, "head_dim", None) or _cfg_get(mcfg, "head_dim", None) or (
+        heads and _cfg_get(cfg, "hidden_size", 0) // heads)
+    if not (kv_heads and head_dim):
+        raise UnsupportedModelError(f"skip_attention: cannot tell the K/V shape of {type(module).__name__} "
+                                    "from its config (per-layer settings); model left unchanged")
     # functools.partial (not a bound method) so copy.deepcopy(model) keeps the skip.
     module.__dict__["forward"] = functools.partial(_skipped_attention_forward, module, kv_heads, head_dim)
 
@@ -494,7 +541,9 @@ def _patch(model, options, batches, loaded=None):
             f"fastllm.patch(backend={backend!r}): flash_attention cannot run on {device} "
             f"({dtype}): {op_entry.reasons[resolve_request(backend)]}. Model left unchanged.")
     chosen, left = ([], []) if loaded else _linear.select(model, options)
-    lin_ops, lin_notes = _linear_op_entries(options, chosen, backend, device, dtype)
+    # Loaded swaps use the same ops as the ones patch would have made (report, forced backend).
+    lin_ops, lin_notes = _linear_op_entries(options, _loaded_as_chosen(options, loaded) if loaded else chosen,
+                                            backend, device, dtype)
     for e in lin_ops:
         if forced and e.selected is None:
             raise BackendUnavailableError(
@@ -613,7 +662,8 @@ def _build_report(model, options, attn, skips, op_entry, device, dtype, transfor
     if loaded:
         for n, m in loaded[1]:
             report.modules.append(ModuleEntry(n, "Linear", "replaced",
-                                              f"{type(m).__name__}({m.extra_repr()}), loaded from {loaded[0]}"))
+                                              f"{type(m).__name__}({m.extra_repr()}), loaded from {loaded[0]}",
+                                              _float_bytes(m, dtype) - _linear.module_bytes(m)))
     for sw in plan.swaps:
         report.modules.append(ModuleEntry(sw.name, type(sw.old).__name__, "replaced", sw.detail, sw.bytes_saved))
     for f in plan.folds:
@@ -622,7 +672,8 @@ def _build_report(model, options, attn, skips, op_entry, device, dtype, transfor
     swapping = bool(_linear.swap_rules(options))
     left = plan.entries
     if not swapping and not loaded:
-        left = [ModuleEntry(n, "Linear", "left", "excluded from linear swaps by default (lm_head / embeddings)")
+        left = [ModuleEntry(n, "Linear", "left",
+                            "excluded from linear swaps by default (lm_head / embeddings / MoE routers)")
                 for n, m in model.named_modules() if type(m) is nn.Linear and
                 any(fnmatch.fnmatchcase(n, p) for p in LINEAR_DEFAULT_EXCLUDE)]
         rest = sum(type(m) is nn.Linear for _, m in model.named_modules()) - len(left)

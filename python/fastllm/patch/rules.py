@@ -27,8 +27,11 @@ from typing import Callable, Optional, Tuple
 from torch import nn
 
 #: Left alone by linear swaps unless `include` names them: output head and embeddings hold
-#: most of the accuracy risk and little of the time.
-LINEAR_DEFAULT_EXCLUDE: Tuple[str, ...] = ("lm_head", "*.lm_head", "*embed*")
+#: most of the accuracy risk and little of the time; so do MoE routers (`*.gate`, HunYuan's
+#: `gate.wg`, `*.router`: tiny, and a rounding error there changes which experts run). Not
+#: `*gate_proj` (the gated MLP's projection).
+LINEAR_DEFAULT_EXCLUDE: Tuple[str, ...] = ("lm_head", "*.lm_head", "*embed*", "*.gate", "*.gate.*", "*.router",
+                                           "*.router.*")
 
 #: Children of a decoder layer that are the attention sub-layer proper: they return
 #: (attn_output, attn_weights) and the layer adds attn_output to the residual stream itself,
@@ -39,6 +42,19 @@ ATTENTION_SUBLAYER_NAMES: Tuple[str, ...] = ("self_attn",)
 
 #: Known layer_types entries (config.layer_types) whose attention fastllm serves.
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+#: Model methods that hand some layers fewer queries than keys with attention_mask=None, a
+#: combination whose meaning transformers only knows for its own sdpa / flash / flex (it turns
+#: the optimization off for them, not for a registered function): with it, fastllm would read
+#: the call as a static-cache prefill and give wrong outputs. Checked with the config count that
+#: enables them.
+QUERY_SLICING_METHODS: Tuple[Tuple[str, str], ...] = (
+    ("_maybe_slice_kv_shared_inputs", "num_kv_shared_layers"),   # Gemma 4
+)
+
+#: Config attribute (> 0) meaning some layers read the K/V another layer computed: their
+#: attention cannot be skipped (skip_attention) without breaking the readers.
+KV_SHARING_ATTRIBUTE = "num_kv_shared_layers"
 
 _INTERFACE_CALL = "ALL_ATTENTION_FUNCTIONS.get_interface("
 # Keyword arguments an attention module may hand the interface that fastllm does not implement.
