@@ -17,16 +17,19 @@ def strided_rows(M, K, dtype, device, pad=7):
     return base[:, :K]
 
 
-def _norm_source(s):
+def norm_source(s):
+    """Source text with every run of whitespace one space (what the drift checks compare)."""
     return re.sub(r"\s+", " ", s).strip()
 
 
 def assert_mirrored(sources):
     """The emulation files transcribe kernel lines into Python: each (path, lines) pair lists lines
     that must still be in the file verbatim (whitespace-normalized), so an edit of the kernel
-    fails the emulation's drift test until its mirror is updated."""
+    fails the emulation's drift test until its mirror is updated. path may be a tuple of paths
+    (lines found in any of them)."""
     missing = []
     for path, lines in sources:
-        src = _norm_source(path.read_text())
-        missing += [f"{path.name}: {line}" for line in lines if _norm_source(line) not in src]
+        paths = path if isinstance(path, tuple) else (path,)
+        src = norm_source("\n".join(p.read_text() for p in paths))
+        missing += [f"{paths[0].name}: {line}" for line in lines if norm_source(line) not in src]
     assert not missing, "the kernel changed; update the emulation in this file:\n" + "\n".join(missing)

@@ -66,6 +66,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import assert_mirrored, norm_source
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 INT8_DIR = ROOT / "csrc" / "int8"
 KERNEL_SRC = INT8_DIR / "int8_gemm_kernel.cuh"
@@ -1253,29 +1255,16 @@ MIRRORED_GLUE_LINES = [     # python/fastllm/ops/_int8_cuda.py (W8A16 scale stri
 ]
 
 
-def _norm(s):
-    return re.sub(r"\s+", " ", s).strip()
-
-
 def test_kernel_source_matches_mirror():
-    kernel = KERNEL_SRC.read_text() + "\n" + (INT8_DIR / "int8_epilogue.cuh").read_text() \
-        if (INT8_DIR / "int8_epilogue.cuh").exists() else KERNEL_SRC.read_text()
-    missing = []
-    for name, src, lines in (
-            ("int8_gemm_kernel.cuh", kernel, MIRRORED_KERNEL_LINES),
-            ("int8_ptx.cuh", (INT8_DIR / "int8_ptx.cuh").read_text(), MIRRORED_PTX_LINES),
-            ("int8_traits.h", TRAITS_SRC.read_text(), MIRRORED_TRAITS_LINES),
-            ("common.h", COMMON_SRC.read_text(), MIRRORED_COMMON_LINES),
-            ("int8_launcher.cu", LAUNCHER_SRC.read_text(), MIRRORED_LAUNCHER_LINES),
-            ("w8a16_gemm_kernel.cuh", W8A16_SRC.read_text(), MIRRORED_W8A16_LINES),
-            ("_int8_cuda.py", (ROOT / "python" / "fastllm" / "ops" / "_int8_cuda.py").read_text(), MIRRORED_GLUE_LINES)):
-        src = _norm(src)
-        missing += [f"{name}: {line}" for line in lines if _norm(line) not in src]
-    assert not missing, "the kernel changed; update the emulation in this file:\n" + "\n".join(missing)
+    assert_mirrored((((KERNEL_SRC, INT8_DIR / "int8_epilogue.cuh"), MIRRORED_KERNEL_LINES),
+                     (INT8_DIR / "int8_ptx.cuh", MIRRORED_PTX_LINES), (TRAITS_SRC, MIRRORED_TRAITS_LINES),
+                     (COMMON_SRC, MIRRORED_COMMON_LINES), (LAUNCHER_SRC, MIRRORED_LAUNCHER_LINES),
+                     (W8A16_SRC, MIRRORED_W8A16_LINES),
+                     (ROOT / "python" / "fastllm" / "ops" / "_int8_cuda.py", MIRRORED_GLUE_LINES)))
     traits = TRAITS_SRC.read_text()
     configs = {int(i): tuple(int(v) for v in args.split(","))
                for i, args in re.findall(r"struct GemmConfig<(\d+)> : GemmTile<([\d, ]+)> \{\};", traits)}
     assert configs == CONFIGS
     assert re.search(r"constexpr int kNumGemmConfigs = (\d+);", traits).group(1) == str(len(CONFIGS))
     # the launcher's plan for configs 0 / 1 uses these K tiles
-    assert all(f"case {c}: return GemmConfig<{c}>::kBK;" in _norm(traits) for c in (0, 1, 2, 3))
+    assert all(f"case {c}: return GemmConfig<{c}>::kBK;" in norm_source(traits) for c in (0, 1, 2, 3))

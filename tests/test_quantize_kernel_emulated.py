@@ -66,6 +66,7 @@ import pytest
 import torch
 
 from fastllm import _ext, ref
+from helpers import assert_mirrored, norm_source
 from fastllm.ops.int8_static import input_multiplier
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -809,28 +810,16 @@ MIRRORED_GLUE_STATIC_LINES = [
 ]
 
 
-def _norm(s):
-    return re.sub(r"\s+", " ", s).strip()
-
-
 def test_kernel_source_matches_mirror():
-    missing = []
-    for name, path, lines in (
-            ("quantize_per_token.cu", PER_TOKEN_SRC, MIRRORED_PER_TOKEN_LINES),
-            ("quantize_static.cu", STATIC_SRC, MIRRORED_STATIC_LINES),
-            ("quantize_convert.cuh", CONVERT_SRC, MIRRORED_CONVERT_LINES),
-            ("common.h", COMMON_SRC, MIRRORED_COMMON_LINES),
-            ("CMakeLists.txt", CMAKE_SRC, MIRRORED_CMAKE_LINES),
-            ("ops/quantize.py", GLUE_PER_TOKEN, MIRRORED_GLUE_PER_TOKEN_LINES),
-            ("ops/_int8_cuda.py", GLUE_STATIC, MIRRORED_GLUE_STATIC_LINES)):
-        src = _norm(path.read_text())
-        missing += [f"{name}: {line}" for line in lines if _norm(line) not in src]
-    assert not missing, "the kernel changed; update the emulation in this file:\n" + "\n".join(missing)
+    assert_mirrored(((PER_TOKEN_SRC, MIRRORED_PER_TOKEN_LINES), (STATIC_SRC, MIRRORED_STATIC_LINES),
+                     (CONVERT_SRC, MIRRORED_CONVERT_LINES), (COMMON_SRC, MIRRORED_COMMON_LINES),
+                     (CMAKE_SRC, MIRRORED_CMAKE_LINES), (GLUE_PER_TOKEN, MIRRORED_GLUE_PER_TOKEN_LINES),
+                     (GLUE_STATIC, MIRRORED_GLUE_STATIC_LINES)))
     # Each mirrored loop / launch appears exactly where expected: one of each kernel's loops.
-    per_token = _norm(PER_TOKEN_SRC.read_text())
+    per_token = norm_source(PER_TOKEN_SRC.read_text())
     assert per_token.count("for (int64_t i = threadIdx.x; i < nvec; i += kThreads) {") == 2
     assert per_token.count("for (int off = 16; off > 0; off >>= 1)") == 2
-    assert _norm(STATIC_SRC.read_text()).count("__float2int_rn(") == 1
+    assert norm_source(STATIC_SRC.read_text()).count("__float2int_rn(") == 1
     flags = CMAKE_SRC.read_text() + (ROOT / "setup.py").read_text()
     assert not re.search(r"fast.math|ftz|prec.div|prec.sqrt|fmad", flags), "fp32 flags changed"
     assert all(_ext.DTYPE_CODES[dt] == code for dt, code in DTYPE_CODES.items())

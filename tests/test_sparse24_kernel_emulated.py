@@ -44,6 +44,7 @@ import pytest
 import torch
 
 from fastllm.sparse import compress, prune_24
+from helpers import assert_mirrored
 from fastllm.sparse.format import VALID_NIBBLES
 from fastllm.sparse.mma_sp import mma_sp_m16n8k32, mma_sp_m16n8k64_s8
 
@@ -504,15 +505,9 @@ MIRRORED_TRAITS_LINES = [
 ]
 
 
-def _norm(s):
-    return re.sub(r"\s+", " ", s).strip()
-
-
 def test_kernel_source_matches_mirror():
-    src, traits = _norm(KERNEL_SRC.read_text()), _norm(TRAITS_SRC.read_text())
-    missing = [l for l in MIRRORED_KERNEL_LINES if _norm(l) not in src]
-    missing += [l for l in MIRRORED_TRAITS_LINES if _norm(l) not in traits]
-    assert not missing, "the kernel changed; update the emulation in this file:\n" + "\n".join(missing)
+    assert_mirrored(((KERNEL_SRC, MIRRORED_KERNEL_LINES), (TRAITS_SRC, MIRRORED_TRAITS_LINES)))
+    traits = TRAITS_SRC.read_text()
     configs = {name: tuple(int(v) for v in args.split(","))
                for name, args in re.findall(r"using (\w+) = Traits<T, ([\d, ]+)>;", traits)}
     assert configs.pop("HopperM") == (128, 128, 2, 4, 4)   # the wgmma.sp kernel's: test_sparse24_wgmma_emulated.py

@@ -27,13 +27,13 @@ Layout evidence (helper review): CUTLASS's sm90 sparse GMMA traits give per-thre
 layouts (ELayout_64x32 / 64x64) equal to mma.sp's per warp, used with selector 0.
 """
 import pathlib
-import re
 
 import numpy as np
 import pytest
 import torch
 
 from fastllm.sparse import compress
+from helpers import assert_mirrored
 from fastllm.sparse.mma_sp import mma_sp_m16n8k32, mma_sp_m16n8k64_s8
 
 from test_int8_wgmma_emulated import desc_sw128, wgmma_operand
@@ -209,7 +209,4 @@ MIRRORED = {
 
 
 def test_kernel_source_matches_mirror():
-    norm = lambda s: re.sub(r"\s+", " ", s).strip()   # noqa: E731
-    missing = [f"{path.name}: {l}" for path, lines in MIRRORED.items() for l in lines
-               if norm(l) not in norm(path.read_text())]
-    assert not missing, "the kernel changed; update the emulation in this file:\n" + "\n".join(missing)
+    assert_mirrored(MIRRORED.items())

@@ -51,10 +51,11 @@ import numpy as np
 import pytest
 import torch
 from test_int8_kernel_emulated import (C, G, INT8_DIR, LANE, LAUNCHER_SRC, ROOT, TRAITS_SRC, W8A16_MAX_M,
-                                       W8A16_ROWS, W8A16_UNROLL, Out, _norm, bias_at, byte_perm, choose_w8a16_config,
+                                       W8A16_ROWS, W8A16_UNROLL, Out, bias_at, byte_perm, choose_w8a16_config,
                                        fma_f32, gread, ld16, mma_m16n8k32_s8, scaled, strided, to_out)
 
 from fastllm.ops._int8_cuda import fused_supports
+from helpers import assert_mirrored
 from fastllm.ops.int8_static import input_multiplier
 from fastllm.ref import quantize_per_token
 from fastllm.ref.int8 import quantize_static
@@ -588,6 +589,4 @@ def test_kernel_source_matches_mirror():
     paths = {"w8a8_decode_kernel.cuh": INT8_DIR / "w8a8_decode_kernel.cuh", "int8_launcher.cu": LAUNCHER_SRC,
              "int8_traits.h": TRAITS_SRC, "int8_ptx.cuh": INT8_DIR / "int8_ptx.cuh",
              "_int8_cuda.py": ROOT / "python" / "fastllm" / "ops" / "_int8_cuda.py"}
-    missing = [f"{name}: {line}" for name, lines in MIRRORED.items() for line in lines
-               if _norm(line) not in _norm(paths[name].read_text())]
-    assert not missing, "the kernel changed; update the emulation in this file:\n" + "\n".join(missing)
+    assert_mirrored((paths[name], lines) for name, lines in MIRRORED.items())
