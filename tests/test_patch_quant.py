@@ -533,12 +533,37 @@ def test_model_bench_cpu_smoke():
     assert "tokens/s" in report.markdown(rows, suite.COLUMNS)
 
 
-def test_weights_no_rule_swaps_are_reported():
-    # GPT-2's projections are transformers Conv1D, not nn.Linear: quantize= swaps nothing there,
-    # and the report must say so per module rather than leave them out.
+@pytest.mark.parametrize("kw, bound", [(dict(quantize="w8a16"), 0.03), (dict(quantize="w8a8"), 0.04),
+                                       (dict(quantize="w8a8-static", smooth_alpha=0.5), 0.1)])
+def test_gpt2_conv1d_layers(kw, bound):
+    # GPT-2's projections are transformers Conv1D (y = x @ W + b, W stored (in, out)): quantize=
+    # used to swap nothing there. They are swapped through an nn.Linear view of the weight
+    # (SmoothQuant folds into ln_1 / ln_2 too), and unpatch restores the Conv1D bit for bit.
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=4, bos_token_id=1, eos_token_id=2)).eval()
+        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2)).eval()
+    ids, mask = batch()
+    base, sd = out(model, ids, mask), {k: v.clone() for k, v in model.state_dict().items()}
+    cal = {"calibration": calib()} if "smooth_alpha" in kw else {}
+    fastllm.patch(model, backend="torch", keep_original=True, **kw, **cal)
+    assert sorted(n for n in swapped(model) if n.startswith("transformer.h.0.")) == [
+        "transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
+        "transformer.h.0.mlp.c_proj"]
+    assert rel_err(out(model, ids, mask), base, mask.bool()) < bound
+    if cal:
+        assert any("folded into 4 norm(s)" in n for n in fastllm.patch_report(model).notes)
+    fastllm.unpatch(model)
+    assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    after = model.state_dict()
+    assert after.keys() == sd.keys() and all(torch.equal(after[k], v) for k, v in sd.items())
+
+
+def test_weights_no_rule_swaps_are_reported():
+    # Fused 3-D expert weights are not linears: the report lists them as kept in float.
+    model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)).eval()
     fastllm.patch(model, quantize="w8a16", backend="torch")
     left = {m.name: m.detail for m in fastllm.patch_report(model).modules if m.action == "left"}
-    assert "not an nn.Linear" in left["transformer.h.0.attn.c_attn"] and "(64, 192)" in left["transformer.h.0.attn.c_attn"]
-    assert swapped(model) == {}
+    experts = next(n for n in left if n.endswith("mlp.experts"))
+    assert "not an nn.Linear" in left[experts] and "(4, " in left[experts]

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .report import ModuleEntry
-from .rules import RULES, is_linear
+from .rules import RULES, as_linear, is_linear
 
 
 @dataclass
@@ -106,7 +106,7 @@ def select(model, options) -> Tuple[List[Tuple[str, nn.Module, object]], List[Mo
             others = [o for o in owners[id(m.weight)] if o != f"{n}.weight"]
             why = f"weight shared with {', '.join(others)} (tied); swapping would duplicate it"
         else:
-            why = rule.unsupported(m, options)
+            why = rule.unsupported(as_linear(m), options)
             if why:
                 left.append(ModuleEntry(n, type(m).__name__, "skipped", f"{rule.name}: {why}"))
                 continue
@@ -301,14 +301,14 @@ def plan(model, options, batches, device, chosen, left) -> Plan:
     named = dict(model.named_modules())
     temp = {}
     for norm, lins in folds.items():
-        temp.update(_fold(out, norm, named[norm], {n: named[n] for n in lins}, layer, alpha))
+        temp.update(_fold(out, norm, named[norm], {n: as_linear(named[n]) for n in lins}, layer, alpha))
     for n, m, r in chosen:
         if n in missing:
             out.entries.append(ModuleEntry(n, type(m).__name__, "skipped",
                                            f"{r.name}: did not run on the calibration batches (no statistics)"))
             continue
         try:
-            new = r.replace(temp.get(n, m), options, layer[n])
+            new = r.replace(temp.get(n) or as_linear(m), options, layer[n])
         except ValueError as e:
             out.entries.append(ModuleEntry(n, type(m).__name__, "skipped", f"{r.name}: {e}"))
             continue

@@ -40,7 +40,7 @@ from ..errors import BackendUnavailableError, FastllmError
 from ..ops.registry import OPS, resolve_request
 from . import _attention, _linear
 from .report import ModuleEntry, OpEntry, PatchReport
-from .rules import (ATTENTION_SUBLAYER_NAMES, INT8_MODES, KV_SHARING_ATTRIBUTE, LINEAR_DEFAULT_EXCLUDE, PRUNE,
+from .rules import (ATTENTION_SUBLAYER_NAMES, INT8_MODES, KV_SHARING_ATTRIBUTE, LINEAR_DEFAULT_EXCLUDE, PRUNE, as_linear,
                     QUERY_SLICING_METHODS, RULES, SPARSITY, SUPPORTED_LAYER_TYPES, attention_unsupported_reason,
                     sparse24_class)
 
@@ -340,7 +340,7 @@ def _linear_op_entries(options, chosen, backend, device, dtype) -> Tuple[List[Op
                 if rule.name != "sparse24_linear":
                     notes.append(f"{rule.name}: op {name} is not registered")
                 continue
-            args = _linear_example(name, layers[0][1], options, device, dtype)
+            args = _linear_example(name, as_linear(layers[0][1]), options, device, dtype)
             if args is None:   # an op whose call we do not model: device-level reasons only
                 from ..ops.registry import device_reason
                 reasons = {b: (device_reason(b, device, auto=resolve_request(backend) == "auto")

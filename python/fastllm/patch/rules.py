@@ -84,8 +84,29 @@ def attention_unsupported_reason(module: nn.Module) -> Optional[str]:
     return None
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 and kin): y = x @ W + b with W stored (in, out)."""
+    t = type(module)
+    return t.__name__ == "Conv1D" and t.__module__.startswith("transformers.")
+
+
 def is_linear(name: str, module: nn.Module) -> bool:
-    return type(module) is nn.Linear
+    return type(module) is nn.Linear or _is_conv1d(module)
+
+
+def as_linear(module: nn.Module) -> nn.Module:
+    """The nn.Linear a module is_linear matches computes: itself, or for a Conv1D an nn.Linear
+    whose weight is the transposed view of the Conv1D's (no copy) and whose bias is its bias.
+    Swap rules, calibration planning and SmoothQuant folding read this view; the swap itself
+    replaces (and unpatch restores) the original module."""
+    if not _is_conv1d(module):
+        return module
+    w = module.weight
+    lin = nn.Linear(w.shape[0], w.shape[1], bias=module.bias is not None, device="meta")
+    lin.weight = nn.Parameter(w.detach().t(), requires_grad=False)
+    if module.bias is not None:
+        lin.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+    return lin
 
 
 @dataclass(frozen=True)
