@@ -426,6 +426,11 @@ def _gemma3n_skip():
     # KV-shared layers get sliced queries with mask None (wrong positions before: logits off 0.2)
     (lambda: _gemma4(shared=2), "_maybe_slice_kv_shared_inputs"),
     (_gemma3n_skip, "num_kv_shared_layers = 2"),   # skipping a layer others read K/V from
+    # Doge adds a learned per-head bias through its mask on every call (every forward raised)
+    (lambda: T.DogeForCausalLM(T.DogeConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            pad_token_id=0, is_moe=False)), "prepare_dynamic_mask"),
+    (lambda: build("llama").double(), "computes in float64"),   # the ops take 16/32-bit floats
     (lambda: T.MambaForCausalLM(T.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
                                               state_size=4, pad_token_id=0)), "AttentionInterface"),
     (lambda: T.T5ForConditionalGeneration(T.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=32,

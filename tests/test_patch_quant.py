@@ -65,7 +65,11 @@ def test_int8_error_within_bounds(kind, mode):
     assert n >= 6 and len([m for m in rep.replaced if "Int8Linear" in m.detail]) == n
     assert rep.bytes_saved > 0 and all(m.bytes_saved > 0 for m in rep.replaced if "Int8Linear" in m.detail)
     ops = {o.op: o.selected for o in rep.ops}
-    assert ops.get("int8_matmul" if mode != "w8a16" else "w8a16_matmul") == "torch"
+    # The ops the layers really call (regression: the report named int8_matmul for w8a8 modes).
+    assert ops.get({"w8a16": "w8a16_matmul", "w8a8": "int8_matmul_dynamic",
+                    "w8a8-static": "int8_matmul_static"}[mode]) == "torch"
+    if kind != "bert":
+        assert ops.get("decode_attention") == "torch"
     if kind != "bert":
         assert any(m.name == "lm_head" and m.action == "left" for m in rep.modules)
         assert "lm_head" not in swapped(model)
@@ -265,6 +269,22 @@ def test_keep_original_round_trip_is_bit_identical():
     assert torch.equal(out(model, ids, mask), before)
 
 
+def test_unpatch_after_the_model_changed_dtype():
+    # Regression: the kept fp32 originals went back into a model converted to bf16 after patch
+    # (mixed dtypes: every later forward raised). They follow the model's dtype / device now.
+    model = build("qwen2")
+    want = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    fastllm.patch(model, quantize="w8a8-static", calibration=calib(), smooth_alpha=0.5, keep_original=True,
+                  backend="torch")
+    assert model._fastllm_patch.folds
+    model.to(torch.bfloat16)
+    fastllm.unpatch(model)
+    sd = model.state_dict()
+    assert sd.keys() == want.keys() and all(torch.equal(sd[k], want[k]) for k in want)
+    ids, mask = batch()
+    out(model, ids, mask)
+
+
 def test_unpatch_without_keep_original_raises_and_stays_patched():
     model = build("llama")
     ids, mask = batch()
@@ -291,7 +311,7 @@ def test_quantize_without_fastllm_attention():
     model = build("llama")
     fastllm.patch(model, attention=False, quantize="w8a8", backend="torch", keep_original=True)
     assert model.config._attn_implementation == "sdpa" and len(swapped(model)) == 14
-    assert [o.op for o in fastllm.patch_report(model).ops] == ["quantize_per_token", "int8_matmul"]
+    assert [o.op for o in fastllm.patch_report(model).ops] == ["int8_matmul_dynamic"]
     fastllm.unpatch(model)
 
 

@@ -138,8 +138,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
 def _bool_from_additive(mask, module):
     """A float 4-D mask as transformers' eager path uses it (added to the scores): exactly a bool
     mask when every value is 0 (attend) or hugely negative (-inf or near the dtype's minimum);
-    some models build such masks themselves (Pixtral's block mask, Doge). Anything else is a
-    bias, which fastllm's kernels do not add."""
+    some models build such masks themselves (Pixtral's block mask). Anything else is a bias,
+    which fastllm's kernels do not add (Doge's dynamic mask: refused at patch time)."""
     if not mask.is_floating_point():
         raise TypeError(f"fastllm attention: {type(module).__name__} got a {mask.dtype} attention mask; "
                         "expected bool (True = attend) or a float additive mask")

@@ -380,16 +380,28 @@ def commit(model, plan_: Plan):
 
 
 def restore(model, swaps: List[Swap], folds: List[Fold]):
+    """Put the kept originals back, converted to where the model is now: after patch, the model
+    may have moved (model.to("cuda")) or changed dtype (model.to(torch.bfloat16)), which reached
+    the swapped-in layers and norms but not the kept originals. Unchanged model: no-op casts."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     for s in reversed(swaps):
+        cur = model.get_submodule(s.name)
+        t = next(iter(list(cur.buffers()) + list(cur.parameters())), None)
+        if t is not None:
+            s.old.to(device=t.device, dtype=dtype)
         _set(model, s.name, s.old)
     for f in reversed(folds):
         for k, p in f.old.items():
+            cur = f.module._parameters.get(k)
+            if cur is not None and (cur.dtype, cur.device) != (p.dtype, p.device):
+                p = nn.Parameter(p.detach().to(device=cur.device, dtype=cur.dtype), requires_grad=p.requires_grad)
             f.module._parameters[k] = p
 
 
 def offload(swaps: List[Swap]) -> Optional[str]:
     """keep_original=True: the kept nn.Linear modules move to CPU memory (saving device memory);
-    restore_devices moves them back. Returns the device they came from."""
+    restore moves them back (to the device the model is on then). Returns the device they came
+    from."""
     dev = None
     for s in swaps:
         d = next(s.old.parameters()).device
@@ -398,8 +410,3 @@ def offload(swaps: List[Swap]) -> Optional[str]:
             s.old.to("cpu")
     return dev
 
-
-def restore_devices(swaps: List[Swap], device):
-    if device is not None:
-        for s in swaps:
-            s.old.to(device)

@@ -182,12 +182,11 @@ def _normalize_options(attention, quantize, sparsity, prune, calibration, smooth
 
 
 def _model_info(model):
-    try:
-        p = next(model.parameters())
-        device, dtype = p.device, p.dtype
-    except StopIteration:
-        device, dtype = torch.device("cpu"), torch.float32
-    return device, dtype
+    """(device, dtype) of the model's first floating-point parameter (cpu / float32 if none)."""
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if p is None:
+        return torch.device("cpu"), torch.float32
+    return p.device, p.dtype
 
 
 def _text_config(model):
@@ -279,6 +278,15 @@ def _op_entry(model, backend, device, dtype) -> OpEntry:
     return entry
 
 
+def _decode_entry(model, backend, device, dtype) -> OpEntry:
+    """decode_attention on a typical decode step (1 query against 64 cached keys)."""
+    q, k, _, _, _, scale, _, softcap = _example_call(model, device, dtype)
+    q1, kc = q[:, :, :1], k.new_empty(k.shape[0], k.shape[1], 64, k.shape[3])
+    entry = _entry(OPS["decode_attention"], backend, device, (q1, kc, kc, None, None, None, scale, 0, softcap, 0))
+    entry.note = "decode steps (<= 16 queries against a longer cache)"
+    return entry
+
+
 def _entry(op, backend, device, args) -> OpEntry:
     req = resolve_request(backend)
     if req == "auto":
@@ -299,8 +307,10 @@ def _linear_example(name, linear, options, device, dtype):
     e = functools.partial(torch.empty, device=device)
     if name == "quantize_per_token":
         return (e(M, K, dtype=dtype),)
-    if name == "int8_matmul":
-        return (e(M, K, dtype=torch.int8), e(N, K, dtype=torch.int8), e(M), e(N), None, dtype)
+    if name == "int8_matmul_dynamic":
+        return (e(M, K, dtype=dtype), e(N, K, dtype=torch.int8), e(N), None, None)
+    if name == "int8_matmul_static":
+        return (e(M, K, dtype=dtype), e(N, K, dtype=torch.int8), e(1), e(1), e(N), None)
     if name == "w8a16_matmul":
         gs = options["group_size"]
         return (e(M, K, dtype=dtype), e(N, K, dtype=torch.int8), e(N, K // gs) if gs else e(N), None, gs or 0)
@@ -534,7 +544,12 @@ def _patch(model, options, batches, loaded=None):
     attn = _check_supported(model, options, transformers)
     skips = _resolve_skip(model, options["skip_attention"])
     device, dtype = _model_info(model)
+    if options["attention"] and dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} computes in {str(dtype).replace('torch.', '')}: fastllm's attention runs "
+            "float16, bfloat16 and float32 models. Model left unchanged.")
     op_entry = _op_entry(model, backend, device, dtype) if options["attention"] else None
+    dec_entry = _decode_entry(model, backend, device, dtype) if options["attention"] else None
     forced = resolve_request(backend) != "auto"
     if op_entry is not None and forced and op_entry.selected is None:
         raise BackendUnavailableError(
@@ -544,6 +559,7 @@ def _patch(model, options, batches, loaded=None):
     # Loaded swaps use the same ops as the ones patch would have made (report, forced backend).
     lin_ops, lin_notes = _linear_op_entries(options, _loaded_as_chosen(options, loaded) if loaded else chosen,
                                             backend, device, dtype)
+    lin_ops = ([dec_entry] if dec_entry else []) + lin_ops   # the report lists them after flash_attention
     for e in lin_ops:
         if forced and e.selected is None:
             raise BackendUnavailableError(
@@ -616,7 +632,6 @@ def unpatch(model):
             "patch() was called without keep_original=True (or the model was loaded quantized), so "
             "they were dropped to save memory. The model is still patched and works. Reload the "
             "float model to get it back, or patch with keep_original=True to be able to unpatch.")
-    _linear.restore_devices(state.swaps, state.offload_device)
     _linear.restore(model, state.swaps, state.folds)
     for _, m in state.skipped:
         _remove_skip(m)

@@ -57,8 +57,12 @@ QUERY_SLICING_METHODS: Tuple[Tuple[str, str], ...] = (
 KV_SHARING_ATTRIBUTE = "num_kv_shared_layers"
 
 _INTERFACE_CALL = "ALL_ATTENTION_FUNCTIONS.get_interface("
-# Keyword arguments an attention module may hand the interface that fastllm does not implement.
-_UNSUPPORTED_SOURCE = re.compile(r"\b(s_aux|sinks|position_bias)\s*=")
+# What an attention module's forward may do that fastllm does not implement: (pattern, reason).
+_UNSUPPORTED_SOURCE = (
+    (re.compile(r"\b(s_aux|sinks|position_bias)\s*="), "its forward passes {}=... to the attention function"),
+    # Doge: a learned per-head bias added to the scores through the mask, on every call.
+    (re.compile(r"\b(prepare_dynamic_mask)\("), "its forward adds a learned bias to the scores ({})"),
+)
 _source_cache = {}
 
 
@@ -78,9 +82,11 @@ def uses_attention_interface(name: str, module: nn.Module) -> bool:
 
 def attention_unsupported_reason(module: nn.Module) -> Optional[str]:
     """Why fastllm's attention cannot serve this attention module, or None."""
-    m = _UNSUPPORTED_SOURCE.search(_forward_source(type(module)))
-    if m:
-        return f"its forward passes {m.group(1)}=... to the attention function (not implemented)"
+    src = _forward_source(type(module))
+    for pattern, reason in _UNSUPPORTED_SOURCE:
+        m = pattern.search(src)
+        if m:
+            return reason.format(m.group(1)) + " (not implemented)"
     return None
 
 
@@ -128,12 +134,12 @@ class Rule:
 
 #: patch(quantize=...) -> Int8Linear mode. "w8a8" is dynamic: activations quantized per token.
 INT8_MODES = {"w8a8": "w8a8-dynamic", "w8a8-static": "w8a8-static", "w8a16": "w8a16"}
-INT8_OPS = {"w8a8": ("quantize_per_token", "int8_matmul"), "w8a8-static": ("int8_matmul",),
+INT8_OPS = {"w8a8": ("int8_matmul_dynamic",), "w8a8-static": ("int8_matmul_static",),
             "w8a16": ("w8a16_matmul",)}
 SPARSITY = ("2:4",)
 PRUNE = ("magnitude", "wanda")
-#: Registry ops a Sparse24Linear may use (listed in the report when they are registered).
-SPARSE24_OPS = ("sparse24_matmul", "sparse24_int8_matmul")
+#: Registry ops a Sparse24Linear calls (16-bit / with quantize="w8a8": int8).
+SPARSE24_OPS = {False: ("sparse24_matmul",), True: ("quantize_per_token", "sparse24_int8_matmul")}
 
 
 def sparse24_class():
@@ -182,7 +188,7 @@ RULES: Tuple[Rule, ...] = (
          match=uses_attention_interface, ops=lambda o: ("flash_attention",),
          note="exact; transformers' AttentionInterface, weights untouched (0 bytes saved)"),
     Rule(name="sparse24_linear", option="sparsity", kind="module_swap", match=is_linear,
-         ops=lambda o: SPARSE24_OPS, replace=_sparse_replace, unsupported=_sparse_unsupported,
+         ops=lambda o: SPARSE24_OPS[o["quantize"] is not None], replace=_sparse_replace, unsupported=_sparse_unsupported,
          calibration=lambda o: ("l2",) if o["prune"] == "wanda" else (),
          default_exclude=LINEAR_DEFAULT_EXCLUDE,
          note="lossy: weights pruned to 2 of every 4 (prune=magnitude | wanda) and compressed; "
