@@ -1,4 +1,5 @@
-"""The benchmark harness runs end to end on CPU (smoke test; no speed is asserted)."""
+"""The benchmark harness runs end to end on CPU (smoke test; no speed is asserted). The checks,
+CLI and reports in detail: test_bench_checks.py, test_bench_cli.py, test_bench_demo.py."""
 import json
 import subprocess
 import sys
@@ -12,5 +13,7 @@ def test_quantize_bench_cpu(tmp_path):
     data = json.loads((tmp_path / "b.json").read_text())
     rows = data["results"]["quantize"]
     assert rows and all(r["ok"] == "yes" and r["ms"] > 0 for r in rows)
-    assert data["peaks"]["copy_gbs"] > 0
+    assert data["peaks"]["copy_gbs"] > 0 and data["peaks"]["int_mm_tops"] > 0
+    assert {"commit", "python", "torch", "triton", "transformers", "cuda", "args"} <= set(data)
+    assert any(w.startswith("fastllm-cuda") for w, _ in data["missing"])     # listed without --backend
     assert "## quantize" in (tmp_path / "b.md").read_text()

@@ -30,3 +30,19 @@ def test_info_json_matches_build():
     row = next(r for r in info["ops"] if r["op"] == "quantize_per_token")
     assert set(row["reasons"]) == {"cuda", "triton", "torch"}
     assert row["backend"] == ("torch" if DEVICE == "cpu" else row["backend"])
+
+
+def test_devices_say_cpu_only_torch_first(monkeypatch):
+    from fastllm import _ext, info
+
+    class Mod:      # an extension whose runtime cannot use the driver
+        device_count = staticmethod(lambda: -35)
+        error_string = staticmethod(lambda code: "CUDA driver version is insufficient")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(_ext, "_load", lambda: (Mod, None))
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert info._devices() == ("none (this PyTorch is a CPU-only build; fastllm._C's CUDA runtime: CUDA driver "
+                               "version is insufficient)")
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(_ext, "_load", lambda: (None, "not built"))
+    assert info._devices() == "none (torch.cuda.is_available() is False with PyTorch's CUDA 12.4)"

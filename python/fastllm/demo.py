@@ -8,8 +8,11 @@
 Builds the model from a config with random weights (no download), then on one left-padded
 batch of random prompts:
   1. unpatched: prompt logits, greedy generate timed (tokens/s);
-  2. fastllm.patch(model): the patch report, the same logits (max |difference|), the same
-     generate timed, and whether the greedy tokens agree;
+  2. fastllm.patch(model): the patch report, the same logits (max |difference| and relative
+     error against ROUNDING_BOUND), the same generate timed, and whether the greedy tokens
+     agree. A token difference is called a near-tie under rounding only when the logits of the
+     prompt and of every generated step up to the first difference agree within the bound;
+     logits beyond it mean a wrong kernel: the demo says so and exits with status 1;
   3. optionally skip_attention=k (lossy): tokens/s and how far the logits move;
   4. optionally quantize=... (lossy int8 linears): tokens/s, logit change, bytes saved.
 Random weights make the text meaningless; the numbers (speed, agreement) are what it shows.
@@ -21,6 +24,11 @@ import sys
 import time
 
 import torch
+
+#: Relative error ||patched - unpatched|| / ||unpatched|| of logits that float rounding explains
+#: (fastllm's exact attention vs SDPA): the bench's model suite's bound for its exact mode.
+from .bench import parse_device  # noqa: E402
+from .bench.suites.model import EXACT_BOUND as ROUNDING_BOUND  # noqa: E402
 
 # hidden, layers, heads, kv heads, intermediate, vocab
 SIZES = {
@@ -77,6 +85,18 @@ def logits(model, ids, mask):
     return model(ids, attention_mask=mask).logits.float()
 
 
+@torch.no_grad()
+def step_logits(model, ids, mask, tokens):
+    """(sequences, logits (B, tokens, vocab) fp32 of every greedy step): untimed."""
+    out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens,
+                         pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits, dim=1).float()
+
+
+def rel_err(got, want):
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
 def agreement(a, b, prompt_len):
     """Fraction of generated tokens equal, and the first step where a row differs (or None)."""
     a, b = a[:, prompt_len:], b[:, prompt_len:]
@@ -103,6 +123,19 @@ def main(argv=None):
     ap.add_argument("--quantize", choices=["w8a8", "w8a8-static", "w8a16"],
                     help="also measure fastllm.patch(model, quantize=...) (int8 linears; lossy)")
     args = ap.parse_args(argv)
+    for name in ("tokens", "batch", "prompt_len"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = parse_device(ap, args.device, "auto, cpu, cuda or cuda:N")
+    on_gpu = device.type == "cuda"
+    size = args.size if args.size != "auto" else ("large" if on_gpu else "small")
+    n_layers = SIZES[size][1]
+    if not 0 <= args.skip_attention <= n_layers:
+        ap.error(f"--skip-attention {args.skip_attention}: must be between 0 and the {size} model's {n_layers} "
+                 "layers")
 
     import fastllm
     try:
@@ -110,11 +143,8 @@ def main(argv=None):
     except ImportError:
         sys.exit("the demo needs transformers: pip install 'fastllm[hf]'")
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
-    on_gpu = device.type == "cuda"
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.bfloat16 if on_gpu else torch.float32)
-    size = args.size if args.size != "auto" else ("large" if on_gpu else "small")
+    dname = str(dtype)[6:]
     torch.manual_seed(0)
 
     model = build_model(size, device, dtype)
@@ -132,6 +162,7 @@ def main(argv=None):
     base_impl = model.config._attn_implementation
     ref_logits = logits(model, ids, mask)
     ref_out, ref_tps = timed_generate(model, ids, mask, args.tokens)
+    ref_seq, ref_steps = step_logits(model, ids, mask, args.tokens)
 
     fastllm.patch(model, backend=args.backend)
     report = fastllm.patch_report(model)
@@ -139,16 +170,31 @@ def main(argv=None):
     print()
     out_logits = logits(model, ids, mask)
     out, tps = timed_generate(model, ids, mask, args.tokens)
+    seq, steps = step_logits(model, ids, mask, args.tokens)
     valid = mask.bool()
     diff = (out_logits - ref_logits)[valid].abs().max().item()
     scale = ref_logits[valid].abs().max().item()
-    agree, first = agreement(ref_out, out, ids.shape[1])
+    bound = ROUNDING_BOUND[dtype]
+    rel = rel_err(out_logits[valid], ref_logits[valid])
+    agree, first = agreement(ref_seq, seq, ids.shape[1])
     served = report.ops[0].selected if report.ops else "?"
-
+    beyond = not rel <= bound          # NaN counts as beyond
     print(f"max |logit difference| patched vs unpatched ({base_impl}): {diff:.3g} "
-          f"(logits up to {scale:.3g}; non-pad positions)")
-    print(f"greedy tokens equal: {agree:.1%}" + ("" if first is None else
-          f" (first difference at step {first}: a near-tie under {str(dtype)[6:]} rounding)"))
+          f"(logits up to {scale:.3g}; non-pad positions); relative error {rel:.3g} "
+          f"(rounding bound for {dname}: {bound:g})")
+    # Every generated step's logits up to the first different token (inputs identical until
+    # then) must agree within the bound too: a decode-only kernel bug shows here.
+    n = args.tokens if first is None else first + 1
+    step_rel = rel_err(steps[:, :n], ref_steps[:, :n])
+    beyond = beyond or not step_rel <= bound
+    print(f"logits of generated steps 0..{n - 1}: relative error {step_rel:.3g}")
+    why = "" if first is None else (f": logits differ beyond {dname} rounding" if beyond else
+                                    f": a near-tie under {dname} rounding, the logits up to it agree within "
+                                    f"{bound:g}")
+    print(f"greedy tokens equal: {agree:.1%}" + ("" if first is None else f" (first difference at step {first}{why})"))
+    if beyond:
+        print(f"ERROR: patched and unpatched outputs differ beyond {dname} rounding (bound {bound:g} on the "
+              "relative logit error): a wrong kernel, not rounding")
     print(f"tokens/s unpatched ({base_impl}): {ref_tps:,.0f}")
     print(f"tokens/s fastllm ({served} backend): {tps:,.0f}  ({tps / ref_tps:.2f}x)")
     if served == "torch":
@@ -199,7 +245,7 @@ def main(argv=None):
 
     fastllm.unpatch(model)
     assert model.config._attn_implementation == base_impl
-    return 0
+    return 1 if beyond else 0
 
 
 if __name__ == "__main__":

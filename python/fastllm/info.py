@@ -25,12 +25,18 @@ def _version(mod):
 def _devices():
     """[(index, name, "sm_XY", SMs, native code or reason)], or a reason string."""
     if not torch.cuda.is_available():
+        # PyTorch's own view first (it decides where tensors can go); the extension's runtime
+        # error is extra detail (a CPU-only torch can sit beside a built fastllm._C).
+        why = "this PyTorch is a CPU-only build" if torch.version.cuda is None else \
+            f"torch.cuda.is_available() is False with PyTorch's CUDA {torch.version.cuda}"
         mod, _ = _ext._load()
         if mod is not None:
             n = mod.device_count()
             if n < 0:
-                return f"none (CUDA runtime: {mod.error_string(-n)})"
-        return "none (torch.cuda.is_available() is False)"
+                why += f"; fastllm._C's CUDA runtime: {mod.error_string(-n)}"
+            elif n == 0:
+                why += "; fastllm._C's CUDA runtime sees no GPU"
+        return f"none ({why})"
     out = []
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)

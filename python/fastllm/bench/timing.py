@@ -44,8 +44,9 @@ class Timer:
 
 
 def measure_peaks(device, quick=False):
-    """Measured ceilings of this device, once per run: dense bf16 matmul TFLOP/s, int8
-    `torch._int_mm` TOPS, and device-to-device copy GB/s (bytes read + written)."""
+    """Measured ceilings of this device, once per run: dense bf16 matmul TFLOP/s (GPU; fp32 on
+    CPU), int8 `torch._int_mm` TOPS (GPU and CPU, where it runs), and device-to-device copy GB/s
+    (bytes read + written)."""
     device = torch.device(device)
     t = Timer(device, warmup=2, reps=5 if quick else 10)
     if device.type == "cuda":
@@ -53,12 +54,7 @@ def measure_peaks(device, quick=False):
         a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
         b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
         out = {"matmul_bf16_tflops": 2 * n ** 3 / t(lambda: a @ b) / 1e12}
-        try:
-            ai = torch.randint(-127, 128, (n, n), device=device, dtype=torch.int8)
-            bi = torch.randint(-127, 128, (n, n), device=device, dtype=torch.int8)
-            out["int_mm_tops"] = 2 * n ** 3 / t(lambda: torch._int_mm(ai, bi)) / 1e12
-        except RuntimeError:
-            out["int_mm_tops"] = None
+        out["int_mm_tops"] = _int_mm_tops(t, n, device)
         x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
         y = torch.empty_like(x)
         out["copy_gbs"] = 2 * x.numel() / t(lambda: y.copy_(x)) / 1e9
@@ -67,8 +63,21 @@ def measure_peaks(device, quick=False):
         n = 512
         a = torch.randn(n, n)
         out = {"matmul_bf16_tflops": None, "matmul_fp32_tflops": 2 * n ** 3 / t(lambda: a @ a) / 1e12,
-               "int_mm_tops": None}
+               "int_mm_tops": _int_mm_tops(t, n, device)}
         x = torch.empty(1 << 26, dtype=torch.uint8)
         y = torch.empty_like(x)
         out["copy_gbs"] = 2 * x.numel() / t(lambda: y.copy_(x)) / 1e9
     return out
+
+
+def _int_mm_tops(t, n, device):
+    """torch._int_mm TOPS on an n^3 product, or None where this PyTorch / device has none (the
+    int8 rows then show no fraction of peak rather than one of a float peak)."""
+    if not hasattr(torch, "_int_mm"):
+        return None
+    ai = torch.randint(-127, 128, (n, n), device=device, dtype=torch.int8)
+    bi = torch.randint(-127, 128, (n, n), device=device, dtype=torch.int8)
+    try:
+        return 2 * n ** 3 / t(lambda: torch._int_mm(ai, bi)) / 1e12
+    except (RuntimeError, NotImplementedError):
+        return None

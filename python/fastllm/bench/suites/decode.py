@@ -1,15 +1,18 @@
 """Decode attention against a KV cache: achieved GB/s of fastllm's backends vs PyTorch SDPA and
 flash-attn's flash_attn_with_kvcache (if importable), in the same run.
 
-One new query per sequence (Sq = 1) against a full cache of S keys, Llama-3-8B heads (32 query
-heads, 8 kv heads, D 128), S 1k..128k, batch 1..64; contiguous (B, Hkv, S, D) caches (the
+One new query per sequence (Sq = 1) against a full cache of S keys, the heads of a model preset
+(--shapes: llama3-8b (default) / mistral-7b 32 query / 8 kv heads, llama3-70b 64 / 8, qwen2.5-7b
+28 / 4; D 128), S 1k..128k, batch 1..64; contiguous (B, Hkv, S, D) caches (the
 layout transformers' caches hold) and, for fastllm, the same cache in pages of 16 keys.
 Bytes = the K and V bytes a decode step must read (2 * B * Hkv * S * D * element size);
 GB/s = bytes / time; frac_copy = GB/s over the device-to-device copy bandwidth measured at the
 start of the run (copy_gbs: bytes read + written per second, the practical HBM ceiling).
 Shapes whose K/V would exceed MAX_KV_BYTES are skipped. Every implementation is checked
-against the float32 reference on the first sequence before it is timed; a wrong one is
-reported WRONG, not timed. On CPU, tiny shapes smoke-test the harness only.
+against the float32 reference on every sequence (the reference built one sequence at a time)
+before it is timed: its max error must be finite and within 3x the best implementation's
+(+ 2e-3); a wrong one is reported WRONG, not timed. On CPU, tiny shapes (B 2, S 300; 4 / 2
+heads, D 64 unless --shapes names a preset) smoke-test the harness only.
 """
 import math
 
@@ -18,15 +21,18 @@ import torch.nn.functional as F
 
 import fastllm
 from fastllm import ref
+from fastllm.bench import check
 
-COLUMNS = ["impl", "dtype", "layout", "B", "S", "Hq", "Hkv", "D", "ms", "GB/s", "frac_copy", "ok"]
-PLOT = dict(x="S", y="GB/s", series="impl")
+COLUMNS = ["impl", "dtype", "shape", "layout", "B", "S", "Hq", "Hkv", "D", "ms", "GB/s", "frac_copy", "ok"]
+PLOT = dict(x="S", y="GB/s", series=("impl", "layout", "dtype", "shape", "B"))
 
 SEQLENS = [1024, 4096, 16384, 65536, 131072]
 BATCHES = [1, 4, 16, 64]
 QUICK_SEQLENS = [1024, 16384, 131072]
 QUICK_BATCHES = [1, 16, 64]
-HQ, HKV, D = 32, 8, 128
+#: --shapes name -> (query heads, kv heads, head dim)
+PRESETS = {"llama3-8b": (32, 8, 128), "llama3-70b": (64, 8, 128), "mistral-7b": (32, 8, 128),
+           "qwen2.5-7b": (28, 4, 128)}
 PAGE = 16
 MAX_KV_BYTES = 12 * 2 ** 30
 
@@ -37,7 +43,9 @@ def _peers(dev, missing):
     def sdpa(q, k, v, lens):
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2)
     peers["sdpa" if dev.type == "cuda" else "sdpa-math-cpu"] = sdpa
-    if dev.type == "cuda":
+    if dev.type != "cuda":
+        missing.append(("flash-attn flash_attn_with_kvcache", "needs a CUDA GPU"))
+    else:
         try:
             from flash_attn import flash_attn_with_kvcache
         except ImportError as e:
@@ -49,74 +57,89 @@ def _peers(dev, missing):
     return peers
 
 
+def _reference(q, k, v, lens):
+    """fp32 reference of every sequence, built one sequence at a time (a 128k-key fp32 copy of
+    one sequence's K/V, not of the whole batch)."""
+    return torch.cat([ref.decode_attention(q[b:b + 1].float(), k[b:b + 1].float(), v[b:b + 1].float(),
+                                           cache_seqlens=lens[b:b + 1])[0] for b in range(q.shape[0])])
+
+
 def run(ctx):
     dev = ctx.device
     if dev.type == "cpu":
-        grid, hq, hkv, d = [(2, 300)], 4, 2, 64
+        grid = [(2, 300)]
+        heads = [(n, *PRESETS[n]) for n in ctx.shapes] if ctx.shapes else [("tiny", 4, 2, 64)]
     else:
         grid = [(b, s) for b in (QUICK_BATCHES if ctx.quick else BATCHES)
                 for s in (QUICK_SEQLENS if ctx.quick else SEQLENS)]
-        hq, hkv, d = HQ, HKV, D
+        heads = [(n, *PRESETS[n]) for n in ctx.shapes or ["llama3-8b"]]
     peers = _peers(dev, ctx.missing)
     op = fastllm.ops.OPS["decode_attention"]
     copy_gbs = ctx.peaks.get("copy_gbs")
     rows = []
     for dtype in ctx.dtypes:
         esize = torch.finfo(dtype).bits // 8
-        for B, S in ctx.progress(grid, f"decode {dtype}"):
-            nbytes = 2 * B * hkv * S * d * esize
-            if nbytes > MAX_KV_BYTES:
-                ctx.missing.append((f"B={B} S={S}", f"K/V {nbytes / 2 ** 30:.0f} GiB > {MAX_KV_BYTES / 2 ** 30:.0f} GiB"))
-                continue
-            q = torch.randn(B, 1, hq, d, device=dev, dtype=dtype).transpose(1, 2)   # transformers' view
-            k = torch.randn(B, hkv, S, d, device=dev, dtype=dtype)
-            v = torch.randn(B, hkv, S, d, device=dev, dtype=dtype)
-            lens = torch.full((B,), S, dtype=torch.int32, device=dev)
-            want = ref.decode_attention(q[:1].float(), k[:1].float(), v[:1].float(), cache_seqlens=lens[:1])[0]
-            # Paged copy for fastllm: pages of PAGE keys, in a shuffled order.
-            n_pages = B * (-(-S // PAGE))
-            perm = torch.randperm(n_pages, device=dev)
-            table = perm.reshape(B, -1).to(torch.int32)
+        for shape, hq, hkv, d in heads:
+            for B, S in ctx.progress(grid, f"decode {shape} {dtype}"):
+                rows += _one(ctx, op, peers, dtype, esize, shape, hq, hkv, d, B, S, copy_gbs)
+    return rows
 
-            def paged(t):
-                pages = F.pad(t.transpose(1, 2), (0, 0, 0, 0, 0, -S % PAGE)).reshape(n_pages, PAGE, hkv, d)
-                out = torch.empty_like(pages)
-                out[perm] = pages
-                return out
 
-            impls = {}
-            for b in ctx.backends(op, dev, q, k, v, lens, None, None, 1 / math.sqrt(d), 0, 0.0, 0):
-                impls[(f"fastllm-{b}", "dense")] = (lambda b=b: fastllm.ops.decode_attention(
-                    q, k, v, cache_seqlens=lens, backend=b))
-            kp = vp = None
-            if impls:
-                kp, vp = paged(k), paged(v)
-                for b in ctx.backends(op, dev, q, kp, vp, lens, table, None, 1 / math.sqrt(d), 0, 0.0, 0):
-                    impls[(f"fastllm-{b}", f"paged{PAGE}")] = (lambda b=b: fastllm.ops.decode_attention(
-                        q, kp, vp, cache_seqlens=lens, block_table=table, backend=b))
-            for name, fn in peers.items():
-                if isinstance(fn, tuple):    # flash-attn: (B, S, H, D) caches
-                    kb, vb = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
-                    impls[(name, "bshd")] = (lambda fn=fn[1], kb=kb, vb=vb: fn(q, kb, vb, lens))
-                else:
-                    impls[(name, "dense")] = (lambda fn=fn: fn(q, k, v, lens))
-            errs = {}
-            for key, fn in impls.items():
-                try:
-                    got = fn()
-                except (RuntimeError, NotImplementedError, ValueError) as e:
-                    ctx.missing.append((f"{key[0]} B={B} S={S} {dtype}", str(e).splitlines()[0][:120]))
-                    continue
-                errs[key] = (got[:1].float() - want).abs().max().item()
-                del got
-            bar = 3 * min(errs.values()) + 2e-3 if errs else 0   # the best peer's error sets the bar
-            for key, err in errs.items():
-                ok = err <= bar and math.isfinite(err)
-                t = ctx.timer(impls[key]) if ok else None
-                gbs = t and nbytes / t / 1e9
-                rows.append(dict(impl=key[0], layout=key[1], dtype=str(dtype).replace("torch.", ""), B=B, S=S,
-                                 Hq=hq, Hkv=hkv, D=d, ms=t and t * 1e3, **{"GB/s": gbs},
-                                 frac_copy=gbs and copy_gbs and gbs / copy_gbs, max_err=err,
-                                 ok="yes" if ok else f"WRONG (err {err:.3g} > {bar:.3g})"))
-            del q, k, v, kp, vp, impls
+def _one(ctx, op, peers, dtype, esize, shape, hq, hkv, d, B, S, copy_gbs):
+    dev = ctx.device
+    nbytes = 2 * B * hkv * S * d * esize
+    if nbytes > MAX_KV_BYTES:
+        ctx.missing.append((f"{shape} B={B} S={S}",
+                            f"K/V {nbytes / 2 ** 30:.0f} GiB > {MAX_KV_BYTES / 2 ** 30:.0f} GiB"))
+        return []
+    q = torch.randn(B, 1, hq, d, device=dev, dtype=dtype).transpose(1, 2)   # transformers' view
+    k = torch.randn(B, hkv, S, d, device=dev, dtype=dtype)
+    v = torch.randn(B, hkv, S, d, device=dev, dtype=dtype)
+    lens = torch.full((B,), S, dtype=torch.int32, device=dev)
+    want = _reference(q, k, v, lens)
+    # Paged copy for fastllm: pages of PAGE keys, in a shuffled order.
+    n_pages = B * (-(-S // PAGE))
+    perm = torch.randperm(n_pages, device=dev)
+    table = perm.reshape(B, -1).to(torch.int32)
+
+    def paged(t):
+        pages = F.pad(t.transpose(1, 2), (0, 0, 0, 0, 0, -S % PAGE)).reshape(n_pages, PAGE, hkv, d)
+        out = torch.empty_like(pages)
+        out[perm] = pages
+        return out
+
+    impls = {}
+    for b in ctx.backends(op, dev, q, k, v, lens, None, None, 1 / math.sqrt(d), 0, 0.0, 0):
+        impls[(f"fastllm-{b}", "dense")] = (lambda b=b: fastllm.ops.decode_attention(
+            q, k, v, cache_seqlens=lens, backend=b))
+    kp = vp = None
+    if impls:
+        kp, vp = paged(k), paged(v)
+        for b in ctx.backends(op, dev, q, kp, vp, lens, table, None, 1 / math.sqrt(d), 0, 0.0, 0):
+            impls[(f"fastllm-{b}", f"paged{PAGE}")] = (lambda b=b: fastllm.ops.decode_attention(
+                q, kp, vp, cache_seqlens=lens, block_table=table, backend=b))
+    for name, fn in peers.items():
+        if isinstance(fn, tuple):    # flash-attn: (B, S, H, D) caches
+            kb, vb = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+            impls[(name, "bshd")] = (lambda fn=fn[1], kb=kb, vb=vb: fn(q, kb, vb, lens))
+        else:
+            impls[(name, "dense")] = (lambda fn=fn: fn(q, k, v, lens))
+    errs = {}
+    for key, fn in impls.items():
+        try:
+            got = fn()
+        except (RuntimeError, NotImplementedError, ValueError) as e:
+            ctx.missing.append((f"{key[0]} {shape} B={B} S={S} {dtype}", str(e).splitlines()[0][:120]))
+            continue
+        errs[key] = check.max_abs_err(got, want)
+        del got
+    bar = check.peer_bar(errs)   # the best implementation's error sets the bar
+    rows = []
+    for key, err in errs.items():
+        ok, status = check.verdict(err, bar)
+        t = ctx.timer(impls[key]) if ok else None
+        gbs = t and nbytes / t / 1e9
+        rows.append(dict(impl=key[0], layout=key[1], dtype=str(dtype).replace("torch.", ""), shape=shape, B=B, S=S,
+                         Hq=hq, Hkv=hkv, D=d, ms=t and t * 1e3, **{"GB/s": gbs},
+                         frac_copy=gbs and copy_gbs and gbs / copy_gbs, max_err=err, ok=status))
     return rows

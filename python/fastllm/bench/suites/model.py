@@ -3,13 +3,16 @@ each mode: prefill tokens/s, decode tokens/s with a StaticCache, peak memory, lo
 
     python -m fastllm.bench model [--quick] [--shapes llama3.2-1b] [--json out.json]
 
-Model: Llama-3.2-1B shapes by default (hidden 2048, 16 layers, 32 / 8 heads, head dim 64, MLP
-8192, vocab 128256), random weights, bf16 on GPU. On CPU a tiny config in fp32 (the numbers
-are labelled CPU: a harness smoke test, not kernel speed).
+Model (--shapes, column config): Llama-3.2-1B shapes by default (hidden 2048, 16 layers, 32 / 8
+heads, head dim 64, MLP 8192, vocab 128256); llama3-8b, mistral-7b, qwen2.5-7b are Llama-
+architecture stand-ins with that model's shapes. Random weights, bf16 on GPU (or each --dtype
+given). On CPU a tiny config in fp32 whatever --dtype / --shapes say (the report notes it; the
+numbers are labelled CPU: a harness smoke test, not kernel speed).
 
 Modes: unpatched (transformers' SDPA), exact (fastllm attention), w8a16, w8a8 (dynamic),
 2:4 and 2:4+int8, skip_attention (the last quarter of the layers; lossy, arXiv 2404.05741). Each mode patches a
-fresh copy of the unpatched model, so every mode sees the same weights.
+fresh copy of the unpatched model, so every mode sees the same weights. While the patched
+modes run, the unpatched model waits on the CPU (GPU runs), so each mode's peak is its own.
 
 Rows:
   prefill  batch 1, S = 512..8192 prompt tokens, one forward (logits of the last position
@@ -17,10 +20,16 @@ Rows:
   decode   batch B = 1..64, one token per sequence against a StaticCache holding a
            512-token prompt (max_cache_len 1024): tokens/s = B / time of one step. Eager
            (no CUDA graphs, no torch.compile), the same for every mode.
-Before timing, each mode's prompt logits are compared with the unpatched model's: the relative
-error ||patched - unpatched|| / ||unpatched|| must stay under the mode's bound (exact 0.05 in
-bf16 / 1e-4 in fp32; int8 0.15 / 0.25; lossy modes unchecked) or the mode is reported WRONG and
-not timed. peak_MiB: torch.cuda.max_memory_allocated over the mode's runs (GPU only);
+Before timing, each mode's prompt logits are compared with a reference: the relative error
+||patched - reference|| / ||reference|| (column rel_err; max_logit_diff the max |difference|)
+must stay under the mode's bound or the mode is reported WRONG and not timed. Reference and
+bound: exact: the unpatched model, EXACT_BOUND (1e-4 fp32, 0.05 bf16, 0.02 fp16); w8a16 0.15,
+w8a8 0.25: the unpatched model; 2:4: the unpatched model carrying the same pruned weights
+(each swapped layer's .weight), EXACT_BOUND; 2:4+int8: the same with the dequantized weights,
+0.25 (activation quantization is the remaining loss). JSON rows also give rel_err_unpatched
+(against the unpatched model with its dense weights: what pruning costs). skip_attention is
+lossy and unchecked. peak_MiB: torch.cuda.max_memory_allocated over the mode's check and runs
+with only that mode's model on the GPU (absolute, weights included; GPU only);
 weights_MiB: parameters + buffers of the patched model.
 """
 import copy
@@ -30,15 +39,18 @@ import torch
 
 import fastllm
 
-COLUMNS = ["mode", "dtype", "phase", "B", "S", "ms", "tokens/s", "speedup", "weights_MiB", "peak_MiB", "rel_err",
-           "max_logit_diff", "ok"]
-PLOT = dict(x="n", y="tokens/s", series="series")
+COLUMNS = ["config", "mode", "dtype", "phase", "B", "S", "ms", "tokens/s", "speedup", "weights_MiB", "peak_MiB",
+           "rel_err", "max_logit_diff", "ok"]
+PLOT = dict(x="n", y="tokens/s", series=("config", "dtype", "mode", "phase"))
 
 # name: (hidden, layers, heads, kv heads, head dim, intermediate, vocab, tie embeddings)
 CONFIGS = {
     "llama3.2-1b": (2048, 16, 32, 8, 64, 8192, 128256, True),
     "llama3-8b": (4096, 32, 32, 8, 128, 14336, 128256, False),
+    "mistral-7b": (4096, 32, 32, 8, 128, 14336, 32768, False),
+    "qwen2.5-7b": (3584, 28, 28, 4, 128, 18944, 152064, False),
 }
+PRESETS = CONFIGS
 CPU_CONFIG = (128, 2, 4, 2, 32, 256, 512, False)
 
 PREFILL = [512, 1024, 2048, 4096, 8192]
@@ -59,7 +71,8 @@ MODES = {
     "skip_attention": {"skip_attention": "quarter"},
 }
 EXACT_BOUND = {torch.float32: 1e-4, torch.bfloat16: 0.05, torch.float16: 0.02}
-LOSSY_BOUND = {"w8a16": 0.15, "w8a8": 0.25}
+LOSSY_BOUND = {"w8a16": 0.15, "w8a8": 0.25, "2:4+int8": 0.25}
+SPARSE_MODES = ("2:4", "2:4+int8")
 
 
 def build(spec, device, dtype):
@@ -94,87 +107,137 @@ def _decode_step_fn(model, B, context, vocab, device):
     return lambda: model(tok, attention_mask=mask, past_key_values=cache, use_cache=True, cache_position=pos)
 
 
+def _pruned_reference(base, patched, device):
+    """The unpatched model carrying the weights `patched` applies: a copy of `base` whose every
+    swapped linear gets the swapped layer's .weight (decompressed 2:4, dequantized for int8)."""
+    from fastllm.nn import Int8Linear, Sparse24Linear
+    model = copy.deepcopy(base)
+    n = 0
+    with torch.no_grad():
+        for name, mod in patched.named_modules():
+            if isinstance(mod, (Sparse24Linear, Int8Linear)):
+                model.get_submodule(name).weight.copy_(mod.weight)
+                n += 1
+    if n == 0:
+        raise RuntimeError("2:4 mode swapped no linear: nothing to check against")
+    return model.to(device)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def _cmp(got, want):
+    return (got - want).abs().max().item(), ((got - want).norm() / want.norm()).item()
+
+
 def run(ctx):
     dev = ctx.device
     on_gpu = dev.type == "cuda"
-    dtype = (ctx.dtypes[0] if ctx.dtypes and ctx.dtypes[0] != torch.float16 else torch.bfloat16) if on_gpu \
-        else torch.float32
+    explicit = getattr(ctx, "dtype_given", False)   # a bare test namespace has no flag: default dtype
     if on_gpu:
-        names = ctx.presets(CONFIGS) if ctx.shapes else ["llama3.2-1b"]
-        specs = [(n, CONFIGS[n]) for n in names]
+        dtypes = ctx.dtypes if explicit else [torch.bfloat16]
+        specs = [(n, CONFIGS[n]) for n in ctx.shapes or ["llama3.2-1b"]]
         prefill, decode = (QUICK_PREFILL, QUICK_DECODE) if ctx.quick else (PREFILL, DECODE)
         context = DECODE_CONTEXT
     else:
+        dtypes = [torch.float32]
+        if explicit and list(ctx.dtypes) != [torch.float32]:
+            ctx.note("model: on CPU the model runs in float32; --dtype is not used")
+        if ctx.shapes:
+            ctx.note("model: on CPU the suite runs its tiny config; --shapes is not used")
         specs = [("tiny-llama (CPU)", CPU_CONFIG)]
         prefill, decode = ([CPU_PREFILL[0]], [CPU_DECODE[0]]) if ctx.quick else (CPU_PREFILL, CPU_DECODE)
         context = CPU_CONTEXT
     rows = []
     for cfg_name, spec in specs:
-        base = build(spec, dev, dtype)
-        vocab = base.config.vocab_size
-        n_layers = base.config.num_hidden_layers
-        check_ids = torch.randint(3, vocab, (1, min(256, prefill[0])), device=dev)
-        with torch.no_grad():
-            ref = base(check_ids).logits.float()
-        base_tps = {}
-        for mode in ctx.progress(list(MODES), f"model {cfg_name}"):
-            kw = MODES[mode]
-            if kw is not None and kw.get("skip_attention") == "quarter":
-                kw = {"skip_attention": max(1, n_layers // 4)}
-            model = base
-            if kw is not None:
-                model = copy.deepcopy(base)
-                try:
-                    fastllm.patch(model, **kw)
-                except (NotImplementedError, fastllm.BackendUnavailableError, ValueError) as e:
-                    ctx.missing.append((f"model mode {mode}", str(e).splitlines()[0][:160]))
-                    del model
-                    continue
-            if on_gpu:
-                torch.cuda.synchronize(dev)
-                torch.cuda.reset_peak_memory_stats(dev)
-            with torch.no_grad():
-                got = model(check_ids).logits.float()
-            diff = (got - ref).abs().max().item()
-            rel = ((got - ref).norm() / ref.norm()).item()
-            bound = None if mode == "unpatched" else (EXACT_BOUND[dtype] if mode == "exact" else LOSSY_BOUND.get(mode))
-            ok = math.isfinite(rel) and (bound is None or rel <= bound)
-            status = ("yes" if bound is not None else "reference" if mode == "unpatched" else "lossy (unchecked)") \
-                if ok else \
-                f"WRONG (rel err {rel:.3g} > {bound})"
-            common = dict(mode=mode, config=cfg_name, dtype=str(dtype).replace("torch.", ""),
-                          weights_MiB=_bytes(model) / 2 ** 20, rel_err=rel, max_logit_diff=diff, ok=status)
-            mode_rows = []
-            for S in prefill:
-                ids = torch.randint(3, vocab, (1, S), device=dev)
-                t = None
-                if ok:
-                    with torch.no_grad():
-                        t = ctx.timer(lambda: model(ids, use_cache=False, logits_to_keep=1))
-                mode_rows.append(dict(common, phase="prefill", B=1, S=S, n=S, t=t, tokens=S))
-            for B in decode:
-                t = None
-                if ok:
-                    step = _decode_step_fn(model, B, context, vocab, dev)
-                    with torch.no_grad():
-                        t = ctx.timer(step)
-                    del step
-                mode_rows.append(dict(common, phase="decode", B=B, S=context, n=B, t=t, tokens=B))
-            peak = torch.cuda.max_memory_allocated(dev) / 2 ** 20 if on_gpu else None
-            for r in mode_rows:
-                t = r.pop("t")
-                tps = t and r.pop("tokens") / t
-                r.pop("tokens", None)
-                key = (r["phase"], r["B"], r["S"])
-                if mode == "unpatched":
-                    base_tps[key] = tps
-                r.update({"ms": t and t * 1e3, "tokens/s": tps, "peak_MiB": peak,
-                          "speedup": tps and base_tps.get(key) and tps / base_tps[key],
-                          "series": f"{mode} {r['phase']}"})
-                rows.append(r)
-            if model is not base:
-                del model
-            if on_gpu:
+        for dtype in dtypes:
+            rows += _run_config(ctx, cfg_name, spec, dtype, prefill, decode, context)
+    return rows
+
+
+def _run_config(ctx, cfg_name, spec, dtype, prefill, decode, context):
+    dev = ctx.device
+    on_gpu = dev.type == "cuda"
+    base = build(spec, dev, dtype)
+    vocab = base.config.vocab_size
+    n_layers = base.config.num_hidden_layers
+    check_ids = torch.randint(3, vocab, (1, min(256, prefill[0])), device=dev)
+    ref = _logits(base, check_ids)
+    base_tps = {}
+    rows = []
+    for mode in ctx.progress(list(MODES), f"model {cfg_name} {dtype}"):
+        kw = MODES[mode]
+        if kw is not None and kw.get("skip_attention") == "quarter":
+            kw = {"skip_attention": max(1, n_layers // 4)}
+        model, want, vs_unpatched = base, ref, None
+        if kw is not None:
+            if on_gpu and next(base.parameters()).device.type != "cpu":
+                base.to("cpu")     # only the mode's own model on the GPU from here on
                 torch.cuda.empty_cache()
-        del base
+            model = copy.deepcopy(base).to(dev)
+            try:
+                fastllm.patch(model, **kw)
+            except (NotImplementedError, fastllm.BackendUnavailableError, ValueError) as e:
+                ctx.missing.append((f"model mode {mode}", str(e).splitlines()[0][:160]))
+                del model
+                continue
+            if mode in SPARSE_MODES:
+                vs_unpatched = _cmp(_logits(model, check_ids), ref)[1]
+                r = _pruned_reference(base, model, dev)
+                want = _logits(r, check_ids)
+                del r
+        if on_gpu:
+            torch.cuda.synchronize(dev)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+        diff, rel = _cmp(_logits(model, check_ids), want)
+        if mode == "unpatched":
+            bound = None
+        elif mode in ("exact", "2:4"):
+            bound = EXACT_BOUND[dtype]
+        else:
+            bound = LOSSY_BOUND.get(mode)
+        ok = math.isfinite(rel) and (bound is None or rel <= bound)
+        status = ("yes" if bound is not None else "reference" if mode == "unpatched" else "lossy (unchecked)") \
+            if ok else \
+            f"WRONG (rel err {rel:.3g} > {bound})"
+        common = dict(mode=mode, config=cfg_name, dtype=str(dtype).replace("torch.", ""),
+                      weights_MiB=_bytes(model) / 2 ** 20, rel_err=rel, max_logit_diff=diff, ok=status,
+                      checked_against="unpatched, same pruned weights" if mode in SPARSE_MODES else
+                      "unpatched" if bound is not None else None,
+                      rel_err_unpatched=rel if vs_unpatched is None else vs_unpatched)
+        mode_rows = []
+        for S in prefill:
+            ids = torch.randint(3, vocab, (1, S), device=dev)
+            t = None
+            if ok:
+                with torch.no_grad():
+                    t = ctx.timer(lambda: model(ids, use_cache=False, logits_to_keep=1))
+            mode_rows.append(dict(common, phase="prefill", B=1, S=S, n=S, t=t, tokens=S))
+        for B in decode:
+            t = None
+            if ok:
+                step = _decode_step_fn(model, B, context, vocab, dev)
+                with torch.no_grad():
+                    t = ctx.timer(step)
+                del step
+            mode_rows.append(dict(common, phase="decode", B=B, S=context, n=B, t=t, tokens=B))
+        peak = torch.cuda.max_memory_allocated(dev) / 2 ** 20 if on_gpu else None
+        for r in mode_rows:
+            t = r.pop("t")
+            tps = t and r.pop("tokens") / t
+            r.pop("tokens", None)
+            key = (r["phase"], r["B"], r["S"])
+            if mode == "unpatched":
+                base_tps[key] = tps
+            r.update({"ms": t and t * 1e3, "tokens/s": tps, "peak_MiB": peak,
+                      "speedup": tps and base_tps.get(key) and tps / base_tps[key]})
+            rows.append(r)
+        if model is not base:
+            del model
+        if on_gpu:
+            torch.cuda.empty_cache()
+    del base
     return rows

@@ -1,8 +1,11 @@
 """Per-token int8 quantization: GB/s (bytes read + written) of each backend vs the copy ceiling.
 
-Shapes: activations of real models (hidden sizes of Llama-3-8B/70B, their MLP widths) at
-decode and prefill token counts. The op is memory bound: x read once (the kernels re-read
-it from L2), q and scales written once.
+Shapes: activations of real models (--shapes: hidden size and MLP width of llama3-8b,
+llama3-70b, mistral-7b, qwen2.5-7b; default llama3-8b,llama3-70b) at decode and prefill token
+counts; on CPU three fixed tiny shapes (--shapes is not used there, the report says so). Each
+backend's q and scales must equal the reference's bit for bit over the whole output, or it is
+WRONG, not timed. The op is memory bound: x read once (the kernels re-read it from L2), q and
+scales written once.
 """
 import torch
 
@@ -10,9 +13,12 @@ import fastllm
 from fastllm import ref
 
 COLUMNS = ["impl", "dtype", "M", "K", "ms", "GB/s", "frac_copy_peak", "ok"]
-PLOT = dict(x="M", y="GB/s", series="impl")
+PLOT = dict(x="M", y="GB/s", series=("impl", "dtype", "K"))
 
-SHAPES = {"llama3-8b": [4096, 14336], "llama3-70b": [8192, 28672]}
+SHAPES = {"llama3-8b": [4096, 14336], "llama3-70b": [8192, 28672], "mistral-7b": [4096, 14336],
+          "qwen2.5-7b": [3584, 18944]}
+PRESETS = SHAPES
+DEFAULT_PRESETS = ["llama3-8b", "llama3-70b"]
 TOKENS = [1, 16, 512, 4096, 16384]
 QUICK_TOKENS = [1, 512, 4096]
 CPU_SHAPES = [(1, 4096), (64, 4096), (512, 4096)]
@@ -21,9 +27,12 @@ CPU_SHAPES = [(1, 4096), (64, 4096), (512, 4096)]
 def run(ctx):
     dev = ctx.device
     dtypes = ctx.dtypes
-    shapes = CPU_SHAPES if dev.type == "cpu" else [
-        (m, k) for ks in (SHAPES[s] for s in ctx.presets(SHAPES)) for k in ks
-        for m in (QUICK_TOKENS if ctx.quick else TOKENS)]
+    # dict.fromkeys: presets sharing a width (llama3-8b, mistral-7b) measure it once.
+    shapes = CPU_SHAPES if dev.type == "cpu" else list(dict.fromkeys(
+        (m, k) for ks in (SHAPES[s] for s in ctx.shapes or DEFAULT_PRESETS) for k in ks
+        for m in (QUICK_TOKENS if ctx.quick else TOKENS)))
+    if dev.type == "cpu" and ctx.shapes:
+        ctx.note("quantize: on CPU the suite runs its fixed tiny shapes; --shapes is not used")
     rows = []
     for dtype in dtypes:
         for M, K in ctx.progress(shapes, f"quantize {dtype}"):

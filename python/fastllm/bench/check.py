@@ -1,0 +1,91 @@
+"""Correctness checks the suites run before timing: always over the whole output, in pieces
+small enough that a GPU-sized shape never needs a second full-size float copy."""
+import math
+
+import torch
+
+from fastllm import ref
+
+# Elements per piece when comparing / building references (fp32: 256 MiB).
+CHUNK_ELEMS = 1 << 26
+
+
+def max_abs_err(got, want):
+    """max |got - want| over every element, compared in flat pieces; NaN if either holds a NaN
+    (the comparison must never turn a NaN into a pass)."""
+    if got.shape != want.shape:
+        raise ValueError(f"max_abs_err: shapes differ: got {tuple(got.shape)}, want {tuple(want.shape)}")
+    g, w = got.reshape(-1), want.reshape(-1)
+    worst = 0.0
+    for i in range(0, g.numel(), CHUNK_ELEMS):
+        d = (g[i:i + CHUNK_ELEMS].float() - w[i:i + CHUNK_ELEMS].float()).abs().max().item()
+        if math.isnan(d):
+            return math.nan
+        worst = max(worst, d)
+    return worst
+
+
+def peer_bar(errs, floor=2e-3):
+    """The bar a result must meet: 3x the best finite error of all implementations (the best
+    peer's own rounding in this dtype) plus a floor. NaN / inf errors never set it."""
+    finite = [e for e in errs.values() if math.isfinite(e)]
+    return 3 * min(finite) + floor if finite else None
+
+
+def verdict(err, bar):
+    """(ok, text for the ok column): a non-finite error or one over the bar is WRONG."""
+    if not math.isfinite(err):
+        return False, f"WRONG (err {err})"
+    if err > bar:      # bar is set whenever some error is finite
+        return False, f"WRONG (err {err:.3g} > {bar:.3g})"
+    return True, "yes"
+
+
+def attention_reference(q, k, v, causal):
+    """fp32 reference of flash_attention over the whole output (B, Sq, Hq, D): fastllm's
+    reference, run on query-row pieces so the (B, Hq, rows, Skv) score block stays under
+    CHUNK_ELEMS. Causal is bottom-right aligned; with Sq == Skv a piece of rows r0:r1 sees keys
+    :r1, which is what ref.flash_attention computes for (q[r0:r1], k[:r1]) (its queries are the
+    last rows of the keys)."""
+    B, Hq, Sq, D = q.shape
+    Skv = k.shape[2]
+    if causal and Sq != Skv:
+        raise ValueError(f"attention_reference: causal pieces need Sq == Skv (got {Sq}, {Skv})")
+    rows = max(1, min(Sq, CHUNK_ELEMS // max(1, B * Hq * Skv)))
+    out = torch.empty(B, Sq, Hq, D, device=q.device, dtype=torch.float32)
+    for r0 in range(0, Sq, rows):
+        r1 = min(Sq, r0 + rows)
+        kk, vv = (k[:, :, :r1], v[:, :, :r1]) if causal else (k, v)
+        out[:, r0:r1] = ref.flash_attention(q[:, :, r0:r1].float(), kk.float(), vv.float(), causal=causal)[0]
+    return out
+
+
+def matrix_check(got, want_fn, exact, rtol, block=(2048, 4096)):
+    """Compare an (M, N) result with the reference over every block of rows x columns.
+
+    want_fn(rows, cols) -> the reference block (exact: same integers; else any float dtype).
+    exact: every element equal. Otherwise each row's relative error ||got - want|| / ||want||
+    (double, accumulated across column blocks) must be <= rtol: a row-wise bound, so a few wrong
+    rows in a large matrix are not averaged away. Returns (ok, why)."""
+    M, N = got.shape
+    br, bc = block
+    for r0 in range(0, M, br):
+        rs = slice(r0, min(M, r0 + br))
+        num = torch.zeros(rs.stop - rs.start, dtype=torch.float64, device=got.device)
+        den = torch.zeros_like(num)
+        for c0 in range(0, N, bc):
+            cs = slice(c0, min(N, c0 + bc))
+            want = want_fn(rs, cs)
+            g = got[rs, cs]
+            if exact:
+                if not torch.equal(g, want.to(device=g.device, dtype=g.dtype)):
+                    return False, f"int32 mismatch in rows {rs.start}..{rs.stop - 1}, cols {cs.start}..{cs.stop - 1}"
+                continue
+            w = want.to(device=g.device, dtype=torch.float64)
+            num += (g.double() - w).pow(2).sum(1)
+            den += w.pow(2).sum(1)
+        if not exact:
+            err = (num.sqrt() / den.sqrt().clamp_min(1e-30)).max().item()
+            if not (err <= rtol):          # NaN fails too
+                return False, f"row rel err {err:.3g} > {rtol}"
+    return True, ""

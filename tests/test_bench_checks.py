@@ -1,0 +1,278 @@
+"""The benchmark harness's correctness checks: a wrong kernel is reported WRONG and not timed,
+wherever in its output it is wrong (in-process, tiny shapes, a one-rep timer: CPU seconds)."""
+import math
+
+import pytest
+import torch
+
+import fastllm
+from fastllm import ref
+from fastllm.bench import __main__ as bench
+from fastllm.bench import check
+from fastllm.bench.timing import Timer
+
+PEAKS = {"matmul_bf16_tflops": None, "matmul_fp32_tflops": 0.1, "int_mm_tops": 0.2, "copy_gbs": 10.0}
+
+
+def light_ctx(monkeypatch, *argv):
+    """A real Context (CPU) without the peak measurement, timing one rep."""
+    monkeypatch.setattr(bench, "measure_peaks", lambda device, quick=False: dict(PEAKS))
+    ctx = bench.Context(bench.parser().parse_args(["quantize", "--device", "cpu", "--no-progress", *argv]))
+    ctx.timer = Timer("cpu", warmup=0, reps=1)
+    return ctx
+
+
+def by_impl(rows, impl):
+    return [r for r in rows if r["impl"] == impl]
+
+
+def assert_wrong_not_timed(rows):
+    assert rows and all(r["ok"].startswith("WRONG") and r["ms"] is None for r in rows), rows
+
+
+# ---------------------------------------------------------------------------------------------
+# 1 / 4: attention and decode check every batch, head and row; NaN never sets the bar.
+
+def _attention(monkeypatch, bad):
+    from fastllm.bench.suites import attention
+    monkeypatch.setattr(attention, "_shapes", lambda ctx: [("fa2", 4, 2, 32, 64)])   # GQA 4 / 2, S 64
+    orig = fastllm.ops.flash_attention
+    monkeypatch.setattr(fastllm.ops, "flash_attention", lambda q, k, v, **kw: bad(orig(q, k, v, **kw)))
+    return attention.run(light_ctx(monkeypatch))
+
+
+def test_attention_wrong_last_head_last_row_is_wrong(monkeypatch):
+    def bad(out):            # (B, S, H, D): only the last query row of the last head
+        out = out.clone()
+        out[:, -1, -1] += 1.0
+        return out
+    rows = _attention(monkeypatch, bad)
+    assert_wrong_not_timed(by_impl(rows, "fastllm-torch"))
+    assert all(r["ok"] == "yes" and r["ms"] > 0 for r in by_impl(rows, "sdpa-math-cpu"))
+
+
+def test_attention_nan_is_wrong_and_not_the_bar(monkeypatch):
+    rows = _attention(monkeypatch, lambda out: torch.full_like(out, math.nan))
+    assert_wrong_not_timed(by_impl(rows, "fastllm-torch"))
+    assert all(r["ok"] == "yes" for r in by_impl(rows, "sdpa-math-cpu")), rows
+
+
+def test_decode_wrong_second_sequence_is_wrong(monkeypatch):
+    from fastllm.bench.suites import decode
+    orig = fastllm.ops.decode_attention
+
+    def bad(q, k, v, **kw):
+        out = orig(q, k, v, **kw).clone()      # (B, 1, Hq, D)
+        out[1:] = 123.0
+        return out
+    monkeypatch.setattr(fastllm.ops, "decode_attention", bad)
+    rows = decode.run(light_ctx(monkeypatch))
+    assert_wrong_not_timed(by_impl(rows, "fastllm-torch"))
+    assert {r["layout"] for r in by_impl(rows, "fastllm-torch")} == {"dense", "paged16"}
+    assert all(r["ok"] == "yes" for r in by_impl(rows, "sdpa-math-cpu"))
+
+
+def test_attention_reference_pieces_match_whole(monkeypatch):
+    monkeypatch.setattr(check, "CHUNK_ELEMS", 4 * 64 * 5)     # 5-row pieces
+    q = torch.randn(2, 4, 64, 16)
+    k, v = torch.randn(2, 2, 64, 16), torch.randn(2, 2, 64, 16)
+    for causal in (False, True):
+        want = ref.flash_attention(q, k, v, causal=causal)[0]
+        assert torch.allclose(check.attention_reference(q, k, v, causal), want, atol=1e-6)
+
+
+def test_peer_bar_and_verdict():
+    errs = {"a": math.nan, "b": 1e-3, "c": math.inf}
+    bar = check.peer_bar(errs)
+    assert bar == pytest.approx(5e-3)
+    assert check.verdict(errs["a"], bar)[0] is False and check.verdict(errs["c"], bar)[0] is False
+    assert check.verdict(errs["b"], bar) == (True, "yes")
+    assert check.peer_bar({"a": math.nan}) is None and check.verdict(math.nan, None)[0] is False
+    g = torch.zeros(10)
+    g[7] = math.nan
+    assert math.isnan(check.max_abs_err(g, torch.zeros(10)))
+
+
+# ---------------------------------------------------------------------------------------------
+# 1: int8 checks the whole matrix (a wrong middle block used to pass).
+
+def test_int8_matrix_check_sees_the_middle():
+    M, N, K = 256, 2048, 64
+    a = torch.randint(-127, 128, (M, K), dtype=torch.int8)
+    b = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    want = ref.int8_matmul_int32(a, b)
+
+    def want_fn(rs, cs):
+        return ref.int8_matmul_int32(a[rs], b[cs])
+    assert check.matrix_check(want.clone(), want_fn, exact=True, rtol=0, block=(64, 512)) == (True, "")
+    got = want.clone()
+    got[130, 1000] += 1                                   # one element, mid-matrix
+    ok, why = check.matrix_check(got, want_fn, exact=True, rtol=0, block=(64, 512))
+    assert not ok and "rows 128..191" in why
+    x = want.double()
+    bad = x.clone()
+    bad[100] *= 1.2                                       # one row 20% off: not averaged away
+    assert not check.matrix_check(bad, lambda rs, cs: x[rs, cs], exact=False, rtol=3e-2)[0]
+    assert check.matrix_check(x * (1 + 1e-3), lambda rs, cs: x[rs, cs], exact=False, rtol=3e-2)[0]
+
+
+def test_int8_suite_flags_a_wrong_middle_row(monkeypatch):
+    from fastllm.bench.suites import int8
+    orig = fastllm.ops.int8_matmul_int32
+
+    def bad(a, b, **kw):
+        out = orig(a, b, **kw).clone()
+        out[out.shape[0] // 2] += 1
+        return out
+    monkeypatch.setattr(fastllm.ops, "int8_matmul_int32", bad)
+    ctx = light_ctx(monkeypatch)
+    rows = []
+    int8.run_gemm(ctx, rows)
+    assert_wrong_not_timed([r for r in rows if r["kind"] == "w8a8-int32" and r["impl"] == "fastllm-torch"])
+    assert all(r["ok"] == "yes" for r in rows if r["impl"] == "torch._int_mm")
+
+
+# ---------------------------------------------------------------------------------------------
+# 6 / 9 / 13 / 14: int8 shapes, dtypes, peaks and bytes.
+
+def test_int8_linear_keeps_model_layers_with_m_equal_n():
+    import types
+    from fastllm.bench.suites import int8
+    ctx = types.SimpleNamespace(device=torch.device("cuda"), quick=True, shapes=["square", "llama3-8b"])
+    gemm = int8._gemm_shapes(ctx)
+    linear = int8._gemm_shapes(ctx, square=False)
+    assert (4096, 4096, 4096, "square") in gemm and (4096, 4096, 4096, "4096x4096") in gemm
+    assert (4096, 4096, 4096, "4096x4096") in linear                       # o_proj at M = 4096
+    assert not [s for s in linear if s[3] == "square"]
+    assert len(linear) == 4 * len(int8.QUICK_TOKENS)
+    ctx.shapes = ["llama3-8b", "mistral-7b"]                               # same layers: measured once
+    assert int8._gemm_shapes(ctx, square=False) == linear
+
+
+def test_int8_rows_dtype_bytes_and_peaks(monkeypatch):
+    from fastllm.bench.suites import int8
+    ctx = light_ctx(monkeypatch, "--dtype", "bf16")
+    rows = int8.run(ctx)
+    assert all(r["ok"] == "yes" for r in rows), [r for r in rows if r["ok"] != "yes"]
+    base = [r for r in rows if r["impl"].startswith("torch.matmul-")]
+    assert base and all(r["impl"] == "torch.matmul-bfloat16" and r["dtype"] == "bfloat16" for r in base)
+    assert {r["dtype"] for r in rows if r["kind"] in ("w8a8-linear", "w8a16")} == {"bfloat16"}
+    for r in rows:
+        if r["impl"] == "F.linear-bfloat16":       # 2 bytes per bf16 weight, activation and output
+            nbytes = r["GB/s"] * 1e9 * r["ms"] / 1e3
+            assert nbytes == pytest.approx(2 * (r["M"] * r["K"] + r["N"] * r["K"] + r["M"] * r["N"]), rel=1e-6)
+    dense = ("torch.matmul-bfloat16", "F.linear-bfloat16")
+    int8_rows = [r for r in rows if r["kind"] != "w8a16" and r["impl"] not in dense]
+    assert int8_rows and all(r["frac_peak"] == pytest.approx(r["TOPS"] / PEAKS["int_mm_tops"]) for r in int8_rows)
+    assert all(r["frac_peak"] is None for r in rows if r["kind"] != "w8a16" and r["impl"] in dense)  # no bf16 peak
+
+
+def test_cpu_peaks_include_int_mm():
+    from fastllm.bench.timing import measure_peaks
+    peaks = measure_peaks("cpu", quick=True)
+    assert peaks["int_mm_tops"] is not None and peaks["int_mm_tops"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 2: sparse24's int8 rows check the op they time, in TOPS over the int8 peak.
+
+def test_sparse24_int8_rows_check_the_timed_op(monkeypatch):
+    from fastllm.bench.suites import sparse24
+    monkeypatch.setattr(sparse24, "CPU_SHAPES", [("cpu", 32, 128)])
+    monkeypatch.setattr(sparse24, "CPU_TOKENS", [3])
+    ctx = light_ctx(monkeypatch)
+    good = sparse24.run(ctx)
+    i8 = by_impl(good, "fastllm-torch-int8")
+    assert i8 and all(r["ok"] == "yes" and r["TOPS"] > 0 and r.get("TFLOP/s") is None for r in i8)
+    assert i8[0]["frac_peak"] == pytest.approx(i8[0]["TOPS"] / PEAKS["int_mm_tops"])
+    # The int32 op stays right; the timed fused op returns garbage.
+    monkeypatch.setattr(fastllm.ops, "sparse24_int8_matmul",
+                        lambda a, values, meta, *args, **kw: torch.randn(a.shape[0], values.shape[0]) * 100)
+    assert_wrong_not_timed(by_impl(sparse24.run(ctx), "fastllm-torch-int8"))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3 / 9: the model suite checks 2:4 modes against the same pruned weights.
+
+def test_model_sparse_modes_are_checked(monkeypatch):
+    from fastllm.bench.suites import model
+    monkeypatch.setattr(model, "MODES", {m: model.MODES[m] for m in ("unpatched", "2:4", "2:4+int8")})
+    ctx = light_ctx(monkeypatch, "--quick")
+    rows = model.run(ctx)
+    sparse = [r for r in rows if r["mode"] in ("2:4", "2:4+int8")]
+    assert sparse and all(r["ok"] == "yes" and r["tokens/s"] > 0 for r in sparse), sparse
+    assert all(r["checked_against"] == "unpatched, same pruned weights" for r in sparse)
+    assert all(r["rel_err"] < 1e-4 for r in sparse if r["mode"] == "2:4")       # fp32: exact bound
+    assert all(r["rel_err_unpatched"] > r["rel_err"] for r in sparse)          # pruning's own cost
+
+
+def test_model_garbage_sparse_kernel_is_wrong(monkeypatch):
+    from fastllm.bench.suites import model
+    monkeypatch.setattr(model, "MODES", {m: model.MODES[m] for m in ("unpatched", "2:4", "2:4+int8")})
+    ctx = light_ctx(monkeypatch, "--quick")
+    monkeypatch.setattr(fastllm.ops, "sparse24_matmul",
+                        lambda x, values, meta, *a, **k: torch.randn(x.shape[0], values.shape[0], dtype=x.dtype) * 100)
+    monkeypatch.setattr(fastllm.ops, "sparse24_int8_matmul",
+                        lambda a, values, meta, *args, **k: torch.randn(a.shape[0], values.shape[0]) * 100)
+    rows = model.run(ctx)
+    assert_wrong_not_timed([r for r in rows if r["mode"] in ("2:4", "2:4+int8")])
+    assert all(r["config"] == "tiny-llama (CPU)" for r in rows)
+
+
+def test_model_cpu_notes_fixed_dtype(monkeypatch):
+    from fastllm.bench.suites import model
+    monkeypatch.setattr(model, "MODES", {"unpatched": None})
+    ctx = light_ctx(monkeypatch, "--quick", "--dtype", "bf16")
+    rows = model.run(ctx)
+    assert {r["dtype"] for r in rows} == {"float32"}
+    assert any("float32" in n and "--dtype" in n for n in ctx.notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# 12 / 15: what is not timed is listed, with the reason.
+
+def test_backends_list_missing_and_skip_torch_on_cuda(monkeypatch):
+    ctx = light_ctx(monkeypatch)
+    op = fastllm.ops.OPS["quantize_per_token"]
+    x = torch.randn(4, 64)
+    assert ctx.backends(op, x.device, x) == ["torch"]
+    missing = dict(ctx.missing)
+    assert "needs CUDA tensors" in missing["fastllm-cuda (quantize_per_token)"]
+    assert "fastllm-triton (quantize_per_token)" in missing
+
+    class AllCan:      # a CUDA device where every backend could serve
+        name, order = "fake_op", ("cuda", "triton", "torch")
+
+        @staticmethod
+        def reason(b, device, *a, auto=False):
+            return None
+    ctx.missing.clear()
+    assert ctx.backends(AllCan, torch.device("cuda"), x) == ["cuda", "triton"]
+    assert "pure-PyTorch reference" in dict(ctx.missing)["fastllm-torch (fake_op)"]
+    ctx.requested = ["torch"]
+    assert ctx.backends(AllCan, torch.device("cuda"), x) == ["torch"]
+
+
+def test_attention_cpu_lists_gpu_peers_missing(monkeypatch):
+    from fastllm.bench.suites import attention
+    monkeypatch.setattr(attention, "_shapes", lambda ctx: [("fa2", 2, 2, 16, 32)])
+    ctx = light_ctx(monkeypatch)
+    attention.run(ctx)
+    missing = dict(ctx.missing)
+    for peer in ("sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flash-attn"):
+        assert "needs a CUDA GPU" in missing[peer]
+
+
+# ---------------------------------------------------------------------------------------------
+# 10: attention / decode presets (GQA heads) run on CPU too.
+
+def test_attention_and_decode_presets(monkeypatch):
+    from fastllm.bench.suites import attention, decode
+    ctx = light_ctx(monkeypatch, "--shapes", "qwen2.5-7b")
+    assert attention._shapes(ctx) == [("qwen2.5-7b", 28, 4, 128, 256)]
+    # Same GQA ratio, smaller heads (CPU seconds).
+    monkeypatch.setattr(decode, "PRESETS", dict(decode.PRESETS, **{"qwen2.5-7b": (7, 1, 32)}))
+    rows = decode.run(ctx)
+    assert rows and all(r["ok"] == "yes" and (r["shape"], r["Hq"], r["Hkv"]) == ("qwen2.5-7b", 7, 1) for r in rows)
+    for table in (attention.PRESETS, decode.PRESETS):
+        assert {"llama3-8b", "llama3-70b", "mistral-7b", "qwen2.5-7b"} <= set(table)
