@@ -36,7 +36,10 @@ import json, subprocess, platform, torch
 def v(m):
     try: return __import__(m).__version__
     except Exception: return None
-sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+try:
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+except OSError:   # no git on the machine: the commit stays unknown, the rest is still recorded
+    sha = None
 p = torch.cuda.get_device_properties(0)
 print(json.dumps({"gpu": p.name, "sm": f"{p.major}{p.minor}", "sms": p.multi_processor_count,
   "driver": subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -70,17 +73,22 @@ XD=""
 if $PY -c "import xdist, pytest_timeout" 2>/dev/null; then
   XD="-n ${TEST_WORKERS:-8} --max-worker-restart 16 --timeout 240 --timeout-method thread"
 fi
+# The Triton offline compile check (~4 min cold, one thread) is the CPU CI's job: not here.
 FASTLLM_REQUIRE_CUDA_BUILD=1 timeout -s INT -k 30 $(cap $TCAP) $PY -m pytest -q -p no:cacheprovider $XD tests \
-  --junitxml="$OUT_DIR/tests.xml" -rfEs 2>&1 | tail -80
+  --deselect tests/test_triton_compile.py --junitxml="$OUT_DIR/tests.xml" -rfEs 2>&1 | tail -80
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 
 if want sanitizer; then
 phase "compute-sanitizer (memcheck, racecheck) on small cases"
 : > "$OUT_DIR/sanitizer.log"
+SAN=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+[ -x "$SAN" ] || { echo "compute-sanitizer not found (PATH, \$CUDA_HOME/bin): sanitizer phase not run"; status=1; }
 for tool in memcheck racecheck; do
-  if ! timeout $(cap 90) compute-sanitizer --tool $tool --error-exitcode 9 $PY bench/sanitize_cases.py \
-       >> "$OUT_DIR/sanitizer.log" 2>&1; then
+  [ -x "$SAN" ] || break
+  # No caching allocator: with it an overrun lands in memory PyTorch owns and memcheck sees nothing.
+  if ! PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout $(cap 90) "$SAN" --tool $tool --error-exitcode 9 $PY \
+       bench/sanitize_cases.py >> "$OUT_DIR/sanitizer.log" 2>&1; then
     echo "compute-sanitizer $tool: FAILED"; status=1
   else
     echo "compute-sanitizer $tool: clean"

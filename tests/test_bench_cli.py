@@ -109,6 +109,25 @@ def test_json_records_environment_and_missing(tiny_quantize, tmp_path, capsys):
     assert "commit" in (tmp_path / "b.md").read_text()
 
 
+def test_a_failing_suite_does_not_cost_the_others(tiny_quantize, monkeypatch, tmp_path, capsys):
+    # A Triton CompilationError is no RuntimeError: it ended `all` before; now the suite is noted
+    # as FAILED, the others run, and the exit status says something failed.
+    from fastllm.bench.suites import decode
+
+    class CompilationError(Exception):
+        pass
+
+    def broken(ctx):
+        raise CompilationError("ptxas died")
+    monkeypatch.setattr(decode, "run", broken)
+    monkeypatch.setattr(bench, "SUITES", ["decode", "quantize"])
+    out = tmp_path / "b.json"
+    assert bench.main(["all", "--device", "cpu", "--quick", "--no-progress", "--json", str(out)]) == 1
+    data = json.loads(out.read_text())
+    assert "decode" not in data["results"] and data["results"]["quantize"][0]["ok"] == "yes"
+    assert any("suite decode FAILED" in n and "ptxas died" in n for n in data["notes"])
+
+
 def test_commit_falls_back_to_build_info(monkeypatch):
     from fastllm import _ext
     monkeypatch.setattr(bench, "_git_commit", lambda: None)

@@ -109,8 +109,11 @@ def assert_close_to_reference(got, base, ref, valid, what):
 
 @torch.no_grad()
 def greedy(model, ids, mask, n=6, **kw):
+    # disable_compile: on CUDA transformers compiles static-cache decode steps by itself (slow, and
+    # not what these tests compare).
     o = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                       pad_token_id=0, return_dict_in_generate=True, output_logits=True, **kw)
+                       pad_token_id=0, return_dict_in_generate=True, output_logits=True, disable_compile=True,
+                       **kw)
     return o.sequences[:, ids.shape[1]:], torch.stack(o.logits, 1).float()
 
 

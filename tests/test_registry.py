@@ -23,7 +23,7 @@ def test_auto_on_cpu_uses_reference(monkeypatch):
 
 
 def test_env_forces_backend(monkeypatch):
-    x = torch.randn(3, 5)
+    x = torch.randn(3, 5, device=DEVICE)   # on a GPU machine CPU tensors are not Triton's (no interpreter)
     monkeypatch.setenv("FASTLLM_BACKEND", "triton")
     assert QOP.select("auto", x.device, x) == "triton"
     monkeypatch.setenv("FASTLLM_BACKEND", "torch")

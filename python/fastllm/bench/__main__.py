@@ -214,6 +214,7 @@ def main(argv=None):
 
     ctx = None
     results = {}
+    failed = []
     md = []
     label = dev_name = ""
 
@@ -249,7 +250,18 @@ def main(argv=None):
         for name in suites:
             suite = importlib.import_module(f"fastllm.bench.suites.{name}")
             t0 = time.time()
-            rows = suite.run(ctx)
+            try:
+                rows = suite.run(ctx)
+            except Exception as e:   # noqa: BLE001 - one broken suite must not cost the others
+                # (e.g. a Triton CompilationError, not a RuntimeError). A kernel that corrupted
+                # the CUDA context will still fail the suites after it: their errors say so.
+                failed.append(name)
+                print(f"\n## {name}: FAILED ({type(e).__name__}: {e})", file=sys.stderr)
+                ctx.note(f"suite {name} FAILED after {time.time() - t0:.0f}s: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''}")
+                md += ["", f"## {name}", "", f"FAILED: {type(e).__name__}: {e}"]
+                save()
+                continue
             results[name] = rows
             print(f"\n## {name} ({time.time() - t0:.0f}s){label}\n")
             print(report.markdown(rows, suite.COLUMNS))
@@ -276,7 +288,7 @@ def main(argv=None):
         for n in ctx.notes:
             print(f"  {n}")
     save()
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
+from ._checks import misaligned16
 
 # Head dims with a compiled instantiation (csrc/attention/generate_instantiations.py
 # HEAD_DIMS; the launcher rejects any other with a status code).
@@ -75,7 +76,7 @@ def cuda_supports(q, k, v, mask, causal, scale, window, softcap) -> Optional[str
             return f"'{name}' needs unit stride in the head dim (strides {tuple(t.stride())})"
         if t.numel() == 0:
             continue
-        if t.data_ptr() % 16 != 0:
+        if misaligned16(t):
             return f"'{name}' data pointer is not 16-byte aligned (16-byte vector loads along D)"
         if any(s % 8 != 0 for s in _strides(t)):
             return (f"'{name}' strides {tuple(t.stride())} are not multiples of 8 elements "

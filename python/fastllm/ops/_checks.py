@@ -41,3 +41,10 @@ def attended_key_slice(mask, n_keys):
         return None
     lo, hi = int(cols[0]), int(cols[-1]) + 1
     return slice(lo, hi) if hi - lo < n_keys else None
+
+
+def misaligned16(t: torch.Tensor) -> bool:
+    """True if t's data pointer is not 16-byte aligned (the kernels' vector loads). False while
+    torch.compile traces (a traced tensor has no address): the CUDA glue checks again when the
+    op runs, and the launcher too."""
+    return not torch.compiler.is_compiling() and t.data_ptr() % 16 != 0

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
+from ._checks import misaligned16
 
 # Head dims with a compiled instantiation (csrc/decode/generate_instantiations.py HEAD_DIMS).
 HEAD_DIMS = (64, 80, 96, 128, 256)
@@ -77,7 +78,7 @@ def cuda_supports(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, 
         if any(s % 8 for s in strides):
             return (f"'{name}' strides {tuple(t.stride())} are not multiples of 8 elements "
                     f"(16-byte vector loads along D)")
-        if t.device.type != "meta" and t.data_ptr() % 16:
+        if t.device.type != "meta" and misaligned16(t):
             return f"'{name}' data pointer is not 16-byte aligned (16-byte vector loads along D)"
     for name, t in (("cache_seqlens", cache_seqlens), ("block_table", block_table)):
         if t is not None and t.numel() > 1 and t.stride(-1) != 1:

@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
+from ._checks import misaligned16
 
 # Mirrors of the launchers' limits (csrc/int8/int8_launcher.cu, int8_traits.h).
 W8A16_MAX_M = 16          # kW8A16MaxM: the W8A16 kernel is for decode; triton serves more tokens
@@ -53,7 +54,7 @@ def _operand_reason(name, t, elems_per_16b):
         return f"'{name}' needs unit stride along K (strides {tuple(t.stride())})"
     if t.numel() == 0:
         return None
-    if t.data_ptr() % 16:
+    if misaligned16(t):
         return f"'{name}' data pointer is not 16-byte aligned (the kernel loads 16-byte chunks)"
     if rows > 1 and t.stride(0) < cols:
         return f"'{name}' rows overlap (row stride {t.stride(0)} < {cols} columns)"
@@ -229,7 +230,7 @@ def fused_supports(x, b, in_mul, w_scale, bias, dynamic) -> Optional[str]:
     if in_mul is not None:
         if in_mul.dtype != torch.float32 or in_mul.numel() not in ((K,) if dynamic else (1, K)):
             return "in_mul must be float32 with K elements (or one, static)"
-        if in_mul.numel() > 1 and (not in_mul.is_contiguous() or in_mul.data_ptr() % 16):
+        if in_mul.numel() > 1 and (not in_mul.is_contiguous() or misaligned16(in_mul)):
             return "per-channel in_mul must be contiguous and 16-byte aligned (float4 loads)"
     elif not dynamic:
         return "static quantization needs in_mul"

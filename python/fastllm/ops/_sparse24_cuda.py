@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
+from ._checks import misaligned16
 
 DTYPES = (torch.float16, torch.bfloat16, torch.int8)
 _INT_MAX = 2 ** 31 - 1
@@ -46,7 +47,7 @@ def cuda_supports(x, values, meta, bias, a_scale, w_scale) -> Optional[str]:
     if M > 1 and x.stride(0) < K:
         return f"'x' row stride {x.stride(0)} < K = {K} (overlapping or broadcast rows)"
     for name, t in (("x", x), ("values", values), ("meta", meta)):
-        if t.numel() and t.data_ptr() % 16:
+        if t.numel() and misaligned16(t):
             return f"'{name}' data pointer is not 16-byte aligned"
     for name, t in (("values", values), ("meta", meta)):
         if not _contiguous(t):

@@ -32,6 +32,9 @@ def _triton_state():
     return triton_kernels, None
 
 
+# Constant per process: under torch.compile it is evaluated once at trace time (it calls into
+# fastllm._C, which dynamo cannot trace: fullgraph compile on CUDA broke there).
+@torch.compiler.assume_constant_result
 def device_reason(backend: str, device: torch.device, auto: bool) -> Optional[str]:
     """Device-level reason `backend` cannot run on `device`, or None."""
     if backend == "torch":

@@ -128,7 +128,7 @@ def _one(ctx, op, peers, dtype, esize, shape, hq, hkv, d, B, S, copy_gbs):
     for key, fn in impls.items():
         try:
             got = fn()
-        except (RuntimeError, NotImplementedError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - Triton errors (CompilationError, OutOfResources) are not RuntimeErrors
             ctx.missing.append((f"{key[0]} {shape} B={B} S={S} {dtype}", str(e).splitlines()[0][:120]))
             continue
         errs[key] = check.max_abs_err(got, want)

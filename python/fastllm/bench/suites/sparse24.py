@@ -161,7 +161,7 @@ def _int8_rows(ctx, label, M, N, K, w, t_dense):
         fn = lambda b=b: fastllm.ops.sparse24_int8_matmul(a, values, meta, a_s, w_s, backend=b)  # noqa: E731
         try:
             ok, why = check.matrix_check(fn(), want, exact=False, rtol=1e-2)
-        except (RuntimeError, NotImplementedError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - Triton errors (CompilationError, OutOfResources) are not RuntimeErrors
             ctx.missing.append((f"fastllm-{b}-int8 M={M} {label}", str(e).splitlines()[0][:120]))
             continue
         t = ctx.timer(fn) if ok else None
