@@ -22,7 +22,7 @@ def as_rows(layer: str, x, in_features: int) -> Tuple[torch.Tensor, torch.Size]:
     return x.reshape(-1, in_features), x.shape[:-1]
 
 
-def dense_weight(w: torch.Tensor, bias) -> torch.Tensor:
+def in_weight_dtype(w: torch.Tensor, bias) -> torch.Tensor:
     """A quantized / compressed layer's effective weight (fp32 math) as model code reading
     `.weight` gets it: in the bias's dtype, float32 without a bias."""
     return w.to(bias.dtype if bias is not None else torch.float32)

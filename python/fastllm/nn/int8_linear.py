@@ -35,7 +35,7 @@ from torch import nn
 
 from .. import ops
 from ..ops._checks import FLOAT_DTYPES
-from ._input import KeepsFp32Scales, as_rows, dense_weight, fmt as _fmt
+from ._input import KeepsFp32Scales, as_rows, fmt as _fmt, in_weight_dtype
 
 MODES = ("w8a8-dynamic", "w8a8-static", "w8a16")
 
@@ -147,7 +147,7 @@ class Int8Linear(KeepsFp32Scales):
         w = dequantize_weight(self.weight_int8, self.weight_scale, self.group_size)
         if self.smooth is not None:
             w = w * self.smooth.reshape(1, -1)
-        return dense_weight(w, self.bias)
+        return in_weight_dtype(w, self.bias)
 
     # ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

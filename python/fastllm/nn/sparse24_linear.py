@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import ops
 from ..ops._checks import FLOAT_DTYPES
-from ._input import KeepsFp32Scales, as_rows, dense_weight, fmt as _fmt
+from ._input import KeepsFp32Scales, as_rows, fmt as _fmt, in_weight_dtype
 
 PRUNE_METHODS = (None, "magnitude", "wanda")
 
@@ -120,11 +120,7 @@ class Sparse24Linear(KeepsFp32Scales):
         """The dense weight this layer applies (decompressed; int8: times weight_scale), a new
         tensor on every read, for model code that reads `.weight` instead of calling the layer.
         16-bit layers give it in their own dtype; the forward never builds it."""
-        from ..sparse.format import decompress
-        w = decompress(self.values, self.meta)
-        if not self.int8:
-            return w
-        return dense_weight(w.float() * self.weight_scale.reshape(-1, 1), self.bias)
+        return in_weight_dtype(self.dense_weight(), self.bias) if self.int8 else self.dense_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2, lead = as_rows("Sparse24Linear", x, self.in_features)
