@@ -379,11 +379,11 @@ def commit(model, plan_: Plan):
         raise
 
 
-def restore(model, swaps: List[Swap], folds: List[Fold]):
-    """Put the kept originals back, converted to where the model is now: after patch, the model
-    may have moved (model.to("cuda")) or changed dtype (model.to(torch.bfloat16)), which reached
-    the swapped-in layers and norms but not the kept originals. Unchanged model: no-op casts."""
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+def restore(model, swaps: List[Swap], folds: List[Fold], dtype=None):
+    """Put the kept originals back, converted to where the model is now (dtype: its float dtype
+    now; None: keep theirs, as when a failed commit rolls back): after patch, the model may have moved (model.to("cuda")) or changed dtype
+    (model.to(torch.bfloat16)), which reached the swapped-in layers and norms but not the kept
+    originals. Unchanged model: no-op casts."""
     for s in reversed(swaps):
         cur = model.get_submodule(s.name)
         t = next(iter(list(cur.buffers()) + list(cur.parameters())), None)

@@ -591,7 +591,7 @@ def _patch(model, options, batches, loaded=None):
         committed = True
     except BaseException:
         if committed:
-            _linear.restore(model, plan.swaps, plan.folds)
+            _linear.restore(model, plan.swaps, plan.folds, dtype)
         for m in installed:
             _remove_skip(m)
         _restore_configs(refs)
@@ -632,7 +632,7 @@ def unpatch(model):
             "patch() was called without keep_original=True (or the model was loaded quantized), so "
             "they were dropped to save memory. The model is still patched and works. Reload the "
             "float model to get it back, or patch with keep_original=True to be able to unpatch.")
-    _linear.restore(model, state.swaps, state.folds)
+    _linear.restore(model, state.swaps, state.folds, _model_info(model)[1])
     for _, m in state.skipped:
         _remove_skip(m)
     _restore_configs(state.config_refs)
