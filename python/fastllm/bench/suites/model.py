@@ -226,9 +226,8 @@ def _run_config(ctx, cfg_name, spec, dtype, prefill, decode, context):
             mode_rows.append(dict(common, phase="decode", B=B, S=context, n=B, t=t, tokens=B))
         peak = torch.cuda.max_memory_allocated(dev) / 2 ** 20 if on_gpu else None
         for r in mode_rows:
-            t = r.pop("t")
-            tps = t and r.pop("tokens") / t
-            r.pop("tokens", None)
+            t, tokens = r.pop("t"), r.pop("tokens")
+            tps = t and tokens / t
             key = (r["phase"], r["B"], r["S"])
             if mode == "unpatched":
                 base_tps[key] = tps
