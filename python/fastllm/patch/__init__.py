@@ -8,13 +8,14 @@ model instance (no class in transformers is modified).
     fastllm.save_pretrained(model, d); model = fastllm.from_pretrained(d)
 
 transformers is imported only when these are called (it is an optional extra).
-Modules: core.py (patch / unpatch / save / load), _attention.py (the AttentionInterface
-function and the prefill / decode routing), rules.py (what is replaced, as data), _linear.py
-(linear swaps: selection, calibration, SmoothQuant folding, commit / undo), _serialize.py
-(save / load of swapped models), report.py (PatchReport).
+Modules: core.py (patch / unpatch / patch_report), saving.py (save_pretrained /
+from_pretrained), _attention.py (the AttentionInterface function and the prefill / decode
+routing), rules.py (what is replaced, as data), _linear.py (linear swaps: selection,
+calibration, SmoothQuant folding, commit / undo), _serialize.py (the checkpoint format of
+swapped models), report.py (PatchReport).
 """
-from .core import (OriginalsDiscardedError, PatchState, UnsupportedModelError, from_pretrained, is_patched,
-                   patch, patch_report, save_pretrained, unpatch)
+from .core import OriginalsDiscardedError, PatchState, UnsupportedModelError, is_patched, patch, patch_report, unpatch
+from .saving import from_pretrained, save_pretrained
 from .report import PatchReport
 from .rules import RULES, Rule
 

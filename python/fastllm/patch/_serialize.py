@@ -4,13 +4,17 @@ Directory layout:
   config.json, generation_config.json   the model's own (transformers)
   model.fastllm.safetensors             the whole state dict after patching: int8 / 2:4 weights
                                         and scales, SmoothQuant-folded norms, everything else
-  fastllm_config.json                   versions, dtype, the patch options, and one record per
-                                        swapped layer: class, sizes, constructor settings
+  fastllm_config.json                   versions, dtype, the patch options, one record per
+                                        swapped layer (class, sizes, constructor settings), and
+                                        the report lines a reload cannot recompute ("report")
 Loading builds the float model from config.json (random init, then overwritten), puts an
-empty module of the recorded class and settings at each swapped name, loads the state strictly
-(every tensor accounted for) and patches attention / skip_attention with the saved options.
+empty module of the recorded class and settings at each swapped name, checks every stored
+tensor's dtype, loads the state strictly (every tensor accounted for) and patches attention /
+skip_attention with the saved options.
 """
 import copy
+import dataclasses
+import fnmatch
 import json
 import os
 
@@ -20,6 +24,7 @@ from torch import nn
 from .. import __version__
 from ..nn.int8_linear import Int8Linear
 from . import _linear
+from .report import ModuleEntry
 from .rules import sparse24_class
 
 WEIGHTS = "model.fastllm.safetensors"
@@ -27,6 +32,29 @@ FORMAT = "fastllm-swapped-linears"
 VERSION = 1
 #: patch_overrides accepted when loading a swapped checkpoint (the rest is baked into the weights).
 OVERRIDABLE = ("attention", "backend", "skip_attention")
+#: transformers' weight files: a swapped save removes them (a stale float model.safetensors beside
+#: our config.json would load in transformers, silently, as the old model).
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors",
+                   "pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin")
+#: Keys of fastllm_config.json and of each layer record, checked before anything is built.
+REQUIRED = ("format", "format_version", "weights", "dtype", "patch", "layers")
+LAYER_KEYS = {"Int8Linear": ("in_features", "out_features", "bias", "mode", "group_size", "smooth", "bias_dtype"),
+              "Sparse24Linear": ("in_features", "out_features", "bias", "int8", "bias_dtype")}
+#: safetensors dtype names.
+_ST_DTYPES = {torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+              torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+              torch.bool: "BOOL"}
+_FLOAT_ST = ("F16", "BF16", "F32")
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def remove_weight_files(directory, patterns):
+    for name in os.listdir(directory):
+        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            os.remove(os.path.join(directory, name))
 
 
 def _record(m: nn.Module, options) -> dict:
@@ -42,9 +70,10 @@ def _record(m: nn.Module, options) -> dict:
     raise TypeError(f"fastllm.save_pretrained: cannot record a swapped {type(m).__name__}")
 
 
-def save(model, state, directory, transformers):
+def save(model, state, directory, transformers, dtype):
     from safetensors.torch import save_model
     os.makedirs(directory, exist_ok=True)
+    remove_weight_files(directory, HF_WEIGHT_FILES)
     config = copy.deepcopy(model.config)     # never write to the model's own config
     config.architectures = [type(model).__name__]
     config.save_pretrained(directory)
@@ -53,46 +82,103 @@ def save(model, state, directory, transformers):
         gen.save_pretrained(directory)
     layers = {s.name: _record(s.new, state.options) for s in state.swaps}
     save_model(model, os.path.join(directory, WEIGHTS), metadata={"format": "pt", "fastllm": FORMAT})
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in state.options.items()}
+    report = {"modules": [dataclasses.asdict(e) for e in state.carried[0]], "notes": list(state.carried[1])}
     with open(os.path.join(directory, "fastllm_config.json"), "w") as f:
         json.dump({"fastllm_version": __version__, "transformers_version": transformers.__version__,
-                   "format": FORMAT, "format_version": VERSION, "weights": WEIGHTS, "dtype": dtype,
-                   "patch": options, "layers": layers}, f, indent=2)
+                   "format": FORMAT, "format_version": VERSION, "weights": WEIGHTS, "dtype": _dtype_name(dtype),
+                   "patch": options, "layers": layers, "report": report}, f, indent=2)
     return directory
 
 
-def _build(rec, device, dtype, backend):
+def _bias_dtype(rec, dtype, saved_dtype):
+    """A bias stored in the model's saved dtype follows a dtype= override (as model.to(dtype)
+    would take it); any other bias dtype stays."""
+    if not rec["bias_dtype"]:
+        return None
+    return dtype if rec["bias_dtype"] == saved_dtype else getattr(torch, rec["bias_dtype"])
+
+
+def _build(rec, device, dtype, saved_dtype, backend):
+    bias_dtype = _bias_dtype(rec, dtype, saved_dtype)
     if rec["class"] == "Int8Linear":
-        bias_dtype = getattr(torch, rec["bias_dtype"]) if rec["bias_dtype"] else torch.float32
         return Int8Linear(rec["in_features"], rec["out_features"], rec["bias"], mode=rec["mode"],
-                          group_size=rec["group_size"], smooth=rec["smooth"], bias_dtype=bias_dtype, device=device,
-                          backend=backend)
-    if rec["class"] == "Sparse24Linear":
-        # Empty buffers of the right sizes and dtypes; load_model then overwrites every tensor.
-        bias_dtype = getattr(torch, rec["bias_dtype"]) if rec.get("bias_dtype") else None
-        return sparse24_class()(rec["in_features"], rec["out_features"], rec["bias"], int8=rec["int8"],
-                                dtype=dtype, bias_dtype=bias_dtype, device=device, backend=backend)
-    raise ValueError(f"fastllm.from_pretrained: unknown layer class {rec['class']!r} in fastllm_config.json")
+                          group_size=rec["group_size"], smooth=rec["smooth"], bias_dtype=bias_dtype or torch.float32,
+                          device=device, backend=backend)
+    # Sparse24Linear: empty buffers of the right sizes and dtypes; load_model overwrites every tensor.
+    return sparse24_class()(rec["in_features"], rec["out_features"], rec["bias"], int8=rec["int8"],
+                            dtype=dtype, bias_dtype=bias_dtype, device=device, backend=backend)
 
 
-def load(directory, saved, model_class, overrides, kwargs, transformers):
-    """(model with the swapped layers loaded, [(name, module)], patch options)."""
-    from safetensors.torch import load_model
+def check_saved(path, saved, overrides):
+    """Raises ValueError naming the file and what is missing / wrong, before anything is built."""
     if saved.get("format") != FORMAT or saved.get("format_version") != VERSION:
-        raise ValueError(f"{directory}/fastllm_config.json: format {saved.get('format')!r} version "
-                         f"{saved.get('format_version')!r}, expected {FORMAT!r} version {VERSION}")
+        raise ValueError(f"{path}: format {saved.get('format')!r} version {saved.get('format_version')!r}, "
+                         f"expected {FORMAT!r} version {VERSION}")
+    missing = [k for k in REQUIRED if k not in saved]
+    missing += [f"patch.{k}" for k in ("attention", "backend", "skip_attention", "include", "exclude")
+                if k not in saved.get("patch", {})]
+    if missing:
+        raise ValueError(f"{path}: missing {', '.join(map(repr, missing))} (written by fastllm.save_pretrained; "
+                         "the file was edited or truncated)")
+    if not isinstance(saved["layers"], dict) or not saved["layers"]:
+        raise ValueError(f"{path}: 'layers' must be a non-empty object (swapped layer name -> record)")
+    for name, rec in saved["layers"].items():
+        keys = LAYER_KEYS.get(rec.get("class") if isinstance(rec, dict) else None)
+        if keys is None:
+            raise ValueError(f"{path}: layer {name!r} has unknown class "
+                             f"{rec.get('class') if isinstance(rec, dict) else rec!r} (expected one of "
+                             f"{', '.join(LAYER_KEYS)})")
+        gone = [k for k in keys if k not in rec]
+        if gone:
+            raise ValueError(f"{path}: layer {name!r} record misses {', '.join(map(repr, gone))}")
+    if not isinstance(getattr(torch, str(saved["dtype"]), None), torch.dtype):
+        raise ValueError(f"{path}: 'dtype' {saved['dtype']!r} is not a torch dtype name")
     bad = sorted(set(overrides) - set(OVERRIDABLE))
     if bad:
         raise ValueError(f"patch_overrides {bad} cannot change a quantized / pruned checkpoint (only "
                          f"{', '.join(OVERRIDABLE)}); re-patch the float model instead")
-    dtype = kwargs.pop("dtype", None) or getattr(torch, saved["dtype"])
+
+
+def _target_dtype(requested, saved_dtype):
+    """dtype= of from_pretrained: None / "auto" -> the saved one; a torch dtype or its name."""
+    if requested is None or requested == "auto":
+        return saved_dtype
+    dtype = getattr(torch, requested, None) if isinstance(requested, str) else requested
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"fastllm.from_pretrained: argument 'dtype' must be a torch dtype, its name or 'auto', "
+                        f"got {requested!r}")
+    return dtype
+
+
+def _check_stored_dtypes(path, model, saved_dtype, dtype):
+    """Every stored tensor in the dtype the rebuilt model holds (int8 weights, int32 metadata,
+    fp32 scales exactly), or, under a dtype= override, in the saved model dtype where the model
+    holds the requested one: load_state_dict would cast anything else silently (int16 values
+    wrapping into int8)."""
+    from safetensors import safe_open
+    want = model.state_dict()
+    converted = (_ST_DTYPES.get(saved_dtype), _ST_DTYPES.get(dtype))
+    with safe_open(path, framework="pt") as f:
+        for k in f.keys():
+            t = want.get(k)
+            if t is None:
+                continue           # load_model's strict check names unexpected tensors
+            got, exp = f.get_slice(k).get_dtype(), _ST_DTYPES.get(t.dtype)
+            if got != exp and (got, exp) != converted:
+                raise ValueError(f"{path}: tensor {k!r} is stored as {got}, the rebuilt model holds "
+                                 f"{_dtype_name(t.dtype)} there (the file was edited or written by something else)")
+
+
+def load(directory, saved, model_class, options, kwargs, transformers):
+    """(model with the swapped layers loaded, [(name, module)], patch options, carried report)."""
+    from safetensors.torch import load_model
+    saved_dtype = getattr(torch, saved["dtype"])
+    dtype = _target_dtype(kwargs.pop("dtype", None), saved_dtype)
     device = torch.device(kwargs.pop("device", None) or "cpu")
     if kwargs:
         raise TypeError(f"fastllm.from_pretrained: a quantized / pruned checkpoint takes only dtype= and device=, "
                         f"got {sorted(kwargs)}")
-    options = dict(saved["patch"])
-    options.update(overrides)
     for k in ("include", "exclude"):
         options[k] = tuple(options[k]) if options[k] is not None else None
     options["keep_original"] = False
@@ -104,9 +190,13 @@ def load(directory, saved, model_class, overrides, kwargs, transformers):
         model.generation_config = transformers.GenerationConfig.from_pretrained(directory)
     loaded = []
     for name, rec in saved["layers"].items():
-        m = _build(rec, device, dtype, options["backend"])
+        m = _build(rec, device, dtype, saved["dtype"], options["backend"])
         m.eval()
         _linear._set(model, name, m)
         loaded.append((name, m))
-    load_model(model, os.path.join(directory, saved["weights"]), strict=True, device=str(device))
-    return model, loaded, options
+    path = os.path.join(directory, saved["weights"])
+    _check_stored_dtypes(path, model, saved_dtype, dtype)
+    load_model(model, path, strict=True, device=str(device))
+    report = saved.get("report") or {}
+    carried = ([ModuleEntry(**e) for e in report.get("modules", [])], list(report.get("notes", [])))
+    return model, loaded, options, carried

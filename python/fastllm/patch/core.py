@@ -27,8 +27,6 @@ model._fastllm_patch (a PatchState).
 import copy
 import fnmatch
 import functools
-import json
-import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -45,7 +43,6 @@ from .rules import (ATTENTION_SUBLAYER_NAMES, INT8_MODES, KV_SHARING_ATTRIBUTE, 
                     sparse24_class)
 
 STATE_ATTR = "_fastllm_patch"
-CONFIG_FILE = "fastllm_config.json"
 
 
 class UnsupportedModelError(FastllmError, ValueError):
@@ -68,6 +65,17 @@ class PatchState:
     folds: List["_linear.Fold"] = field(default_factory=list)   # SmoothQuant folds into norms
     originals_kept: bool = True                          # False: unpatch cannot undo the swaps
     offload_device: Optional[torch.device] = None        # where the kept originals came from
+    dtype: Optional[torch.dtype] = None                  # the model's float dtype when patched
+    # Report lines a reload cannot recompute (SmoothQuant folds, linears left in float) and the
+    # linear planning notes: save_pretrained writes them, from_pretrained puts them back.
+    carried: Tuple[List[ModuleEntry], List[str]] = ((), ())
+
+    def __setstate__(self, state):
+        # Unpickling a patched model (torch.load in a fresh process) must register fastllm's
+        # attention function again: the config names it, transformers' registry does not have it.
+        self.__dict__.update(state)
+        if self.impl is not None:
+            _attention.register(self.options["backend"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,9 +135,9 @@ def _check_calibration(calibration, options):
     return batches
 
 
-def _normalize_options(attention, quantize, sparsity, prune, calibration, smooth_alpha, group_size,
-                       keep_original, skip_attention, backend, include, exclude):
-    """(options dict, calibration batches or None). Raises before anything is touched."""
+def check_runtime_options(attention, backend, skip_attention):
+    """Checks the options that do not touch weights (the ones from_pretrained lets a caller
+    override); returns skip_attention normalized (a list of indices, an int, or None)."""
     if not isinstance(attention, bool):
         raise TypeError(f"argument 'attention' must be a bool, got {attention!r}")
     resolve_request(backend)   # validates the name (and FASTLLM_BACKEND)
@@ -141,6 +149,13 @@ def _normalize_options(attention, quantize, sparsity, prune, calibration, smooth
             if not all(isinstance(i, int) and not isinstance(i, bool) for i in skip_attention):
                 raise TypeError(f"argument 'skip_attention': layer indices must be ints, got {skip_attention!r}")
             skip_attention = list(skip_attention)
+    return skip_attention
+
+
+def _normalize_options(attention, quantize, sparsity, prune, calibration, smooth_alpha, group_size,
+                       keep_original, skip_attention, backend, include, exclude):
+    """(options dict, calibration batches or None). Raises before anything is touched."""
+    skip_attention = check_runtime_options(attention, backend, skip_attention)
     if quantize is not None and quantize not in INT8_MODES:
         raise ValueError(f"argument 'quantize' must be None or one of {', '.join(map(repr, INT8_MODES))}, "
                          f"got {quantize!r}")
@@ -531,8 +546,9 @@ def patch(model, *, attention: bool = True, quantize=None, sparsity=None, calibr
 
 
 def _patch(model, options, batches, loaded=None):
-    """patch() after argument checks. loaded: (directory, [(name, module)]) for from_pretrained:
-    linear swaps already made by the loader (recorded, not recomputed)."""
+    """patch() after argument checks. loaded: (directory, [(name, module)], (report entries,
+    notes)) for from_pretrained: linear swaps already made by the loader (recorded, not
+    recomputed) and the saved report lines about them (PatchState.carried)."""
     transformers = _transformers()
     backend = options["backend"]
     state = getattr(model, STATE_ATTR, None)
@@ -568,6 +584,7 @@ def _patch(model, options, batches, loaded=None):
     plan = _linear.Plan()
     if chosen or left:
         plan = _linear.plan(model, options, batches, device, chosen, left)
+    carried = loaded[2] if loaded else (_fold_entries(plan) + plan.entries, list(plan.notes))
     plan.notes += lin_notes
 
     original_impl = model.config._attn_implementation
@@ -598,7 +615,7 @@ def _patch(model, options, batches, loaded=None):
         raise
 
     report = _build_report(model, options, attn, skips, op_entry, device, dtype, transformers, plan,
-                           lin_ops, loaded)
+                           lin_ops, loaded, carried)
     keep = options["keep_original"] and not loaded
     offload = _linear.offload(plan.swaps) if keep else None
     if not keep:   # drop the originals: this is where the memory is saved
@@ -608,7 +625,8 @@ def _patch(model, options, batches, loaded=None):
             f.old = {}
     state = PatchState(options=options, impl=impl, config_refs=refs, skipped=skips, report=report,
                        original_impl=original_impl, swaps=plan.swaps, folds=plan.folds,
-                       originals_kept=keep or not plan.swaps, offload_device=offload)
+                       originals_kept=keep or not plan.swaps, offload_device=offload, dtype=dtype,
+                       carried=carried)
     if loaded:
         state.swaps = [_linear.Swap(n, None, m, "loaded", "", 0) for n, m in loaded[1]]
         state.originals_kept = not state.swaps
@@ -632,7 +650,10 @@ def unpatch(model):
             "patch() was called without keep_original=True (or the model was loaded quantized), so "
             "they were dropped to save memory. The model is still patched and works. Reload the "
             "float model to get it back, or patch with keep_original=True to be able to unpatch.")
-    _linear.restore(model, state.swaps, state.folds, _model_info(model)[1])
+    # Originals go back as they were, unless the model changed dtype after patch (model.half()):
+    # then they take the new dtype, as they would have had they stayed in the model.
+    now = _model_info(model)[1]
+    _linear.restore(model, state.swaps, state.folds, now if now != state.dtype else None)
     for _, m in state.skipped:
         _remove_skip(m)
     _restore_configs(state.config_refs)
@@ -652,8 +673,14 @@ def patch_report(model) -> PatchReport:
     return state.report
 
 
+def _fold_entries(plan) -> List[ModuleEntry]:
+    return [ModuleEntry(f.name, type(f.module).__name__, "replaced",
+                        f"SmoothQuant 1/s folded into its weight (for {', '.join(f.consumers)})")
+            for f in plan.folds]
+
+
 def _build_report(model, options, attn, skips, op_entry, device, dtype, transformers, plan, lin_ops,
-                  loaded) -> PatchReport:
+                  loaded, carried) -> PatchReport:
     report = PatchReport(
         model=type(model).__name__, device=str(device), dtype=str(dtype).replace("torch.", ""),
         options=dict(options),
@@ -681,11 +708,9 @@ def _build_report(model, options, attn, skips, op_entry, device, dtype, transfor
                                               _float_bytes(m, dtype) - _linear.module_bytes(m)))
     for sw in plan.swaps:
         report.modules.append(ModuleEntry(sw.name, type(sw.old).__name__, "replaced", sw.detail, sw.bytes_saved))
-    for f in plan.folds:
-        report.modules.append(ModuleEntry(f.name, type(f.module).__name__, "replaced",
-                                          f"SmoothQuant 1/s folded into its weight (for {', '.join(f.consumers)})"))
+    report.modules += carried[0]    # folds, then the linears left in float (plan.entries)
     swapping = bool(_linear.swap_rules(options))
-    left = plan.entries
+    left = []
     if not swapping and not loaded:
         left = [ModuleEntry(n, "Linear", "left",
                             "excluded from linear swaps by default (lm_head / embeddings / MoE routers)")
@@ -702,9 +727,9 @@ def _build_report(model, options, attn, skips, op_entry, device, dtype, transfor
     for n, m in model.named_modules():
         if isinstance(m, nn.Embedding):
             report.modules.append(ModuleEntry(n, type(m).__name__, "left", "embeddings are never swapped"))
-    report.notes += plan.notes
+    report.notes += (list(carried[1]) if loaded else []) + plan.notes   # patch: plan.notes holds carried[1]
     report.notes.append("attention bytes saved are 0 by construction: exact attention, weights untouched")
-    if plan.swaps:
+    if plan.swaps or (loaded and loaded[1]):
         report.notes.append(
             "bytes saved = the float layer's parameters minus the new layer's parameters and buffers; "
             + ("the originals are kept in CPU memory for unpatch (keep_original=True)" if options["keep_original"]
@@ -712,68 +737,3 @@ def _build_report(model, options, attn, skips, op_entry, device, dtype, transfor
     if device.type == "cpu" and op_entry is not None and op_entry.selected == "torch":
         report.notes.append("on CPU the reference (PyTorch) backend serves attention: correct, not faster")
     return report
-
-
-# ----------------------------------------------------------------------------------------------
-# save / load. Attention-only patching: the weights are the HF ones, saved by transformers.
-# Linear swaps (int8 / 2:4): _serialize.py writes the swapped state in safetensors.
-
-def save_pretrained(model, save_directory, **kwargs):
-    """Save a patched model so fastllm.from_pretrained reloads it patched, with identical outputs.
-
-    Attention-only: model.save_pretrained(save_directory, **kwargs) (a plain transformers
-    checkpoint) plus fastllm_config.json with the patch options. With quantized / pruned
-    layers: config.json, the whole state (int8 / 2:4 weights and scales, folded norms) in
-    model.fastllm.safetensors, and fastllm_config.json recording each swapped layer; that
-    directory needs fastllm.from_pretrained (no calibration data needed to reload)."""
-    state = model.__dict__.get(STATE_ATTR)
-    if state is None:
-        raise ValueError(f"{type(model).__name__} is not patched by fastllm; use model.save_pretrained")
-    transformers = _transformers()
-    if state.swaps:
-        from . import _serialize
-        return _serialize.save(model, state, save_directory, transformers)
-    model.save_pretrained(save_directory, **kwargs)
-    with open(os.path.join(save_directory, CONFIG_FILE), "w") as f:
-        json.dump({"fastllm_version": __version__, "transformers_version": transformers.__version__,
-                   "patch": _json_options(state.options)}, f, indent=2)
-    return save_directory
-
-
-def _json_options(options):
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()}
-
-
-def from_pretrained(load_directory, *, model_class=None, patch_overrides=None, **kwargs):
-    """Load a model saved by fastllm.save_pretrained and patch it with the saved options.
-
-    model_class: a transformers model class (default: config.json's `architectures[0]`).
-    patch_overrides: dict of patch() options replacing saved ones (e.g. {"backend": "torch"});
-    for quantized / pruned checkpoints only attention, backend and skip_attention.
-    kwargs go to model_class.from_pretrained (dtype=, device_map=, ...); for quantized / pruned
-    checkpoints only dtype= (default: the saved one) and device=.
-    """
-    transformers = _transformers()
-    path = os.path.join(load_directory, CONFIG_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: {load_directory} was not saved by fastllm.save_pretrained")
-    with open(path) as f:
-        saved = json.load(f)
-    options = dict(saved["patch"])
-    options.update(patch_overrides or {})
-    if model_class is None:
-        with open(os.path.join(load_directory, "config.json")) as f:
-            archs = json.load(f).get("architectures") or []
-        if not archs or not hasattr(transformers, archs[0]):
-            raise ValueError(f"cannot tell the model class from {load_directory}/config.json "
-                             f"(architectures={archs}); pass model_class=")
-        model_class = getattr(transformers, archs[0])
-    if saved.get("layers"):
-        from . import _serialize
-        model, loaded, options = _serialize.load(load_directory, saved, model_class, patch_overrides or {},
-                                                 kwargs, transformers)
-        return _patch(model, options, None, loaded=(str(load_directory), loaded))
-    model = model_class.from_pretrained(load_directory, **kwargs)
-    options.pop("calibration", None)
-    return patch(model, **options)
-
