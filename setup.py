@@ -7,10 +7,12 @@ Environment:
                        (nvidia-smi), else DEFAULT_ARCHS. Native code per arch + PTX of newest.
   CUDA_HOME            where nvcc lives (else nvcc on PATH).
   MAX_JOBS             parallel nvcc jobs (default: CPU count).
-The wheel's local version names the CUDA version and archs: 0.1.0+cu130.sm80.sm90a.
+The wheel's local version names the CUDA version and archs: 0.1.0+cu130.sm80.sm90a (not the
+sdist's, nor a wheel built from an sdist: pip requires those to keep the sdist's plain version;
+fastllm/_build_info.json records the archs either way).
 """
 import datetime
-import glob
+import importlib.util
 import json
 import os
 import re
@@ -18,16 +20,27 @@ import shutil
 import subprocess
 import sys
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+#: Making an sdist (no compiler needed), or building from an unpacked one (PKG-INFO at its root).
+SDIST = "sdist" in sys.argv[1:]
+FROM_SDIST = os.path.exists(os.path.join(ROOT, "PKG-INFO"))
+
+
+def _build_info_module():
+    spec = importlib.util.spec_from_file_location("fastllm_build_info",
+                                                  os.path.join(ROOT, "csrc", "cmake", "build_info.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 # A100 (80), A10/RTX 30 (86), L4/L40/RTX 40 (89), H100/H200 (90a: wgmma/TMA units).
 DEFAULT_ARCHS = "80;86;89;90a"
 # Archs nvcc 12.x/13.x can target that this project has code for. < 80 lacks the
 # cp.async / bf16 mma.sync / mma.sp the kernels are written with.
-KNOWN_ARCHS = {"80", "86", "87", "89", "90", "90a", "100", "100a", "103", "103a", "110",
-               "120", "120a", "121"}
+KNOWN_ARCHS = {"80", "86", "87", "89", "90", "90a", "100", "100a", "103", "103a", "110", "110a",
+               "120", "120a", "121", "121a"}
 
 
 def read_version():
@@ -62,6 +75,9 @@ def detect_gpu_archs():
     for line in out.split():
         if re.fullmatch(r"\d+\.\d+", line):
             a = line.replace(".", "")
+            if int(a) < 80:   # a T4 / V100 build host: fastllm has no code for it, build the rest
+                print(f"fastllm: nvidia-smi lists an sm_{a} GPU, older than sm_80: not a build target")
+                continue
             a = a + "a" if a in ("90", "100", "120") else a
             if a not in archs:
                 archs.append(a)
@@ -83,40 +99,13 @@ def resolve_archs(nvcc):
             sys.exit(f"fastllm: FASTLLM_CUDA_ARCHS entry {a!r} is not an arch like 80, 89 or 90a")
         if int(a.rstrip("a")) < 80:
             sys.exit(f"fastllm: arch {a} is too old: fastllm needs sm_80 or newer "
-                     f"(cp.async, bf16 mma.sync, mma.sp). Got FASTLLM_CUDA_ARCHS={spec!r}")
+                     f"(cp.async, bf16 mma.sync, mma.sp). Got {spec!r} from {source}")
         if a not in KNOWN_ARCHS:
             sys.exit(f"fastllm: unknown arch {a!r}; known: {' '.join(sorted(KNOWN_ARCHS))}")
         if supported and f"compute_{a.rstrip('a')}" not in supported:
             sys.exit(f"fastllm: this nvcc ({nvcc}) cannot target {a}; it lists: {supported.split()}")
     archs = sorted(set(archs), key=lambda a: (int(a.rstrip("a")), a))
     return archs, source
-
-
-def parse_ptxas(text, unit):
-    """Per-kernel, per-arch resource rows from a `ptxas -v` report."""
-    rows, cur = [], None
-    for line in text.splitlines():
-        m = re.search(r"Compiling entry function '(\S+)' for '(sm_\w+)'", line)
-        if m:
-            cur = {"unit": unit, "kernel": m.group(1), "arch": m.group(2)}
-            rows.append(cur)
-            continue
-        if cur is None:
-            continue
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m:
-            cur.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
-        m = re.search(r"Used (\d+) registers", line)
-        if m:
-            cur["registers"] = int(m.group(1))
-            s = re.search(r"(\d+) bytes smem", line)
-            cur["smem"] = int(s.group(1)) if s else 0
-    names = [r["kernel"] for r in rows]
-    if names and shutil.which("c++filt"):
-        out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout
-        for r, d in zip(rows, out.splitlines()):
-            r["kernel"] = d
-    return rows
 
 
 def git_commit():
@@ -162,11 +151,13 @@ class CMakeBuild(build_ext):
 
         out_path = os.path.abspath(self.get_ext_fullpath(ext.name))
         out_dir = os.path.dirname(out_path)
-        build_dir = os.path.abspath(os.path.join(self.build_temp, "cmake"))
+        helpers = _build_info_module()
+        build_dir = os.path.abspath(os.path.join(self.build_temp, helpers.build_dir_key(cfg["nvcc"], cfg["archs"])))
         os.makedirs(build_dir, exist_ok=True)
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        cmake = find_tool("cmake")
         configure = [
-            "cmake", "-S", ROOT, "-B", build_dir, "-G", "Ninja",
+            cmake, "-S", ROOT, "-B", build_dir, "-G", "Ninja",
             "-DCMAKE_BUILD_TYPE=Release",
             f"-DCMAKE_CUDA_COMPILER={cfg['nvcc']}",
             f"-DFASTLLM_CUDA_ARCHS={';'.join(cfg['archs'])}",
@@ -174,23 +165,16 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            # Always named: a cached path from an earlier isolated build (pip's deleted
+            # /tmp/pip-build-env-*) would fail the next configure.
+            f"-DCMAKE_MAKE_PROGRAM={find_tool('ninja')}",
         ]
-        if shutil.which("ninja") is None:  # the pip `ninja` package puts it beside python
-            import ninja
-            configure.append(f"-DCMAKE_MAKE_PROGRAM={os.path.join(ninja.BIN_DIR, 'ninja')}")
         t0 = datetime.datetime.now()
         subprocess.run(configure, check=True)
-        subprocess.run(["cmake", "--build", build_dir, "-j", jobs], check=True)
+        subprocess.run([cmake, "--build", build_dir, "-j", jobs], check=True)
         seconds = (datetime.datetime.now() - t0).total_seconds()
 
-        kernels, units = [], {}
-        for rep in sorted(glob.glob(os.path.join(build_dir, "**", "*.o.ptxas"), recursive=True)):
-            unit = os.path.relpath(rep, build_dir).split("csrc/", 1)[-1][: -len(".o.ptxas")]
-            text = open(rep).read()
-            rows = parse_ptxas(text, "csrc/" + unit)
-            kernels += rows
-            targets = re.findall(r"^# targets: (.*)$", text, re.M)
-            units["csrc/" + unit] = sorted({r["arch"] for r in rows} | set(" ".join(targets).split()))
+        kernels, units = helpers.collect(build_dir, cfg["archs"], ROOT)
         info = {
             "version": self.distribution.get_version(),
             "cuda": True,
@@ -214,7 +198,21 @@ class CMakeBuild(build_ext):
               f"({len(kernels)} kernel/arch pairs)")
 
 
+def find_tool(name):
+    """cmake / ninja: on PATH, else from their PyPI packages (a venv used without activating it)."""
+    path = shutil.which(name)
+    if path:
+        return path
+    try:
+        mod = __import__(name)
+    except ImportError:
+        sys.exit(f"fastllm: {name} not found: pip install {name} (or put it on PATH)")
+    return os.path.join(mod.BIN_DIR if name == "ninja" else mod.CMAKE_BIN_DIR, name)
+
+
 def cuda_config():
+    if SDIST:
+        return None        # an sdist ships sources only
     want = os.environ.get("FASTLLM_BUILD_CUDA", "").strip()
     if want == "0":
         print("fastllm: FASTLLM_BUILD_CUDA=0: installing the pure-Python package (Triton + reference)")
@@ -235,8 +233,11 @@ def cuda_config():
 
 cfg = cuda_config()
 version = read_version()
-if cfg:
+if cfg and not FROM_SDIST:
     version += f"+cu{cfg['cuda'][0]}{cfg['cuda'][1]}." + ".".join("sm" + a for a in cfg["archs"])
+elif cfg:
+    print("fastllm: building from an sdist: the version stays plain (pip checks it against the sdist's "
+          "name); fastllm/_build_info.json records CUDA and archs")
 
 CMakeBuild.cuda = cfg
 setup(
@@ -247,9 +248,7 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md")).read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["fastllm", "fastllm.triton_kernels"] + [
-        "fastllm." + d for d in sorted(os.listdir(os.path.join(ROOT, "python", "fastllm")))
-        if os.path.exists(os.path.join(ROOT, "python", "fastllm", d, "__init__.py"))],
+    packages=find_packages("python", include=["fastllm", "fastllm.*"]) + ["fastllm.triton_kernels"],
     package_dir={"fastllm": "python/fastllm", "fastllm.triton_kernels": "triton_kernels"},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={"triton": ["triton>=3.0"], "hf": ["transformers>=5.0", "safetensors"],

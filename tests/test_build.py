@@ -81,3 +81,84 @@ def test_pure_python_build_has_plain_version():
     r = _setup_version(FASTLLM_BUILD_CUDA="0")
     assert r.returncode == 0, r.stderr
     assert re.fullmatch(r"\d+\.\d+\.\d+", r.stdout.strip().splitlines()[-1])
+
+
+def _fake_smi(tmp_path, caps):
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\n" + "".join(f"echo {c}\n" for c in caps))
+    smi.chmod(0o755)
+    return str(smi.parent)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"), reason="no nvcc")
+def test_old_gpus_on_the_build_host_are_not_targets(tmp_path):
+    # Regression: a T4 (7.5) beside an A100 made the default build exit with "arch 75 is too
+    # old ... Got FASTLLM_CUDA_ARCHS='75;80'" (a variable the user never set).
+    env = {k: v for k, v in os.environ.items() if k != "FASTLLM_CUDA_ARCHS"}
+    env["PATH"] = _fake_smi(tmp_path, ["7.5", "8.0"]) + os.pathsep + env["PATH"]
+    r = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1].endswith(".sm80") and "older than sm_80" in r.stdout
+
+
+def _load_build_info():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bi", ROOT / "csrc" / "cmake" / "build_info.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_build_info_reports_only_this_builds_objects(tmp_path):
+    # Regression: every *.o.ptxas in the build folder was reported: after a 90a build then an
+    # 80 build in the same tree, _build_info.json listed sm90a units _C did not contain.
+    bi = _load_build_info()
+    obj = tmp_path / "CMakeFiles" / "_C.dir" / "csrc"
+    (obj / "attention").mkdir(parents=True)
+    block = ("ptxas info    : Compiling entry function '_Z1kv' for '{a}'\n"
+             "ptxas info    : Used 64 registers, 0 bytes smem\n"
+             "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n")
+    (obj / "attention" / "flash_fwd_launcher.cu.o.ptxas").write_text("# targets: sm_80\n" + block.format(a="sm_80"))
+    (obj / "attention" / "flash_fwd_hdim64_fp16_sm90a.cu.o.ptxas").write_text(
+        "# targets: sm_90a\n" + block.format(a="sm_90a"))
+    (obj / "attention" / "removed_by_git_pull.cu.o.ptxas").write_text("# targets: sm_80\n" + block.format(a="sm_80"))
+    kernels, units = bi.collect(str(tmp_path), ["80"], str(ROOT))
+    assert units == {"csrc/attention/flash_fwd_launcher.cu": ["sm_80"]}
+    assert [k["arch"] for k in kernels] == ["sm_80"]
+    assert bi.build_dir_key("/usr/bin/nvcc", ["80"]) != bi.build_dir_key("/usr/bin/nvcc", ["80", "90a"])
+
+
+def _copy_source(dst):
+    skip = shutil.ignore_patterns(".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__", "*.so",
+                                  "_build_info.json", ".pytest_cache")
+    shutil.copytree(ROOT, dst, ignore=skip)
+    return dst
+
+
+def test_sdist_and_wheel_ship_everything(tmp_path):
+    # Regressions: the sdist had no csrc / CMakeLists.txt (a wheel built from it failed at
+    # configure), carried the build host's +cuXYZ.smNN label (pip refused it elsewhere), and no
+    # wheel shipped fastllm.bench.suites (python -m fastllm.demo failed once installed).
+    import tarfile
+    import zipfile
+    src = _copy_source(tmp_path / "src")
+    env = dict(os.environ, FASTLLM_BUILD_CUDA="1")
+    r = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=src,
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (sdist,) = (tmp_path / "dist").glob("*.tar.gz")
+    assert "+" not in sdist.name
+    names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
+    for need in ("CMakeLists.txt", "csrc/attention/flash_fwd_kernel.cuh", "csrc/cmake/capture_ptxas.py",
+                 "csrc/cmake/build_info.py", "csrc/int8/generate_instantiations.py", "PKG-INFO",
+                 "python/fastllm/bench/suites/__init__.py", "triton_kernels/flash_attention.py"):
+        assert need in names, need
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                        str(tmp_path / "whl"), str(src)], env=dict(os.environ, FASTLLM_BUILD_CUDA="0"),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (whl,) = (tmp_path / "whl").glob("*.whl")
+    files = set(zipfile.ZipFile(whl).namelist())
+    pkgs = {p.relative_to(ROOT / "python").as_posix() for p in (ROOT / "python" / "fastllm").rglob("__init__.py")}
+    assert pkgs <= files and "fastllm/triton_kernels/__init__.py" in files, sorted(pkgs - files)
