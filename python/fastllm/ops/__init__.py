@@ -9,6 +9,10 @@ from .quantize import quantize_per_token
 from .registry import BACKENDS, OPS
 from .sparse24 import sparse24_int8_matmul, sparse24_int8_matmul_int32, sparse24_matmul
 
+from . import _inference_only  # noqa: E402  (after every op is defined)
+
+_inference_only.register()
+
 __all__ = ["flash_attention", "flash_attention_varlen", "decode_attention", "quantize_per_token", "int8_matmul",
            "int8_matmul_int32", "int8_matmul_static", "int8_matmul_dynamic", "w8a16_matmul", "sparse24_matmul", "sparse24_int8_matmul",
            "sparse24_int8_matmul_int32", "BACKENDS", "OPS"]

@@ -35,9 +35,11 @@ the filled part, not max_cache_len). Tiles inside the range that the window excl
 computed and masked.
 
 Dropout: transformers passes dropout=0.0 in eval mode and config.attention_dropout while
-training. The kernels have no dropout, so dropout > 0 raises (model.eval(), or set the
-config's attention dropout to 0) rather than silently computing something else. The op has no
-backward yet: forward works with grad enabled, backward raises torch's "no autograd formula".
+training. The kernels have no dropout, so dropout > 0 raises (model.eval(); the modules copied
+the config's value when built, so editing the config afterwards does not help) rather than
+silently computing something else. The op has no
+backward: forward works with grad enabled (eager and compiled), backward raises
+NotImplementedError (fastllm/ops/_inference_only.py).
 
 Kernel routing, prefill vs decode, lives in one place: `_kernel_for`. A decode call (Sq <= 16
 queries against more keys, Skv > Sq) goes to decode_attention (split-KV: the key range is cut
@@ -75,7 +77,11 @@ def _kernel_for(q_len, kv_len=None, has_mask=True):
     """THE place that picks the attention kernel for a call: decode_attention for a few
     queries against a longer cache (kv_len None: assume so), when its semantics equal the
     call's (a bool mask, or one query seeing every key); flash_attention otherwise."""
-    if q_len <= DECODE_MAX_Q and (kv_len is None or kv_len > q_len) and (has_mask or q_len == 1):
+    # kv_len <= q_len first: without a cache both are one symbol under torch.compile / export,
+    # and that test needs no guard, where `q_len <= 16` would pin the length to 1..16.
+    if kv_len is not None and kv_len <= q_len:
+        return flash_attention
+    if q_len <= DECODE_MAX_Q and (has_mask or q_len == 1):
         return decode_attention
     return flash_attention
 
@@ -92,8 +98,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if dropout:   # a float; 0.0 in eval mode
         raise ValueError(
             f"fastllm attention has no dropout, but {type(module).__name__} asked for dropout={dropout} "
-            "(the model is in training mode with attention dropout). Call model.eval(), set the "
-            "config's attention dropout to 0, or fastllm.unpatch(model) to train.")
+            "(the model is in training mode with attention dropout). Call model.eval() for inference, "
+            "or fastllm.unpatch(model) to train.")
     for name, what in UNSUPPORTED_KWARGS.items():
         if kwargs.get(name) is not None:
             raise NotImplementedError(
