@@ -148,3 +148,19 @@ def test_interpreting_follows_how_triton_built_the_kernels():
     out = subprocess.run([sys.executable, "-c", "import fastllm.triton_kernels as t; print(t.interpreting())"],
                          env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
+
+
+def test_interpreter_set_after_import_is_refused_not_crashed():
+    # Regression: TRITON_INTERPRET=1 set after `import fastllm` (which imports triton) made the
+    # registry accept backend="triton" on CPU; the launch then died inside Triton.
+    import subprocess
+    import sys
+    code = ("import os, torch, fastllm\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\n"
+            "try:\n"
+            "    fastllm.ops.quantize_per_token(torch.randn(4, 32), backend='triton')\n"
+            "except fastllm.BackendUnavailableError as e:\n"
+            "    print('refused:', e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "refused:" in out.stdout and "before `import fastllm`" in out.stdout, out.stdout + out.stderr[-2000:]

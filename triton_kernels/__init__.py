@@ -1,19 +1,39 @@
 """Triton kernels, installed as fastllm.triton_kernels (the top-level name `triton_kernels`
 belongs to another project). Importing this module imports triton; the registry treats an
 ImportError here as "Triton backend unavailable"."""
+import functools
 import os
 
 import triton  # noqa: F401  (fail here, not at first launch, when Triton is missing)
+
+
+def _interpreted(fn) -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(fn, InterpretedFunction)
 
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 was set
     before triton was imported): CPU tensors then work, bf16 tl.dot does not. Decided by what
     @triton.jit produced, so it agrees with the kernels whatever the environment says now."""
-    from triton.runtime.interpreter import InterpretedFunction
-
     from .quantize_per_token import quantize_per_token_kernel
-    return isinstance(quantize_per_token_kernel, InterpretedFunction)
+    return _interpreted(quantize_per_token_kernel)
+
+
+@functools.lru_cache(None)   # both decorations are fixed once the kernels are imported
+def mode_reason():
+    """None, or why Triton cannot run fastllm's kernels at all: TRITON_INTERPRET changed between
+    importing triton (whose own @jit helpers, tl.sum / tl.max / ..., were decorated then) and
+    importing fastllm's kernels. `import fastllm` imports triton (through torch), so the variable
+    must be set before `import fastllm`; a mix fails inside the launch ("Cannot call @triton.jit'd
+    outside of the scope of a kernel")."""
+    from triton.language import standard
+    ours, theirs = interpreting(), _interpreted(standard.sum)
+    if ours == theirs:
+        return None
+    return (f"TRITON_INTERPRET changed after triton was imported (triton's helpers are "
+            f"{'interpreted' if theirs else 'compiled'}, fastllm's kernels {'interpreted' if ours else 'compiled'}): "
+            "set it before `import fastllm` (which imports triton), in a fresh process")
 
 
 INTERPRET_ENV = os.environ.get("TRITON_INTERPRET", "0") == "1"

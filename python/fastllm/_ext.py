@@ -101,7 +101,7 @@ def arch_reason(device_index):
     name = torch.cuda.get_device_name(device_index)
     msg = (f"GPU {device_index} ({name}, sm_{major}{minor}) has no native code in this build of "
            f"fastllm._C (built for: {', '.join('sm_' + a for a in archs)}); rebuild with "
-           f"FASTLLM_CUDA_ARCHS=\"{major}{minor}{'a' if major in (9, 10, 12) else ''}\" "
+           f"FASTLLM_CUDA_ARCHS=\"{major}{minor}{'a' if (major, minor) == (9, 0) else ''}\" "
            f"pip install --no-build-isolation . ; the Triton backend serves it meanwhile")
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
     return msg

@@ -29,7 +29,8 @@ def _triton_state():
         from .. import triton_kernels
     except ImportError as e:
         return None, f"Triton is not importable ({e}); pip install triton"
-    return triton_kernels, None
+    reason = triton_kernels.mode_reason()
+    return (None, reason) if reason else (triton_kernels, None)
 
 
 # Constant per process: under torch.compile it is evaluated once at trace time (it calls into
@@ -54,7 +55,7 @@ def device_reason(backend: str, device: torch.device, auto: bool) -> Optional[st
             return None
         if device.type == "cpu":
             if not tk.interpreting():
-                return "CPU tensors need TRITON_INTERPRET=1 set before triton is imported"
+                return "CPU tensors need TRITON_INTERPRET=1 set before triton is imported (before `import fastllm`)"
             if auto:
                 return "auto uses the reference on CPU (the Triton interpreter is a test tool; force backend='triton')"
             return None

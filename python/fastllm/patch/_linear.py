@@ -122,7 +122,7 @@ def select(model, options) -> Tuple[List[Tuple[str, nn.Module, object]], List[Mo
                 what = ", ".join(f"{pn} {shape}" for pn, shape in big)
                 left.append(ModuleEntry(n, type(m).__name__, "left",
                                         f"holds {what} but is not an nn.Linear (e.g. fused 3-D expert weights, "
-                                        "transformers' Conv1D, a router or convolution): no swap rule; kept in float"))
+                                        "a convolution): no swap rule; kept in float"))
     return chosen, left
 
 

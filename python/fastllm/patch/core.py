@@ -14,10 +14,11 @@ What patch(model) changes, all of it on this instance and all of it undone by un
   3. skip_attention: the chosen layers' attention sub-layer gets an instance-level `forward`
      returning zeros (see _skipped_attention_forward); deleting it restores the class forward.
   4. quantize / sparsity (lossy, opt-in): nn.Linear modules chosen by the rules table
-     (rules.py; include / exclude; lm_head and embeddings left alone by default) are replaced
-     by fastllm.nn.Int8Linear / Sparse24Linear, built off the model first (_linear.py: calibration
-     through hooks, SmoothQuant folded into norms where an exact probe allows). The originals
-     are dropped, or kept (keep_original=True, moved to CPU memory) for unpatch.
+     (rules.py; include / exclude; lm_head and MoE routers left alone by default, embeddings
+     always) are replaced by fastllm.nn.Int8Linear / Sparse24Linear, built off the model first
+     (_linear.py: calibration through hooks, SmoothQuant folded into norms where an exact
+     probe allows). The originals are dropped, or kept (keep_original=True, moved to CPU
+     memory) for unpatch.
 Without 4, weights and buffers are not touched (state_dict bit-identical across patch /
 unpatch); with 4 and keep_original=True, unpatch restores them bit-identically too.
 Every argument is checked, and all calibration and module building done, before the model is
@@ -531,7 +532,8 @@ def patch(model, *, attention: bool = True, quantize=None, sparsity=None, calibr
     smooth_alpha:   SmoothQuant migration strength in [0, 1] (w8a8 modes), folded into the
                     preceding norm where that is exact, else applied inside the layer.
     include / exclude: fnmatch patterns on module names for the linear swaps (lm_head and
-                    embeddings are left alone unless `include` names them).
+                    MoE routers are left alone unless `include` names them; embeddings
+                    are never swapped).
     keep_original:  keep the original nn.Linear modules (in CPU memory) so unpatch can
                     restore them; without it unpatch of a quantized / pruned model raises.
 
