@@ -52,6 +52,8 @@ def find_nvcc():
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
         return os.path.join(home, "bin", "nvcc")
+    if home:
+        print(f"fastllm: CUDA_HOME / CUDA_PATH is {home!r}, which has no bin/nvcc: looking on PATH")
     return shutil.which("nvcc")
 
 
@@ -213,7 +215,11 @@ def find_tool(name):
 def cuda_config():
     if SDIST:
         return None        # an sdist ships sources only
-    want = os.environ.get("FASTLLM_BUILD_CUDA", "").strip()
+    want = os.environ.get("FASTLLM_BUILD_CUDA", "").strip().lower()
+    want = {"false": "0", "no": "0", "off": "0", "true": "1", "yes": "1", "on": "1"}.get(want, want)
+    if want not in ("", "0", "1"):
+        sys.exit(f"fastllm: FASTLLM_BUILD_CUDA must be 0 (no CUDA build), 1 (required) or unset (when nvcc is "
+                 f"found), got {os.environ['FASTLLM_BUILD_CUDA']!r}")
     if want == "0":
         print("fastllm: FASTLLM_BUILD_CUDA=0: installing the pure-Python package (Triton + reference)")
         return None

@@ -77,6 +77,17 @@ def test_bad_archs_rejected(spec, msg):
     assert r.returncode != 0 and msg in (r.stderr + r.stdout)
 
 
+@pytest.mark.parametrize("value, ok", [("no", True), ("off", True), ("maybe", False)])
+def test_build_cuda_switch_values(value, ok):
+    # Regression: only "0" disabled the build; "false" / "no" silently built CUDA.
+    r = _setup_version(FASTLLM_BUILD_CUDA=value)
+    assert (r.returncode == 0) == ok, r.stderr
+    if ok:
+        assert re.fullmatch(r"\d+\.\d+\.\d+", r.stdout.strip().splitlines()[-1])
+    else:
+        assert "FASTLLM_BUILD_CUDA must be 0" in r.stdout + r.stderr
+
+
 def test_pure_python_build_has_plain_version():
     r = _setup_version(FASTLLM_BUILD_CUDA="0")
     assert r.returncode == 0, r.stderr
