@@ -545,3 +545,18 @@ def test_gpu_features(backend, dtype, D):
         pytest.skip(str(e))
     exact = ref.flash_attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, causal=True)
     check(out, lse, exact, varlen_same_dtype(q, k, v, cu_q, cu_k, causal=True), dtype)
+
+
+def test_triton_grid_limits_are_a_reason_not_a_launch_failure():
+    # Regression: the Triton kernel put B * Hq on grid axis y (<= 65535): 2048 sequences x 32
+    # heads failed at launch with "invalid argument". Heads are on y and sequences on z now;
+    # beyond 65535 of either the backend declines with the reason (auto moves on).
+    from fastllm.ops.attention import OP, OP_VARLEN
+    t = lambda *s: torch.empty(*s, dtype=torch.float16, device="meta")  # noqa: E731
+    q, k = t(2048, 32, 128, 64), t(2048, 8, 128, 64)
+    assert OP.supports["triton"](q, k, k, None, True, 0.125, 0, 0.0) is None
+    q, k = t(70000, 2, 16, 64), t(70000, 2, 16, 64)
+    assert "at most 65535" in OP.supports["triton"](q, k, k, None, True, 0.125, 0, 0.0)
+    cu = torch.empty(70001, dtype=torch.int32, device="meta")
+    qv = t(70000 * 4, 8, 64)
+    assert "70000 sequences" in OP_VARLEN.supports["triton"](qv, qv, qv, cu, cu, 4, 4, True, 0.125, 0, 0.0)

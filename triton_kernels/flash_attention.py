@@ -214,9 +214,8 @@ def flash_attention_fwd_kernel(
     INTERPRET: tl.constexpr, MASK_SCAN: tl.constexpr,
 ):
     start_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
+    h = tl.program_id(1)     # heads on y and sequences on z (each <= 65535): B * Hq on one
+    b = tl.program_id(2)     # axis broke the launch at 2048 x 32
     hk = h // GROUP                                  # GQA: the kv head this query head reads
     if VARLEN:   # Sq / Skv are total_q / total_k: offsets clamped into them (bad cu_seqlens
         # give wrong rows, never accesses out of bounds; the wrapper checks values when asked)
@@ -310,7 +309,7 @@ def _launch(q, k, v, mask, out, lse, cu_q, cu_k, q_strides, k_strides, v_strides
     else:
         m, m_strides = out, (0, 0, 0)
     varlen = cu_q is not None
-    grid = (triton.cdiv(max_q, bm), B * Hq)
+    grid = (triton.cdiv(max_q, bm), Hq, B)
     extra = {} if interp else {"num_warps": warps, "num_stages": stages}
     flash_attention_fwd_kernel[grid](
         q, k, v, m, out, lse, cu_q if varlen else out, cu_k if varlen else out,

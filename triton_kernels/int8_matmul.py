@@ -322,20 +322,26 @@ def w8a16_matmul_kernel(x_ptr, w_ptr, c_ptr, s_ptr, bias_ptr,
     offs_k = tl.arange(0, BLOCK_K)
     rm = (offs_m % M).to(tl.int64)
     rn = (offs_n % N).to(tl.int64)
-    x_base = x_ptr + rm[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_base = w_ptr + offs_k[:, None] * stride_wk + rn[None, :] * stride_wn
+    x_offs = rm[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_offs = offs_k[:, None] * stride_wk + rn[None, :] * stride_wn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Scalar base pointers advanced per tile: k0 * stride_xk in int32 passes 2^31 for a
+    # column-major x (stride_xk = M) at M = 131072, K = 28672.
+    x_k = x_ptr + (pid_k * BLOCK_K) * stride_xk
+    w_k = w_ptr + (pid_k * BLOCK_K) * stride_wk
     # Split s of SPLIT_K takes K tiles s, s + SPLIT_K, ...
     for kt in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
         k0 = kt * BLOCK_K
         if EVEN_K:
-            x = tl.load(x_base + k0 * stride_xk)
-            w = tl.load(w_base + k0 * stride_wk)
+            x = tl.load(x_k + x_offs)
+            w = tl.load(w_k + w_offs)
         else:
             k_ok = offs_k < K - k0
-            x = tl.load(x_base + k0 * stride_xk, mask=k_ok[None, :], other=0.0)
-            w = tl.load(w_base + k0 * stride_wk, mask=k_ok[:, None], other=0)
+            x = tl.load(x_k + x_offs, mask=k_ok[None, :], other=0.0)
+            w = tl.load(w_k + w_offs, mask=k_ok[:, None], other=0)
+        x_k += SPLIT_K * BLOCK_K * stride_xk
+        w_k += SPLIT_K * BLOCK_K * stride_wk
         if INTERPRET:
             part = tl.dot(x.to(tl.float32), w.to(tl.float32))
         elif DOT_IEEE:

@@ -125,18 +125,22 @@ def sparse24_kernel(x_ptr, v_ptr, m_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_p
     offs_k = tl.arange(0, BLOCK_K)
     rm = (offs_m % M).to(tl.int64)
     rn = (offs_n % N).to(tl.int64)
-    x_base = x_ptr + rm[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    x_offs = rm[:, None] * stride_xm + offs_k[None, :] * stride_xk
 
     if S8:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # A scalar base pointer advanced per tile: k0 * stride_xk in int32 passes 2^31 for a
+    # column-major x (stride_xk = M) at large M.
+    x_k = x_ptr + (pid_k * BLOCK_K) * stride_xk
     for kt in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
         k0 = kt * BLOCK_K
         if EVEN_K:
-            x = tl.load(x_base + k0 * stride_xk)
+            x = tl.load(x_k + x_offs)
         else:
-            x = tl.load(x_base + k0 * stride_xk, mask=(offs_k < K - k0)[None, :], other=0)
+            x = tl.load(x_k + x_offs, mask=(offs_k < K - k0)[None, :], other=0)
+        x_k += SPLIT_K * BLOCK_K * stride_xk
         w = tl.trans(_dense_tile(v_ptr, m_ptr, rn, k0, K, stride_vn, stride_vk, stride_mr, stride_mk,
                                  BLOCK_N, BLOCK_K, EVEN_K, S8))
         if S8:

@@ -96,11 +96,22 @@ def _torch(q, k, v, mask, causal, scale, window, softcap):
                                softcap=softcap if softcap > 0 else None)
 
 
-def _triton_supports(q, k, v, *args):
+#: CUDA's limit on grid dims y and z: the Triton kernel puts heads on y, sequences on z.
+_GRID_YZ_MAX = 65535
+
+
+def _triton_supports(q, k, v, *args, batch=None):
     D = q.shape[-1]
     if D > TRITON_MAX_HEAD_DIM:
         return f"head dim {D} > {TRITON_MAX_HEAD_DIM} (the Triton kernel's largest)"
+    B, Hq = (q.shape[0], q.shape[1]) if batch is None else (batch, q.shape[1])
+    if max(B, Hq) > _GRID_YZ_MAX:
+        return f"{B} sequences x {Hq} heads: the Triton grid allows at most {_GRID_YZ_MAX} of each"
     return None
+
+
+def _triton_varlen_supports(q, k, v, cu_q, *args):
+    return _triton_supports(q, k, v, batch=cu_q.shape[0] - 1)
 
 
 @OP.register("triton", supports=_triton_supports)
@@ -127,7 +138,7 @@ def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, soft
                                       softcap=softcap if softcap > 0 else None)
 
 
-@OP_VARLEN.register("triton", supports=_triton_supports)
+@OP_VARLEN.register("triton", supports=_triton_varlen_supports)
 def _triton_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap):
     from ..triton_kernels.flash_attention import flash_attention_varlen
     return flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap)
