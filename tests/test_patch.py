@@ -44,7 +44,10 @@ def build(kind, hidden=64, layers=2):
     elif kind == "gemma2":       # softcap, query_pre_attn_scalar scaling, sliding/full alternating
         model = T.Gemma2ForCausalLM(T.Gemma2Config(
             num_key_value_heads=2, head_dim=16, sliding_window=WINDOW, attn_logit_softcapping=2.0,
-            final_logit_softcapping=30.0, query_pre_attn_scalar=20, **common))
+            final_logit_softcapping=30.0, query_pre_attn_scalar=20,
+            # eager: transformers 5.17 defaulted Gemma 2 to sdpa, which dropped the softcap (the
+            # reference would mean something else there); 5.23 defaults to eager.
+            attn_implementation="eager", **common))
     elif kind == "phi3":         # fused qkv, partial sliding window config
         model = T.Phi3ForCausalLM(T.Phi3Config(num_key_value_heads=2, sliding_window=WINDOW, **common))
     elif kind == "bert":         # bidirectional encoder
@@ -442,6 +445,8 @@ def _gemma3n_skip():
 ])
 def test_unsupported_model_raises_and_is_untouched(make, match):
     model = make().eval()
+    if match == "_maybe_slice_kv_shared_inputs" and not any(hasattr(m, match) for m in model.modules()):
+        pytest.skip("this transformers (e.g. 5.17) feeds KV-shared layers every query: nothing to refuse")
     cfg, impl, sd = model.config, model.config._attn_implementation, state_snapshot(model)
     with pytest.raises(UnsupportedModelError, match=match):
         fastllm.patch(model, **getattr(model, "skip_kw", {}))
@@ -515,9 +520,9 @@ def test_skip_attention_is_zeroed_attention_and_reversible():
 def test_skip_attention_without_fastllm_attention():
     model = build("gemma2")
     ids, mask = batch()
-    before = out(model, ids, mask)
+    before, impl = out(model, ids, mask), model.config._attn_implementation
     fastllm.patch(model, attention=False, skip_attention=1)
-    assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == impl
     assert len(fastllm.patch_report(model).skipped) == 1
     assert (out(model, ids, mask) - before)[mask.bool()].abs().max() > 1e-4
     greedy(model, ids, mask, n=3)
