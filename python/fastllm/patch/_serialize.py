@@ -39,12 +39,11 @@ HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "model-*
 #: Keys of fastllm_config.json and of each layer record, checked before anything is built.
 REQUIRED = ("format", "format_version", "weights", "dtype", "patch", "layers")
 LAYER_KEYS = {"Int8Linear": ("in_features", "out_features", "bias", "mode", "group_size", "smooth", "bias_dtype"),
-              "Sparse24Linear": ("in_features", "out_features", "bias", "int8", "bias_dtype")}
+              "Sparse24Linear": ("in_features", "out_features", "bias", "int8")}   # bias_dtype: later saves
 #: safetensors dtype names.
 _ST_DTYPES = {torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
               torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
               torch.bool: "BOOL"}
-_FLOAT_ST = ("F16", "BF16", "F32")
 
 
 def _dtype_name(dtype) -> str:
@@ -94,7 +93,7 @@ def save(model, state, directory, transformers, dtype):
 def _bias_dtype(rec, dtype, saved_dtype):
     """A bias stored in the model's saved dtype follows a dtype= override (as model.to(dtype)
     would take it); any other bias dtype stays."""
-    if not rec["bias_dtype"]:
+    if not rec.get("bias_dtype"):
         return None
     return dtype if rec["bias_dtype"] == saved_dtype else getattr(torch, rec["bias_dtype"])
 

@@ -15,7 +15,7 @@ import os
 
 from .. import __version__
 from . import _serialize
-from .core import STATE_ATTR, _model_info, _transformers, check_runtime_options, patch
+from .core import STATE_ATTR, _model_info, _patch, _transformers, check_runtime_options, patch
 
 CONFIG_FILE = "fastllm_config.json"
 #: Linear-swap options. A plain checkpoint of a model where they swapped nothing stores them as
@@ -108,7 +108,6 @@ def from_pretrained(load_directory, *, model_class=None, patch_overrides=None, *
                              f"(architectures={archs}); pass model_class=")
         model_class = getattr(transformers, archs[0])
     if "layers" in saved:
-        from .core import _patch
         _serialize.check_saved(path, saved, patch_overrides)
         # The overridable options get patch()'s own checks (the rest was checked when saved).
         options["skip_attention"] = check_runtime_options(options["attention"], options["backend"],
