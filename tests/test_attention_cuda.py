@@ -231,6 +231,11 @@ def test_supports_reasons():
     assert "head dim 32" in cuda_supports(_q(32), _q(32), _q(32), None, True, 0.1, 0, 0.0)
     f32 = _q(dtype=torch.float32)
     assert "float32" in cuda_supports(f32, f32, f32, None, True, 0.1, 0, 0.0)
+    # The kernel works with scale * log2(e) and softcap * log2(e) in fp32: 0 gave NaN on masked
+    # tiles (-inf * 0), inf gave NaN everywhere, where the reference is finite.
+    for scale in (1e-46, 3e38):
+        assert "normal fp32" in cuda_supports(q, q, q, None, True, scale, 0, 0.0)
+    assert "softcap" in cuda_supports(q, q, q, None, True, 3.0, 0, 3e38)
     # strides not a multiple of 8 elements: rows of 68 elements
     odd = torch.empty(2, 17, 8, 68, dtype=torch.float16)[..., :64].transpose(1, 2)
     assert "multiples of 8" in cuda_supports(odd, q, q, None, True, 0.1, 0, 0.0)

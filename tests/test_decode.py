@@ -492,6 +492,8 @@ def test_cuda_supports_reasons():
     assert cuda_supports(q, k, k, lens, None, None, 0.1, 0, 0.0, 0) is None
     assert "head dim 72" in cuda_supports(q[..., :72], k[..., :72], k[..., :72], lens, None, None, 0.1, 0, 0.0, 0)
     assert "dtype float32" in cuda_supports(q.float(), k.float(), k.float(), lens, None, None, 0.1, 0, 0.0, 0)
+    # softcap * log2(e) would be inf in the kernel's fp32 (NaN outputs); the reference is finite.
+    assert "softcap" in cuda_supports(q, k, k, lens, None, None, 0.1, 0, 3e38, 0)
     wide = torch.empty(2, 2, 4096, 132, dtype=f16, device="meta")[..., :128]     # row stride 132
     assert "multiples of 8" in cuda_supports(q, wide, wide, lens, None, None, 0.1, 0, 0.0, 0)
     kp = torch.empty(100, 3, 2, 128, dtype=f16, device="meta")

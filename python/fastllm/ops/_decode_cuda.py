@@ -83,6 +83,8 @@ def cuda_supports(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, 
     for name, t in (("cache_seqlens", cache_seqlens), ("block_table", block_table)):
         if t is not None and t.numel() > 1 and t.stride(-1) != 1:
             return f"'{name}' needs unit stride in its last dim"
+    if not 0 <= softcap * math.log2(math.e) < 3.4028234e38:
+        return f"softcap {softcap!r} must be >= 0 with softcap * log2(e) below the fp32 maximum for the CUDA kernel"
     if mask is not None and mask.dtype != torch.bool:
         return f"mask dtype {_dt(mask.dtype)} (the CUDA kernel reads bool masks)"
     return None
