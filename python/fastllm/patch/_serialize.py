@@ -50,6 +50,10 @@ def _dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def json_options(options):
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()}
+
+
 def remove_weight_files(directory, patterns):
     for name in os.listdir(directory):
         if any(fnmatch.fnmatchcase(name, p) for p in patterns):
@@ -81,7 +85,7 @@ def save(model, state, directory, transformers, dtype):
         gen.save_pretrained(directory)
     layers = {s.name: _record(s.new, state.options) for s in state.swaps}
     save_model(model, os.path.join(directory, WEIGHTS), metadata={"format": "pt", "fastllm": FORMAT})
-    options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in state.options.items()}
+    options = json_options(state.options)
     report = {"modules": [dataclasses.asdict(e) for e in state.carried[0]], "notes": list(state.carried[1])}
     with open(os.path.join(directory, "fastllm_config.json"), "w") as f:
         json.dump({"fastllm_version": __version__, "transformers_version": transformers.__version__,

@@ -46,7 +46,7 @@ def save_pretrained(model, save_directory, **kwargs):
         return _serialize.save(model, state, save_directory, transformers, _model_info(model)[1])
     model.save_pretrained(save_directory, **kwargs)
     _serialize.remove_weight_files(save_directory, (_serialize.WEIGHTS,))
-    options = _json_options(state.options)
+    options = _serialize.json_options(state.options)
     unswapped = {k: options[k] for k in SWAP_OPTIONS if options.get(k) is not None}
     if options.get("quantize") or options.get("sparsity"):
         options.update(dict.fromkeys(SWAP_OPTIONS))
@@ -56,10 +56,6 @@ def save_pretrained(model, save_directory, **kwargs):
         json.dump({"fastllm_version": __version__, "transformers_version": transformers.__version__,
                    "patch": options, **({"unswapped": unswapped} if unswapped else {})}, f, indent=2)
     return save_directory
-
-
-def _json_options(options):
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()}
 
 
 def _read_config(path):
