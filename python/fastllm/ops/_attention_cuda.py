@@ -19,16 +19,13 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from ._checks import misaligned16
+from ._checks import GRID_YZ_MAX, exp2_scalars_reason, misaligned16
 
 # Head dims with a compiled instantiation (csrc/attention/generate_instantiations.py
 # HEAD_DIMS; the launcher rejects any other with a status code).
 HEAD_DIMS = (64, 80, 96, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16)
-_GRID_YZ_MAX = 65535          # heads and batch are grid dims y and z
 _SEQ_MAX = (2 ** 31 - 1) // 2  # positions are int32 in the kernel
-_LOG2E = math.log2(math.e)     # the kernels work in exp2 with scale / softcap times log2(e) in fp32
-_FLT_MIN, _FLT_MAX = 1.17549435e-38, 3.4028234e38
 
 
 def _dt(dtype):
@@ -65,17 +62,13 @@ def cuda_supports(q, k, v, mask, causal, scale, window, softcap) -> Optional[str
     Hkv, Skv = k.shape[1], k.shape[2]
     if Hkv == 0 or Hq % Hkv != 0:
         return f"query heads ({Hq}) not a multiple of kv heads ({Hkv})"
-    if B > _GRID_YZ_MAX or Hq > _GRID_YZ_MAX:
-        return f"batch {B} or heads {Hq} above the kernel's grid limit {_GRID_YZ_MAX}"
+    if B > GRID_YZ_MAX or Hq > GRID_YZ_MAX:
+        return f"batch {B} or heads {Hq} above the kernel's grid limit {GRID_YZ_MAX}"
     if Sq > _SEQ_MAX or Skv > _SEQ_MAX:
         return f"sequence length above {_SEQ_MAX}"
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale)
-            and _FLT_MIN <= scale * _LOG2E < _FLT_MAX):
-        # The kernel multiplies by fp32 scale * log2(e): 0 (scale < 4.9e-46) gave -inf * 0 = NaN on
-        # masked tiles, inf (scale > 2.4e38) NaN everywhere.
-        return f"scale {scale!r} must be a finite float with scale * log2(e) a normal fp32 number for the CUDA kernel"
-    if softcap is not None and not (math.isfinite(softcap) and 0 <= softcap * _LOG2E < _FLT_MAX):
-        return f"softcap {softcap!r} must be >= 0 with softcap * log2(e) below the fp32 maximum"
+    why = exp2_scalars_reason(scale, softcap)
+    if why:
+        return why
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(3) != 1:
             return f"'{name}' needs unit stride in the head dim (strides {tuple(t.stride())})"
@@ -139,8 +132,8 @@ def cuda_varlen_supports(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, windo
     if reason is not None:
         return reason
     B = cu_q.shape[0] - 1
-    if B > _GRID_YZ_MAX:
-        return f"{B} sequences above the kernel's grid limit {_GRID_YZ_MAX}"
+    if B > GRID_YZ_MAX:
+        return f"{B} sequences above the kernel's grid limit {GRID_YZ_MAX}"
     if max(max_q, max_k, q.shape[0], k.shape[0]) > _SEQ_MAX:
         return f"sequence length above {_SEQ_MAX}"
     for name, t in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):

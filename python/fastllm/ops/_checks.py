@@ -1,8 +1,25 @@
 """Argument checks shared by the public ops: each error names the op, the argument and
 what was expected, so bad input never reaches a kernel."""
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: CUDA's limit on grid dims y and z (x allows 2^31 - 1).
+GRID_YZ_MAX = 65535
+_LOG2E = math.log2(math.e)
+
+
+def exp2_scalars_reason(scale, softcap):
+    """None, or why the CUDA attention kernels cannot take this scale / softcap: they work in
+    exp2 with scale * log2(e) and softcap * log2(e) as fp32 numbers. A scale whose product is 0
+    (scale < 4.9e-46) gave -inf * 0 = NaN on masked tiles, inf (scale > 2.4e38) NaN everywhere;
+    a softcap whose product overflows gave NaN."""
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and 1.17549435e-38 <= scale * _LOG2E < 3.4e38):
+        return f"scale {scale!r} must be a finite float with scale * log2(e) a normal fp32 number for the CUDA kernel"
+    if softcap is not None and not (math.isfinite(softcap) and 0 <= softcap * _LOG2E < 3.4028234e38):
+        return f"softcap {softcap!r} must be >= 0 with softcap * log2(e) below the fp32 maximum for the CUDA kernel"
+    return None
 
 
 def _fmt(dtypes):

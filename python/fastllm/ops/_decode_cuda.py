@@ -14,19 +14,17 @@ its (possibly zero) strides. The fp32 partials of the splits (B, Hq, Sq, splits,
 (B, Hq, Sq, splits) are allocated here (the extension allocates nothing). Tile sizes live in
 C++ only (csrc/decode/decode_traits.h); the split count comes from ops/decode.py.
 """
-import math
 from typing import Optional
 
 import torch
 
 from .. import _ext
-from ._checks import misaligned16
+from ._checks import GRID_YZ_MAX, exp2_scalars_reason, misaligned16
 
 # Head dims with a compiled instantiation (csrc/decode/generate_instantiations.py HEAD_DIMS).
 HEAD_DIMS = (64, 80, 96, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16)
 MAX_SPLITS = 256            # the launcher's bound (decode_launcher.cu)
-_GRID_YZ_MAX = 65535        # splits (y) and row blocks (z)
 _INT_MAX = 2 ** 31 - 1
 
 
@@ -58,15 +56,15 @@ def cuda_supports(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, 
     if Hkv == 0 or Hq % Hkv:
         return f"query heads ({Hq}) not a multiple of kv heads ({Hkv})"
     rows = (Hq // Hkv) * Sq
-    if B * Hkv > _INT_MAX or -(-rows // 16) > _GRID_YZ_MAX:
+    if B * Hkv > _INT_MAX or -(-rows // 16) > GRID_YZ_MAX:
         return f"grid too large (batch x kv heads {B * Hkv}, packed rows {rows})"
     if capacity > _INT_MAX // 2:
         return f"cache capacity {capacity} above {_INT_MAX // 2}"
     if num_splits > MAX_SPLITS:
         return f"num_splits {num_splits} above {MAX_SPLITS}"
-    if not (math.isfinite(scale) and 1.17549435e-38 <= scale * math.log2(math.e) < 3.4e38):
-        # The kernel works with scale * log2(e) as a normal fp32 number.
-        return f"scale {scale!r} must be a finite float with scale * log2(e) a normal fp32 number for the CUDA kernel"
+    why = exp2_scalars_reason(scale, softcap)
+    if why:
+        return why
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dtype != q.dtype:
             return f"'{name}' dtype {_dt(t.dtype)} differs from q's {_dt(q.dtype)}"
@@ -83,8 +81,6 @@ def cuda_supports(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, 
     for name, t in (("cache_seqlens", cache_seqlens), ("block_table", block_table)):
         if t is not None and t.numel() > 1 and t.stride(-1) != 1:
             return f"'{name}' needs unit stride in its last dim"
-    if not 0 <= softcap * math.log2(math.e) < 3.4028234e38:
-        return f"softcap {softcap!r} must be >= 0 with softcap * log2(e) below the fp32 maximum for the CUDA kernel"
     if mask is not None and mask.dtype != torch.bool:
         return f"mask dtype {_dt(mask.dtype)} (the CUDA kernel reads bool masks)"
     return None

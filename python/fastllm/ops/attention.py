@@ -58,7 +58,7 @@ from typing import Optional
 import torch
 
 from .. import ref
-from ._checks import FLOAT_DTYPES, attended_key_slice, check_tensor
+from ._checks import FLOAT_DTYPES, GRID_YZ_MAX, attended_key_slice, check_tensor
 from .registry import new_op
 
 OP = new_op("flash_attention")
@@ -96,17 +96,13 @@ def _torch(q, k, v, mask, causal, scale, window, softcap):
                                softcap=softcap if softcap > 0 else None)
 
 
-#: CUDA's limit on grid dims y and z: the Triton kernel puts heads on y, sequences on z.
-_GRID_YZ_MAX = 65535
-
-
 def _triton_supports(q, k, v, *args, batch=None):
     D = q.shape[-1]
     if D > TRITON_MAX_HEAD_DIM:
         return f"head dim {D} > {TRITON_MAX_HEAD_DIM} (the Triton kernel's largest)"
     B, Hq = (q.shape[0], q.shape[1]) if batch is None else (batch, q.shape[1])
-    if max(B, Hq) > _GRID_YZ_MAX:
-        return f"{B} sequences x {Hq} heads: the Triton grid allows at most {_GRID_YZ_MAX} of each"
+    if max(B, Hq) > GRID_YZ_MAX:   # the Triton kernel puts heads on grid y, sequences on z
+        return f"{B} sequences x {Hq} heads: the Triton grid allows at most {GRID_YZ_MAX} of each"
     return None
 
 
