@@ -37,9 +37,8 @@ computed and masked.
 Dropout: transformers passes dropout=0.0 in eval mode and config.attention_dropout while
 training. The kernels have no dropout, so dropout > 0 raises (model.eval(); the modules copied
 the config's value when built, so editing the config afterwards does not help) rather than
-silently computing something else. The op has no
-backward: forward works with grad enabled (eager and compiled), backward raises
-NotImplementedError (fastllm/ops/_inference_only.py).
+silently computing something else. The ops have no backward: forward works with grad enabled
+(eager and compiled), backward raises NotImplementedError (fastllm/ops/_inference_only.py).
 
 Kernel routing, prefill vs decode, lives in one place: `_kernel_for`. A decode call (Sq <= 16
 queries against more keys, Skv > Sq) goes to decode_attention (split-KV: the key range is cut

@@ -18,13 +18,13 @@ Norms failing either keep the smoothing inside the Int8Linear (one elementwise m
 """
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
 
 from .report import ModuleEntry
-from .rules import RULES, as_linear, is_linear
+from .rules import DEFAULT_EXCLUDED, RULES, as_linear, is_linear
 
 
 @dataclass
@@ -101,7 +101,7 @@ def select(model, options) -> Tuple[List[Tuple[str, nn.Module, object]], List[Mo
         elif include is not None and not _matches(n, include):
             why = "not matched by include"
         elif _matches(n, rule.default_exclude) and not (include and _matches(n, include)):
-            why = "excluded from linear swaps by default (lm_head / embeddings / MoE routers; include it to swap it)"
+            why = f"excluded from linear swaps by default ({DEFAULT_EXCLUDED}; include it to swap it)"
         elif len(owners.get(id(m.weight), ())) > 1:
             others = [o for o in owners[id(m.weight)] if o != f"{n}.weight"]
             why = f"weight shared with {', '.join(others)} (tied); swapping would duplicate it"
@@ -380,10 +380,10 @@ def commit(model, plan_: Plan):
 
 
 def restore(model, swaps: List[Swap], folds: List[Fold], dtype=None):
-    """Put the kept originals back, converted to where the model is now (dtype: its float dtype
-    now; None: keep theirs, as when a failed commit rolls back): after patch, the model may have moved (model.to("cuda")) or changed dtype
-    (model.to(torch.bfloat16)), which reached the swapped-in layers and norms but not the kept
-    originals. Unchanged model: no-op casts."""
+    """Put the kept originals back, moved to where the model is now and, with `dtype` (the
+    model's float dtype when it changed after patch), cast to it; None keeps their dtypes. After
+    patch the model may have moved (model.to("cuda")) or changed dtype (model.half()), which
+    reached the swapped-in layers and norms but not the kept originals."""
     for s in reversed(swaps):
         cur = model.get_submodule(s.name)
         t = next(iter(list(cur.buffers()) + list(cur.parameters())), None)
@@ -398,15 +398,9 @@ def restore(model, swaps: List[Swap], folds: List[Fold], dtype=None):
             f.module._parameters[k] = p
 
 
-def offload(swaps: List[Swap]) -> Optional[str]:
+def offload(swaps: List[Swap]):
     """keep_original=True: the kept nn.Linear modules move to CPU memory (saving device memory);
-    restore moves them back (to the device the model is on then). Returns the device they came
-    from."""
-    dev = None
+    restore moves them back (to the device the model is on then)."""
     for s in swaps:
-        d = next(s.old.parameters()).device
-        if d.type != "cpu":
-            dev = d
-            s.old.to("cpu")
-    return dev
+        s.old.to("cpu")
 

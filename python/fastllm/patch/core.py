@@ -39,9 +39,9 @@ from ..errors import BackendUnavailableError, FastllmError
 from ..ops.registry import OPS, resolve_request
 from . import _attention, _linear
 from .report import ModuleEntry, OpEntry, PatchReport
-from .rules import (ATTENTION_SUBLAYER_NAMES, INT8_MODES, KV_SHARING_ATTRIBUTE, LINEAR_DEFAULT_EXCLUDE, PRUNE, as_linear,
-                    QUERY_SLICING_METHODS, RULES, SPARSITY, SUPPORTED_LAYER_TYPES, attention_unsupported_reason,
-                    sparse24_class)
+from .rules import (ATTENTION_SUBLAYER_NAMES, DEFAULT_EXCLUDED, INT8_MODES, KV_SHARING_ATTRIBUTE,
+                    LINEAR_DEFAULT_EXCLUDE, PRUNE, QUERY_SLICING_METHODS, RULES, SPARSITY, SUPPORTED_LAYER_TYPES,
+                    as_linear, attention_unsupported_reason, sparse24_class)
 
 STATE_ATTR = "_fastllm_patch"
 
@@ -65,7 +65,6 @@ class PatchState:
     swaps: List["_linear.Swap"] = field(default_factory=list)   # linear swaps (old kept or None)
     folds: List["_linear.Fold"] = field(default_factory=list)   # SmoothQuant folds into norms
     originals_kept: bool = True                          # False: unpatch cannot undo the swaps
-    offload_device: Optional[torch.device] = None        # where the kept originals came from
     dtype: Optional[torch.dtype] = None                  # the model's float dtype when patched
     # Report lines a reload cannot recompute (SmoothQuant folds, linears left in float) and the
     # linear planning notes: save_pretrained writes them, from_pretrained puts them back.
@@ -587,7 +586,7 @@ def _patch(model, options, batches, loaded=None):
     if chosen or left:
         plan = _linear.plan(model, options, batches, device, chosen, left)
     carried = loaded[2] if loaded else (_fold_entries(plan) + plan.entries, list(plan.notes))
-    plan.notes += lin_notes
+    plan.notes = list(carried[1]) + lin_notes   # a loaded model's plan is empty: its notes come from the save
 
     original_impl = model.config._attn_implementation
     refs, impl, installed, committed = [], None, [], False
@@ -619,16 +618,16 @@ def _patch(model, options, batches, loaded=None):
     report = _build_report(model, options, attn, skips, op_entry, device, dtype, transformers, plan,
                            lin_ops, loaded, carried)
     keep = options["keep_original"] and not loaded
-    offload = _linear.offload(plan.swaps) if keep else None
-    if not keep:   # drop the originals: this is where the memory is saved
+    if keep:
+        _linear.offload(plan.swaps)
+    else:   # drop the originals: this is where the memory is saved
         for sw in plan.swaps:
             sw.old = None
         for f in plan.folds:
             f.old = {}
     state = PatchState(options=options, impl=impl, config_refs=refs, skipped=skips, report=report,
                        original_impl=original_impl, swaps=plan.swaps, folds=plan.folds,
-                       originals_kept=keep or not plan.swaps, offload_device=offload, dtype=dtype,
-                       carried=carried)
+                       originals_kept=keep or not plan.swaps, dtype=dtype, carried=carried)
     if loaded:
         state.swaps = [_linear.Swap(n, None, m, "loaded", "", 0) for n, m in loaded[1]]
         state.originals_kept = not state.swaps
@@ -714,8 +713,7 @@ def _build_report(model, options, attn, skips, op_entry, device, dtype, transfor
     swapping = bool(_linear.swap_rules(options))
     left = []
     if not swapping and not loaded:
-        left = [ModuleEntry(n, "Linear", "left",
-                            "excluded from linear swaps by default (lm_head / embeddings / MoE routers)")
+        left = [ModuleEntry(n, "Linear", "left", f"excluded from linear swaps by default ({DEFAULT_EXCLUDED})")
                 for n, m in model.named_modules() if type(m) is nn.Linear and
                 any(fnmatch.fnmatchcase(n, p) for p in LINEAR_DEFAULT_EXCLUDE)]
         rest = sum(type(m) is nn.Linear for _, m in model.named_modules()) - len(left)
@@ -729,7 +727,7 @@ def _build_report(model, options, attn, skips, op_entry, device, dtype, transfor
     for n, m in model.named_modules():
         if isinstance(m, nn.Embedding):
             report.modules.append(ModuleEntry(n, type(m).__name__, "left", "embeddings are never swapped"))
-    report.notes += (list(carried[1]) if loaded else []) + plan.notes   # patch: plan.notes holds carried[1]
+    report.notes += plan.notes
     report.notes.append("attention bytes saved are 0 by construction: exact attention, weights untouched")
     if plan.swaps or (loaded and loaded[1]):
         report.notes.append(

@@ -32,6 +32,8 @@ from torch import nn
 #: `*gate_proj` (the gated MLP's projection).
 LINEAR_DEFAULT_EXCLUDE: Tuple[str, ...] = ("lm_head", "*.lm_head", "*embed*", "*.gate", "*.gate.*", "*.router",
                                            "*.router.*")
+#: What LINEAR_DEFAULT_EXCLUDE covers, in the report's words.
+DEFAULT_EXCLUDED = "lm_head / embeddings / MoE routers"
 
 #: Children of a decoder layer that are the attention sub-layer proper: they return
 #: (attn_output, attn_weights) and the layer adds attn_output to the residual stream itself,
