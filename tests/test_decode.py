@@ -130,12 +130,16 @@ def test_matches_reference(backend, dtype, case):
     run_and_check(backend, q, k, v, **kw)
 
 
+def _two_sequences():
+    """lens [45, 17], q (2, 4, 2, 64) and a 45-slot fp16 cache (GQA 2)."""
+    lens = [45, 17]
+    return lens, rand(2, 4, 2, 64, dtype=torch.float16), *make_cache(2, 2, 45, 64, torch.float16, lens)
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_paged_equals_contiguous(backend):
     # Same keys, same tiles: the paged path must give bitwise the contiguous result.
-    lens = [45, 17]
-    q = rand(2, 4, 2, 64, dtype=torch.float16)
-    k, v = make_cache(2, 2, 45, 64, torch.float16, lens)
+    lens, q, k, v = _two_sequences()
     dense = decode_attention(q, k, v, cache_seqlens=lens_t(lens), num_splits=2, backend=backend)
     for ps in (1, 7, 16):
         kp, vp, table = to_pages(k, v, ps, lens)
@@ -148,9 +152,7 @@ def test_paged_equals_contiguous(backend):
 def test_nan_in_unused_slots_never_reaches_the_output(backend):
     # Caches from torch.empty / recycled pages hold anything past each length, NaN included:
     # every backend must ignore those slots (regression: the reference's p @ V gave 0 * NaN).
-    lens = [45, 17]
-    q = rand(2, 4, 2, 64, dtype=torch.float16)
-    k, v = make_cache(2, 2, 45, 64, torch.float16, lens)
+    lens, q, k, v = _two_sequences()
     want = decode_attention(q, k, v, cache_seqlens=lens_t(lens), window=20, backend=backend)
     for b, L in enumerate(lens):
         k[b, :, L:], v[b, :, L:] = float("nan"), float("inf")
