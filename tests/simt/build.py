@@ -1,0 +1,276 @@
+"""Builds fastllm._C's sm80 kernels for the CPU SIMT emulator (simt.h) and loads the module.
+
+    python tests/simt/build.py            # build (cached) and print the module path
+    from simt.build import load; lib = load()   # (tests/ on sys.path) the emulated _C module
+
+The sources are csrc/ as they are, minus the sm_90a units (wgmma / TMA are not modelled),
+rewritten mechanically before a host C++ compiler sees them:
+  * each `asm` statement -> simt::ptx::<mnemonic>(operands in the template's order), the
+    mnemonic's dots and '::' turned into '_'; an instruction simt.h has no model for fails to
+    compile, so nothing runs unmodelled;
+  * `kernel<<<grid, block, smem, stream>>>(args)` -> simt::launch(kernel, grid, block, smem,
+    stream, args);
+  * `extern __shared__ ... T name[];` -> `T* name = simt::dynamic_smem<T>();`.
+Everything else (the launchers, the kernels, bindings.cpp) compiles unchanged. The result is
+cached under build/simt-<hash of inputs>/.
+"""
+import hashlib
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+# FASTLLM_SIMT_CSRC: build another copy of csrc/ (mutation experiments: do the tests notice?).
+CSRC = os.environ.get("FASTLLM_SIMT_CSRC") or os.path.join(ROOT, "csrc")
+FLAGS = ["-std=c++17", "-O2", "-fPIC", "-ffp-contract=off", "-w", "-DFASTLLM_HAS_SM90A=0",
+         '-DFASTLLM_BUILT_ARCHS="simt80"']
+
+
+def cuda_include():
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda", *sorted(
+            (os.path.join("/usr/local", d) for d in os.listdir("/usr/local") if d.startswith("cuda")), reverse=True)):
+        if root and os.path.exists(os.path.join(root, "include", "cuda_fp16.h")):
+            return os.path.join(root, "include")
+    raise RuntimeError("no CUDA headers found (set CUDA_HOME)")
+
+
+def sources():
+    """csrc files the emulated module is built from (relative paths)."""
+    out = []
+    for d, _, files in os.walk(CSRC):
+        for f in files:
+            rel = os.path.relpath(os.path.join(d, f), CSRC)
+            if rel.startswith("cmake") or not f.endswith((".cu", ".cuh", ".h", ".cpp")) or "_sm90a" in f:
+                continue
+            out.append(rel)
+    return sorted(out)
+
+
+# ---- the rewrite ---------------------------------------------------------------------------------
+
+def _match(text, i, open_ch, close_ch):
+    """Index just past the bracket matching text[i] == open_ch (strings and chars skipped)."""
+    depth = 0
+    while i < len(text):
+        ch = text[i]
+        if ch in "\"'":
+            j = i + 1
+            while text[j] != ch:
+                j += 2 if text[j] == "\\" else 1
+            i = j + 1
+            continue
+        if ch == open_ch:
+            depth += 1
+        elif ch == close_ch:
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    raise ValueError(f"unbalanced {open_ch}")
+
+
+def _split_top(s, sep):
+    """Split s at `sep` outside (), [], {} and string literals."""
+    parts, depth, cur, i = [], 0, [], 0
+    while i < len(s):
+        ch = s[i]
+        if ch == '"':
+            j = s.index('"', i + 1)
+            cur.append(s[i:j + 1])
+            i = j + 1
+            continue
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    parts.append("".join(cur))
+    return [p.strip() for p in parts]
+
+
+def _asm_call(body, where):
+    """`"template" : outs : ins [: clobbers]` -> `::simt::ptx::name(args)`."""
+    sections = _split_top(body, ":")
+    template = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', sections[0])).replace("\\n", " ").strip().rstrip(";")
+    ops = []
+    for sec in sections[1:3]:
+        for op in filter(None, _split_top(sec, ",")):
+            m = re.fullmatch(r'"([^"]*)"\s*\((.*)\)', op, re.S)
+            if not m:
+                raise ValueError(f"{where}: cannot read asm operand {op!r}")
+            ops.append(m.group(2).strip())
+    mnemonic, _, rest = template.partition(" ")
+    name = mnemonic.replace("::", "_").replace(".", "_")
+    args, seen = [], set()
+    for item in filter(None, _split_top(rest, ",")):
+        refs = re.findall(r"%(\d+)", item)
+        if not refs:   # an immediate written into the template
+            args.append(item)
+            continue
+        for r in map(int, refs):
+            if r not in seen:   # a repeated operand (mma's C = D) is passed once
+                seen.add(r)
+                args.append(ops[r])
+    if len(seen) != len(ops):
+        raise ValueError(f"{where}: asm operands {sorted(set(range(len(ops))) - seen)} unused in {template!r}")
+    if ";" in template:
+        raise ValueError(f"{where}: multi-instruction asm not modelled: {template!r}")
+    return f"::simt::ptx::{name}({', '.join(args)})"
+
+
+def rewrite(text, where):
+    """The three mechanical rewrites of the module docstring."""
+    out, i = [], 0
+    for m in re.finditer(r"\basm\s*(?:volatile\s*)?\(", text):
+        if m.start() < i:
+            continue
+        end = _match(text, m.end() - 1, "(", ")")
+        out.append(text[i:m.start()])
+        out.append(_asm_call(text[m.end():end - 1], where))
+        i = end
+    text = "".join(out) + text[i:]
+
+    while "<<<" in text:
+        s = text.index("<<<")
+        j = s
+        while text[j - 1].isspace():
+            j -= 1
+        if text[j - 1] == ">":   # template arguments of the kernel
+            depth = 0
+            while True:
+                j -= 1
+                depth += {">": 1, "<": -1}.get(text[j], 0)
+                if depth == 0:
+                    break
+        while text[j - 1].isalnum() or text[j - 1] in "_:":
+            j -= 1
+        kernel = text[j:s].strip()
+        e = text.index(">>>", s)
+        cfg = text[s + 3:e].strip()
+        a0 = text.index("(", e)
+        a1 = _match(text, a0, "(", ")")
+        args = text[a0 + 1:a1 - 1].strip()
+        text = text[:j] + f"::simt::launch({kernel}, {cfg}{', ' + args if args else ''})" + text[a1:]
+
+    text = re.sub(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+(?:\s+[\w:]+)*?)\s+(\w+)\[\];",
+                  r"\1* \2 = ::simt::dynamic_smem<\1>();", text)
+    if re.search(r"\basm\b|__shared__\s*\w*\s*\w+\[\]", text):
+        raise ValueError(f"{where}: unrewritten asm / extern shared left")
+    return text
+
+
+# ---- build and load --------------------------------------------------------------------------------
+
+def _inputs_hash(files):
+    h = hashlib.sha256()
+    for rel in files:
+        h.update(rel.encode())
+        with open(os.path.join(CSRC, rel), "rb") as f:
+            h.update(f.read())
+    for f in ("simt.h", "simt_runtime.cpp", "build.py"):
+        with open(os.path.join(HERE, f), "rb") as fh:
+            h.update(fh.read())
+    h.update(" ".join(FLAGS).encode())
+    return h.hexdigest()[:16]
+
+
+def module_path(jobs=None):
+    """Build (or reuse) the emulated module; returns the path of its shared library."""
+    files = sources()
+    out = os.path.join(ROOT, "build", f"simt-{_inputs_hash(files)}")
+    so = os.path.join(out, "_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+    if os.path.exists(so):
+        return so
+    from filelock import FileLock
+    os.makedirs(out, exist_ok=True)
+    with FileLock(out + ".lock"):   # pytest-xdist workers: one builds, the others wait
+        if not os.path.exists(so):
+            _build(files, out, so, jobs)
+    return so
+
+
+def unavailable_reason():
+    """Why the emulated module cannot be built here (no C++ compiler / CUDA headers), or None."""
+    import shutil
+    if not shutil.which(os.environ.get("CXX", "g++")):
+        return "no host C++ compiler (g++; or set CXX)"
+    try:
+        cuda_include()
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def _build(files, out, so, jobs):
+    src = os.path.join(out, "src")
+    for rel in files:
+        with open(os.path.join(CSRC, rel)) as f:
+            try:
+                text = rewrite(f.read(), rel)
+            except ValueError as e:   # a Hopper-only header: fine unless something includes it
+                if rel.endswith((".cu", ".cpp")):
+                    raise
+                text = f'#error "simt: not modelled: {e}"\n'
+        os.makedirs(os.path.dirname(os.path.join(src, rel)), exist_ok=True)
+        with open(os.path.join(src, rel), "w") as f:
+            f.write(text)
+    import pybind11
+    cxx = os.environ.get("CXX", "g++")
+    inc = ["-I" + src, "-I" + HERE, "-I" + cuda_include(), "-I" + pybind11.get_include(),
+           "-I" + sysconfig.get_paths()["include"]]
+    units = [os.path.join(src, r) for r in files if r.endswith((".cu", ".cpp"))]
+    units.append(os.path.join(HERE, "simt_runtime.cpp"))
+
+    def compile_one(path):
+        obj = os.path.join(out, "obj", os.path.relpath(path, ROOT if path.startswith(HERE) else src) + ".o")
+        os.makedirs(os.path.dirname(obj), exist_ok=True)
+        cmd = [cxx, "-x", "c++", *FLAGS, *inc, "-include", os.path.join(HERE, "simt.h"), "-c", path, "-o", obj]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"simt build failed for {path}:\n{r.stderr[-6000:]}")
+        return obj
+
+    with ThreadPoolExecutor(jobs or os.cpu_count() or 2) as ex:
+        objs = list(ex.map(compile_one, units))
+    tmp = so + ".tmp"
+    r = subprocess.run([cxx, "-shared", "-o", tmp, *objs, "-Wl,--no-undefined"], capture_output=True, text=True)
+    if r.returncode:
+        # Python symbols resolve at import time: retry without --no-undefined but report others.
+        undefined = [ln for ln in r.stderr.splitlines() if "undefined reference" in ln and "Py" not in ln]
+        if undefined:
+            raise RuntimeError("simt link: undefined symbols:\n" + "\n".join(undefined[:30]))
+        r = subprocess.run([cxx, "-shared", "-o", tmp, *objs], capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"simt link failed:\n{r.stderr[-4000:]}")
+    os.replace(tmp, so)
+
+
+_MODULE = None
+
+
+def load():
+    """The emulated fastllm._C (built on first use; later calls reuse it)."""
+    global _MODULE
+    if _MODULE is None:
+        path = module_path()
+        spec = importlib.util.spec_from_file_location("fastllm_simt._C", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        import ctypes
+        mod._cdll = ctypes.CDLL(path)
+        _MODULE = mod
+    return _MODULE
+
+
+if __name__ == "__main__":
+    print(module_path(int(sys.argv[1]) if len(sys.argv) > 1 else None))
