@@ -171,11 +171,11 @@ def rewrite(text, where):
 
 # ---- build and load --------------------------------------------------------------------------------
 
-def _inputs_hash(files):
+def _inputs_hash(src_root, files):
     h = hashlib.sha256()
     for rel in files:
         h.update(rel.encode())
-        with open(os.path.join(CSRC, rel), "rb") as f:
+        with open(os.path.join(src_root, rel), "rb") as f:
             h.update(f.read())
     for f in ("simt.h", "simt_runtime.cpp", "build.py"):
         with open(os.path.join(HERE, f), "rb") as fh:
@@ -184,19 +184,28 @@ def _inputs_hash(files):
     return h.hexdigest()[:16]
 
 
-def module_path(jobs=None):
-    """Build (or reuse) the emulated module; returns the path of its shared library."""
-    files = sources()
-    out = os.path.join(ROOT, "build", f"simt-{_inputs_hash(files)}")
-    so = os.path.join(out, "_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+def _library(name, so_name, src_root, files, jobs=None):
+    """Build (or reuse) one emulated library from `files` under `src_root`; returns its path."""
+    out = os.path.join(ROOT, "build", f"simt-{name}-{_inputs_hash(src_root, files)}")
+    so = os.path.join(out, so_name)
     if os.path.exists(so):
         return so
     from filelock import FileLock
     os.makedirs(out, exist_ok=True)
     with FileLock(out + ".lock"):   # pytest-xdist workers: one builds, the others wait
         if not os.path.exists(so):
-            _build(files, out, so, jobs)
+            _build(src_root, files, out, so, jobs)
     return so
+
+
+def module_path(jobs=None):
+    """The emulated fastllm._C built from csrc/ (cached); returns the path of its shared library."""
+    return _library("C", "_C" + sysconfig.get_config_var("EXT_SUFFIX"), CSRC, sources(), jobs)
+
+
+def selftest_path():
+    """The emulator's own test kernels (selftest.cu), for ctypes."""
+    return _library("selftest", "selftest.so", HERE, ["selftest.cu"])
 
 
 def unavailable_reason():
@@ -211,10 +220,10 @@ def unavailable_reason():
     return None
 
 
-def _build(files, out, so, jobs):
+def _build(src_root, files, out, so, jobs):
     src = os.path.join(out, "src")
     for rel in files:
-        with open(os.path.join(CSRC, rel)) as f:
+        with open(os.path.join(src_root, rel)) as f:
             try:
                 text = rewrite(f.read(), rel)
             except ValueError as e:   # a Hopper-only header: fine unless something includes it
