@@ -132,3 +132,16 @@ def test_varlen_matches_per_sequence(dtype, D):
                                              softcap)
                 assert torch.equal(out[q0:q1], o[0]), (b, causal)
                 assert torch.equal(lse[:, q0:q1], l_[0]), (b, causal)
+
+
+@pytest.mark.parametrize("side", ["start", "end"])
+@pytest.mark.parametrize("D", (64, 80))
+def test_reads_stay_inside_the_tensors(emulated, side, D):
+    # q, k, v and the mask against inaccessible pages: a read past either edge (a tail row, a
+    # clamped tile, a mask byte) fails the launch. Contiguous (B, H, S, D) tensors, so the last
+    # row of the last head is the tensors' end.
+    from simt.backend import guarded
+    q, k, v = (guarded(t, side) for t in qkv(2, 2, 1, 37, 75, D, torch.float16, q_layout="bhsd", kv_layout="bhsd"))
+    emulated(q, k, v, causal=True)
+    mask = guarded(torch.rand(2, 1, 37, 75) > 0.3, side)
+    emulated(q, k, v, causal=False, mask=mask)

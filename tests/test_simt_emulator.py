@@ -45,14 +45,17 @@ def test_cp_async_data_lands_at_the_wait(lib):
     assert torch.isnan(dst).all()
 
 
-@pytest.mark.parametrize("which,message", [(0, "different warp-wide instructions"),
-                                           (1, "exited|deadlock"),
-                                           (2, "outside the")])
+@pytest.mark.parametrize("which,message", [(0, "different warp-wide instructions"), (2, "outside the")])
 def test_faults_fail_the_launch(lib, which, message):
     out = torch.zeros(64)
     code = lib.selftest_fault(which, ptr(out))
     assert code == LAUNCH_FAILURE
     assert re.search(message, lib.simt_error(code).decode())
+
+
+def test_exited_threads_count_as_arrived_at_syncthreads(lib):
+    # PTX bar.sync waits for the non-exited threads: half the block returning first is fine.
+    assert lib.selftest_fault(1, ptr(torch.zeros(64))) == 0
 
 
 def test_dynamic_shared_memory_needs_the_opt_in(lib):

@@ -53,3 +53,35 @@ def emulated_cuda(sm=(8, 0), sms=None, smem_optin=None):
         yield mod
     finally:
         _ext.lib, _ext.stream_of = saved
+
+
+_PAGE = 4096
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def guarded(t, side="end"):
+    """A contiguous copy of `t` placed against an inaccessible page: with side="end" its last
+    16-byte chunk ends at the page, with side="start" it begins right after one. A kernel that
+    reads or writes past that edge fails its emulated launch ("invalid memory access")."""
+    import weakref
+    import torch
+    t = t.contiguous()
+    n = max(t.numel() * t.element_size(), 1)
+    n16 = (n + 15) // 16 * 16
+    data_pages = (n16 + _PAGE - 1) // _PAGE
+    total = (data_pages + 2) * _PAGE
+    base = _libc.mmap(None, total, 3, 0x22, -1, 0)   # PROT_READ|WRITE, MAP_PRIVATE|ANONYMOUS
+    if base in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap failed")
+    _libc.mprotect(base, _PAGE, 0)
+    _libc.mprotect(base + (data_pages + 1) * _PAGE, _PAGE, 0)
+    start = base + _PAGE if side == "start" else base + (data_pages + 1) * _PAGE - n16
+    buf = (ctypes.c_char * n).from_address(start)
+    out = torch.frombuffer(buf, dtype=t.dtype, count=t.numel()).view(t.shape)
+    out.copy_(t)
+    weakref.finalize(buf, _libc.munmap, base, total)
+    return out

@@ -60,8 +60,9 @@ __global__ void cp_async_kernel(const float* src, float* dst, bool wait) {
   for (int i = t; i < 64; i += blockDim.x) dst[i] = reinterpret_cast<const float*>(smem)[i];
 }
 
-// Faults: 0 lanes of a warp in different warp-wide instructions, 1 half the block at a barrier
-// while the other half exited, 2 ldmatrix outside shared memory.
+// 0: lanes of a warp in different warp-wide instructions (a fault), 1: half the block at a
+// barrier while the other half exited (fine: exited threads count as arrived), 2: ldmatrix
+// outside shared memory (a fault).
 __global__ void fault_kernel(int which, float* out) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int t = threadIdx.x;

@@ -92,14 +92,22 @@ template <typename T>
 T shfl_xor(T v, int lane_mask, int width) {
   static_assert(sizeof(T) <= 8, "shuffle of a scalar");
   if (width != 32) fail("__shfl_xor_sync: width %d not modelled", width);
+  struct In {
+    T v;
+    int mask;
+  } in{v, lane_mask};
   T out;
-  warp_exchange(
-      "shfl.xor", &v, sizeof(T), &out, sizeof(T),
-      [](const unsigned char (*ins)[64], unsigned char (*outs)[64], const void* ctx) {
-        const int m = *static_cast<const int*>(ctx);
-        for (int l = 0; l < 32; ++l) std::memcpy(outs[l], ins[l ^ m], sizeof(T));
-      },
-      &lane_mask);
+  // shfl.sync.bfly: lane l reads lane l ^ (its own b & 31).
+  warp_exchange("shfl.xor", &in, sizeof in, &out, sizeof(T),
+                [](const unsigned char (*ins)[64], unsigned char (*outs)[64], const void*) {
+                  for (int l = 0; l < 32; ++l) {
+                    In mine;
+                    std::memcpy(&mine, ins[l], sizeof mine);
+                    In src;
+                    std::memcpy(&src, ins[l ^ (mine.mask & 31)], sizeof src);
+                    std::memcpy(outs[l], &src.v, sizeof(T));
+                  }
+                });
   return out;
 }
 
@@ -250,8 +258,23 @@ SIMT_MINMAX(unsigned long)
 SIMT_MINMAX(long long)
 SIMT_MINMAX(unsigned long long)
 #undef SIMT_MINMAX
-inline float min(float a, float b) { return std::fmin(a, b); }
-inline float max(float a, float b) { return std::fmax(a, b); }
+// PTX min.f32 / max.f32: a NaN operand yields the other one; -0.0 < +0.0.
+inline float min(float a, float b) {
+  if (std::isnan(a)) return b;
+  if (std::isnan(b)) return a;
+  if (a == b) return std::signbit(a) ? a : b;
+  return a < b ? a : b;
+}
+inline float max(float a, float b) {
+  if (std::isnan(a)) return b;
+  if (std::isnan(b)) return a;
+  if (a == b) return std::signbit(a) ? b : a;
+  return a < b ? b : a;
+}
+// The kernels' fminf / fmaxf are PTX min / max too (libm's differ on signed zeros). <cmath>
+// was included above, so the macros touch only the code that follows.
+#define fminf(a, b) min(static_cast<float>(a), static_cast<float>(b))
+#define fmaxf(a, b) max(static_cast<float>(a), static_cast<float>(b))
 
 // cuda_runtime.h's typed overload (declared for nvcc only).
 template <typename F>

@@ -1,6 +1,7 @@
 // SIMT emulator runtime (see simt.h): the fiber scheduler, barriers, warp-wide exchange,
 // cp.async groups, the PTX instruction models, and the CUDA runtime calls the launchers make,
 // answered for one emulated GPU (configurable through simt_configure).
+#include <signal.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 
@@ -89,6 +90,13 @@ void thread_exit() {
   Fiber& f = *g_cur;
   f.done = true;
   --g_live;
+  // Exited threads count as arrived at __syncthreads (PTX bar.sync: "all non-exited threads").
+  if (g_bar_arrived > 0 && g_bar_arrived == g_live) {
+    g_or_res[g_bar_gen & 1] = g_or_acc;
+    g_or_acc = 0;
+    g_bar_arrived = 0;
+    ++g_bar_gen;
+  }
   WarpSync& w = g_warps[f.st.warp];
   --w.live;
   if (w.arrived > 0) fail("lane %d of warp %d exited while its warp waits in %s", f.st.lane, f.st.warp, w.tag[w.gen & 1]);
@@ -210,8 +218,6 @@ int syncthreads_or(int pred) {
     g_bar_arrived = 0;
     ++g_bar_gen;
   } else {
-    if (g_live < static_cast<int>(g_bdim.x * g_bdim.y * g_bdim.z))
-      fail("__syncthreads reached after some threads of the block exited");
     g_cur->wait = kBlockBar;
     g_cur->gen = g;
     yield();
@@ -266,8 +272,34 @@ void cp_async_wait(int n) {
   gs.erase(gs.begin(), gs.begin() + drop);
 }
 
+// A fault inside a kernel (tests put buffers against PROT_NONE pages: backend.guarded) fails the
+// launch with its address instead of killing the process.
+void on_segv(int, siginfo_t* info, void*) {
+  if (g_cur == nullptr || g_failed) {
+    signal(SIGSEGV, SIG_DFL);
+    return;  // re-executes the faulting access under the default action
+  }
+  char buf[160];
+  std::snprintf(buf, sizeof buf, "invalid memory access at %p (past a guarded buffer?)", info->si_addr);
+  g_failed = true;
+  g_error = buf;
+  char where[96];
+  std::snprintf(where, sizeof where, " [block (%u, %u, %u), thread %u]", g_bid.x, g_bid.y, g_bid.z,
+                g_cur->st.warp * 32 + g_cur->st.lane);
+  g_error += where;
+  setcontext(&g_sched);
+}
+
 void launch_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
   std::lock_guard<std::mutex> lock(g_launch_mutex);
+  struct sigaction sa {}, old {};
+  sa.sa_sigaction = on_segv;
+  sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+  sigaction(SIGSEGV, &sa, &old);
+  struct Restore {
+    struct sigaction* old;
+    ~Restore() { sigaction(SIGSEGV, old, nullptr); }
+  } restore{&old};
   const long long threads = 1LL * block.x * block.y * block.z;
   auto bad = [&](cudaError_t code, const std::string& why) {
     g_last = code;
