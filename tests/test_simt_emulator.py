@@ -85,6 +85,7 @@ def test_rewrite():
   kern<T, Cfg<2>><<<dim3(x, y), Cfg<2>::kThreads, kSmem,
       stream>>>(p, q);
   extern __shared__ __align__(128) unsigned char smem_raw[];
+  __shared__ float s_inv[kTok], s_scale[kTok];
 '''
     out = rewrite(src, "test")
     assert ("::simt::ptx::mma_sp_ordered_metadata_sync_aligned_m16n8k64_row_col_s32_s8_s8_s32(d[0], d[1], d[2], "
@@ -92,6 +93,8 @@ def test_rewrite():
     assert "::simt::ptx::cp_async_wait_group(N)" in out
     assert "::simt::launch(kern<T, Cfg<2>>, dim3(x, y), Cfg<2>::kThreads, kSmem,\n      stream, p, q)" in out
     assert "unsigned char* smem_raw = ::simt::dynamic_smem<unsigned char>();" in out
+    assert ("static float s_inv[kTok]; static float s_scale[kTok]; ::simt::poison_once(&s_inv, sizeof(s_inv)); "
+            "::simt::poison_once(&s_scale, sizeof(s_scale));") in out
     with pytest.raises(ValueError, match="multi-instruction"):
         rewrite('asm("{ .reg .pred p; selp.u32 %0, 1, 0, p; }" : "=r"(x));', "test")
     with pytest.raises(ValueError, match="unused"):

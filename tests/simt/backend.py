@@ -14,7 +14,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from simt.build import load, unavailable_reason  # noqa: E402,F401
+from simt.build import load, unavailable_reason  # noqa: E402
+
+__all__ = ["emulated_cuda", "guarded", "load", "unavailable_reason"]
 
 
 class _Lib:

@@ -10,7 +10,10 @@ rewritten mechanically before a host C++ compiler sees them:
     compile, so nothing runs unmodelled;
   * `kernel<<<grid, block, smem, stream>>>(args)` -> simt::launch(kernel, grid, block, smem,
     stream, args);
-  * `extern __shared__ ... T name[];` -> `T* name = simt::dynamic_smem<T>();`.
+  * `extern __shared__ ... T name[];` -> `T* name = simt::dynamic_smem<T>();`;
+  * `__shared__ T a[n], b[m];` -> static arrays (one per block: blocks run one at a time),
+    filled with 0xFF bytes when the block's first thread reaches them, as dynamic shared memory
+    is, so a read before any write shows.
 Everything else (the launchers, the kernels, bindings.cpp) compiles unchanged. The result is
 cached under build/simt-<hash of inputs>/.
 """
@@ -164,7 +167,13 @@ def rewrite(text, where):
 
     text = re.sub(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+(?:\s+[\w:]+)*?)\s+(\w+)\[\];",
                   r"\1* \2 = ::simt::dynamic_smem<\1>();", text)
-    if re.search(r"\basm\b|__shared__\s*\w*\s*\w+\[\]", text):
+
+    def static_shared(m):   # `__shared__ T a[..], b[..];`: block-wide statics, poisoned per block
+        names = [re.match(r"\s*(\w+)", d).group(1) for d in _split_top(m.group(2), ",")]
+        decls = " ".join(f"static {m.group(1)} {d};" for d in _split_top(m.group(2), ","))
+        return decls + "".join(f" ::simt::poison_once(&{n}, sizeof({n}));" for n in names)
+    text = re.sub(r"__shared__\s+([\w:]+)\s+([^;]+);", static_shared, text)
+    if re.search(r"\basm\b|__shared__", text):
         raise ValueError(f"{where}: unrewritten asm / extern shared left")
     return text
 

@@ -74,6 +74,9 @@ T* smem_at(uint32_t addr, size_t bytes, size_t align, const char* what) {
   return reinterpret_cast<T*>(smem_base() + addr);
 }
 
+// Static shared arrays: poisoned (0xFF) once per block, by the first thread to declare them.
+void poison_once(void* p, size_t bytes);
+
 // Dynamic shared memory: `extern __shared__ T name[]` becomes `T* name = simt::dynamic_smem<T>()`.
 template <typename T>
 T* dynamic_smem() {

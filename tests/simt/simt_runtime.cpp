@@ -8,6 +8,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <map>
+#include <set>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -69,6 +70,8 @@ bool g_failed = false;
 std::string g_error;
 cudaError_t g_last = cudaSuccess;
 int g_current_device = 0;
+std::set<void*> g_poisoned;   // static __shared__ arrays poisoned in this block
+size_t g_static_smem = 0;
 std::map<const void*, int> g_smem_optin;  // kernel -> cudaFuncAttributeMaxDynamicSharedMemorySize
 
 bool env_is_reverse() {
@@ -209,6 +212,15 @@ void fail(const char* fmt, ...) {
   std::abort();
 }
 
+void poison_once(void* p, size_t bytes) {
+  if (!g_poisoned.insert(p).second) return;
+  std::memset(p, 0xFF, bytes);
+  g_static_smem += bytes;
+  if (g_static_smem > 48 * 1024) fail("static shared memory above 48 KB (%zu bytes)", g_static_smem);
+  if (g_static_smem + g_smem_bytes > static_cast<size_t>(g_dev.smem_optin))
+    fail("static + dynamic shared memory (%zu + %zu bytes) above the device's limit", g_static_smem, g_smem_bytes);
+}
+
 int syncthreads_or(int pred) {
   const uint64_t g = g_bar_gen;
   g_or_acc |= pred != 0;
@@ -328,6 +340,8 @@ void launch_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const s
       for (unsigned x = 0; x < grid.x && !g_failed; ++x) {
         g_bid = make_uint3(x, y, z);
         std::fill(g_smem.begin(), g_smem.end(), 0xFF);
+        g_poisoned.clear();
+        g_static_smem = 0;
         run_block(static_cast<int>(threads));
       }
   if (g_failed) g_last = cudaErrorLaunchFailure;
