@@ -5,12 +5,15 @@ tensors through the SIMT emulator (tests/simt/simt.h):
         out, lse = fastllm.ops._attention_cuda.flash_attention_cuda(q, k, v, ...)  # CPU tensors
 
 Inside the block fastllm._ext.lib() is the emulated _C (built by tests/simt/build.py), device
-pointers are host pointers, the stream is 0 and a CPU tensor's device index reads as 0.
+pointers are host pointers, the stream is 0 and a CPU tensor's device index reads as 0; with
+guard_outputs (default) torch.empty hands out poisoned buffers that end at an inaccessible page.
 """
 import contextlib
 import ctypes
 import os
 import sys
+
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -42,19 +45,34 @@ DEVICES = {(8, 0): (108, 166912), (8, 6): (84, 101376), (8, 9): (128, 101376), (
 
 
 @contextlib.contextmanager
-def emulated_cuda(sm=(8, 0), sms=None, smem_optin=None):
+def emulated_cuda(sm=(8, 0), sms=None, smem_optin=None, guard_outputs=True):
     from fastllm import _ext
     mod = load()
     d_sms, d_smem = DEVICES.get(tuple(sm), (108, 166912))
     mod._cdll.simt_configure(ctypes.c_int(sm[0]), ctypes.c_int(sm[1]), ctypes.c_int(sms or d_sms),
                              ctypes.c_int(smem_optin or d_smem))
-    saved = _ext.lib, _ext.stream_of
+    saved = _ext.lib, _ext.stream_of, torch.empty
     _ext.lib = lambda: _Lib(mod)
     _ext.stream_of = lambda t: 0
+    if guard_outputs:
+        torch.empty = _guarded_empty(torch.empty)
     try:
         yield mod
     finally:
-        _ext.lib, _ext.stream_of = saved
+        _ext.lib, _ext.stream_of, torch.empty = saved
+
+
+def _guarded_empty(empty):
+    """torch.empty for the glue's outputs and workspaces: poisoned (NaN / the integer minimum)
+    and ending at an inaccessible page, so an element never written shows and a write past the
+    end fails the launch instead of corrupting the heap."""
+    def guarded_empty(*size, dtype=None, device=None, **kw):
+        t = empty(*size, dtype=dtype, device=device, **kw)
+        if t.device.type != "cpu" or kw or t.numel() == 0:
+            return t
+        t.fill_(float("nan") if t.is_floating_point() else torch.iinfo(t.dtype).min)
+        return guarded(t, "end")
+    return guarded_empty
 
 
 _PAGE = 4096
@@ -70,7 +88,6 @@ def guarded(t, side="end"):
     16-byte chunk ends at the page, with side="start" it begins right after one. A kernel that
     reads or writes past that edge fails its emulated launch ("invalid memory access")."""
     import weakref
-    import torch
     t = t.contiguous()
     n = max(t.numel() * t.element_size(), 1)
     n16 = (n + 15) // 16 * 16

@@ -26,6 +26,14 @@ MUTATIONS = [
     ("attention: no barrier before the prefetch overwrites a stage", "attention/flash_fwd_kernel.cuh",
      "    __syncthreads();  // every warp is done with this stage", "    // (barrier removed)",
      "tests/test_simt_attention.py", "matches_reference"),
+    ("sparse24: epilogue stores past N", "sparse24/sparse24_gemm_kernel.cuh",
+     "if (n < p.N && m < p.M) finish(", "if (m < p.M) finish(", "tests/test_simt_sparse24.py", "float_grid"),
+    ("sparse24: metadata rows not clamped", "sparse24/sparse24_gemm_kernel.cuh",
+     "const int64_t rb = min(w0 / 16 + b, p.N / 16 - 1);", "const int64_t rb = w0 / 16 + b;",
+     "tests/test_simt_sparse24.py", "float_grid"),
+    ("sparse24: split-K reduce drops the last slice", "sparse24/sparse24_gemm_kernel.cuh",
+     "for (int z = 1; z < splits; ++z)", "for (int z = 1; z < splits - 1; ++z)",
+     "tests/test_simt_sparse24.py", "split_k"),
 ]
 
 
