@@ -70,7 +70,10 @@ def _guarded_empty(empty):
         t = empty(*size, dtype=dtype, device=device, **kw)
         if t.device.type != "cpu" or kw or t.numel() == 0:
             return t
-        t.fill_(float("nan") if t.is_floating_point() else torch.iinfo(t.dtype).min)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(torch.iinfo(t.dtype).min)
         return guarded(t, "end")
     return guarded_empty
 

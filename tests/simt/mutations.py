@@ -16,6 +16,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 # (name, file under csrc/, old text (must occur once), new text, test file, -k expression)
+TD, DK, DMR = "tests/test_simt_decode.py", "decode/decode_kernel.cuh", "common/mask_range.cuh"
 MUTATIONS = [
     ("attention: pipeline wait lets the current tile stay in flight", "attention/flash_fwd_kernel.cuh",
      "cp_async_wait<1>();  // this tile's", "cp_async_wait<2>();  // this tile's",
@@ -34,6 +35,31 @@ MUTATIONS = [
     ("sparse24: split-K reduce drops the last slice", "sparse24/sparse24_gemm_kernel.cuh",
      "for (int z = 1; z < splits; ++z)", "for (int z = 1; z < splits - 1; ++z)",
      "tests/test_simt_sparse24.py", "split_k"),
+    ("decode: pipeline wait one group short", DK, "cp_async_wait<kStages - 2>();  // tile `it` landed",
+     "cp_async_wait<kStages - 1>();  // tile `it` landed", TD, ""),
+    ("decode: causal tiles skip the mask", DK, "t0 + kBN > end || t0 + kBN - 1 > L - Sq ||", "t0 + kBN > end ||", TD, ""),
+    ("decode: window starts one key late", DK, "lo = max(L - Sq - p.window + 1, 0);",
+     "lo = max(L - Sq - p.window + 2, 0);", TD, ""),
+    ("decode: one key past the piece is loaded", DK, "const bool valid = j < end;", "const bool valid = j <= end;", TD, ""),
+    ("decode: combine ignores splits >= 32 in the sum", DK,
+     "for (int s = lane; s < S; s += 32) sum += expf(lp[s] - m_safe);",
+     "for (int s = lane; s < S && s < 32; s += 32) sum += expf(lp[s] - m_safe);", TD, ""),
+    ("decode: mask scan's last key one short", DMR, "(31 - __clz(word[i])) / 8 + 1);", "(31 - __clz(word[i])) / 8);", TD, ""),
+    ("decode: D256 Q re-read from the wrong k-step", DK, "ldmatrix_x4(a, QTile::addr(q_lane, q_x, 0, kk * 2));",
+     "ldmatrix_x4(a, QTile::addr(q_lane, q_x, 0, (kk ^ 1) * 2));", TD, ""),
+    ("decode: no -inf guard on the running max", DK, "const float m_scaled = mx == -INFINITY ? 0.f : mx * mult;",
+     "const float m_scaled = mx * mult;", TD, ""),
+    ("decode: page ids not clamped", DK, "page = min(max(page, 0), p.num_pages - 1);", "", TD, ""),
+    ("decode: warp merge sees warp 0 only", DK,
+     "for (int w = 0; w < kNWarps; ++w) M = fmaxf(M, red_ml[(w * 16 + lr) * 2]);",
+     "for (int w = 0; w < 1; ++w) M = fmaxf(M, red_ml[(w * 16 + lr) * 2]);", TD, ""),
+    ("decode: paged slot offset wrong", DK, "slot = j % p.page_size;",
+     "slot = j % p.page_size; slot = (slot + (p.page_size > 1 ? 1 : 0)) % p.page_size;", TD, ""),
+    ("decode: combine has no row bound", DK, "  if (row >= total_rows) return;\n", "  if (row >= total_rows + 64) return;\n", TD, ""),
+    ("decode: split kernel writes rows past group * Sq", DK, "    if (R >= p.rows) continue;\n", "", TD, ""),
+    ("decode: no barrier before a stage is refilled", DK,
+     "    __syncthreads();               // ... for every thread; and stage (it - 1) is free again", "    // removed",
+     TD, ""),
 ]
 
 

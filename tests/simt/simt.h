@@ -15,7 +15,10 @@
 // lanes of a warp in different warp-wide instructions, a lane exiting while its warp waits,
 // deadlock at a barrier, dynamic shared memory above the opt-in, bad launch shapes. cp.async
 // is modelled as asynchronous: the destination reads as NaN (0xFF bytes) from the issue until
-// the issuing thread's cp.async.wait_group covers it, so a missing wait shows in the results.
+// the issuing thread's cp.async.wait_group covers it AND that thread then reaches a barrier
+// (__syncthreads / __syncwarp), so a missing wait or barrier shows in the results. (A thread
+// reading its own copy after the wait without a barrier, legal on hardware, would read NaN too:
+// no kernel here does.)
 // Not modelled: memory-model reordering, timing, registers, global-memory bounds.
 #pragma once
 
@@ -54,6 +57,7 @@ size_t smem_size();
 [[noreturn]] void fail(const char* fmt, ...);
 void syncthreads();
 int syncthreads_or(int pred);
+void syncwarp();
 // Warp-wide exchange: every lane passes `in` (bytes) and a tag naming the instruction; when all
 // lanes of the warp have arrived, the last one calls compute(ins, outs) once for the warp; then
 // each lane gets its own `out`. Lanes in different instructions fail the launch.
@@ -187,9 +191,7 @@ inline void __syncthreads() { ::simt::syncthreads(); }
 inline int __syncthreads_or(int pred) { return ::simt::syncthreads_or(pred); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   ::simt::full_mask(mask, "__syncwarp");
-  int dummy = 0;
-  ::simt::warp_exchange("bar.warp.sync", &dummy, sizeof(dummy), &dummy, sizeof(dummy),
-                        [](const unsigned char (*)[64], unsigned char (*)[64], const void*) {});
+  ::simt::syncwarp();
 }
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {

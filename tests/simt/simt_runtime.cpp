@@ -37,6 +37,7 @@ struct Fiber {
   uint64_t gen = 0;
   std::vector<std::vector<Copy>> groups;  // committed cp.async groups, oldest first
   std::vector<Copy> open;                 // issued, not yet committed
+  std::vector<Copy> landed;               // waited for, not yet published by a barrier
 };
 
 struct WarpSync {
@@ -89,6 +90,15 @@ void complete(const Copy& c) {
     std::memset(d, 0, 16);
 }
 
+// cp.async.wait_group makes the copies visible to the waiting thread; other threads see them
+// after a barrier (bar.sync / bar.warp.sync) that follows the wait. Modelled by publishing the
+// landed copies when their thread reaches a barrier: a reader that relies on the wait alone
+// reads the poison.
+void publish_landed() {
+  for (const Copy& c : g_cur->landed) complete(c);
+  g_cur->landed.clear();
+}
+
 void thread_exit() {
   Fiber& f = *g_cur;
   f.done = true;
@@ -127,6 +137,7 @@ void run_block(int nthreads) {
     f.wait = kNone;
     f.groups.clear();
     f.open.clear();
+    f.landed.clear();
     f.st.tid = make_uint3(t % g_bdim.x, (t / g_bdim.x) % g_bdim.y, t / (g_bdim.x * g_bdim.y));
     f.st.lane = t % 32;
     f.st.warp = t / 32;
@@ -222,6 +233,7 @@ void poison_once(void* p, size_t bytes) {
 }
 
 int syncthreads_or(int pred) {
+  publish_landed();
   const uint64_t g = g_bar_gen;
   g_or_acc |= pred != 0;
   if (++g_bar_arrived == g_live) {
@@ -265,6 +277,13 @@ void warp_exchange(const char* tag, const void* in, size_t in_bytes, void* out, 
   std::memcpy(out, w.out[par][f.st.lane], out_bytes);
 }
 
+void syncwarp() {
+  publish_landed();
+  int dummy = 0;
+  warp_exchange("bar.warp.sync", &dummy, sizeof(dummy), &dummy, sizeof(dummy),
+                [](const unsigned char (*)[64], unsigned char (*)[64], const void*) {});
+}
+
 void cp_async_issue(uint32_t dst, const void* src, bool valid) {
   unsigned char* d = smem_at<unsigned char>(dst, 16, 16, "cp.async");
   if (valid && reinterpret_cast<uintptr_t>(src) % 16) fail("cp.async: global source %p not 16-byte aligned", src);
@@ -280,7 +299,7 @@ void cp_async_wait(int n) {
   const size_t keep = static_cast<size_t>(n);
   size_t drop = gs.size() > keep ? gs.size() - keep : 0;
   for (size_t i = 0; i < drop; ++i)
-    for (const Copy& c : gs[i]) complete(c);
+    for (const Copy& c : gs[i]) g_cur->landed.push_back(c);
   gs.erase(gs.begin(), gs.begin() + drop);
 }
 
