@@ -16,7 +16,11 @@ flash_attention(q, k, v, *, causal, scale=None, mask=None, window=None, softcap=
      j <= p_i. With Sq > Skv the first Sq - Skv rows see nothing.
   mask: optional bool tensor broadcastable to (B, 1, Sq, Skv) (each of dims 0, 2, 3 either full
      or 1; dim 1 is 1), True = attend: transformers' sdpa mask (left / right padding). Any
-     strides, expanded views included.
+     strides, expanded views included. K / V must be finite at every key: the kernels skip
+     whole tiles that causality, the window or the mask rule out, but an excluded key sharing a
+     tile (or the mask's first..last allowed-key range) with an allowed one is read and
+     weighted by 0 (NaN / inf there give NaN on the cuda and triton backends, as in plain
+     matmul attention).
   window=W (int >= 1): sliding window as transformers' `sliding_window` (Mistral, Gemma): the
      query at position p sees only keys at positions > p - W (W keys, its own included). With
      causal=False it restricts only the left side.

@@ -23,7 +23,10 @@ decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, block_table=None, s
   scale: defaults to 1 / sqrt(D).
   Returns out (B, Sq, Hq, D) contiguous in q.dtype (flash_attention's layout) and, with
   return_lse=True, lse (B, Hq, Sq) float32. A row with nothing allowed: out 0, lse -inf.
-  Exact semantics: fastllm/ref/decode.py.
+  Exact semantics: fastllm/ref/decode.py. Cache slots past cache_seqlens (or outside the
+  block table's pages in use) are never read and may hold anything. A key a mask excludes may
+  be read and weighted by 0, so K / V must be finite at masked keys (NaN / inf there give NaN
+  on the cuda and triton backends, as in plain matmul attention; fastllm.ref stays finite).
 
 Metadata on the device (cache_seqlens, block_table): checking its values needs a device sync,
 so for CUDA tensors it is not checked unless validate=True (which syncs and raises ValueError
