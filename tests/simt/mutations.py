@@ -140,6 +140,8 @@ def run(mutation):
 
 if __name__ == "__main__":
     wanted = [m for m in MUTATIONS if not sys.argv[1:] or any(a in m[0] for a in sys.argv[1:])]
-    results = [run(m) for m in wanted]
-    print("\n".join(results))
+    results = []
+    for m in wanted:
+        results.append(run(m))
+        print(results[-1], flush=True)
     sys.exit(0 if all(r.startswith("caught") for r in results) else 1)
