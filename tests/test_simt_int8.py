@@ -45,31 +45,16 @@ DEVICES = [(8, 0), (8, 6)]
 FLOATS = [torch.float16, torch.bfloat16, torch.float32]
 
 
-def _poisoned_empty(orig):
-    def empty(*args, **kwargs):
-        t = orig(*args, **kwargs)
-        if t.dtype.is_floating_point:
-            t.fill_(float("nan"))
-        elif t.dtype == torch.uint8:          # the split-K workspace
-            t.fill_(0xA5)
-        elif t.dtype != torch.bool:
-            t.fill_(torch.iinfo(t.dtype).min)
-        return t
-    return empty
-
-
 @pytest.fixture(params=DEVICES, ids=lambda sm: f"sm{sm[0]}{sm[1]}")
-def emu(request, monkeypatch):
-    """Context manager factory: the emulated device of this test, with every torch.empty the
-    glue makes (outputs, workspace) filled with NaN / the integer minimum."""
+def emu(request):
+    """Context manager factory: the emulated device of this test (whose torch.empty fills the
+    glue's outputs and workspace with NaN / the integer minimum / 0xFF bytes)."""
     sm = request.param
 
     @contextlib.contextmanager
     def ctx(sms=None):
-        with monkeypatch.context() as mp:
-            mp.setattr(torch, "empty", _poisoned_empty(torch.empty))
-            with emulated_cuda(sm=sm, sms=sms) as mod:
-                yield mod
+        with emulated_cuda(sm=sm, sms=sms) as mod:
+            yield mod
     ctx.sm = sm
     ctx.sms = SIMT_DEVICES[sm][0]
     return ctx

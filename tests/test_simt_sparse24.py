@@ -23,7 +23,6 @@ The emulator's mma.sp model (tests/simt/simt_runtime.cpp) was ported from
 python/fastllm/sparse/mma_sp.py: test_mma_sp_model_agrees runs the emulated kernel on random
 (valid, not compress()-made) metadata and random values and compares with mma_sp.emulate_gemm.
 """
-import contextlib
 import os
 import sys
 
@@ -63,24 +62,10 @@ def _poison(t):
     return t.fill_(torch.iinfo(t.dtype).min)
 
 
-@contextlib.contextmanager
-def _poisoned_empty():
-    """The glue's torch.empty (output, workspace) returns poisoned memory, so unwritten shows."""
-    real = torch.empty
-
-    def empty(*args, **kwargs):
-        return _poison(real(*args, **kwargs))
-    torch.empty = empty
-    try:
-        yield
-    finally:
-        torch.empty = real
-
-
 def run(x, values, meta, bias=None, a_scale=None, w_scale=None, out_dtype=None, sm=SM80, sms=None):
     """The glue + launcher + kernel through the emulator (the op layer's checks are the caller's)."""
     assert cuda_supports(x, values, meta, bias, a_scale, w_scale) is None
-    with emulated_cuda(sm=sm, sms=sms), _poisoned_empty():
+    with emulated_cuda(sm=sm, sms=sms):   # (its torch.empty poisons the glue's buffers)
         return sparse24_cuda(x, values, meta, bias, a_scale, w_scale, out_dtype)
 
 

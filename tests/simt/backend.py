@@ -72,6 +72,8 @@ def _guarded_empty(empty):
             return t
         if t.is_floating_point():
             t.fill_(float("nan"))
+        elif t.dtype == torch.uint8:    # raw workspaces (split-K partials): NaN fp32 / -1 int32
+            t.fill_(0xFF)
         elif t.dtype != torch.bool:
             t.fill_(torch.iinfo(t.dtype).min)
         return guarded(t, "end")
