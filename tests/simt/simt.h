@@ -198,21 +198,16 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   ::simt::full_mask(mask, "__shfl_xor_sync");
   return ::simt::shfl_xor(v, lane_mask, width);
 }
-inline unsigned __reduce_min_sync(unsigned mask, unsigned v) {
+// __reduce_{min,max}_sync exist for int and unsigned.
+template <typename T, typename = std::enable_if_t<std::is_same<T, int>::value || std::is_same<T, unsigned>::value>>
+inline T __reduce_min_sync(unsigned mask, T v) {
   ::simt::full_mask(mask, "__reduce_min_sync");
-  return ::simt::reduce_minmax<unsigned, false>(v);
+  return ::simt::reduce_minmax<T, false>(v);
 }
-inline int __reduce_min_sync(unsigned mask, int v) {
-  ::simt::full_mask(mask, "__reduce_min_sync");
-  return ::simt::reduce_minmax<int, false>(v);
-}
-inline unsigned __reduce_max_sync(unsigned mask, unsigned v) {
+template <typename T, typename = std::enable_if_t<std::is_same<T, int>::value || std::is_same<T, unsigned>::value>>
+inline T __reduce_max_sync(unsigned mask, T v) {
   ::simt::full_mask(mask, "__reduce_max_sync");
-  return ::simt::reduce_minmax<unsigned, true>(v);
-}
-inline int __reduce_max_sync(unsigned mask, int v) {
-  ::simt::full_mask(mask, "__reduce_max_sync");
-  return ::simt::reduce_minmax<int, true>(v);
+  return ::simt::reduce_minmax<T, true>(v);
 }
 template <typename T>
 inline T __ldg(const T* p) { return *p; }

@@ -403,6 +403,19 @@ void store_d(unsigned char (*outs)[64], const Acc (&D)[16][8], const unsigned ch
   }
 }
 
+// D = A (16 x K) * B (K x 8) of one warp: the products summed exactly (double for 16-bit
+// floats, int64 for s8) and rounded once to fp32, or wrapped to s32 (uint32_t bits).
+template <int K, typename In, typename Out>
+void matmul_16x8(const In (&A)[16][K], const In (&B)[K][8], Out (&D)[16][8]) {
+  using Wide = std::conditional_t<std::is_floating_point<In>::value, double, int64_t>;
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 8; ++n) {
+      Wide s = 0;
+      for (int k = 0; k < K; ++k) s += static_cast<Wide>(A[m][k]) * B[k][n];
+      D[m][n] = static_cast<Out>(s);
+    }
+}
+
 // Per-lane operand record of a dense or sparse mma: c (4 x 32 bits), a (4), b (up to 4), e.
 struct MmaIn {
   uint32_t c[4], a[4], b[4], e;
@@ -427,12 +440,7 @@ void mma_f16_compute(const unsigned char (*ins)[64], unsigned char (*outs)[64], 
     }
   }
   float D[16][8];
-  for (int m = 0; m < 16; ++m)
-    for (int n = 0; n < 8; ++n) {
-      double s = 0;   // products of 16-bit values are exact in double; one rounding to fp32
-      for (int k = 0; k < 16; ++k) s += static_cast<double>(A[m][k]) * B[k][n];
-      D[m][n] = static_cast<float>(s);
-    }
+  matmul_16x8(A, B, D);
   store_d(outs, D, ins);
 }
 
@@ -448,12 +456,7 @@ void mma_s8_compute(const unsigned char (*ins)[64], unsigned char (*outs)[64], c
       for (int i = 0; i < 4; ++i) B[4 * c + 16 * r + i][g] = s8(in.b[r], i);
   }
   uint32_t D[16][8];
-  for (int m = 0; m < 16; ++m)
-    for (int n = 0; n < 8; ++n) {
-      int64_t s = 0;
-      for (int k = 0; k < 32; ++k) s += static_cast<int64_t>(A[m][k]) * B[k][n];
-      D[m][n] = static_cast<uint32_t>(s);   // s32 wraps
-    }
+  matmul_16x8(A, B, D);
   store_d(outs, D, ins);
 }
 
@@ -487,12 +490,7 @@ void mma_sp_f16_compute(const unsigned char (*ins)[64], unsigned char (*outs)[64
     }
   }
   float D[16][8];
-  for (int m = 0; m < 16; ++m)
-    for (int n = 0; n < 8; ++n) {
-      double s = 0;
-      for (int k = 0; k < 32; ++k) s += static_cast<double>(A[m][k]) * B[k][n];
-      D[m][n] = static_cast<float>(s);
-    }
+  matmul_16x8(A, B, D);
   store_d(outs, D, ins);
 }
 
@@ -516,12 +514,7 @@ void mma_sp_s8_compute(const unsigned char (*ins)[64], unsigned char (*outs)[64]
       for (int k = 0; k < 4; ++k) B[4 * t + 16 * i + k][g] = s8(in[lane].b[i], k);
   }
   uint32_t D[16][8];
-  for (int m = 0; m < 16; ++m)
-    for (int n = 0; n < 8; ++n) {
-      int64_t s = 0;
-      for (int k = 0; k < 64; ++k) s += static_cast<int64_t>(A[m][k]) * B[k][n];
-      D[m][n] = static_cast<uint32_t>(s);
-    }
+  matmul_16x8(A, B, D);
   store_d(outs, D, ins);
 }
 
