@@ -299,22 +299,29 @@ def test_varlen_passes_the_strides_it_checked(monkeypatch):
 def test_varlen_matches_per_sequence(dtype, D):
     # Packed sequences (one without queries, one without keys, q longer than k) == the dense
     # kernel run on each sequence alone.
-    from fastllm.ops._attention_cuda import flash_attention_varlen_cuda
     lens_q, lens_k = [1, 130, 0, 97, 40, 5], [1, 200, 7, 97, 33, 0]
     cu_q = torch.tensor([0] + lens_q, device="cuda").cumsum(0).to(torch.int32)
     cu_k = torch.tensor([0] + lens_k, device="cuda").cumsum(0).to(torch.int32)
     q = torch.randn(int(cu_q[-1]), 8, D, device="cuda", dtype=dtype)
     k = torch.randn(int(cu_k[-1]), 2, D, device="cuda", dtype=dtype)
     v = torch.randn(int(cu_k[-1]), 2, D, device="cuda", dtype=dtype)
-    for causal, window, softcap in ((True, 0, 0.0), (False, 0, 0.0), (True, 50, 20.0)):
+    assert_varlen_matches_per_sequence(q, k, v, cu_q, cu_k, lens_q, lens_k, window=50)
+
+
+def assert_varlen_matches_per_sequence(q, k, v, cu_q, cu_k, lens_q, lens_k, window):
+    """The varlen kernel's rows of each sequence == the dense kernel on that sequence alone, bit
+    for bit (causal and not; causal with `window` and a softcap)."""
+    from fastllm.ops._attention_cuda import flash_attention_varlen_cuda
+    D = q.shape[-1]
+    for causal, win, softcap in ((True, 0, 0.0), (False, 0, 0.0), (True, window, 20.0)):
         out, lse = flash_attention_varlen_cuda(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal,
-                                               D ** -0.5, window, softcap)
+                                               D ** -0.5, win, softcap)
         for b in range(len(lens_q)):
             q0, q1, k0, k1 = cu_q[b].item(), cu_q[b + 1].item(), cu_k[b].item(), cu_k[b + 1].item()
             if q1 == q0:
                 continue
             o, l = flash_attention_cuda(q[q0:q1].transpose(0, 1)[None], k[k0:k1].transpose(0, 1)[None],
-                                        v[k0:k1].transpose(0, 1)[None], None, causal, D ** -0.5, window, softcap)
+                                        v[k0:k1].transpose(0, 1)[None], None, causal, D ** -0.5, win, softcap)
             assert torch.equal(out[q0:q1], o[0]), (b, causal)
             assert torch.equal(lse[:, q0:q1], l[0]), (b, causal)
 

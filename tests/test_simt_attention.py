@@ -14,7 +14,7 @@ import torch
 
 import test_attention_cuda as gpu_tests
 from simt.backend import emulated_cuda, unavailable_reason
-from fastllm.ops._attention_cuda import HEAD_DIMS, flash_attention_cuda, flash_attention_varlen_cuda
+from fastllm.ops._attention_cuda import HEAD_DIMS, flash_attention_cuda
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=f"simt emulator: {unavailable_reason()}")
 
@@ -120,18 +120,7 @@ def test_varlen_matches_per_sequence(dtype, D):
     k = torch.randn(int(cu_k[-1]), 2, D, dtype=dtype)
     v = torch.randn(int(cu_k[-1]), 2, D, dtype=dtype)
     with emulated_cuda():
-        for causal, window, softcap in ((True, 0, 0.0), (False, 0, 0.0), (True, 20, 20.0)):
-            out, lse = flash_attention_varlen_cuda(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal,
-                                                   D ** -0.5, window, softcap)
-            for b in range(len(lens_q)):
-                q0, q1, k0, k1 = cu_q[b].item(), cu_q[b + 1].item(), cu_k[b].item(), cu_k[b + 1].item()
-                if q1 == q0:
-                    continue
-                o, l_ = flash_attention_cuda(q[q0:q1].transpose(0, 1)[None], k[k0:k1].transpose(0, 1)[None],
-                                             v[k0:k1].transpose(0, 1)[None], None, causal, D ** -0.5, window,
-                                             softcap)
-                assert torch.equal(out[q0:q1], o[0]), (b, causal)
-                assert torch.equal(lse[:, q0:q1], l_[0]), (b, causal)
+        gpu_tests.assert_varlen_matches_per_sequence(q, k, v, cu_q, cu_k, lens_q, lens_k, window=20)
 
 
 @pytest.mark.parametrize("side", ["start", "end"])
