@@ -26,7 +26,6 @@
 #define __global__
 #define __device__
 #define __host__
-#define __shared__ static
 #define __launch_bounds__(...)
 
 #include <cuda_bf16.h>
