@@ -19,7 +19,8 @@
 // (__syncthreads / __syncwarp), so a missing wait or barrier shows in the results. (A thread
 // reading its own copy after the wait without a barrier, legal on hardware, would read NaN too:
 // no kernel here does.)
-// Not modelled: memory-model reordering, timing, registers, global-memory bounds.
+// Not modelled: memory-model reordering, timing, registers; global-memory bounds only for
+// buffers placed against an inaccessible page (backend.guarded, the glue's outputs).
 #pragma once
 
 // Before the CUDA headers: they define these only where the host compiler has not.
