@@ -7,7 +7,7 @@ The emulator executes the kernel's C++ with ldmatrix / mma / cp.async modelled p
 (cp.async data only visible after the issuing thread's wait_group; unwritten shared memory reads
 as NaN), so index math, fragment layouts, swizzles, the pipeline's waits, masking, the online
 softmax and the epilogue all run as written. Not covered: the hardware itself (memory ordering,
-timing, registers), the sm_90a wgmma kernel. Shapes are small (each CTA's threads are fibers).
+timing, registers); the sm_90a wgmma kernel: tests/test_simt_hopper.py. Shapes are small (each CTA's threads are fibers).
 """
 import pytest
 import torch
@@ -22,17 +22,22 @@ DTYPES = (torch.float16, torch.bfloat16)
 DEVICES = ((8, 0), (8, 6))   # A100-like (163 KB opt-in shared memory), sm86-like (99 KB)
 
 
-@pytest.fixture
-def emulated(monkeypatch, request):
-    """gpu_tests.check with its kernel call routed through the emulator on CPU tensors."""
-    sm = getattr(request, "param", (8, 0))
-
+def routed_check(monkeypatch, emulator):
+    """gpu_tests.check with its kernel call run on CPU tensors inside `emulator()` (a context
+    manager: the emulated device)."""
     def run(q, k, v, *, causal, scale=None, mask=None, window=None, softcap=None):
-        with emulated_cuda(sm=sm):
+        with emulator():
             return flash_attention_cuda(q, k, v, mask, causal, scale if scale else q.shape[-1] ** -0.5,
                                         window or 0, softcap or 0.0)
     monkeypatch.setattr(gpu_tests, "run_cuda", run)
     return gpu_tests.check
+
+
+@pytest.fixture
+def emulated(monkeypatch, request):
+    """gpu_tests.check with its kernel call routed through the emulator on CPU tensors."""
+    sm = getattr(request, "param", (8, 0))
+    return routed_check(monkeypatch, lambda: emulated_cuda(sm=sm))
 
 
 def qkv(B, Hq, Hkv, Sq, Skv, D, dtype, **kw):

@@ -95,7 +95,35 @@ def test_rewrite():
     assert "unsigned char* smem_raw = ::simt::dynamic_smem<unsigned char>();" in out
     assert ("static float s_inv[kTok]; static float s_scale[kTok]; ::simt::poison_once(&s_inv, sizeof(s_inv)); "
             "::simt::poison_once(&s_scale, sizeof(s_scale));") in out
-    with pytest.raises(ValueError, match="multi-instruction"):
+    with pytest.raises(ValueError, match="asm block not modelled"):
         rewrite('asm("{ .reg .pred p; selp.u32 %0, 1, 0, p; }" : "=r"(x));', "test")
+    with pytest.raises(ValueError, match="multi-instruction"):
+        rewrite('asm("fence.proxy.async; fence.proxy.async;");', "test")
     with pytest.raises(ValueError, match="unused"):
         rewrite('asm("ex2.approx.ftz.f32 %0, %0;" : "=f"(y) : "f"(x));', "test")
+
+
+def test_rewrite_hopper_idioms():
+    # Predicates folded into the instruction they guard or feed, the sink operand dropped, an
+    # empty (compiler-only) asm erased, and asm inside a macro definition expanded first.
+    src = r'''
+#include <cstdint>
+#define WAIT(P) asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n" \
+                             "selp.u32 %0, 1, 0, p;\n}\n" : "=r"(done) : "r"(bar), "r"(P) : "memory")
+#define ARRIVE(INSTR) \
+  asm volatile(INSTR " _, [%0];\n" ::"r"(bar) : "memory")
+void f() {
+  WAIT(parity);
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %2, 0;\nwgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+               "{%0, %1}, %3, %4, p, 1, 1, 0, 0;\n}\n" : "+f"(d[0]), "+f"(d[1]) : "r"(acc), "l"(da), "l"(db));
+  ARRIVE("mbarrier.arrive.shared::cta.b64");
+  asm volatile("" : "+r"(x)::"memory");
+}
+'''
+    out = rewrite(src, "test")
+    assert out.startswith("#include <cstdint>\n")
+    assert "::simt::ptx::mbarrier_try_wait_parity_shared_cta_b64(done, bar, parity)" in out
+    assert ("::simt::ptx::wgmma_mma_async_sync_aligned_m64n64k16_f32_f16_f16(d[0], d[1], da, db, acc, 1, 1, 0, 0)"
+            in out)
+    assert "::simt::ptx::mbarrier_arrive_shared_cta_b64(bar)" in out
+    assert "((void)0)" in out and "asm" not in out

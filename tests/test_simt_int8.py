@@ -23,7 +23,7 @@ through the SIMT emulator (tests/simt/), on an A100-like (sm80, 108 SMs) and an 
 Every output buffer the glue allocates is poisoned first (NaN / the integer minimum), so an
 element the kernels never write shows. The emulator runs the kernels' C++ with ldmatrix / mma /
 cp.async modelled per the PTX ISA; not covered: the hardware itself (memory ordering, timing,
-registers) and the sm_90a wgmma kernels. Shapes are small (each CTA's threads are fibers).
+registers); the sm_90a wgmma kernels: tests/test_simt_hopper.py. Shapes are small (each CTA's threads are fibers).
 """
 import contextlib
 

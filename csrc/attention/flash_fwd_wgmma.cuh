@@ -25,7 +25,8 @@
 // copies_landed (fence.proxy.async) before the barrier that publishes them to the tensor cores.
 // Launcher: flash_fwd_launcher.cu (sm_90 with a 90a build, D 64 / 128 / 256; FASTLLM_ATTN_WGMMA=0
 // keeps the sm80 kernel). Instantiations: flash_fwd_hdim*_*_sm90a.cu. Emulation of the layouts
-// and descriptors: tests/test_attention_wgmma_emulated.py; GPU test: tests/test_attention_cuda.py.
+// and descriptors: tests/test_attention_wgmma_emulated.py; this source run on CPU by the SIMT
+// emulator: tests/test_simt_hopper.py; GPU test: tests/test_attention_cuda.py.
 #pragma once
 
 #include "attention/flash_fwd_kernel.cuh"

@@ -29,7 +29,8 @@
 //      the shared reduce kernel applies the epilogue.
 // Launcher: int8_launcher.cu (used on sm_90 for M > kWgmmaMinM when the build has 90a).
 // Instantiations: int8_wgmma_{i32,f16,bf16,f32}_sm90a.cu. Test: pytest tests/test_int8_cuda.py
-// (GPU); emulation of the layout and pipeline: tests/test_int8_wgmma_emulated.py.
+// (GPU); emulation of the layout and pipeline: tests/test_int8_wgmma_emulated.py; this source run
+// on CPU by the SIMT emulator: tests/test_simt_hopper.py.
 #pragma once
 
 #include "common/wgmma.cuh"

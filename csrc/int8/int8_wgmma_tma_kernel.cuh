@@ -17,7 +17,8 @@
 //     consumers, step kt: wait full[s] parity u & 1; four m64nNk32 MMAs; commit; wait_group 1
 //       (step kt - 1 retired); one thread per warpgroup arrives on empty[(kt - 1) % kStages].
 // Launcher: int8_launcher.cu builds the two tensor maps (driver entry point, no libcuda link).
-// Emulation of the barrier protocol: tests/test_int8_wgmma_emulated.py.
+// Emulation of the barrier protocol: tests/test_int8_wgmma_emulated.py; this source (TMA, mbarrier
+// and wgmma modelled) run on CPU by the SIMT emulator: tests/test_simt_hopper.py.
 #pragma once
 
 #include "common/tma.cuh"

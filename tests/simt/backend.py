@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from simt.build import load, unavailable_reason  # noqa: E402
 
-__all__ = ["emulated_cuda", "guarded", "load", "unavailable_reason"]
+__all__ = ["emulated_cuda", "guarded", "hopper_counts", "load", "unavailable_reason"]
 
 
 class _Lib:
@@ -60,6 +60,15 @@ def emulated_cuda(sm=(8, 0), sms=None, smem_optin=None, guard_outputs=True):
         yield mod
     finally:
         _ext.lib, _ext.stream_of, torch.empty = saved
+
+
+def hopper_counts():
+    """(warpgroup MMAs executed, TMA copies landed) by the emulated module since it was loaded:
+    a test of an sm_90a kernel checks that they grew (the launcher did choose that kernel)."""
+    lib = load()._cdll
+    w, t = ctypes.c_longlong(), ctypes.c_longlong()
+    lib.simt_hopper_counts(ctypes.byref(w), ctypes.byref(t))
+    return w.value, t.value
 
 
 def _guarded_empty(empty):

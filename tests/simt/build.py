@@ -3,11 +3,16 @@
     python tests/simt/build.py            # build (cached) and print the module path
     from simt.build import load; lib = load()   # (tests/ on sys.path) the emulated _C module
 
-The sources are csrc/ as they are, minus the sm_90a units (wgmma / TMA are not modelled),
+The sources are csrc/ as they are, the sm_90a units (wgmma / TMA / mbarrier) included,
 rewritten mechanically before a host C++ compiler sees them:
   * each `asm` statement -> simt::ptx::<mnemonic>(operands in the template's order), the
     mnemonic's dots and '::' turned into '_'; an instruction simt.h has no model for fails to
-    compile, so nothing runs unmodelled;
+    compile, so nothing runs unmodelled. Two predicate idioms are folded into the one
+    instruction they guard (`setp.ne.b32 p, %N, 0` before it: p is operand N, nonzero = true;
+    `selp.u32 %N, 1, 0, p` after it: p is written to operand N as 0 / 1); an empty template
+    (a compiler-only register fence) becomes nothing. A header whose asm statements sit inside
+    macro definitions (common/wgmma.cuh) has its own macros expanded first (cpp, includes
+    kept aside) so that the templates and operand lists are literal;
   * `kernel<<<grid, block, smem, stream>>>(args)` -> simt::launch(kernel, grid, block, smem,
     stream, args);
   * `extern __shared__ ... T name[];` -> `T* name = simt::dynamic_smem<T>();`;
@@ -30,8 +35,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 # FASTLLM_SIMT_CSRC: build another copy of csrc/ (mutation experiments: do the tests notice?).
 CSRC = os.environ.get("FASTLLM_SIMT_CSRC") or os.path.join(ROOT, "csrc")
-FLAGS = ["-std=c++17", "-O2", "-fPIC", "-ffp-contract=off", "-w", "-DFASTLLM_HAS_SM90A=0",
-         '-DFASTLLM_BUILT_ARCHS="simt80"']
+FLAGS = ["-std=c++17", "-O2", "-fPIC", "-ffp-contract=off", "-w", "-DFASTLLM_HAS_SM90A=1",
+         '-DFASTLLM_BUILT_ARCHS="simt80,90a"']
 
 
 def cuda_include():
@@ -48,7 +53,7 @@ def sources():
     for d, _, files in os.walk(CSRC):
         for f in files:
             rel = os.path.relpath(os.path.join(d, f), CSRC)
-            if rel.startswith("cmake") or not f.endswith((".cu", ".cuh", ".h", ".cpp")) or "_sm90a" in f:
+            if rel.startswith("cmake") or not f.endswith((".cu", ".cuh", ".h", ".cpp")):
                 continue
             out.append(rel)
     return sorted(out)
@@ -101,10 +106,33 @@ def _split_top(s, sep):
     return [p.strip() for p in parts]
 
 
+def _fold_predicate(template, where):
+    """The one instruction of a `{ .reg .pred p; ... }` block, with p replaced by the operand
+    that sets it (setp.ne.b32 p, %N, 0) or receives it (selp.u32 %N, 1, 0, p)."""
+    insts = [s.strip() for s in template.strip().strip("{}").split(";") if s.strip()]
+    if not insts or insts[0] != ".reg .pred p":
+        raise ValueError(f"{where}: asm block not modelled: {template!r}")
+    pred, main = None, []
+    for s in insts[1:]:
+        m = re.fullmatch(r"setp\.ne\.b32 p, (%\d+), 0", s) or re.fullmatch(r"selp\.u32 (%\d+), 1, 0, p", s)
+        if m:
+            pred = m.group(1)
+        else:
+            main.append(s)
+    if pred is None or len(main) != 1:
+        raise ValueError(f"{where}: asm block not modelled: {template!r}")
+    mnemonic, _, rest = main[0].partition(" ")
+    return mnemonic + " " + re.sub(r"\bp\b", pred, rest)
+
+
 def _asm_call(body, where):
     """`"template" : outs : ins [: clobbers]` -> `::simt::ptx::name(args)`."""
     sections = _split_top(body, ":")
     template = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', sections[0])).replace("\\n", " ").strip().rstrip(";")
+    if not template:   # asm volatile("" : "+r"(x)): a compiler-only fence, nothing to run
+        return "((void)0)"
+    if template.startswith("{"):
+        template = _fold_predicate(template, where)
     ops = []
     for sec in sections[1:3]:
         for op in filter(None, _split_top(sec, ",")):
@@ -116,6 +144,8 @@ def _asm_call(body, where):
     name = mnemonic.replace("::", "_").replace(".", "_")
     args, seen = [], set()
     for item in filter(None, _split_top(rest, ",")):
+        if item == "_":   # the sink operand (mbarrier.arrive's discarded state)
+            continue
         refs = re.findall(r"%(\d+)", item)
         if not refs:   # an immediate written into the template
             args.append(item)
@@ -131,8 +161,22 @@ def _asm_call(body, where):
     return f"::simt::ptx::{name}({', '.join(args)})"
 
 
+def _expand_own_macros(text):
+    """`text` with its own macros expanded (cpp), for headers that wrap asm in #define bodies;
+    #include / #pragma once lines are kept aside and put back on top."""
+    keep = [ln for ln in text.splitlines() if ln.startswith(("#include", "#pragma once"))]
+    body = "\n".join(ln for ln in text.splitlines() if not ln.startswith(("#include", "#pragma once")))
+    r = subprocess.run([os.environ.get("CXX", "g++"), "-E", "-P", "-x", "c++", "-undef", "-nostdinc", "-"],
+                       input=body, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"simt: cpp failed:\n{r.stderr[-2000:]}")
+    return "\n".join(keep) + "\n" + r.stdout
+
+
 def rewrite(text, where):
-    """The three mechanical rewrites of the module docstring."""
+    """The mechanical rewrites of the module docstring."""
+    if re.search(r"#define[^\n]*\\\n(?:[^\n]*\\\n)*[^\n]*\basm\b", text):
+        text = _expand_own_macros(text)
     out, i = [], 0
     for m in re.finditer(r"\basm\s*(?:volatile\s*)?\(", text):
         if m.start() < i:
@@ -186,7 +230,7 @@ def _inputs_hash(src_root, files):
         h.update(rel.encode())
         with open(os.path.join(src_root, rel), "rb") as f:
             h.update(f.read())
-    for f in ("simt.h", "simt_runtime.cpp", "build.py"):
+    for f in ("simt.h", "simt_internal.h", "simt_runtime.cpp", "simt_hopper.cpp", "build.py"):
         with open(os.path.join(HERE, f), "rb") as fh:
             h.update(fh.read())
     h.update(" ".join(FLAGS).encode())
@@ -247,7 +291,7 @@ def _build(src_root, files, out, so, jobs):
     inc = ["-I" + src, "-I" + HERE, "-I" + cuda_include(), "-I" + pybind11.get_include(),
            "-I" + sysconfig.get_paths()["include"]]
     units = [os.path.join(src, r) for r in files if r.endswith((".cu", ".cpp"))]
-    units.append(os.path.join(HERE, "simt_runtime.cpp"))
+    units += [os.path.join(HERE, "simt_runtime.cpp"), os.path.join(HERE, "simt_hopper.cpp")]
 
     def compile_one(path):
         obj = os.path.join(out, "obj", os.path.relpath(path, ROOT if path.startswith(HERE) else src) + ".o")

@@ -17,7 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 
 # (name, file under csrc/, old text (must occur once), new text, test file, -k expression)
 TD, DK, DMR = "tests/test_simt_decode.py", "decode/decode_kernel.cuh", "common/mask_range.cuh"
-TI, TS = "tests/test_simt_int8.py", "tests/test_simt_sparse24.py"
+TI, TS, TH = "tests/test_simt_int8.py", "tests/test_simt_sparse24.py", "tests/test_simt_hopper.py"
+IW, IT, FW, SW = ("int8/int8_wgmma_kernel.cuh", "int8/int8_wgmma_tma_kernel.cuh", "attention/flash_fwd_wgmma.cuh",
+                  "sparse24/sparse24_wgmma_kernel.cuh")
 MUTATIONS = [
     ("attention: pipeline wait lets the current tile stay in flight", "attention/flash_fwd_kernel.cuh",
      "cp_async_wait<1>();  // this tile's", "cp_async_wait<2>();  // this tile's",
@@ -117,6 +119,49 @@ MUTATIONS = [
      'p.x + (ok ? (t0 + r) * p.x_row_bytes + col : 0)', 'p.x + (ok ? (t0 + r) * p.K * kElt + col : 0)', TS, ""),
     ('sparse24: last K slice count', 'sparse24/sparse24_gemm_kernel.cuh',
      'const int64_t k_slices = p.K / Tr::kColsPerStep;', 'const int64_t k_slices = (p.K - 1) / Tr::kColsPerStep;', TS, ""),
+    # The sm_90a kernels (wgmma / TMA / mbarrier models of tests/simt/simt_hopper.cpp).
+    ("hopper int8: wait_group leaves two groups running", IW, "    wgmma::wait_group<1>();\n  }\n  wgmma::wait_group<0>();",
+     "    wgmma::wait_group<2>();\n  }\n  wgmma::wait_group<0>();", TH, "int8 and cp"),
+    ("hopper int8: no proxy fence before the MMAs read cp.async data", IW,
+     "    cp_async_wait<kStages - 3>();\n    wgmma::fence_proxy_async_smem();", "    cp_async_wait<kStages - 3>();", TH,
+     "int8 and cp"),
+    ("hopper int8: k32 step of 16 bytes", IW, "wgmma_s8<kBN>(acc, da + 2 * ks, db + 2 * ks);  // +32 B",
+     "wgmma_s8<kBN>(acc, da + ks, db + ks);  // +32 B", TH, "int8 and cp"),
+    ("hopper int8: second warpgroup reads the first one's rows", IW,
+     "wgmma::desc_sw128(sA + stage * kABytes + wg * 64 * kBK);", "wgmma::desc_sw128(sA + stage * kABytes);", TH,
+     "int8 and cp"),
+    ("hopper int8: refill overwrites the slot still in use", IW, "const int next = kt + kStages - 2;",
+     "const int next = kt + kStages - 1;", TH, "int8 and cp"),
+    ("hopper int8: no wgmma.fence", IW, "    wgmma::fence();\n    wgmma::fence_operands(acc);\n#pragma unroll\n    for (int ks",
+     "    wgmma::fence_operands(acc);\n#pragma unroll\n    for (int ks", TH, "int8 and cp"),
+    ("hopper int8 tma: consumers wait for the wrong parity", IT,
+     "tma::mbar_wait(full + 8 * s, static_cast<uint32_t>(kt / kStages) & 1);",
+     "tma::mbar_wait(full + 8 * s, (static_cast<uint32_t>(kt / kStages) & 1) ^ 1);", TH, "int8 and tma"),
+    ("hopper int8 tma: slots never handed back", IT,
+     "if (kt > 0 && wwarp == 0 && lane == 0) tma::mbar_arrive(", "if (kt > 0 && wwarp == 9 && lane == 0) tma::mbar_arrive(",
+     TH, "int8 and tma"),
+    ("hopper int8 tma: expect_tx counts a only", IT, "tma::mbar_arrive_expect_tx(full + 8 * s, kABytes + kBBytes);",
+     "tma::mbar_arrive_expect_tx(full + 8 * s, kABytes);", TH, "int8 and tma"),
+    ("hopper int8 tma: b's box as tall as a's", IT, "make_operand_map(&map_b, p.b, p.N, p.K, p.ldb, Cfg::kBN)",
+     "make_operand_map(&map_b, p.b, p.N, p.K, p.ldb, Cfg::kBM)", TH, "int8 and tma"),
+    ("hopper attention: V descriptor's D-block offset", FW, "v_desc = wgmma::desc_sw128_mn(sV, kKVBlockBytes);",
+     "v_desc = wgmma::desc_sw128_mn(sV, kQBlockBytes);", TH, "attention_matches"),
+    ("hopper attention: V key step of 8 rows", FW, "at(v_desc, stage + ks * 16 * kRowBytes)",
+     "at(v_desc, stage + ks * 8 * kRowBytes)", TH, "attention_matches"),
+    ("hopper attention: S accumulates onto the previous tile", FW, "at(k_desc, stage + block * kKVBlockBytes + in_row), kk > 0);",
+     "at(k_desc, stage + block * kKVBlockBytes + in_row), 1);", TH, "attention_matches"),
+    ("hopper attention: S read before its wait", FW,
+     "    wgmma::commit_group();\n    wgmma::wait_group<0>();\n    wgmma::fence_operands(d);\n  }\n\n  __device__ __forceinline__ void pv(",
+     "    wgmma::commit_group();\n    wgmma::fence_operands(d);\n  }\n\n  __device__ __forceinline__ void pv(", TH,
+     "attention_matches"),
+    ("hopper attention: no proxy fence for the cp.async tiles", FW,
+     "__device__ static __forceinline__ void copies_landed() { wgmma::fence_proxy_async_smem(); }",
+     "__device__ static __forceinline__ void copies_landed() {}", TH, "attention_matches"),
+    ("hopper sparse24: odd 16-bit slice reads the even slice's metadata", SW,
+     "((lane & ~3) | (2 * (step & 1)) | (lane & 1))", "((lane & ~3) | (lane & 1))", TH, "sparse24_float"),
+    ("hopper sparse24: odd slice's x 32 bytes off", SW, "(step % 2) * 64);", "(step % 2) * 32);", TH, "sparse24"),
+    ("hopper sparse24: warpgroup 1 reads warpgroup 0's metadata", SW, "const int rb = wg * 4 + w;",
+     "const int rb = w;", TH, "sparse24"),
 ]
 
 

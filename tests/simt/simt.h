@@ -18,7 +18,8 @@
 // the issuing thread's cp.async.wait_group covers it AND that thread then reaches a barrier
 // (__syncthreads / __syncwarp), so a missing wait or barrier shows in the results. (A thread
 // reading its own copy after the wait without a barrier, legal on hardware, would read NaN too:
-// no kernel here does.)
+// no kernel here does.) The Hopper instructions (wgmma, mbarrier, TMA: simt_hopper.cpp) are
+// asynchronous in the same spirit: see that file's header.
 // Not modelled: memory-model reordering, timing, registers; global-memory bounds only for
 // buffers placed against an inaccessible page (backend.guarded, the glue's outputs).
 #pragma once
@@ -28,6 +29,7 @@
 #define __device__
 #define __host__
 #define __launch_bounds__(...)
+#define __grid_constant__
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -166,6 +168,60 @@ void mma_sp_ordered_metadata_sync_aligned_m16n8k32_row_col_f32_bf16_bf16_f32(
 void mma_sp_ordered_metadata_sync_aligned_m16n8k64_row_col_s32_s8_s8_s32(
     int& d0, int& d1, int& d2, int& d3, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
     uint32_t b0, uint32_t b1, uint32_t b2, uint32_t b3, uint32_t e, int sel);
+
+// ---- Hopper (simt_hopper.cpp) ----
+// wgmma: issued per thread, executed when a wgmma.wait_group of the whole warpgroup retires
+// its group (operands read then: shared memory through the descriptors, the A registers as
+// copied at issue; accumulators written back once no unretired op owns them).
+enum WgType { kWgF16 = 0, kWgBF16 = 1, kWgS8 = 2 };
+// `regs` = the N / 2 accumulator registers, `rest` = the other operands in template order.
+void wgmma_issue(int n, int k, WgType type, bool sparse, void* const* regs, const uint64_t* rest, int nrest);
+template <int N, int K, WgType Type, bool Sparse, typename... A>
+void wgmma_call(A&&... a) {
+  constexpr int kD = N / 2, kRest = static_cast<int>(sizeof...(A)) - N / 2;
+  static_assert(kRest > 0, "wgmma: accumulators + operands");
+  void* regs[kD];
+  uint64_t rest[kRest];
+  int i = 0;
+  auto one = [&](auto&& x) {  // x is an lvalue here, also for an immediate
+    if (i < kD)
+      regs[i] = const_cast<void*>(static_cast<const void*>(&x));
+    else
+      rest[i - kD] = static_cast<uint64_t>(x);
+    ++i;
+  };
+  (one(std::forward<A>(a)), ...);
+  wgmma_issue(N, K, Type, Sparse, regs, rest, kRest);
+}
+#define SIMT_WGMMA(NAME, N, K, TYPE, SPARSE) \
+  template <typename... A>                 \
+  void NAME(A&&... a) {                    \
+    wgmma_call<N, K, TYPE, SPARSE>(std::forward<A>(a)...); \
+  }
+SIMT_WGMMA(wgmma_mma_async_sync_aligned_m64n128k32_s32_s8_s8, 128, 32, kWgS8, false)
+SIMT_WGMMA(wgmma_mma_async_sync_aligned_m64n256k32_s32_s8_s8, 256, 32, kWgS8, false)
+SIMT_WGMMA(wgmma_mma_async_sp_sync_aligned_m64n128k32_f32_f16_f16, 128, 32, kWgF16, true)
+SIMT_WGMMA(wgmma_mma_async_sp_sync_aligned_m64n128k32_f32_bf16_bf16, 128, 32, kWgBF16, true)
+SIMT_WGMMA(wgmma_mma_async_sp_sync_aligned_m64n128k64_s32_s8_s8, 128, 64, kWgS8, true)
+SIMT_WGMMA(wgmma_mma_async_sync_aligned_m64n64k16_f32_f16_f16, 64, 16, kWgF16, false)
+SIMT_WGMMA(wgmma_mma_async_sync_aligned_m64n64k16_f32_bf16_bf16, 64, 16, kWgBF16, false)
+SIMT_WGMMA(wgmma_mma_async_sync_aligned_m64n128k16_f32_f16_f16, 128, 16, kWgF16, false)
+SIMT_WGMMA(wgmma_mma_async_sync_aligned_m64n128k16_f32_bf16_bf16, 128, 16, kWgBF16, false)
+SIMT_WGMMA(wgmma_mma_async_sync_aligned_m64n256k16_f32_f16_f16, 256, 16, kWgF16, false)
+SIMT_WGMMA(wgmma_mma_async_sync_aligned_m64n256k16_f32_bf16_bf16, 256, 16, kWgBF16, false)
+#undef SIMT_WGMMA
+void wgmma_fence_sync_aligned();
+void wgmma_commit_group_sync_aligned();
+void wgmma_wait_group_sync_aligned(int n);
+void fence_proxy_async_shared_cta();
+// mbarrier (an 8-byte shared object; its state is kept beside the arena) and TMA.
+void mbarrier_init_shared_cta_b64(uint32_t bar, uint32_t count);
+void fence_mbarrier_init_release_cluster();
+void mbarrier_arrive_expect_tx_shared_cta_b64(uint32_t bar, uint32_t bytes);
+void mbarrier_arrive_shared_cta_b64(uint32_t bar);
+void mbarrier_try_wait_parity_shared_cta_b64(uint32_t& done, uint32_t bar, uint32_t parity);
+void cp_async_bulk_tensor_2d_shared_cluster_global_mbarrier_complete_tx_bytes(uint32_t dst, uint64_t map, int c0,
+                                                                            int c1, uint32_t bar);
 
 inline void ex2_approx_ftz_f32(float& y, float x) {
   // ftz: subnormal inputs and results are flushed to (sign-preserving) zero.

@@ -14,18 +14,19 @@
 #include <string>
 #include <vector>
 
-#include "simt.h"
+#include "simt_internal.h"
 
 namespace simt {
 namespace {
 
 constexpr size_t kStackBytes = 512 * 1024;
-enum Wait { kNone = 0, kBlockBar = 1, kWarpBar = 2 };
+enum Wait { kNone = 0, kBlockBar = 1, kWarpBar = 2, kCond = 3 };
 
 struct Copy {
   uint32_t dst;
   const void* src;
   bool valid;
+  bool fenced;  // fence.proxy.async by the issuing thread after the wait, before the barrier
 };
 
 struct Fiber {
@@ -35,6 +36,8 @@ struct Fiber {
   bool done = false;
   Wait wait = kNone;
   uint64_t gen = 0;
+  std::function<bool()> ready;  // kCond: runnable again once this holds
+  const char* what = nullptr;   // kCond: the instruction waited in (deadlock report)
   std::vector<std::vector<Copy>> groups;  // committed cp.async groups, oldest first
   std::vector<Copy> open;                 // issued, not yet committed
   std::vector<Copy> landed;               // waited for, not yet published by a barrier
@@ -74,6 +77,9 @@ int g_current_device = 0;
 std::set<void*> g_poisoned;   // static __shared__ arrays poisoned in this block
 size_t g_static_smem = 0;
 std::map<const void*, int> g_smem_optin;  // kernel -> cudaFuncAttributeMaxDynamicSharedMemorySize
+// Per 16-byte chunk of shared memory: last written through the generic proxy (a cp.async) without
+// the writer's fence.proxy.async before the barrier that published it; wgmma must not read it.
+std::vector<unsigned char> g_generic_dirty;
 
 bool env_is_reverse() {
   const char* e = std::getenv("FASTLLM_SIMT_ORDER");
@@ -88,6 +94,7 @@ void complete(const Copy& c) {
     std::memcpy(d, c.src, 16);
   else
     std::memset(d, 0, 16);
+  g_generic_dirty[c.dst / 16] = !c.fenced;
 }
 
 // cp.async.wait_group makes the copies visible to the waiting thread; other threads see them
@@ -135,6 +142,7 @@ void run_block(int nthreads) {
     }
     f.done = false;
     f.wait = kNone;
+    f.ready = nullptr;
     f.groups.clear();
     f.open.clear();
     f.landed.clear();
@@ -165,7 +173,9 @@ void run_block(int nthreads) {
           if (f.done) continue;
           if (f.wait == kBlockBar && g_bar_gen == f.gen) continue;
           if (f.wait == kWarpBar && g_warps[f.st.warp].gen == f.gen) continue;
+          if (f.wait == kCond && !f.ready()) continue;
           f.wait = kNone;
+          f.ready = nullptr;
           g_cur = &f;
           swapcontext(&g_sched, &f.ctx);
           g_cur = nullptr;
@@ -176,16 +186,19 @@ void run_block(int nthreads) {
     for (int t = 0; t < nthreads; ++t) all_done = all_done && g_fibers[t].done;
     if (g_failed || all_done) return;
     if (!progress) {
-      int at_bar = 0, at_warp = 0;
+      int at_bar = 0, at_warp = 0, at_cond = 0;
+      const char* cond = "";
       for (int t = 0; t < nthreads; ++t) {
-        at_bar += !g_fibers[t].done && g_fibers[t].wait == kBlockBar;
-        at_warp += !g_fibers[t].done && g_fibers[t].wait == kWarpBar;
+        const Fiber& f = g_fibers[t];
+        at_bar += !f.done && f.wait == kBlockBar;
+        at_warp += !f.done && f.wait == kWarpBar;
+        if (!f.done && f.wait == kCond) ++at_cond, cond = f.what;
       }
-      char buf[256];
+      char buf[320];
       std::snprintf(buf, sizeof buf,
                     "deadlock in block (%u, %u, %u): %d threads at __syncthreads, %d in warp-wide instructions, "
-                    "%d exited",
-                    g_bid.x, g_bid.y, g_bid.z, at_bar, at_warp, nthreads - g_live);
+                    "%d waiting in %s, %d exited",
+                    g_bid.x, g_bid.y, g_bid.z, at_bar, at_warp, at_cond, at_cond ? cond : "-", nthreads - g_live);
       g_failed = true;
       g_error = buf;
       return;
@@ -196,6 +209,27 @@ void run_block(int nthreads) {
 }  // namespace
 
 ThreadState& self() { return g_cur->st; }
+int thread_index() { return g_cur->st.warp * 32 + g_cur->st.lane; }
+
+void wait_until(const char* what, std::function<bool()> ready) {
+  if (ready()) return;
+  g_cur->wait = kCond;
+  g_cur->what = what;
+  g_cur->ready = std::move(ready);
+  yield();
+}
+
+void fence_proxy_async() {
+  for (Copy& c : g_cur->landed) c.fenced = true;
+}
+bool generic_dirty(uint32_t addr, size_t bytes) {
+  for (uint32_t c = addr / 16; c <= (addr + bytes - 1) / 16; ++c)
+    if (g_generic_dirty[c]) return true;
+  return false;
+}
+void async_written(uint32_t addr, size_t bytes) {
+  for (uint32_t c = addr / 16; c <= (addr + bytes - 1) / 16; ++c) g_generic_dirty[c] = 0;
+}
 const uint3& block_idx() { return g_bid; }
 const dim3& block_dim() { return g_bdim; }
 const dim3& grid_dim() { return g_gdim; }
@@ -288,7 +322,7 @@ void cp_async_issue(uint32_t dst, const void* src, bool valid) {
   unsigned char* d = smem_at<unsigned char>(dst, 16, 16, "cp.async");
   if (valid && reinterpret_cast<uintptr_t>(src) % 16) fail("cp.async: global source %p not 16-byte aligned", src);
   std::memset(d, 0xFF, 16);  // undefined until the wait: reads as NaN / -1
-  g_cur->open.push_back({dst, src, valid});
+  g_cur->open.push_back({dst, src, valid, false});
 }
 void cp_async_commit() {
   g_cur->groups.push_back(std::move(g_cur->open));
@@ -361,16 +395,21 @@ void launch_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const s
         std::fill(g_smem.begin(), g_smem.end(), 0xFF);
         g_poisoned.clear();
         g_static_smem = 0;
+        g_generic_dirty.assign(g_smem.size() / 16 + 1, 0);
+        hopper_block_begin(static_cast<int>(threads));
         run_block(static_cast<int>(threads));
+        if (!g_failed) {
+          const std::string left = hopper_block_end();
+          if (!left.empty()) {
+            g_failed = true;
+            char where[64];
+            std::snprintf(where, sizeof where, " [block (%u, %u, %u)]", x, y, z);
+            g_error = left + where;
+          }
+        }
       }
   if (g_failed) g_last = cudaErrorLaunchFailure;
 }
-
-// ---- PTX instruction models --------------------------------------------------------------------
-namespace ptx {
-namespace {
-
-using Regs = uint32_t[4];
 
 float half_bits(uint32_t bits, bool bf16) {
   const uint16_t h = static_cast<uint16_t>(bits);
@@ -384,6 +423,12 @@ float half_bits(uint32_t bits, bool bf16) {
   std::memcpy(&x, &h, 2);
   return __half2float(x);
 }
+
+// ---- PTX instruction models --------------------------------------------------------------------
+namespace ptx {
+namespace {
+
+using Regs = uint32_t[4];
 float lo16(uint32_t r, bool bf16) { return half_bits(r & 0xFFFF, bf16); }
 float hi16(uint32_t r, bool bf16) { return half_bits(r >> 16, bf16); }
 int s8(uint32_t r, int i) { return static_cast<int8_t>(static_cast<uint8_t>(r >> (8 * i))); }
