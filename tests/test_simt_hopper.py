@@ -121,10 +121,11 @@ def rand_int8(*shape):
 
 
 # (M, N, K, SMs): M > kWgmmaMinM = 128 (below it the sm80 kernel serves); M / N / K tails past
-# the 128 x 128 / 128 x 256 tiles and the 128-wide K step; K steps past the ring (it wraps);
-# 4 SMs make 128 x 256 tiles (config 1) cover the device.
+# the 128 x 128 / 128 x 256 tiles and the 128-wide K step (K = 16: one partial step); K steps
+# past the ring (it wraps); 9 M tiles (the grouped raster's partial last group); 4 SMs make
+# 128 x 256 tiles (config 1) cover the device.
 GEMM_CASES = [(129, 48, 80, 132), (130, 272, 144, 132), (200, 16, 1040, 132), (257, 528, 208, 4),
-              (300, 272, 656, 4), (385, 144, 1040, 132)]
+              (300, 272, 656, 4), (385, 144, 1040, 132), (129, 16, 16, 132), (1040, 48, 80, 132)]
 
 
 @pytest.mark.parametrize("variant", ["cp.async", "tma"])
