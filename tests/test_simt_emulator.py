@@ -53,6 +53,30 @@ def test_faults_fail_the_launch(lib, which, message):
     assert re.search(message, lib.simt_error(code).decode())
 
 
+def test_wgmma_canonical_use(lib):
+    # One m64n64k16 wgmma from 128-byte-swizzled shared tiles: D = A B^T, in the accumulator layout.
+    a, bt = torch.randn(64, 16).half(), torch.randn(64, 16).half()
+    d = torch.full((64, 64), float("nan"))
+    assert lib.selftest_wgmma(ptr(a), ptr(bt), ptr(d), 0) == 0
+    torch.testing.assert_close(d, a.float() @ bt.float().t(), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode,message", [
+    (1, "not retired by a wgmma.wait_group"),     # D read before the wait: the old values, then the exit fails
+    (2, "without a wgmma.fence"),
+    (3, "without the writer's fence.proxy.async"),
+    (4, "deadlock .* waiting in mbarrier.try_wait"),
+])
+def test_wgmma_misuse_fails_the_launch(lib, mode, message):
+    a, bt = torch.randn(64, 16).half(), torch.randn(64, 16).half()
+    d = torch.full((64, 64), float("nan"))
+    code = lib.selftest_wgmma(ptr(a), ptr(bt), ptr(d), mode)
+    assert code == LAUNCH_FAILURE
+    assert re.search(message, lib.simt_error(code).decode())
+    if mode == 1:
+        assert (d == -1).all()   # the accumulators' values before the MMA
+
+
 def test_exited_threads_count_as_arrived_at_syncthreads(lib):
     # PTX bar.sync waits for the non-exited threads: half the block returning first is fine.
     assert lib.selftest_fault(1, ptr(torch.zeros(64))) == 0

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 
 namespace {
 
@@ -81,6 +82,58 @@ __global__ void fault_kernel(int which, float* out) {
   }
 }
 
+// One warpgroup: D (64 x 64, fp32) = A (64 x 16) * B (16 x 64) by one wgmma m64n64k16 (ss, both
+// operands K-major with the 128-byte swizzle; A and B^T given as 64 x 16 row-major fp16). mode
+// 0: canonical; 1: D read without wgmma.wait_group; 2: no wgmma.fence; 3: A staged by cp.async
+// and published without fence.proxy.async; 4: a wait on an mbarrier nobody arrives on.
+__global__ void wgmma_kernel(const __half* a, const __half* bt, float* d, int mode) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + (1024 - smem_u32(smem_raw) % 1024) % 1024;
+  const uint32_t sa = smem_u32(smem), sb = sa + 8192, bar = sb + 8192;
+  const int t = threadIdx.x;
+  // Row r (32 bytes) at (r % 8) * 128 + (r / 8) * 1024, its 16-byte chunk c at position c ^ (r % 8).
+  for (int i = t; i < 128; i += 128) {
+    const int r = i / 2, c = i % 2;
+    const uint32_t off = (r % 8) * 128 + (r / 8) * 1024 + ((c ^ (r % 8)) << 4);
+    if (mode == 3)
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa + off), "l"(a + r * 16 + c * 8),
+                   "r"(16));
+    else
+      memcpy(smem + off, a + r * 16 + c * 8, 16);
+    memcpy(smem + 8192 + off, bt + r * 16 + c * 8, 16);
+  }
+  if (mode == 3) {
+    asm volatile("cp.async.commit_group;\n" ::);
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(0));
+  }
+  if (mode == 4) {
+    if (t == 0) asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(1));
+    __syncthreads();
+    uint32_t done = 0;
+    while (!done)
+      asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                   : "=r"(done) : "r"(bar), "r"(0));
+  }
+  __syncthreads();
+  float acc[32];
+  for (int i = 0; i < 32; ++i) acc[i] = -1.f;
+  // Descriptors: start >> 4, leading byte offset 16 (unused, K-major), stride 1024 between 8-row
+  // groups, 128-byte swizzle.
+  const uint64_t da = (sa >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
+  const uint64_t db = (sb >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
+  if (mode != 2) asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+               : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3]), "+f"(acc[4]), "+f"(acc[5]), "+f"(acc[6]), "+f"(acc[7]), "+f"(acc[8]), "+f"(acc[9]), "+f"(acc[10]), "+f"(acc[11]), "+f"(acc[12]), "+f"(acc[13]), "+f"(acc[14]), "+f"(acc[15]), "+f"(acc[16]), "+f"(acc[17]), "+f"(acc[18]), "+f"(acc[19]), "+f"(acc[20]), "+f"(acc[21]), "+f"(acc[22]), "+f"(acc[23]), "+f"(acc[24]), "+f"(acc[25]), "+f"(acc[26]), "+f"(acc[27]), "+f"(acc[28]), "+f"(acc[29]), "+f"(acc[30]), "+f"(acc[31])
+               : "l"(da), "l"(db), "r"(0)
+               : "memory");
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+  if (mode != 1) asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(0) : "memory");
+  const int w = t / 32, g = (t % 32) / 4, c = t % 4;
+  for (int j = 0; j < 8; ++j)
+    for (int r = 0; r < 4; ++r) d[(16 * w + g + 8 * (r / 2)) * 64 + 8 * j + 2 * c + (r & 1)] = acc[4 * j + r];
+}
+
 __global__ void big_smem_kernel(float* out) {
   extern __shared__ __align__(128) unsigned char smem[];
   out[threadIdx.x] = smem[0];
@@ -104,6 +157,10 @@ int selftest_fault(int which, float* out) {
 int selftest_big_smem(float* out, int opt_in) {
   if (opt_in) cudaFuncSetAttribute(big_smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024);
   big_smem_kernel<<<1, 32, 64 * 1024, 0>>>(out);
+  return cudaGetLastError();
+}
+int selftest_wgmma(const __half* a, const __half* bt, float* d, int mode) {
+  wgmma_kernel<<<1, 128, 3 * 8192, 0>>>(a, bt, d, mode);
   return cudaGetLastError();
 }
 const char* simt_error(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
