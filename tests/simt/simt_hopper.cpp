@@ -154,22 +154,12 @@ double smem_value(uint32_t addr, WgType t, const char* which) {
   return value_bits(bits, t);
 }
 
-// Metadata nibble (ordered indices i0 < i1) of row `r` (0..63) and 4-wide chunk `q` of one
-// wgmma.sp: mma.sp's per-warp layout, from the metadata registers of warp r / 16's lanes.
+// Metadata indices of row `r` (0..63) and 4-wide chunk `q` of one wgmma.sp: mma.sp's per-warp
+// layout, from the metadata registers of warp r / 16's lanes.
 void sparse_indices(const std::vector<const WgOp*>& ops, WgType t, int r, int q, int& i0, int& i1) {
-  const int w = r / 16, r16 = r % 16, g = r16 % 8, half = r16 / 8;
   int lane, nib;
-  if (t == kWgS8) {  // m16n8k64: lane 4g + j, j = row half + 2 * (column half); nibble q % 8
-    lane = 4 * g + half + 2 * (q / 8);
-    nib = q % 8;
-  } else {  // m16n8k32: thread pair `sel` of quad g: lane 4g + 2sel + q / 4; nibble q % 4 (+4 lower half)
-    lane = 4 * g + 2 * ops[0]->sel + q / 4;
-    nib = q % 4 + 4 * half;
-  }
-  const int v = (ops[32 * w + lane]->meta >> (4 * nib)) & 0xF;
-  i0 = v & 3;
-  i1 = v >> 2;
-  if (!(i0 < i1)) fail("wgmma.sp: metadata nibble %#x (row %d, chunk %d) is undefined with ordered metadata", v, r, q);
+  meta_slot(t == kWgS8, ops[0]->sel, r % 16, q, lane, nib);
+  nibble(ops[32 * (r / 16) + lane]->meta, nib, i0, i1);
 }
 
 // Executes op `oi` of the oldest committed group of warpgroup `wg` for its 128 threads.
@@ -191,9 +181,10 @@ void execute(int wg, size_t oi) {
   std::vector<double> A(M * K, 0.0), B(K * N);
   if (o.a_regs) {  // mma.sync m16n8k16 A fragment per warp
     for (int t = 0; t < 128; ++t) {
-      const int w = t / 32, g = (t % 32) / 4, c = t % 4;
       for (int j = 0; j < 4; ++j) {
-        const int row = 16 * w + g + 8 * (j & 1), col = 2 * c + 8 * (j >> 1);
+        int row, col;
+        frag_a16(t % 32, j, row, col);
+        row += 16 * (t / 32);
         A[row * K + col] = value_bits(ops[t]->a[j] & 0xFFFF, o.type);
         A[row * K + col + 1] = value_bits(ops[t]->a[j] >> 16, o.type);
       }
@@ -218,11 +209,12 @@ void execute(int wg, size_t oi) {
       B[k * N + n] = smem_value(o.trans_b ? mnmajor_addr(db, k, n) : kmajor_addr(db, n, k * es), o.type, "wgmma B");
   // Products summed exactly (double holds every s8 and 16-bit product sum here), rounded once.
   for (int t = 0; t < 128; ++t) {
-    const int w = t / 32, g = (t % 32) / 4, c = t % 4;
     WgThread& th = g_wg[128 * wg + t];
     for (int j = 0; j < N / 8; ++j)
       for (int r = 0; r < 4; ++r) {
-        const int row = 16 * w + g + 8 * (r / 2), col = 8 * j + 2 * c + (r & 1);
+        int row, col;
+        frag_d(t % 32, r, row, col);
+        row += 16 * (t / 32), col += 8 * j;
         double s = 0;
         for (int k = 0; k < K; ++k) s += A[row * K + k] * B[k * N + col];
         uint32_t& reg = th.inflight.at(ops[t]->d[4 * j + r]);

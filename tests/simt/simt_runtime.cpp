@@ -248,7 +248,7 @@ void fail(const char* fmt, ...) {
     if (g_cur) {
       char where[96];
       std::snprintf(where, sizeof where, " [block (%u, %u, %u), thread %u]", g_bid.x, g_bid.y, g_bid.z,
-                    g_cur->st.warp * 32 + g_cur->st.lane);
+                    thread_index());
       g_error += where;
     }
   }
@@ -350,7 +350,7 @@ void on_segv(int, siginfo_t* info, void*) {
   g_error = buf;
   char where[96];
   std::snprintf(where, sizeof where, " [block (%u, %u, %u), thread %u]", g_bid.x, g_bid.y, g_bid.z,
-                g_cur->st.warp * 32 + g_cur->st.lane);
+                thread_index());
   g_error += where;
   setcontext(&g_sched);
 }
@@ -424,6 +424,14 @@ float half_bits(uint32_t bits, bool bf16) {
   return __half2float(x);
 }
 
+// mma.sp::ordered_metadata nibble: two ordered indices i0 < i1 in a 4-wide chunk.
+void nibble(uint32_t word, int nib, int& i0, int& i1) {
+  const int v = (word >> (4 * nib)) & 0xF;
+  i0 = v & 3;
+  i1 = v >> 2;
+  if (!(i0 < i1)) fail("mma.sp: metadata nibble %#x is undefined with ordered_metadata", v);
+}
+
 // ---- PTX instruction models --------------------------------------------------------------------
 namespace ptx {
 namespace {
@@ -437,13 +445,13 @@ int s8(uint32_t r, int i) { return static_cast<int8_t>(static_cast<uint8_t>(r >>
 template <typename Acc>
 void store_d(unsigned char (*outs)[64], const Acc (&D)[16][8], const unsigned char (*ins)[64]) {
   for (int lane = 0; lane < 32; ++lane) {
-    const int g = lane >> 2, c = lane & 3;
     Acc d[4];
     std::memcpy(d, ins[lane], sizeof d);  // C operand (accumulated in place)
-    d[0] = D[g][2 * c] + d[0];
-    d[1] = D[g][2 * c + 1] + d[1];
-    d[2] = D[g + 8][2 * c] + d[2];
-    d[3] = D[g + 8][2 * c + 1] + d[3];
+    for (int r = 0; r < 4; ++r) {
+      int row, col;
+      frag_d(lane, r, row, col);
+      d[r] = D[row][col] + d[r];
+    }
     std::memcpy(outs[lane], d, sizeof d);
   }
 }
@@ -475,7 +483,8 @@ void mma_f16_compute(const unsigned char (*ins)[64], unsigned char (*outs)[64], 
     std::memcpy(&in, ins[lane], sizeof in);
     const int g = lane >> 2, c = lane & 3;
     for (int j = 0; j < 4; ++j) {   // a[j]: row g + 8 (j & 1), columns 2c + 8 (j >> 1) + {0, 1}
-      const int row = g + 8 * (j & 1), col = 2 * c + 8 * (j >> 1);
+      int row, col;
+      frag_a16(lane, j, row, col);
       A[row][col] = lo16(in.a[j], BF16);
       A[row][col + 1] = hi16(in.a[j], BF16);
     }
@@ -505,14 +514,6 @@ void mma_s8_compute(const unsigned char (*ins)[64], unsigned char (*outs)[64], c
   store_d(outs, D, ins);
 }
 
-// mma.sp::ordered_metadata nibble: two ordered indices i0 < i1 in a 4-wide chunk.
-void nibble(uint32_t word, int q, int& i0, int& i1) {
-  const int v = (word >> (4 * q)) & 0xF;
-  i0 = v & 3;
-  i1 = v >> 2;
-  if (!(i0 < i1)) fail("mma.sp: metadata nibble %#x is undefined with ordered_metadata", v);
-}
-
 template <bool BF16>
 void mma_sp_f16_compute(const unsigned char (*ins)[64], unsigned char (*outs)[64], const void*) {
   float A[16][32] = {}, B[32][8];
@@ -524,8 +525,9 @@ void mma_sp_f16_compute(const unsigned char (*ins)[64], unsigned char (*outs)[64
     const int g = lane >> 2, t = lane & 3;
     for (int j = 0; j < 4; ++j) {   // 2 non-zeros of row g + 8 (j & 1), chunk t + 4 (j >> 1)
       const int row = g + 8 * (j & 1), chunk = t + 4 * (j >> 1);
-      int i0, i1;
-      nibble(in[4 * g + 2 * sel + (j >> 1)].e, t + 4 * (j & 1), i0, i1);
+      int i0, i1, src, nib;
+      meta_slot(false, sel, row, chunk, src, nib);
+      nibble(in[src].e, nib, i0, i1);
       A[row][4 * chunk + i0] = lo16(in[lane].a[j], BF16);
       A[row][4 * chunk + i1] = hi16(in[lane].a[j], BF16);
     }
@@ -549,8 +551,9 @@ void mma_sp_s8_compute(const unsigned char (*ins)[64], unsigned char (*outs)[64]
     for (int j = 0; j < 4; ++j) {   // 4 non-zeros (2 chunks) of row g + 8 (j & 1), cols 8t + 32 (j >> 1)..
       const int row = g + 8 * (j & 1), col0 = 8 * t + 32 * (j >> 1);
       for (int h = 0; h < 2; ++h) {
-        int i0, i1;
-        nibble(in[4 * g + j].e, 2 * t + h, i0, i1);
+        int i0, i1, src, nib;
+        meta_slot(true, 0, row, col0 / 4 + h, src, nib);
+        nibble(in[src].e, nib, i0, i1);
         A[row][col0 + 4 * h + i0] = s8(in[lane].a[j], 2 * h);
         A[row][col0 + 4 * h + i1] = s8(in[lane].a[j], 2 * h + 1);
       }
