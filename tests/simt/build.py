@@ -305,7 +305,10 @@ def _build(src_root, files, out, so, jobs):
     with ThreadPoolExecutor(jobs or os.cpu_count() or 2) as ex:
         objs = list(ex.map(compile_one, units))
     tmp = so + ".tmp"
-    r = subprocess.run([cxx, "-shared", "-o", tmp, *objs], capture_output=True, text=True)
+    # -Bsymbolic: the module's own CUDA runtime (simt_runtime.cpp) must answer its calls even
+    # where a CUDA build of PyTorch has loaded the real libcudart globally (a GPU machine);
+    # without it cudaGetDeviceCount & co. bound to the real runtime there.
+    r = subprocess.run([cxx, "-shared", "-Wl,-Bsymbolic", "-o", tmp, *objs], capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"simt link failed:\n{r.stderr[-4000:]}")
     # Undefined symbols left: Python's (resolved at import) and versioned libc / libstdc++ ones;
