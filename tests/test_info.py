@@ -41,8 +41,11 @@ def test_devices_say_cpu_only_torch_first(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(_ext, "_load", lambda: (Mod, None))
     monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(_ext, "driver_present", lambda: True)
     assert info._devices() == ("none (this PyTorch is a CPU-only build; fastllm._C's CUDA runtime: CUDA driver "
                                "version is insufficient)")
+    monkeypatch.setattr(_ext, "driver_present", lambda: False)   # the runtime says the same then
+    assert info._devices() == "none (this PyTorch is a CPU-only build; no NVIDIA driver (libcuda.so.1 not found))"
     monkeypatch.setattr(torch.version, "cuda", "12.4")
     monkeypatch.setattr(_ext, "_load", lambda: (None, "not built"))
     assert info._devices() == "none (torch.cuda.is_available() is False with PyTorch's CUDA 12.4)"

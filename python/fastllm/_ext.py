@@ -3,9 +3,11 @@
 Import of fastllm never fails because of the extension or a missing GPU: everything here
 is looked up lazily and failures become a reason string that the backend registry shows.
 """
+import ctypes
 import functools
 import json
 import os
+import sys
 import warnings
 
 import torch
@@ -69,9 +71,22 @@ def runtime_reason():
         return None
     if n == 0:
         return "fastllm._C's CUDA runtime sees no GPU"
+    if not driver_present():
+        return "no NVIDIA driver on this machine (libcuda.so.1 not found): fastllm._C cannot run its kernels"
     cuda = build_info().get("cuda_version", "?")
     return (f"fastllm._C's CUDA runtime cannot use this machine's driver ({mod.error_string(-n)}); it was "
             f"built with CUDA {cuda}: update the NVIDIA driver or rebuild with a matching toolkit")
+
+
+@functools.lru_cache(None)
+def driver_present() -> bool:
+    """Whether the NVIDIA driver's library loads. Without it the CUDA runtime reports
+    "insufficient driver" too, which would wrongly suggest updating a driver that is not there."""
+    try:
+        ctypes.CDLL("libcuda.so.1" if sys.platform != "win32" else "nvcuda.dll")
+        return True
+    except OSError:
+        return False
 
 
 def built_archs():
@@ -117,5 +132,6 @@ def check(code, op):
         return
     text = lib().error_string(code)
     if code in _NO_DRIVER:
-        raise CudaUnavailableError(f"{op}: no usable CUDA driver/device ({text})")
+        where = "no NVIDIA driver on this machine" if not driver_present() else "no usable CUDA driver/device"
+        raise CudaUnavailableError(f"{op}: {where} ({text})")
     raise CudaError(f"{op}: CUDA kernel failed with code {code}: {text}")

@@ -32,7 +32,9 @@ def _devices():
         mod, _ = _ext._load()
         if mod is not None:
             n = mod.device_count()
-            if n < 0:
+            if n < 0 and not _ext.driver_present():
+                why += "; no NVIDIA driver (libcuda.so.1 not found)"
+            elif n < 0:
                 why += f"; fastllm._C's CUDA runtime: {mod.error_string(-n)}"
             elif n == 0:
                 why += "; fastllm._C's CUDA runtime sees no GPU"
