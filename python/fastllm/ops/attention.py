@@ -158,6 +158,7 @@ def _cuda_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softc
 # ----------------------------------------------------------------------------------------------
 # Custom ops.
 
+@OP.bind
 @torch.library.custom_op("fastllm::flash_attention", mutates_args=())
 def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
         causal: bool, scale: float, window: int, softcap: float, backend: str
@@ -171,6 +172,7 @@ def _(q, k, v, mask, causal, scale, window, softcap, backend):
     return (q.new_empty((B, Sq, Hq, D)), q.new_empty((B, Hq, Sq), dtype=torch.float32))
 
 
+@OP_VARLEN.bind
 @torch.library.custom_op("fastllm::flash_attention_varlen", mutates_args=())
 def _op_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
@@ -279,7 +281,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                              f"(B, 1, Sq, Skv), got shape {ms}")
     scale, window, softcap = _normalize(name, D, causal, scale, window, softcap)
     b = OP.select(backend, q.device, q, k, v, mask, causal, scale, window, softcap)
-    out, lse = _op(q, k, v, mask, causal, scale, window, softcap, b)
+    out, lse = OP.call(b, q, k, v, mask, causal, scale, window, softcap)
     return (out, lse) if return_lse else out
 
 
@@ -329,5 +331,5 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), causal, scale,
             window, softcap)
     b = OP_VARLEN.select(backend, q.device, *args)
-    out, lse = _op_varlen(*args, b)
+    out, lse = OP_VARLEN.call(b, *args)
     return (out, lse) if return_lse else out

@@ -173,6 +173,7 @@ def _cuda(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window, 
 # ----------------------------------------------------------------------------------------------
 # Custom op.
 
+@OP.bind
 @torch.library.custom_op("fastllm::decode_attention", mutates_args=())
 def _op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: Optional[torch.Tensor],
         block_table: Optional[torch.Tensor], mask: Optional[torch.Tensor], scale: float, window: int,
@@ -304,7 +305,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         _check_values(cache_seqlens, block_table, capacity, page_size, num_pages)
     args = (q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window, softcap, int(num_splits))
     b = OP.select(backend, q.device, *args)
-    out, lse = _op(*args, b)
+    out, lse = OP.call(b, *args)
     return (out, lse) if return_lse else out
 
 

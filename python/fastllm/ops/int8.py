@@ -178,6 +178,7 @@ def _w8a16_cuda(x, w, w_scale, bias, group_size):
 # ----------------------------------------------------------------------------------------------
 # Custom ops (the backend is an argument, resolved before the op is entered).
 
+@OP_INT32.bind
 @torch.library.custom_op("fastllm::int8_matmul_int32", mutates_args=())
 def _op_int32(a: torch.Tensor, b: torch.Tensor, backend: str) -> torch.Tensor:
     return OP_INT32.impls[backend](a, b)
@@ -188,6 +189,7 @@ def _(a, b, backend):
     return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
 
 
+@OP.bind
 @torch.library.custom_op("fastllm::int8_matmul", mutates_args=())
 def _op_mm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
            bias: Optional[torch.Tensor], out_dtype: torch.dtype, backend: str) -> torch.Tensor:
@@ -199,6 +201,7 @@ def _(a, b, a_scale, w_scale, bias, out_dtype, backend):
     return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
 
 
+@OP_W8A16.bind
 @torch.library.custom_op("fastllm::w8a16_matmul", mutates_args=())
 def _op_w8a16(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
               group_size: int, backend: str) -> torch.Tensor:
@@ -251,7 +254,7 @@ def int8_matmul_int32(a: torch.Tensor, b: torch.Tensor, *, backend: str = "auto"
     """Exact a @ b.T in int32: a (M, K) int8, b (N, K) int8 -> (M, N) int32. K, N multiples of 16.
     backend: "auto" | "cuda" | "triton" | "torch"."""
     _check_int8_pair("int8_matmul_int32", a, b)
-    return _op_int32(a, b, OP_INT32.select(backend, a.device, a, b))
+    return OP_INT32.call(OP_INT32.select(backend, a.device, a, b), a, b)
 
 
 def check_epilogue(op, a, M, N, a_scale, w_scale, bias, out_dtype, n_what):
@@ -289,7 +292,7 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: Union[torch.Tensor, f
     M, N = a.shape[0], b.shape[0]
     a_scale = check_epilogue(op, a, M, N, a_scale, w_scale, bias, out_dtype, "row of b")
     be = OP.select(backend, a.device, a, b, a_scale, w_scale, bias, out_dtype)
-    return _op_mm(a, b, a_scale, w_scale, bias, out_dtype, be)
+    return OP.call(be, a, b, a_scale, w_scale, bias, out_dtype)
 
 
 def w8a16_matmul(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -323,4 +326,4 @@ def w8a16_matmul(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, b
         _check_vector(op, "bias", bias, N, "one per output channel", FLOAT_DTYPES)
     _check_same_device(op, "x", x, w_int8=w_int8, w_scale=w_scale, bias=bias)
     be = OP_W8A16.select(backend, x.device, x, w_int8, w_scale, bias, group_size)
-    return _op_w8a16(x, w_int8, w_scale, bias, group_size, be)
+    return OP_W8A16.call(be, x, w_int8, w_scale, bias, group_size)

@@ -104,6 +104,7 @@ def _cuda(x, b, w_scale, bias, smooth):
     return int8_gemm_cuda(q, b, a_scale, w_scale, bias, x.dtype)
 
 
+@OP.bind
 @torch.library.custom_op("fastllm::int8_matmul_dynamic", mutates_args=())
 def _op(x: torch.Tensor, b: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
         smooth: Optional[torch.Tensor], backend: str) -> torch.Tensor:
@@ -133,4 +134,4 @@ def int8_matmul_dynamic(x: torch.Tensor, b: torch.Tensor, w_scale: torch.Tensor,
         # The kernels read rows with unit stride; one copy here is cheaper than a slow path.
         x = x.contiguous()
     be = OP.select(backend, x.device, x, b, w_scale, bias, smooth)
-    return _op(x, b, w_scale, bias, smooth, be)
+    return OP.call(be, x, b, w_scale, bias, smooth)

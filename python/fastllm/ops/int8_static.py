@@ -89,6 +89,7 @@ def _cuda(x, b, in_mul, a_scale, w_scale, bias):
     return int8_gemm_cuda(quantize_static_cuda(x, in_mul), b, a_scale, w_scale, bias, x.dtype)
 
 
+@OP.bind
 @torch.library.custom_op("fastllm::int8_matmul_static", mutates_args=())
 def _op(x: torch.Tensor, b: torch.Tensor, in_mul: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
         bias: Optional[torch.Tensor], backend: str) -> torch.Tensor:
@@ -137,4 +138,4 @@ def int8_matmul_static(x: torch.Tensor, b: torch.Tensor, act_scale: Union[torch.
         _check_same_device(NAME, "x", x, smooth=smooth)
     in_mul = input_multiplier(a_scale, smooth)
     be = OP.select(backend, x.device, x, b, in_mul, a_scale, w_scale, bias)
-    return _op(x, b, in_mul, a_scale, w_scale, bias, be)
+    return OP.call(be, x, b, in_mul, a_scale, w_scale, bias)

@@ -47,6 +47,7 @@ def _cuda(x):
     return q, scale
 
 
+@OP.bind
 @torch.library.custom_op("fastllm::quantize_per_token", mutates_args=())
 def _op(x: torch.Tensor, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
     return OP.impls[backend](x)
@@ -64,4 +65,4 @@ def quantize_per_token(x: torch.Tensor, *, backend: str = "auto") -> Tuple[torch
     q = round-half-even(x * 127 / max|x[m]|). backend: "auto" | "cuda" | "triton" | "torch".
     """
     check_tensor("quantize_per_token", "x", x, ndim=2, dtypes=FLOAT_DTYPES)
-    return _op(x, OP.select(backend, x.device, x))
+    return OP.call(OP.select(backend, x.device, x), x)

@@ -74,7 +74,23 @@ class Op:
     # example(device) -> (description, args, kwargs) of a typical call, for `fastllm.info`.
     # Meta tensors are fine: `supports` looks at shapes, dtypes and strides only.
     example: Optional[Callable] = None
+    # The torch custom op fastllm::<name>, taking (*args, backend); set by `bind`.
+    custom: Optional[Callable] = None
     _announced: set = field(default_factory=set)
+
+    def bind(self, custom_op):
+        """Decorator on the op's torch.library.custom_op: `call` goes through it."""
+        self.custom = custom_op
+        return custom_op
+
+    def call(self, backend: str, *args):
+        """Run the op on the selected backend: through the custom op, except in plain eager
+        inference (see `plain_eager`), where the backend's implementation is called directly.
+        That is what the custom op would run, less its ~10 us of Python dispatch per call (a
+        decode step makes one call per attention and per linear layer)."""
+        if EAGER_FAST_PATH and plain_eager(args):
+            return self.impls[backend](*args)
+        return self.custom(*args, backend)
 
     def register(self, backend: str, supports: Optional[Callable[..., Optional[str]]] = None):
         """Decorator: `@OP.register("triton", supports=pred)` on the implementation."""
@@ -118,6 +134,47 @@ class Op:
                 return b
             tried.append(f"{b}: {why}")
         raise BackendUnavailableError(f"{self.name}: no backend can serve this call: " + "; ".join(tried))
+
+
+#: Off: every call goes through the custom op (for debugging; the tests compare both paths).
+EAGER_FAST_PATH = True
+
+
+def _fast_path_probes():
+    """The (private) torch state `plain_eager` reads; None if this torch lacks one of them,
+    and then every call goes through the custom op."""
+    try:
+        from torch.autograd import forward_ad
+        C = torch._C
+        probes = (C._len_torch_dispatch_stack, C._is_torch_function_mode_enabled,
+                  C._functorch.peek_interpreter_stack, C._autograd._profiler_enabled, forward_ad)
+        forward_ad._current_level  # noqa: B018 - probe
+        return probes
+    except AttributeError:
+        return None
+
+
+_PROBES = _fast_path_probes()
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain_eager(args) -> bool:
+    """True when calling the implementation directly is exactly what the custom op would do:
+    not compiling or tracing (torch.compile / export / make_fx / FakeTensor: dispatch modes),
+    no torch-function mode, no functorch transform (vmap, grad, jvp), no forward-AD level, no
+    profiler (it should see fastllm::<op>), plain non-meta tensors, and no autograd to record
+    (the custom op's formula raises on backward: fastllm/ops/_inference_only.py)."""
+    if torch.compiler.is_compiling() or _PROBES is None:
+        return False
+    dispatch_modes, function_mode, functorch, profiling, forward_ad = _PROBES
+    if (dispatch_modes() or function_mode() or functorch() is not None or profiling()
+            or forward_ad._current_level >= 0):
+        return False
+    grad = torch.is_grad_enabled()
+    for a in args:
+        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN or a.is_meta or (grad and a.requires_grad)):
+            return False
+    return True
 
 
 def resolve_request(backend: str) -> str:

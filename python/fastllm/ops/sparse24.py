@@ -118,6 +118,7 @@ def _int8_cuda(a, values, meta, a_scale, w_scale, bias, out_dtype):
 # ----------------------------------------------------------------------------------------------
 # Custom ops (the backend is an argument, resolved before the op is entered).
 
+@OP.bind
 @torch.library.custom_op("fastllm::sparse24_matmul", mutates_args=())
 def _op(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor],
         backend: str) -> torch.Tensor:
@@ -129,6 +130,7 @@ def _(x, values, meta, bias, backend):
     return x.new_empty((x.shape[0], values.shape[0]))
 
 
+@OP_INT32.bind
 @torch.library.custom_op("fastllm::sparse24_int8_matmul_int32", mutates_args=())
 def _op_int32(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, backend: str) -> torch.Tensor:
     return OP_INT32.impls[backend](a, values, meta)
@@ -139,6 +141,7 @@ def _(a, values, meta, backend):
     return a.new_empty((a.shape[0], values.shape[0]), dtype=torch.int32)
 
 
+@OP_INT8.bind
 @torch.library.custom_op("fastllm::sparse24_int8_matmul", mutates_args=())
 def _op_int8(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, a_scale: torch.Tensor,
              w_scale: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
@@ -176,7 +179,7 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
         _check_vector(op, "bias", bias, N, "one per output channel", FLOAT_DTYPES)
         _check_same_device(op, "x", x, bias=bias)
     be = OP.select(backend, x.device, x, values, meta, bias)
-    return _op(x, values, meta, bias, be)
+    return OP.call(be, x, values, meta, bias)
 
 
 def _check_int8(op, a, values, meta):
@@ -191,7 +194,7 @@ def sparse24_int8_matmul_int32(a: torch.Tensor, values: torch.Tensor, meta: torc
     """Exact a @ W.T in int32: a (M, K) int8, W 2:4 int8 compressed (values (N, K // 2) int8,
     meta int32 (N // 16, K // 2)). backend: "auto" | "cuda" | "triton" | "torch"."""
     _check_int8("sparse24_int8_matmul_int32", a, values, meta)
-    return _op_int32(a, values, meta, OP_INT32.select(backend, a.device, a, values, meta))
+    return OP_INT32.call(OP_INT32.select(backend, a.device, a, values, meta), a, values, meta)
 
 
 def sparse24_int8_matmul(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
@@ -206,4 +209,4 @@ def sparse24_int8_matmul(a: torch.Tensor, values: torch.Tensor, meta: torch.Tens
     M = a.shape[0]
     a_scale = check_epilogue(op, a, M, N, a_scale, w_scale, bias, out_dtype, "output channel")
     be = OP_INT8.select(backend, a.device, a, values, meta, a_scale, w_scale, bias, out_dtype)
-    return _op_int8(a, values, meta, a_scale, w_scale, bias, out_dtype, be)
+    return OP_INT8.call(be, a, values, meta, a_scale, w_scale, bias, out_dtype)
