@@ -96,6 +96,55 @@ def test_autograd_goes_through_the_custom_op(monkeypatch):
     assert not seen
 
 
+def _with_float_input():
+    """(op name, (f, x)): f(x) calls the op with x as its float tensor input, for every op that
+    has one (the int32 ops take only integer tensors, which cannot carry a tangent)."""
+    g = torch.Generator().manual_seed(7)
+    dt = torch.float32 if DEVICE == "cpu" else torch.float16
+    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE, dt)          # noqa: E731
+    i8 = torch.randint(-128, 128, (32, 64), generator=g, dtype=torch.int8).to(DEVICE)
+    q, k = r(1, 2, 5, 64), r(1, 1, 7, 64)
+    x, sw = r(3, 64), r(32).abs() + 0.1
+    vals, meta = compress(prune_24(r(32, 64).float())[0].to(dt))
+    vals8, meta8 = compress(prune_24(i8.float())[0].to(torch.int8))
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32, device=DEVICE)
+    ops = fastllm.ops
+    return {
+        "flash_attention": (lambda t: ops.flash_attention(t, k, k, causal=True), q),
+        "flash_attention_varlen": (lambda t: ops.flash_attention_varlen(t, t, t, cu, cu, 3, 3, causal=False),
+                                   q[0].transpose(0, 1)),
+        "decode_attention": (lambda t: ops.decode_attention(t, k, k), q[:, :, :1]),
+        "quantize_per_token": (lambda t: ops.quantize_per_token(t)[1], x),
+        "int8_matmul": (lambda t: ops.int8_matmul(i8[:3], i8, t, sw, out_dtype=dt), sw[:3]),
+        "w8a16_matmul": (lambda t: ops.w8a16_matmul(t, i8, sw), x),
+        "int8_matmul_dynamic": (lambda t: ops.int8_matmul_dynamic(t, i8, sw), x),
+        "int8_matmul_static": (lambda t: ops.int8_matmul_static(t, i8, 0.05, sw), x),
+        "sparse24_matmul": (lambda t: ops.sparse24_matmul(t, vals, meta), x),
+        "sparse24_int8_matmul": (lambda t: ops.sparse24_int8_matmul(i8[:3], vals8, meta8, t, sw, out_dtype=dt),
+                                 sw[:3]),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_with_float_input()))
+def test_forward_mode_ad_raises_instead_of_zero_tangents(name):
+    # Regression: a dual tensor does not require grad, so torch ran the custom op below autograd
+    # and jvp / jacfwd silently returned zero tangents.
+    f, x = _with_float_input()[name]
+    with pytest.raises(NotImplementedError, match=f"{name} has no forward-mode derivative"):
+        torch.func.jvp(f, (x,), (torch.ones_like(x),))
+    with torch.autograd.forward_ad.dual_level():
+        with pytest.raises(NotImplementedError, match=f"{name} has no forward-mode derivative"):
+            f(torch.autograd.forward_ad.make_dual(x, torch.ones_like(x)))
+        # Inputs without tangents inside a dual level: computed, as outside it.
+        got = f(x)
+    assert torch.equal(got, f(x))
+
+
+def test_every_op_with_a_float_input_is_checked_for_tangents():
+    ints = {n for n in registry.OPS if n.endswith("_int32")}
+    assert set(_with_float_input()) == set(registry.OPS) - ints
+
+
 def test_profiler_sees_the_op(monkeypatch):
     seen = _spy(monkeypatch, "quantize_per_token")
     x = torch.randn(3, 64, device=DEVICE)

@@ -4,9 +4,9 @@ Without any formula, torch.compile of a model in grad mode (the default outside 
 at compile time (AOTAutograd traces the backward up front and found none), although the eager
 forward works. With this formula the forward works in eager and compiled, the traced backward
 holds a call to fastllm::backward_unsupported, and running it raises NotImplementedError naming
-the op. Not covered: forward-mode AD (torch.func.jvp, forward_ad dual tensors) gets zero
-tangents, as through any torch custom op (torch calls the op below autograd when no input
-requires grad; a dual tensor does not).
+the op. Forward-mode AD (torch.func.jvp / jacfwd, forward_ad dual tensors) would silently get zero
+tangents through a custom op (a dual tensor does not require grad, so torch runs the op below
+autograd): `refuse_tangents`, called by fastllm.ops before the custom op, raises instead.
 """
 from typing import List, Optional, Tuple
 
@@ -40,6 +40,19 @@ def _backward(name):
         marker = backward_unsupported(name, g)
         return tuple(marker.to(w[1]).expand(w[0]) if w is not None else None for w in ctx.wants)
     return backward
+
+
+def refuse_tangents(name: str, args) -> None:
+    """NotImplementedError if a forward-mode tangent would be dropped (eager only: under
+    torch.compile the check would be traced into the graph)."""
+    from torch.autograd import forward_ad
+    if forward_ad._current_level < 0 or torch.compiler.is_compiling():
+        return
+    for a in args:
+        if isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None:
+            raise NotImplementedError(
+                f"fastllm.ops.{name} has no forward-mode derivative (jvp): fastllm's kernels are for "
+                "inference. Call it on tensors without tangents, or fastllm.unpatch(model) to differentiate.")
 
 
 def register(names: List[str] = OPS):

@@ -18,6 +18,7 @@ import torch
 
 from .. import _ext
 from ..errors import BackendUnavailableError
+from ._inference_only import refuse_tangents
 
 BACKENDS = ("cuda", "triton", "torch")
 log = logging.getLogger("fastllm")
@@ -90,6 +91,7 @@ class Op:
         decode step makes one call per attention and per linear layer)."""
         if EAGER_FAST_PATH and plain_eager(args):
             return self.impls[backend](*args)
+        refuse_tangents(self.name, args)
         return self.custom(*args, backend)
 
     def register(self, backend: str, supports: Optional[Callable[..., Optional[str]]] = None):
