@@ -113,7 +113,7 @@ def test_save_load_roundtrip(tmp_path, int8):
     x = torch.randn(5, 128, device=DEVICE).to(model[0].values.dtype if not int8 else torch.float32)
     y = model(x)
     sd = model.state_dict()
-    assert sd["0.meta"].dtype == torch.int32 and sd["0.values"].shape == (64, 64)
+    assert sd["0.metadata"].dtype == torch.int32 and sd["0.values"].shape == (64, 64)
     path = str(tmp_path / "m.safetensors")
     save_sparse(model, path)
     model2 = load_sparse(build(), path, backend="torch")
@@ -123,6 +123,42 @@ def test_save_load_roundtrip(tmp_path, int8):
         assert torch.equal(model2.state_dict()[k], v), k
     assert torch.equal(model2(x), y)
     assert torch.equal(decompress(model2[0].values, model2[0].meta), decompress(model[0].values, model[0].meta))
+
+
+def test_state_dicts_with_the_old_buffer_name_load(tmp_path):
+    # The metadata buffer was `meta` before it became `metadata` (torch.export could not hold a
+    # root module with a buffer of that name); files written then still load.
+    from safetensors.torch import load_file, save_file
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32)).to(DEVICE)
+    sparsify_linears(model, "magnitude", backend="torch")
+    path = str(tmp_path / "m.safetensors")
+    save_sparse(model, path)
+    stored = load_file(path)
+    old = {k.replace(".metadata", ".meta"): v for k, v in stored.items()}
+    assert "0.meta" in old and "0.metadata" not in old
+    save_file(old, path, metadata=_file_metadata(path))
+    model2 = load_sparse(nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32)).to(DEVICE), path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(model2.state_dict()[k], v), k
+    fresh = Sparse24Linear(128, 64, dtype=torch.float32)
+    fresh.load_state_dict({"values": old["0.values"], "meta": old["0.meta"], "bias": old["0.bias"]})   # strict
+    assert torch.equal(fresh.metadata, model[0].metadata)
+
+
+def _file_metadata(path):
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        return f.metadata()
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_torch_export_of_the_bare_layer(int8):
+    # Regression: with a buffer named `meta` the exported program's module() raised
+    # KeyError "attribute 'meta' already exists" (GraphModule.meta).
+    s = Sparse24Linear.from_linear(linear(128, 32), prune="magnitude", int8=int8, backend="torch")
+    x = torch.randn(3, 128, device=DEVICE, dtype=s.bias.dtype if not int8 else torch.float32)
+    ep = torch.export.export(s, (x,))
+    assert torch.equal(ep.module()(x), s(x))
 
 
 def test_load_errors(tmp_path):

@@ -12,7 +12,7 @@ dtype and the output back to x's), or with int8=True: the input is quantized per
 epilogue (per-token x per-channel scales, bias) in fp32.
 
 Buffers (all in the state dict, safetensors-friendly): values (N, K // 2) (the weight's dtype,
-or int8), meta (N // 16, K // 2) int32 (fastllm/sparse/format.py), bias (N,) or absent,
+or int8), metadata (N // 16, K // 2) int32 (fastllm/sparse/format.py; `.meta` reads it too), bias (N,) or absent,
 weight_scale (N,) fp32 (int8 only; `.half()` / `.to(dtype)` leave it fp32). in_features must be a multiple of 64 and out_features of
 16 (the compressed format's metadata block). Whole models: fastllm.sparse.sparsify_linears,
 save_sparse, load_sparse.
@@ -52,8 +52,8 @@ class Sparse24Linear(KeepsFp32Scales):
         vdtype = torch.int8 if int8 else dtype
         self.register_buffer("values", torch.zeros(out_features, in_features // 2, dtype=vdtype, device=device))
         # Nibble 0b0100 (positions 0, 1) in every slot: a valid all-zero weight until loaded.
-        self.register_buffer("meta", torch.full((out_features // 16, in_features // 2), 0x44444444,
-                                                dtype=torch.int32, device=device))
+        self.register_buffer("metadata", torch.full((out_features // 16, in_features // 2), 0x44444444,
+                                                    dtype=torch.int32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype or (torch.float32 if int8 else dtype),
                                                  device=device) if bias else None)
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device)
@@ -103,7 +103,7 @@ class Sparse24Linear(KeepsFp32Scales):
             w = q
         values, meta = compress(w)
         m.values.copy_(values)
-        m.meta.copy_(meta)
+        m.metadata.copy_(meta)
         if linear.bias is not None:
             m.bias.copy_(linear.bias.detach())
         return m
@@ -111,8 +111,19 @@ class Sparse24Linear(KeepsFp32Scales):
     def dense_weight(self) -> torch.Tensor:
         """The (dequantized) dense weight (N, K), fp32 for int8 layers."""
         from ..sparse.format import decompress
-        w = decompress(self.values, self.meta)
+        w = decompress(self.values, self.metadata)
         return w.float() * self.weight_scale.reshape(-1, 1) if self.int8 else w
+
+    # The metadata buffer was named `meta` until 2026-11: a root module with a buffer of that name
+    # cannot be exported (torch.export's GraphModule has a `meta` dict). Old state dicts still load.
+    @property
+    def meta(self) -> torch.Tensor:
+        return self.metadata
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "meta" in state_dict and prefix + "metadata" not in state_dict:
+            state_dict[prefix + "metadata"] = state_dict.pop(prefix + "meta")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -128,11 +139,11 @@ class Sparse24Linear(KeepsFp32Scales):
             if x2.stride(1) != 1 and self.in_features > 1:
                 x2 = x2.contiguous()  # the quantize kernels read rows with unit stride (as int8_matmul_dynamic)
             q, a_scale = ops.quantize_per_token(x2, backend=self.backend)
-            y = ops.sparse24_int8_matmul(q, self.values, self.meta, a_scale, self.weight_scale, self.bias,
+            y = ops.sparse24_int8_matmul(q, self.values, self.metadata, a_scale, self.weight_scale, self.bias,
                                          out_dtype=x.dtype, backend=self.backend)
         else:
             bias = self.bias
-            y = ops.sparse24_matmul(x2.to(self.values.dtype), self.values, self.meta, bias,
+            y = ops.sparse24_matmul(x2.to(self.values.dtype), self.values, self.metadata, bias,
                                     backend=self.backend).to(x.dtype)
         return y.reshape(*lead, self.out_features)
 
