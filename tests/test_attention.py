@@ -330,6 +330,23 @@ def test_varlen_equals_padded_batch(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_strided_offsets(backend):
+    # Regression: cu_seqlens taken as a strided view (every other entry of a wider int32 buffer)
+    # were read densely by the Triton kernel (silently wrong rows); every backend must give the
+    # contiguous copy's answer, Triton also when its implementation is called directly.
+    from fastllm.ops.attention import OP_VARLEN
+    q, k, v, cu_q, cu_k = varlen_inputs([3, 7], [5, 7], 4, 2, 32, torch.float16)
+    wide_q, wide_k = (torch.stack([c, torch.full_like(c, 99)], 1).reshape(-1)[::2] for c in (cu_q, cu_k))
+    assert wide_q.stride(0) == 2 and torch.equal(wide_q, cu_q)
+    want = flash_attention_varlen(q, k, v, cu_q, cu_k, 7, 7, causal=True, backend=backend, return_lse=True)
+    got = flash_attention_varlen(q, k, v, wide_q, wide_k, 7, 7, causal=True, backend=backend, return_lse=True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    if backend != "cuda":       # (its glue refuses strided offsets by name; the op hands it a copy)
+        direct = OP_VARLEN.impls[backend](q, k, v, wide_q, wide_k, 7, 7, True, 32 ** -0.5, 0, 0.0)
+        assert torch.equal(direct[0], want[0]) and torch.equal(direct[1], want[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_varlen_uncovered_rows_and_clamped_offsets(backend):
     # Rows past cu_seqlens_q[-1]: out 0, lse -inf on every backend (the kernels' outputs were
     # torch.empty there). And the kernels themselves, handed unchecked bad offsets (past the
@@ -431,8 +448,15 @@ def test_bad_inputs():
         flash_attention(q, k, v, causal=True, scale="0.1")
     # A window longer than any sequence restricts nothing, however large (it broke the op schema).
     assert torch.equal(flash_attention(q, k, v, causal=True, window=2 ** 63), flash_attention(q, k, v, causal=True))
-    with pytest.raises(TypeError, match="argument 'causal' must be a bool"):
+    with pytest.raises(TypeError, match="argument 'causal' must be a bool, got NoneType"):
         flash_attention(q, k, v, causal=None)
+    with pytest.raises(TypeError, match="argument 'causal' must be a bool, got int"):
+        flash_attention(q, k, v, causal=1)
+    # A numpy bool (a comparison of numpy values) is a bool; the message named it "bool" before.
+    np = pytest.importorskip("numpy")
+    assert torch.equal(flash_attention(q, k, v, causal=np.bool_(True)), flash_attention(q, k, v, causal=True))
+    with pytest.raises(TypeError, match="argument 'causal' must be a bool, got numpy.float64"):
+        flash_attention(q, k, v, causal=np.float64(1.0))
     with pytest.raises(TypeError, match="missing 1 required keyword-only argument: 'causal'"):
         flash_attention(q, k, v)
     with pytest.raises(ValueError, match="argument 'backend' must be one of"):

@@ -276,6 +276,33 @@ def test_strided_static_cache(backend):
                                              num_splits=2, backend=backend))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_cache_seqlens(backend):
+    # Regression: lengths taken as a column of a (B, 2) int32 tensor (stride 2) were read densely
+    # by the Triton kernel: silently wrong lengths. Also through the implementation directly.
+    from fastllm.ops.decode import OP
+    q = rand(3, 4, 1, 64, dtype=torch.float16)
+    k, v = make_cache(3, 2, 20, 64, torch.float16, [20, 20, 20])
+    lens = torch.tensor([[5, 7], [20, 7], [1, 7]], dtype=torch.int32, device=DEVICE)[:, 0]
+    assert lens.stride(0) == 2
+    want = decode_attention(q, k, v, cache_seqlens=lens.contiguous(), num_splits=2, backend=backend)
+    out, _ = run_and_check(backend, q, k, v, cache_seqlens=lens, num_splits=2)
+    assert torch.equal(out, want)
+    if backend != "cuda":       # (its glue refuses strided lengths by name; the op hands it a copy)
+        direct, _ = OP.impls[backend](q, k, v, lens, None, None, 0.125, 0, 0.0, 2)
+        assert torch.equal(direct, decode_attention(q, k, v, cache_seqlens=lens, num_splits=2, scale=0.125,
+                                                    backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_more_splits_than_key_tiles(backend):
+    # num_splits (the most allowed) far above the number of key tiles: still right (Triton caps
+    # the pieces at one per key tile; CUDA runs the empty ones, test_simt_decode.py).
+    q = rand(2, 4, 3, 64, dtype=torch.float16)
+    k, v = make_cache(2, 2, 70, 64, torch.float16, [70, 41])
+    run_and_check(backend, q, k, v, cache_seqlens=lens_t([70, 41]), num_splits=256)
+
+
 # ----------------------------------------------------------------------------------------------
 # Equivalence with prefill
 
@@ -351,9 +378,11 @@ def test_bad_inputs():
         decode_attention(q, k, v, window=0)
     with pytest.raises(ValueError, match="argument 'softcap' must be a finite float > 0"):
         decode_attention(q, k, v, softcap=-1.0)
-    with pytest.raises(ValueError, match="argument 'num_splits' must be an int >= 1"):
+    with pytest.raises(ValueError, match=r"argument 'num_splits' must be an int in \[1, 256\] or None, got 0"):
         decode_attention(q, k, v, num_splits=0)
-    with pytest.raises(TypeError, match="argument 'num_splits' must be an int >= 1 or None, got float"):
+    with pytest.raises(ValueError, match=r"argument 'num_splits' must be an int in \[1, 256\] or None, got 257"):
+        decode_attention(q, k, v, num_splits=257)
+    with pytest.raises(TypeError, match=r"argument 'num_splits' must be an int in \[1, 256\] or None, got float"):
         decode_attention(q, k, v, num_splits=2.0)
     with pytest.raises(ValueError, match="argument 'backend' must be one of"):
         decode_attention(q, k, v, backend="sdpa")
@@ -372,6 +401,20 @@ def test_bad_inputs():
     # -1 past a sequence's last page is fine (never read).
     assert (table == -1).any()
     decode_attention(q, kp, vp, block_table=table, cache_seqlens=lens)
+    # With a mask instead of lengths: pages past the last attended key may hold -1 too (they were
+    # all checked, so a mask with a padded table was refused); one inside the range may not.
+    mask = length_mask([3, 10], q.shape[2], 12, device=DEVICE)
+    assert torch.equal(decode_attention(q, kp, vp, block_table=table, mask=mask),
+                       decode_attention(q, kp, vp, block_table=table, cache_seqlens=lens))
+    nothing = mask.clone()
+    nothing[0] = False
+    all_gone = table.clone()
+    all_gone[0] = -1                 # sequence 0 attends nothing: reads no page
+    decode_attention(q, kp, vp, block_table=all_gone, mask=nothing)
+    hole = table.clone()
+    hole[1, 1] = -1                  # keys 4..7 of sequence 1, inside its attended range
+    with pytest.raises(ValueError, match="argument 'block_table' holds page ids outside"):
+        decode_attention(q, kp, vp, block_table=hole, mask=mask)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -266,7 +266,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, mask, scal
         m_strides = tuple(m.stride(i) if m.size(i) > 1 else 0 for i in (0, 2, 3))
     else:
         m, m_strides = out, (0, 0, 0)
-    splits = max(1, int(num_splits))
+    # More pieces than key tiles would only be empty partials (memory, combine work).
+    splits = max(1, min(int(num_splits), triton.cdiv(capacity, bn)))
     if splits == 1:
         o, o_strides = out, (Sq * Hq * D, D, Hq * D, 0)
         l, l_strides = lse, (Hq * Sq, Sq, 1, 0)
@@ -275,6 +276,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, mask, scal
         o_strides = (Hq * Sq * splits * D, Sq * splits * D, splits * D, D)
         l = torch.empty((B, Hq, Sq, splits), dtype=torch.float32, device=q.device)
         l_strides = (Hq * Sq * splits, Sq * splits, splits, 1)
+    if cache_seqlens is not None:
+        cache_seqlens = cache_seqlens.contiguous()     # read as lens[b]
     extra = {} if interp else {"num_warps": warps, "num_stages": stages}
     grid = (B * Hkv, splits, triton.cdiv(group * Sq, bm))
     decode_split_kernel[grid](

@@ -351,7 +351,7 @@ def flash_attention_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: 
     lse = torch.full((Hq, total_q), float("-inf"), dtype=torch.float32, device=q.device)
     if B * Hq * total_q == 0 or max_q == 0:
         return out, lse
-    _launch(q, k, v, None, out, lse, cu_q, cu_k,
+    _launch(q, k, v, None, out, lse, cu_q.contiguous(), cu_k.contiguous(),   # read as cu[b]
             (0, q.stride(1), q.stride(0)), (0, k.stride(1), k.stride(0)), (0, v.stride(1), v.stride(0)),
             (0, D, Hq * D), (0, total_q), B, Hq, Hkv, max_q, total_q, k.shape[0], causal, scale, window, softcap)
     return out, lse

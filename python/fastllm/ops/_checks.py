@@ -22,6 +22,17 @@ def exp2_scalars_reason(scale, softcap):
     return None
 
 
+def as_bool(op, name, x) -> bool:
+    """x as a Python bool: a bool, or a numpy bool (what comparing numpy values gives)."""
+    if isinstance(x, bool):
+        return x
+    t = type(x)
+    if t.__module__ == "numpy" and t.__name__ in ("bool", "bool_"):
+        return bool(x)
+    where = "" if t.__module__ == "builtins" else t.__module__ + "."
+    raise TypeError(f"{op}: argument '{name}' must be a bool, got {where}{t.__name__}")
+
+
 def _fmt(dtypes):
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 

@@ -62,7 +62,7 @@ from typing import Optional
 import torch
 
 from .. import ref
-from ._checks import FLOAT_DTYPES, GRID_YZ_MAX, attended_key_slice, check_tensor
+from ._checks import FLOAT_DTYPES, GRID_YZ_MAX, as_bool, attended_key_slice, check_tensor
 from .registry import new_op
 
 OP = new_op("flash_attention")
@@ -227,8 +227,8 @@ _WINDOW_MAX = 2 ** 31 - 1
 
 
 def _normalize(name, D, causal, scale, window, softcap):
-    if not isinstance(causal, bool):
-        raise TypeError(f"{name}: argument 'causal' must be a bool, got {type(causal).__name__}")
+    """(causal, scale, window, softcap) as the custom ops take them (bool, float, int, float)."""
+    causal = as_bool(name, "causal", causal)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
@@ -253,7 +253,7 @@ def _normalize(name, D, causal, scale, window, softcap):
         # scale / softcap is the kernels' fp32 multiplier inside tanh: it must not underflow.
         raise ValueError(f"{name}: argument 'softcap' = {softcap} is too large for scale {scale} "
                          f"(scale / softcap underflows float32)")
-    return float(scale), window, float(softcap)
+    return causal, float(scale), window, float(softcap)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
@@ -279,7 +279,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                 or ms[3] not in (1, Skv)):
             raise ValueError(f"{name}: argument 'mask' must be broadcastable as ({B} or 1, 1, {Sq}, {Skv}) "
                              f"(B, 1, Sq, Skv), got shape {ms}")
-    scale, window, softcap = _normalize(name, D, causal, scale, window, softcap)
+    causal, scale, window, softcap = _normalize(name, D, causal, scale, window, softcap)
     b = OP.select(backend, q.device, q, k, v, mask, causal, scale, window, softcap)
     out, lse = OP.call(b, q, k, v, mask, causal, scale, window, softcap)
     return (out, lse) if return_lse else out
@@ -323,7 +323,8 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             raise TypeError(f"{name}: argument '{n}' must be an int >= 0, got {type(x).__name__}")
         if x < 0:
             raise ValueError(f"{name}: argument '{n}' must be an int >= 0, got {x}")
-    scale, window, softcap = _normalize(name, q.shape[-1], causal, scale, window, softcap)
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()   # indexed densely
+    causal, scale, window, softcap = _normalize(name, q.shape[-1], causal, scale, window, softcap)
     if not isinstance(validate, bool):
         raise TypeError(f"{name}: argument 'validate' must be a bool, got {type(validate).__name__}")
     if (validate or q.device.type == "cpu") and not torch.compiler.is_compiling():

@@ -31,13 +31,14 @@ decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, block_table=None, s
 Metadata on the device (cache_seqlens, block_table): checking its values needs a device sync,
 so for CUDA tensors it is not checked unless validate=True (which syncs and raises ValueError
 naming the argument). Without it every backend clamps: lengths into [0, S_cap], page ids that
-are read (pages j // page_size for j < length) into [0, num_pages): a bad table reads a wrong
-page, never out of bounds. CPU tensors are always checked (no sync needed), except while
+are read (pages j // page_size for j < length; with a mask, from the first to the last key any
+mask row attends) into [0, num_pages): a bad table reads a wrong page, never out of bounds. Pages
+past those may hold -1 or anything. CPU tensors are always checked (no sync needed), except while
 torch.compile traces (values are unknown then).
 
-num_splits: how many pieces the key range is cut into (None: split_heuristic, the one place that
-decides it). The kernels write a partial (out, lse) per piece and a combine kernel merges them
-exactly.
+num_splits: how many pieces the key range is cut into, 1 to 256 (None: split_heuristic, the one
+place that decides it). The kernels write a partial (out, lse) per piece and a combine kernel
+merges them exactly.
 
 Custom op fastllm::decode_attention always returns (out, lse); inside it the arguments are
 normalized: scale a float, window an int (<= 0: none), softcap a float (0.0: none),
@@ -72,6 +73,8 @@ MIN_KEYS_PER_SPLIT = 256
 #: Upper bound (the combine kernel reads all partials of a row; 64 pieces of >= 256 keys cover
 #: 16k keys per program already).
 MAX_SPLITS = 64
+#: What num_splits= may ask for (the CUDA launcher's bound, decode_launcher.cu, as well).
+MAX_NUM_SPLITS = 256
 #: Programs per SM to aim for: decode is bandwidth bound, and more resident programs keep
 #: more loads in flight; beyond ~2 waves extra splits only add partials traffic.
 PROGRAMS_PER_SM = 2
@@ -200,7 +203,7 @@ def _same_device(name, t, q):
         raise ValueError(f"{NAME}: argument '{name}' must be on the device of 'q' ({q.device}), got {t.device}")
 
 
-def _check_values(cache_seqlens, block_table, capacity, page_size, num_pages):
+def _check_values(cache_seqlens, block_table, mask, capacity, page_size, num_pages):
     """Value checks of the metadata (a device sync on CUDA: only on CPU or with validate)."""
     if cache_seqlens is not None and cache_seqlens.numel():
         lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
@@ -212,6 +215,14 @@ def _check_values(cache_seqlens, block_table, capacity, page_size, num_pages):
         if cache_seqlens is not None:
             lens = cache_seqlens.long().clamp(0, capacity)
             used = torch.arange(max_pages, device=block_table.device)[None, :] * page_size < lens[:, None]
+        elif mask is not None:
+            # The kernels read the pages from the first to the last key any mask row attends.
+            att = torch.broadcast_to(mask, (B, 1, mask.shape[2], capacity)).any(2)[:, 0]     # (B, capacity)
+            key = torch.arange(capacity, device=att.device)
+            first = torch.where(att, key, capacity).amin(1, keepdim=True) // page_size
+            last = torch.where(att, key, -page_size).amax(1, keepdim=True) // page_size
+            page = torch.arange(max_pages, device=att.device)[None, :]
+            used = (page >= first) & (page <= last)
         else:
             used = torch.ones_like(block_table, dtype=torch.bool)
         ids = block_table[used]
@@ -278,6 +289,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         if cache_seqlens.shape[0] != B:
             raise ValueError(f"{NAME}: argument 'cache_seqlens' must have {B} entries (the batch size of 'q'), "
                              f"got shape {tuple(cache_seqlens.shape)}")
+        cache_seqlens = cache_seqlens.contiguous()     # the kernels index it densely
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"{NAME}: argument 'mask' must be a bool torch.Tensor or None, got {type(mask).__name__}")
@@ -292,17 +304,19 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             raise ValueError(f"{NAME}: pass either 'cache_seqlens' or 'mask', not both (the mask holds the lengths)")
         if window is not None:
             raise ValueError(f"{NAME}: argument 'window' cannot be combined with 'mask' (the mask holds the window)")
-    scale, window, softcap = _normalize(NAME, D, True, scale, window, softcap)
+    _, scale, window, softcap = _normalize(NAME, D, True, scale, window, softcap)
     if num_splits is None:
         num_splits = 0
     elif isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
-        raise TypeError(f"{NAME}: argument 'num_splits' must be an int >= 1 or None, got {type(num_splits).__name__}")
-    elif num_splits < 1:
-        raise ValueError(f"{NAME}: argument 'num_splits' must be an int >= 1 or None, got {num_splits}")
+        raise TypeError(f"{NAME}: argument 'num_splits' must be an int in [1, {MAX_NUM_SPLITS}] or None, got {type(num_splits).__name__}")
+    elif not 1 <= num_splits <= MAX_NUM_SPLITS:
+        # The bound keeps the fp32 partials (B, Hq, Sq, num_splits, D) a sane size.
+        raise ValueError(f"{NAME}: argument 'num_splits' must be an int in [1, {MAX_NUM_SPLITS}] or None, "
+                         f"got {num_splits}")
     if not isinstance(validate, bool):
         raise TypeError(f"{NAME}: argument 'validate' must be a bool, got {type(validate).__name__}")
     if (validate or q.device.type == "cpu") and not torch.compiler.is_compiling():
-        _check_values(cache_seqlens, block_table, capacity, page_size, num_pages)
+        _check_values(cache_seqlens, block_table, mask, capacity, page_size, num_pages)
     args = (q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window, softcap, int(num_splits))
     b = OP.select(backend, q.device, *args)
     out, lse = OP.call(b, *args)
