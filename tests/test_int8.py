@@ -247,6 +247,8 @@ def test_w8a16_strided(backend):
     s = (torch.rand(32, 2, device=DEVICE) + 0.5).t().contiguous().t()  # (32, 2) with strides (1, 32)
     out = w8a16_matmul(x, w, s, group_size=32, backend=backend)
     assert_w8a16_close(out, x, w, s, None, 32)
+    np = pytest.importorskip("numpy")
+    assert torch.equal(w8a16_matmul(x, w, s, group_size=np.int64(32), backend=backend), out)
 
 
 # ----------------------------------------------------------------------------------------------

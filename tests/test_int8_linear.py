@@ -12,6 +12,7 @@ step is set by the outliers and the other channels round to a few levels (measur
 dynamic, >= 5.6% static); SmoothQuant (alpha 0.5) brings them back to <= 0.7% / <= 2.3%
 (40 seeds): the tests require at least a 2x reduction.
 """
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -213,6 +214,13 @@ def test_weight_quantization():
         quantize_weight_per_channel(torch.tensor([[1.0, float("nan")]]))
     with pytest.raises(ValueError, match="argument 'group_size' must be a positive int dividing K = 64"):
         quantize_weight_per_group(w, 24)
+    # Denormal rows (amax / 127 underflows to 0): quantized as zero rows, the scale never 0.
+    w[7] = 0.0
+    w[7, :2] = torch.tensor([1e-45, -5e-44])
+    q, s = quantize_weight_per_channel(w)
+    assert s[7] == 1.0 and (q[7] == 0).all() and (s > 0).all()
+    qg, sg = quantize_weight_per_group(w, np.int64(16))       # numpy ints are ints too
+    assert sg[7, 0] == 1.0 and (qg[7] == 0).all() and (sg > 0).all()
 
 
 def test_smooth_scales_formula():
@@ -226,6 +234,16 @@ def test_smooth_scales_formula():
         smooth_scales(act, w, alpha=1.5)
     with pytest.raises(ValueError, match=r"argument 'act_amax' must be a \(4,\) tensor"):
         smooth_scales(act[:3], w)
+    # Non-finite statistics would be folded into the weights as NaN / inf / 0 factors.
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="argument 'act_amax': .* NaN or inf \\(first at input channel 1\\)"):
+            smooth_scales(torch.tensor([4.0, bad, 0.0, 9.0]), w)
+        w_bad = w.clone()
+        w_bad[1, 2] = bad
+        with pytest.raises(ValueError, match="argument 'weights': .* NaN or inf \\(first at input channel 2\\)"):
+            smooth_scales(act, w_bad)
+    with pytest.raises(ValueError, match="argument 'act_amax' must hold maxima of \\|x\\| \\(>= 0\\)"):
+        smooth_scales(-act, w)
 
 
 def test_calibrate_records_per_channel_max_and_removes_hooks():

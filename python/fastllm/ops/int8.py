@@ -315,10 +315,11 @@ def w8a16_matmul(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, b
             raise ValueError(f"{op}: argument 'w_scale' must have shape ({N},) (per output channel; pass "
                              f"group_size for per-group scales), got {tuple(w_scale.shape)}")
     else:
-        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 0 \
+        if not isinstance(group_size, numbers.Integral) or isinstance(group_size, bool) or group_size < 0 \
                 or group_size % 16 or (K and K % group_size):
             raise ValueError(f"{op}: argument 'group_size' must be a positive multiple of 16 dividing "
                              f"K = {K}, got {group_size!r}")
+        group_size = int(group_size)
         if tuple(w_scale.shape) != (N, K // group_size):
             raise ValueError(f"{op}: argument 'w_scale' must have shape ({N}, {K // group_size}) "
                              f"(N, K // group_size), got {tuple(w_scale.shape)}")

@@ -32,7 +32,17 @@ def _weight_amax(weights) -> torch.Tensor:
     for w in ws:
         if w.dim() != 2 or w.shape[1] != K:
             raise ValueError(f"smooth_scales: every weight must be (N, K) with K = {K}, got {tuple(w.shape)}")
-    return torch.stack([w.detach().abs().float().amax(dim=0) for w in ws]).amax(dim=0)
+    amax = torch.stack([w.detach().abs().float().amax(dim=0) for w in ws]).amax(dim=0)
+    _finite("weights", amax, "the weights hold NaN or inf")
+    return amax
+
+
+def _finite(arg: str, t: torch.Tensor, what: str):
+    # A NaN / inf maximum would make s NaN, inf or 0 and be folded into the model's weights.
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        raise ValueError(f"smooth_scales: argument '{arg}': {what} (first at input channel "
+                         f"{int(bad.nonzero()[0, 0])})")
 
 
 def smooth_scales(act_amax: torch.Tensor, weights: Union[torch.Tensor, Sequence[torch.Tensor]],
@@ -45,7 +55,11 @@ def smooth_scales(act_amax: torch.Tensor, weights: Union[torch.Tensor, Sequence[
     if not isinstance(act_amax, torch.Tensor) or tuple(act_amax.shape) != tuple(w_amax.shape):
         raise ValueError(f"smooth_scales: argument 'act_amax' must be a ({w_amax.shape[0]},) tensor (one max per "
                          f"input channel), got {tuple(act_amax.shape) if isinstance(act_amax, torch.Tensor) else act_amax!r}")
-    a = act_amax.detach().float().to(w_amax.device).clamp(min=_EPS)
+    a = act_amax.detach().float().to(w_amax.device)
+    _finite("act_amax", a, "the calibrated activation maxima hold NaN or inf")
+    if bool((a < 0).any()):
+        raise ValueError("smooth_scales: argument 'act_amax' must hold maxima of |x| (>= 0), got a negative value")
+    a = a.clamp(min=_EPS)
     w = w_amax.clamp(min=_EPS)
     return a.pow(alpha) / w.pow(1.0 - alpha)
 
