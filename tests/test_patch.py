@@ -211,8 +211,14 @@ def test_static_cache_prefill_slices_unwritten_slots():
 def test_attention_function_rejects_what_it_cannot_do():
     q = torch.randn(1, 2, 3, 8)
     module = torch.nn.Module()
-    with pytest.raises(TypeError, match="values other than 0 and -inf"):   # a bias, not a mask
+    with pytest.raises(TypeError, match=r"values other than 0 and large negatives \(<= -10000"):   # a bias
         _attention.attention_forward(module, q, q, q, torch.randn(1, 1, 3, 3))
+    with pytest.raises(TypeError, match="a bias on the scores"):      # -9999: still a (tiny) weight
+        _attention.attention_forward(module, q, q, q, torch.full((1, 1, 3, 3), -9999.0).triu(1))
+    per_head = torch.ones(1, 2, 3, 3, dtype=torch.bool)
+    per_head[0, 1, 0, 1:] = False
+    with pytest.raises(NotImplementedError, match=r"per-head attention mask \(1, 2, 3, 3\) whose heads differ"):
+        _attention.attention_forward(module, q, q, q, per_head)
     with pytest.raises(TypeError, match="expected bool"):
         _attention.attention_forward(module, q, q, q, torch.ones(1, 1, 3, 3, dtype=torch.int64))
     with pytest.raises(NotImplementedError, match="sinks"):
@@ -227,10 +233,20 @@ def test_attention_function_float_masks_and_mla_head_dims():
     q, k, v = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)
     allowed = torch.rand(2, 1, 5, 7) > 0.3
     want, _ = _attention.attention_forward(torch.nn.Module(), q, k, v, allowed)
-    for neg in (float("-inf"), torch.finfo(torch.float32).min):
+    # -10000.0: the old transformers / BERT convention, exact in fp32 too (exp(-1e4) is 0); and the
+    # float16 minimum held in a float32 mask.
+    for neg in (float("-inf"), torch.finfo(torch.float32).min, -10000.0, torch.finfo(torch.float16).min):
         additive = torch.zeros(2, 1, 5, 7).masked_fill(~allowed, neg)
         got, _ = _attention.attention_forward(torch.nn.Module(), q, k, v, additive)
         assert torch.equal(got, want)
+        if neg == -10000.0:   # what SDPA makes of it: the same (rows with a kept key)
+            sdpa = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                  attn_mask=additive).transpose(1, 2)
+            rows = allowed.any(-1)[:, 0]                                      # (B, Sq)
+            torch.testing.assert_close(got[rows], sdpa[rows], rtol=1e-5, atol=1e-6)
+    # A (B, H, Sq, Skv) mask equal across heads is the one mask (a user's 4-D per-head mask).
+    got, _ = _attention.attention_forward(torch.nn.Module(), q, k, v, allowed.expand(2, 4, 5, 7).clone())
+    assert torch.equal(got, want)
     # MLA (V head dim != Q/K's): zero padding, output sliced back; == attention computed
     # directly on the unpadded tensors (both directions of the mismatch, prefill and decode).
     for dqk, dv in ((24, 16), (16, 24)):
@@ -377,6 +393,52 @@ def test_patch_twice():
     with pytest.raises(FastllmError, match="already patched"):
         fastllm.patch(model, backend="torch", skip_attention=1)
     assert model._fastllm_patch is state
+
+
+def test_config_edits_while_patched_survive_unpatch():
+    # Regression: the edits went to the private copy and unpatch put the untouched original back.
+    model = build("qwen2")
+    cfg = model.config
+    fastllm.patch(model, backend="torch")
+    model.config.use_cache = False
+    model.config.output_hidden_states = True
+    model.config.layer_types.append("full_attention")     # an in-place edit of a list
+    model.set_attn_implementation("eager")                 # not carried: unpatch restores sdpa
+    fastllm.unpatch(model)
+    assert model.config is cfg and cfg.use_cache is False and cfg.output_hidden_states is True
+    assert cfg.layer_types[-1] == "full_attention" and len(cfg.layer_types) == 3
+    assert cfg._attn_implementation == "sdpa"
+
+
+def test_nested_patch_is_refused():
+    # Regression: patch(m.model) then patch(m) copied the inner patch's private configs, and the
+    # final unpatch left fastllm attention in place with no record of it.
+    model = build("llama")
+    fastllm.patch(model.model, backend="torch")
+    with pytest.raises(FastllmError, match="its submodule 'model' is already patched"):
+        fastllm.patch(model, backend="torch")
+    assert not is_patched(model)
+    fastllm.unpatch(model.model)
+    fastllm.patch(model, backend="torch")
+    with pytest.raises(FastllmError, match="is part of a model fastllm.patch already patched"):
+        fastllm.patch(model.model, backend="torch")
+    assert not is_patched(model.model)
+    fastllm.unpatch(model)
+    assert model.config._attn_implementation == "sdpa"
+    fastllm.patch(model.model, backend="torch")          # unpatched: the inner model alone is fine again
+    fastllm.unpatch(model.model)
+
+
+def test_output_attentions_warns_and_switching_away_shows_in_the_report():
+    model = build("gemma2")                        # eager by default: it returned weights before
+    ids = torch.randint(3, VOCAB, (1, 6))
+    assert len(model(ids, output_attentions=True).attentions) == 2
+    fastllm.patch(model, backend="torch")
+    with pytest.warns(UserWarning, match="does not return attention weights"):
+        model(ids, output_attentions=True)
+    assert not any("switched" in n for n in fastllm.patch_report(model).notes)
+    model.set_attn_implementation("eager")
+    assert "switched to attention implementation 'eager'" in fastllm.patch_report(model).notes[-1]
 
 
 def test_bad_arguments():

@@ -245,8 +245,10 @@ def test_include_names_lm_head_explicitly():
     fastllm.patch(model, quantize="w8a8", include=["lm_head", "*.o_proj"], backend="torch")
     assert sorted(swapped(model)) == ["lm_head"] + [f"model.layers.{i}.self_attn.o_proj" for i in range(2)]
     tied = build("gemma2")     # tie_word_embeddings: lm_head shares the embedding matrix
-    fastllm.patch(tied, quantize="w8a8", include="lm_head", backend="torch")
+    with pytest.warns(UserWarning, match="quantize='w8a8' swapped no layer"):
+        fastllm.patch(tied, quantize="w8a8", include="lm_head", backend="torch")
     assert swapped(tied) == {}
+    assert "quantize='w8a8' swapped no layer" in str(fastllm.patch_report(tied))
     assert any(m.name == "lm_head" and "tied" in m.detail for m in fastllm.patch_report(tied).modules)
 
 

@@ -47,6 +47,8 @@ across SMs, partials merged) with the same meaning: a given bool mask is passed 
 only Sq == 1 is routed there, where "no cache_seqlens, no mask" means every key. Everything
 else (prefill, a non-causal Sq > 1 call without a mask) goes to flash_attention.
 """
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -104,11 +106,18 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             raise NotImplementedError(
                 f"fastllm attention does not implement {what} ({name}=...), which "
                 f"{type(module).__name__} uses; fastllm.unpatch(model) to run it.")
+    if kwargs.get("output_attentions"):
+        # What transformers' sdpa and flash integrations do: the weights are never materialized.
+        warnings.warn("fastllm attention does not return attention weights (output_attentions=True gives "
+                      "none); fastllm.unpatch(model) or model.set_attn_implementation('eager') to get them.",
+                      UserWarning, stacklevel=2)
     mask = attention_mask
     q_len = query.shape[2]
     if mask is not None:
         if mask.dtype != torch.bool:
             mask = _bool_from_additive(mask, module)
+        if mask.dim() == 4 and mask.shape[1] > 1:
+            mask = _one_mask_for_all_heads(mask, module)
         causal = False   # the mask holds causality (and padding, window) in cache positions
     else:
         is_causal = kwargs.get("is_causal")
@@ -140,21 +149,38 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     return (out[..., :dv] if dq != dv else out), None
 
 
+#: An additive mask value at or below this masks its key: its softmax weight, exp(-1e4 + s - max),
+#: is 0 in fp32 unless the masked score s tops the row's kept ones by ~1e4 (scores are far
+#: smaller), so the old -10000.0 convention is a mask as exactly as -inf or the dtype's minimum.
+MASKED_AT_OR_BELOW = -1e4
+
+
 def _bool_from_additive(mask, module):
     """A float 4-D mask as transformers' eager path uses it (added to the scores): exactly a bool
-    mask when every value is 0 (attend) or hugely negative (-inf or near the dtype's minimum);
-    some models build such masks themselves (Pixtral's block mask). Anything else is a bias,
-    which fastllm's kernels do not add (Doge's dynamic mask: refused at patch time)."""
+    mask when every value is 0 (attend) or hugely negative (-inf, the dtype's minimum, -1e4 and
+    below); some models build such masks themselves (Pixtral's block mask). Anything else is a
+    bias, which fastllm's kernels do not add (Doge's dynamic mask: refused at patch time)."""
     if not mask.is_floating_point():
         raise TypeError(f"fastllm attention: {type(module).__name__} got a {mask.dtype} attention mask; "
                         "expected bool (True = attend) or a float additive mask")
     allowed = mask == 0
-    if not (allowed | (mask <= torch.finfo(mask.dtype).min / 2)).all():
+    if not (allowed | (mask <= MASKED_AT_OR_BELOW)).all():
         raise TypeError(
             f"fastllm attention: {type(module).__name__} got a {mask.dtype} additive mask holding values "
-            "other than 0 and -inf (a bias on the scores, not a mask), which fastllm's kernels do not "
-            "add. Pass the 2-D padding mask, or fastllm.unpatch(model) for this model.")
+            f"other than 0 and large negatives (<= {MASKED_AT_OR_BELOW:g}, -inf, the dtype's minimum): a bias "
+            "on the scores, not a mask, which fastllm's kernels do not add. Pass the 2-D padding mask, or "
+            "fastllm.unpatch(model) for this model.")
     return allowed
+
+
+def _one_mask_for_all_heads(mask, module):
+    """A (B, H, Sq, Skv) mask: the kernels take one mask for all heads (B, 1, Sq, Skv)."""
+    if torch.equal(mask, mask[:, :1].expand_as(mask)):
+        return mask[:, :1]
+    raise NotImplementedError(
+        f"fastllm attention: {type(module).__name__} got a per-head attention mask {tuple(mask.shape)} whose "
+        "heads differ; fastllm's kernels take one mask for all heads (B, 1, Sq, Skv). Pass a mask without "
+        "a head dimension, or fastllm.unpatch(model) for this model.")
 
 
 _REGISTERED = set()

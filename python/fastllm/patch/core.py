@@ -6,7 +6,8 @@ What patch(model) changes, all of it on this instance and all of it undone by un
      model's, each attention module's self.config, ...) is replaced by a private deep copy,
      references shared as before. Models built from one config object share it, and
      set_attn_implementation writes config._attn_implementation: on the shared object it would
-     switch the sibling model too. unpatch puts the original objects back (never written to).
+     switch the sibling model too. unpatch puts the original objects back, with the attributes
+     the user changed on the copies meanwhile (model.config.use_cache = False) carried over.
   2. attention: fastllm's function is registered with transformers under a neutral name
      ("fastllm", or "fastllm_<backend>" for a forced backend; see _attention.py) together with
      transformers' own sdpa_mask as its mask function, and model.set_attn_implementation(name)
@@ -28,6 +29,9 @@ model._fastllm_patch (a PatchState).
 import copy
 import fnmatch
 import functools
+import warnings
+import weakref
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -69,6 +73,9 @@ class PatchState:
     # Report lines a reload cannot recompute (SmoothQuant folds, linears left in float) and the
     # linear planning notes: save_pretrained writes them, from_pretrained puts them back.
     carried: Tuple[List[ModuleEntry], List[str]] = ((), ())
+    # (private config copy, its attributes right after patch): unpatch carries the user's later
+    # edits of the copies (model.config.use_cache = False, ...) over to the originals.
+    config_snapshots: List[Tuple[object, Dict[str, object]]] = field(default_factory=list)
 
     def __setstate__(self, state):
         # Unpickling a patched model (torch.load in a fresh process) must register fastllm's
@@ -503,6 +510,51 @@ def _privatize_configs(model, transformers) -> List[Tuple[nn.Module, str, object
 def _restore_configs(refs):
     for mod, attr, val in refs:
         mod.__dict__[attr] = val
+    for _, _, val in refs:
+        _PRIVATE_COPIES.pop(id(val), None)
+
+
+#: id(original config) -> its private copy, while a patched model holds it: a module whose config
+#: is one of these belongs to a patched model (patching it on its own would nest two patches).
+_PRIVATE_COPIES = weakref.WeakValueDictionary()
+
+
+def _register_copies(refs):
+    for mod, attr, val in refs:
+        _PRIVATE_COPIES[id(val)] = mod.__dict__[attr]
+
+
+def _is_private_copy(cfg) -> bool:
+    return cfg is not None and any(c is cfg for c in _PRIVATE_COPIES.values())
+
+
+def _config_attrs(cfg, transformers) -> Dict[str, object]:
+    """The config's own attributes (not sub-configs, which are snapshotted on their own), copied
+    deeply so that later in-place edits (a list appended to) show as differences."""
+    return {k: copy.deepcopy(v) for k, v in vars(cfg).items() if not isinstance(v, transformers.PretrainedConfig)}
+
+
+def _same(a, b) -> bool:
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:        # noqa: BLE001 - values whose == is not a bool (tensors): changed
+        return False
+
+
+def _carry_config_edits(refs, snapshots, transformers):
+    """Copy the attributes the user changed on the private copies since patch onto the originals
+    (the attention implementation excepted: unpatch restores the original's)."""
+    snap = {id(c): attrs for c, attrs in snapshots}
+    done = set()
+    for mod, attr, original in refs:
+        cur = mod.__dict__.get(attr)
+        if id(cur) not in snap or id(cur) in done:
+            continue
+        done.add(id(cur))
+        before = snap[id(cur)]
+        for k, v in _config_attrs(cur, transformers).items():
+            if "attn_implementation" not in k and not (k in before and _same(before[k], v)):
+                original.__dict__[k] = v
 
 
 # ----------------------------------------------------------------------------------------------
@@ -558,6 +610,13 @@ def _patch(model, options, batches, loaded=None):
             return model
         raise FastllmError(f"{type(model).__name__} is already patched with {state.options}; "
                            f"fastllm.unpatch(model) before patching with {options}.")
+    inner = next((n for n, m in model.named_modules() if n and STATE_ATTR in m.__dict__), None)
+    if inner is not None:
+        raise FastllmError(f"{type(model).__name__}: its submodule {inner!r} is already patched; "
+                           f"fastllm.unpatch(model.{inner}) first (patch the whole model once). Model left unchanged.")
+    if _is_private_copy(getattr(model, "config", None)):
+        raise FastllmError(f"{type(model).__name__} is part of a model fastllm.patch already patched (it holds "
+                           "that model's private config); patch or unpatch the whole model. Left unchanged.")
     attn = _check_supported(model, options, transformers)
     skips = _resolve_skip(model, options["skip_attention"])
     device, dtype = _model_info(model)
@@ -625,9 +684,12 @@ def _patch(model, options, batches, loaded=None):
             sw.old = None
         for f in plan.folds:
             f.old = {}
+    _register_copies(refs)
+    copies = list({id(m.__dict__[a]): m.__dict__[a] for m, a, _ in refs}.values())
     state = PatchState(options=options, impl=impl, config_refs=refs, skipped=skips, report=report,
                        original_impl=original_impl, swaps=plan.swaps, folds=plan.folds,
-                       originals_kept=keep or not plan.swaps, dtype=dtype, carried=carried)
+                       originals_kept=keep or not plan.swaps, dtype=dtype, carried=carried,
+                       config_snapshots=[(c, _config_attrs(c, transformers)) for c in copies])
     if loaded:
         state.swaps = [_linear.Swap(n, None, m, "loaded", "", 0) for n, m in loaded[1]]
         state.originals_kept = not state.swaps
@@ -657,6 +719,7 @@ def unpatch(model):
     _linear.restore(model, state.swaps, state.folds, now if now != state.dtype else None)
     for _, m in state.skipped:
         _remove_skip(m)
+    _carry_config_edits(state.config_refs, getattr(state, "config_snapshots", []), _transformers())
     _restore_configs(state.config_refs)
     del model.__dict__[STATE_ATTR]
     return model
@@ -671,6 +734,11 @@ def patch_report(model) -> PatchReport:
     state = model.__dict__.get(STATE_ATTR)
     if state is None:
         raise ValueError(f"{type(model).__name__} is not patched by fastllm; call fastllm.patch(model)")
+    now = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if state.impl is not None and now != state.impl:
+        return dataclasses.replace(state.report, notes=state.report.notes + [
+            f"the model was switched to attention implementation {now!r} after patch "
+            f"(set_attn_implementation): fastllm's attention ({state.impl!r}) is not in use now"])
     return state.report
 
 
@@ -728,6 +796,12 @@ def _build_report(model, options, attn, skips, op_entry, device, dtype, transfor
         if isinstance(m, nn.Embedding):
             report.modules.append(ModuleEntry(n, type(m).__name__, "left", "embeddings are never swapped"))
     report.notes += plan.notes
+    asked = ", ".join(f"{k}={options[k]!r}" for k in ("quantize", "sparsity") if options.get(k))
+    if asked and not plan.swaps and not loaded:
+        nothing = (f"{asked} swapped no layer: every candidate linear was left or skipped (the rows above "
+                   "say why); the model's linears are unchanged")
+        report.notes.append(nothing)
+        warnings.warn(f"fastllm.patch: {nothing}", UserWarning, stacklevel=4)
     report.notes.append("attention bytes saved are 0 by construction: exact attention, weights untouched")
     if plan.swaps or (loaded and loaded[1]):
         report.notes.append(
