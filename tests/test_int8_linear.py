@@ -236,13 +236,13 @@ def test_smooth_scales_formula():
         smooth_scales(act[:3], w)
     # Non-finite statistics would be folded into the weights as NaN / inf / 0 factors.
     for bad in (float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="argument 'act_amax': .* NaN or inf \\(first at input channel 1\\)"):
+        with pytest.raises(ValueError, match=f"argument 'act_amax' must be finite and >= 0 .*got {bad} at channel 1"):
             smooth_scales(torch.tensor([4.0, bad, 0.0, 9.0]), w)
         w_bad = w.clone()
         w_bad[1, 2] = bad
-        with pytest.raises(ValueError, match="argument 'weights': .* NaN or inf \\(first at input channel 2\\)"):
+        with pytest.raises(ValueError, match="argument 'weights' holds NaN or inf \\(first at input channel 2\\)"):
             smooth_scales(act, w_bad)
-    with pytest.raises(ValueError, match="argument 'act_amax' must hold maxima of \\|x\\| \\(>= 0\\)"):
+    with pytest.raises(ValueError, match="argument 'act_amax' must be finite and >= 0 .*got -4.0 at channel 0"):
         smooth_scales(-act, w)
 
 
@@ -271,6 +271,11 @@ def test_calibrate_errors_and_cleanup_on_exception():
         calibrate(nn.Sequential(nn.ReLU()), [torch.randn(2, 32)], layers=["0"])
     with pytest.raises(RuntimeError):
         calibrate(model, [torch.randn(2, 31, device=DEVICE)])   # the model itself fails
+    with pytest.raises(TypeError, match="argument 'layers' must be a list .* got one str \\(wrap it in a list\\)"):
+        calibrate(model, [torch.randn(2, 32)], layers="0")      # was read as the names '0'... one per character
+    for bad in (None, torch.randn(2, 32)):                      # a tensor would be iterated row by row
+        with pytest.raises(TypeError, match="argument 'batches' must be an iterable of model inputs"):
+            calibrate(model, bad)
     assert not model[0]._forward_pre_hooks
 
 
@@ -358,8 +363,23 @@ def test_bad_inputs():
         Int8Linear.from_linear(lin, "w8a8-static", act_scale=0.0)
     with pytest.raises(ValueError, match="smooth_alpha needs act_amax"):
         Int8Linear.from_linear(lin, smooth_alpha=0.5)
-    with pytest.raises(ValueError, match=r"argument 'act_amax' must have shape \(64,\)"):
+    with pytest.raises(ValueError, match=r"argument 'act_amax' must be a \(64,\) tensor .*got \(32,\)"):
         Int8Linear.from_linear(lin, "w8a8-static", act_amax=torch.ones(32))
+    # Statistics that silently made the layer ignore its input (act_scale ~1e-10): refused.
+    for bad, why in ((-torch.ones(64), "must be finite and >= 0"), (torch.full((64,), float("nan")), "must be finite"),
+                     (torch.zeros(64), "is all zero")):
+        with pytest.raises(ValueError, match=f"argument 'act_amax' {why}"):
+            Int8Linear.from_linear(lin, "w8a8-static", act_amax=bad)
+    for bad in ("0.1", True):
+        with pytest.raises(TypeError, match="argument 'act_scale' must be a float or a 1-element tensor"):
+            Int8Linear.from_linear(lin, "w8a8-static", act_scale=bad)
+    with pytest.raises(ValueError, match="pass act_scale or act_amax for mode 'w8a8-static', not both"):
+        Int8Linear.from_linear(lin, "w8a8-static", act_scale=0.1, act_amax=torch.ones(64))
+    lin64 = nn.Linear(64, 32)
+    lin64.bias.data = lin64.bias.data.double()
+    with pytest.raises(TypeError, match="Int8Linear: the bias dtype must be float16, bfloat16 or float32"):
+        Int8Linear.from_linear(lin64)
+    assert Int8Linear.from_linear(lin, "w8a16", group_size=np.int64(32)).group_size == 32
     with pytest.raises(ValueError, match="argument 'group_size' is for mode 'w8a16' only"):
         Int8Linear.from_linear(lin, group_size=16)
     with pytest.raises(ValueError, match="argument 'group_size' must be a positive multiple of 16 dividing"):

@@ -13,7 +13,7 @@ import torch
 import fastllm
 from fastllm import ref
 from fastllm.ops import sparse24_int8_matmul, sparse24_int8_matmul_int32, sparse24_matmul
-from fastllm.sparse import NotSparse24Error, check_24, collect_act_norms, compress, decompress, prune_24
+from fastllm.sparse import NotSparse24Error, check_24, collect_act_norms, compress, decompress, is_24, mask_24, prune_24
 from fastllm.sparse.format import VALID_NIBBLES, nibble_map, unpack_meta, valid_meta
 from fastllm.sparse.mma_sp import emulate_gemm
 from helpers import poison_  # noqa: F401  (outputs are allocated by the ops; see test_triton_poisoned_out)
@@ -201,10 +201,18 @@ def test_wanda_beats_magnitude_with_outlier_channels():
 def test_prune_bad_args():
     with pytest.raises(ValueError, match="method 'wanda' needs act_norm"):
         prune_24(torch.randn(4, 8), "wanda")
-    with pytest.raises(ValueError, match=r"argument 'act_norm' must be a tensor of shape \(8,\)"):
+    with pytest.raises(ValueError, match=r"argument 'act_norm' must be a \(8,\) tensor"):
         prune_24(torch.randn(4, 8), "wanda", torch.ones(4))
+    # Negative norms kept the smallest weights; NaN / inf (fp16 overflow) tied every group.
+    for bad in (-torch.ones(8), torch.full((8,), float("nan")), torch.full((8,), 1e5).half()):
+        with pytest.raises(ValueError, match="argument 'act_norm' must be finite and >= 0"):
+            prune_24(torch.randn(4, 8), "wanda", bad)
     with pytest.raises(ValueError, match="argument 'method' must be one of"):
         prune_24(torch.randn(4, 8), "random")
+    with pytest.raises(ValueError, match=r"mask_24: argument 'scores' must be a 2-D \(N, K\) tensor with K a multiple"):
+        mask_24(torch.randn(2, 6))
+    with pytest.raises(TypeError, match="check_24: argument 'w' must be a torch.Tensor, got list"):
+        is_24([[1, 0, 0, 1]])
     with pytest.raises(ValueError, match="K = 6 is not a multiple of 4"):
         prune_24(torch.randn(4, 6))
     with pytest.raises(ValueError, match="yielded no batch"):

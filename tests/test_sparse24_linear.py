@@ -172,6 +172,31 @@ def test_load_errors(tmp_path):
         save_sparse(nn.Sequential(nn.Linear(128, 64)), path)
 
 
+def test_failed_loads_leave_the_model_unchanged(tmp_path):
+    # Regression: the layers were swapped before the strict load failed (missing keys), and a
+    # meta-device model "loaded" into tensors without storage.
+    model = nn.Sequential(nn.Linear(128, 64), nn.Linear(64, 32)).to(DEVICE)
+    sparsify_linears(model, "magnitude")
+    path = str(tmp_path / "m.safetensors")
+    save_sparse(model, path)
+    bigger = nn.Sequential(nn.Linear(128, 64), nn.Linear(64, 32), nn.Linear(32, 16)).to(DEVICE)
+    before = [type(m) for m in bigger]
+    with pytest.raises(ValueError, match=r"does not match the model: missing \['2.bias', '2.weight'\]"):
+        load_sparse(bigger, path)
+    assert [type(m) for m in bigger] == before
+    with torch.device("meta"):
+        ghost = nn.Sequential(nn.Linear(128, 64), nn.Linear(64, 32))
+    with pytest.raises(ValueError, match="the model is on the meta device"):
+        load_sparse(ghost, path)
+    assert [type(m) for m in ghost] == [nn.Linear, nn.Linear]
+    lin = nn.Linear(128, 64)
+    lin.bias.data = lin.bias.data.double()
+    with pytest.raises(TypeError, match="Sparse24Linear: the bias dtype must be float16, bfloat16 or float32"):
+        Sparse24Linear.from_linear(lin, prune="magnitude")
+    with pytest.raises(TypeError, match="Sparse24Linear: argument 'int8' must be a bool, got str"):
+        Sparse24Linear.from_linear(nn.Linear(128, 64), prune="magnitude", int8="no")
+
+
 def test_sparsify_error_leaves_model_unchanged():
     # A layer that fails to build (float64 weight) after one that built: nothing is swapped.
     model = nn.Sequential(nn.Linear(128, 64), nn.Linear(128, 64, dtype=torch.float64)).to(DEVICE)

@@ -42,9 +42,12 @@ def save_layers(model: nn.Module, path: str, cls: Type[nn.Module], config: Calla
 
 
 def load_layers(model: nn.Module, path: str, cls: Type[nn.Module], build: Callable[[dict, torch.device], nn.Module],
-                key: str, version: int, who: str, writer: str, verb: str, strict: bool = True) -> nn.Module:
+                key: str, version: int, who: str, writer: str, verb: str, strict: bool = True,
+                renamed: Optional[Dict[str, str]] = None) -> nn.Module:
     """Rebuild the layers listed in `path`'s metadata (build(config, device)) in place of the
-    model's nn.Linear (or already swapped) modules of the same sizes, then load the state."""
+    model's nn.Linear (or already swapped) modules of the same sizes, then load the state.
+    renamed: {old tensor name: new} of `cls`'s buffers in older files (its load hook maps them).
+    A failed load leaves the model as it was."""
     from safetensors import safe_open
     from safetensors.torch import load_model
     with safe_open(path, framework="pt") as f:
@@ -54,7 +57,12 @@ def load_layers(model: nn.Module, path: str, cls: Type[nn.Module], build: Callab
     info = json.loads(meta[key])
     if info.get("version") != version:
         raise ValueError(f"{who}: {path} has format version {info.get('version')}, expected {version}")
+    meta_t = next((n for n, t in model.state_dict().items() if t.device.type == "meta"), None)
+    if meta_t is not None:
+        raise ValueError(f"{who}: the model is on the meta device ({meta_t!r}): loading would copy into tensors "
+                         "without storage. Materialize it first (model.to_empty(device=...)).")
     named = dict(model.named_modules())
+    built = []
     for n, cfg in info["layers"].items():
         old = named.get(n)
         if not isinstance(old, (nn.Linear, cls)):
@@ -64,6 +72,38 @@ def load_layers(model: nn.Module, path: str, cls: Type[nn.Module], build: Callab
             raise ValueError(f"{who}: layer {n!r} is {old.in_features}->{old.out_features} in the model, "
                              f"{cfg['in_features']}->{cfg['out_features']} in the file")
         dev = next(iter(old.buffers() if isinstance(old, cls) else old.parameters())).device
-        set_module(model, n, build(cfg, dev))
-    load_model(model, path, strict=strict)
+        built.append((n, old, build(cfg, dev)))
+    for n, _, new in built:
+        set_module(model, n, new)
+    try:
+        # torch copies every matching tensor before it reports a missing one: check first, so a
+        # failed load leaves the model as it was.
+        _check_stored(model, path, who, strict, renamed or {})
+        load_model(model, path, strict=strict)
+    except BaseException:
+        for n, old, _ in built:
+            set_module(model, n, old)
+        raise
     return model
+
+
+def _check_stored(model: nn.Module, path: str, who: str, strict: bool, renamed: Dict[str, str]) -> None:
+    from safetensors import safe_open
+    want = model.state_dict()
+
+    def current(k):
+        head, _, leaf = k.rpartition(".")
+        new = renamed.get(leaf)
+        return f"{head}.{new}" if new and head else (new or k)
+    with safe_open(path, framework="pt") as f:
+        stored = {k if k in want else current(k): k for k in f.keys()}
+        keys = set(stored)
+        for k in keys & set(want):
+            shape = tuple(f.get_slice(stored[k]).get_shape())
+            if shape != tuple(want[k].shape):
+                raise ValueError(f"{who}: tensor {k!r} is {shape} in {path}, {tuple(want[k].shape)} in the model")
+    missing, unexpected = sorted(set(want) - keys), sorted(keys - set(want))
+    if strict and (missing or unexpected):
+        raise ValueError(f"{who}: {path} does not match the model: missing {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                         f"{' ...' if len(unexpected) > 5 else ''}. The model was left unchanged.")

@@ -28,13 +28,14 @@ int8 weight and the fp32 scales keep their dtype.
 Inputs of any leading shape (..., K) in float16, bfloat16 or float32; output (..., N) in the
 input's dtype. in_features and out_features must be multiples of 16 (the int8 kernels').
 """
+import numbers
 from typing import Optional
 
 import torch
 from torch import nn
 
 from .. import ops
-from ..ops._checks import FLOAT_DTYPES
+from ..ops._checks import FLOAT_DTYPES, check_channel_stats
 from ._input import KeepsFp32Scales, as_rows, fmt as _fmt, in_weight_dtype
 
 MODES = ("w8a8-dynamic", "w8a8-static", "w8a16")
@@ -58,9 +59,14 @@ class Int8Linear(KeepsFp32Scales):
         if group_size is not None:
             if mode != "w8a16":
                 raise ValueError(f"Int8Linear: argument 'group_size' is for mode 'w8a16' only (mode is {mode!r})")
-            if not isinstance(group_size, int) or group_size <= 0 or group_size % 16 or in_features % group_size:
+            if (not isinstance(group_size, numbers.Integral) or isinstance(group_size, bool) or group_size <= 0
+                    or group_size % 16 or in_features % group_size):
                 raise ValueError(f"Int8Linear: argument 'group_size' must be a positive multiple of 16 dividing "
                                  f"in_features = {in_features}, got {group_size!r}")
+            group_size = int(group_size)
+        if bias and bias_dtype not in FLOAT_DTYPES:
+            raise TypeError(f"Int8Linear: the bias dtype must be float16, bfloat16 or float32 (the kernels' epilogue), "
+                            f"got {_fmt(bias_dtype)}")
         self.in_features, self.out_features = in_features, out_features
         self.mode, self.group_size, self.backend = mode, group_size, backend
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
@@ -99,12 +105,21 @@ class Int8Linear(KeepsFp32Scales):
                                  "activations)")
             if act_amax is None:
                 raise ValueError("Int8Linear.from_linear: smooth_alpha needs act_amax (from fastllm.quant.calibrate)")
-        if act_amax is not None and tuple(act_amax.shape) != (linear.in_features,):
-            raise ValueError(f"Int8Linear.from_linear: argument 'act_amax' must have shape ({linear.in_features},), "
-                             f"got {tuple(act_amax.shape)}")
+        if act_amax is not None:
+            act_amax = check_channel_stats("Int8Linear.from_linear", "act_amax", act_amax, linear.in_features)
         if mode == "w8a8-static" and act_scale is None and act_amax is None:
             raise ValueError("Int8Linear.from_linear: mode 'w8a8-static' needs act_scale (or act_amax from "
                              "fastllm.quant.calibrate)")
+        if mode == "w8a8-static" and act_scale is not None and act_amax is not None and smooth_alpha is None:
+            raise ValueError("Int8Linear.from_linear: pass act_scale or act_amax for mode 'w8a8-static', not both "
+                             "(act_amax would be ignored)")
+        if mode == "w8a8-static" and act_scale is None and not bool((act_amax > 0).any()):
+            raise ValueError("Int8Linear.from_linear: argument 'act_amax' is all zero (calibration saw only zero "
+                             "inputs): it gives no activation scale for mode 'w8a8-static'")
+        if act_scale is not None and (isinstance(act_scale, bool)
+                                      or not isinstance(act_scale, (numbers.Real, torch.Tensor))):
+            raise TypeError(f"Int8Linear.from_linear: argument 'act_scale' must be a float or a 1-element tensor, "
+                            f"got {type(act_scale).__name__}")
         if mode != "w8a8-static" and act_scale is not None:
             raise ValueError(f"Int8Linear.from_linear: act_scale is for mode 'w8a8-static' (mode is {mode!r})")
 
@@ -127,7 +142,7 @@ class Int8Linear(KeepsFp32Scales):
             m.bias.copy_(linear.bias.detach())
         if mode == "w8a8-static":
             if act_scale is None:
-                amax = act_amax.detach().float().to(w.device)
+                amax = act_amax.to(w.device)
                 if s is not None:
                     amax = amax / s
                 act_scale = max(amax.max().item(), 1e-8) / 127.0

@@ -44,8 +44,13 @@ class Sparse24Linear(KeepsFp32Scales):
         if not isinstance(out_features, int) or out_features <= 0 or out_features % 16:
             raise ValueError(f"Sparse24Linear: out_features = {out_features!r} must be a positive multiple of 16; "
                              "keep this layer dense")
+        if not isinstance(int8, bool):
+            raise TypeError(f"Sparse24Linear: argument 'int8' must be a bool, got {type(int8).__name__}")
         if not int8 and dtype not in FLOAT_DTYPES:
             raise TypeError(f"Sparse24Linear: argument 'dtype' must be float16, bfloat16 or float32, got {dtype!r}")
+        if bias and (bias_dtype or dtype) not in FLOAT_DTYPES:
+            raise TypeError(f"Sparse24Linear: the bias dtype must be float16, bfloat16 or float32 (the kernels' "
+                            f"epilogue), got {_fmt(bias_dtype)}")
         self.in_features, self.out_features = in_features, out_features
         self.int8, self.backend = bool(int8), backend
         self.prune_report = None

@@ -33,6 +33,22 @@ def as_bool(op, name, x) -> bool:
     raise TypeError(f"{op}: argument '{name}' must be a bool, got {where}{t.__name__}")
 
 
+def check_channel_stats(op, name, t, K):
+    """A calibrated per-input-channel statistic (max |x| or ||x||_2), as float32: a (K,) tensor,
+    finite and >= 0. NaN / inf / negative values would silently become scales, smoothing factors
+    or pruning scores."""
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != (K,):
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{op}: argument '{name}' must be a ({K},) tensor (one value per input channel), got {got}")
+    t = t.detach().float()
+    bad = ~torch.isfinite(t) | (t < 0)
+    if bool(bad.any()):
+        j = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{op}: argument '{name}' must be finite and >= 0 (a calibrated max |x| or norm per input "
+                         f"channel), got {t[j].item()} at channel {j}")
+    return t
+
+
 def _fmt(dtypes):
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 

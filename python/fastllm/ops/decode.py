@@ -308,7 +308,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if num_splits is None:
         num_splits = 0
     elif isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
-        raise TypeError(f"{NAME}: argument 'num_splits' must be an int in [1, {MAX_NUM_SPLITS}] or None, got {type(num_splits).__name__}")
+        raise TypeError(f"{NAME}: argument 'num_splits' must be an int in [1, {MAX_NUM_SPLITS}] or None, got "
+                        f"{type(num_splits).__name__}")
     elif not 1 <= num_splits <= MAX_NUM_SPLITS:
         # The bound keeps the fp32 partials (B, Hq, Sq, num_splits, D) a sane size.
         raise ValueError(f"{NAME}: argument 'num_splits' must be an int in [1, {MAX_NUM_SPLITS}] or None, "

@@ -20,6 +20,9 @@ def _select(model: nn.Module, layers, who: str) -> Dict[str, nn.Linear]:
     if layers is None:
         chosen = {n: m for n, m in named.items() if isinstance(m, nn.Linear)}
     else:
+        if isinstance(layers, (str, nn.Module)):
+            raise TypeError(f"{who}: argument 'layers' must be a list of module names or modules, got one "
+                            f"{type(layers).__name__} (wrap it in a list)")
         by_id = {id(m): n for n, m in named.items()}
         chosen = {}
         for item in layers:
@@ -48,6 +51,9 @@ def observe_inputs(model: nn.Module, batches: Iterable, layers, stat: Callable[[
     """Run the batches through the model and fold stat(x) of each chosen Linear's input x
     (flattened to (tokens, K)) into {name: merge(previous, new)}. Shared by calibrate and
     fastllm.sparse.collect_act_norms; the hooks are removed afterwards, also on error."""
+    if not isinstance(batches, Iterable) or isinstance(batches, (str, torch.Tensor)):
+        raise TypeError(f"{who}: argument 'batches' must be an iterable of model inputs (a list of input_ids "
+                        f"tensors, of kwargs dicts, ...), got {type(batches).__name__}")
     chosen = _select(model, layers, who)
     acc: Dict[str, torch.Tensor] = {}
 

@@ -21,6 +21,8 @@ from typing import Iterable, Sequence, Union
 import torch
 from torch import nn
 
+from ..ops._checks import check_channel_stats
+
 _EPS = 1e-5  # floor for both maxima: an all-zero channel must not give s = 0 or inf
 
 
@@ -33,16 +35,11 @@ def _weight_amax(weights) -> torch.Tensor:
         if w.dim() != 2 or w.shape[1] != K:
             raise ValueError(f"smooth_scales: every weight must be (N, K) with K = {K}, got {tuple(w.shape)}")
     amax = torch.stack([w.detach().abs().float().amax(dim=0) for w in ws]).amax(dim=0)
-    _finite("weights", amax, "the weights hold NaN or inf")
-    return amax
-
-
-def _finite(arg: str, t: torch.Tensor, what: str):
-    # A NaN / inf maximum would make s NaN, inf or 0 and be folded into the model's weights.
-    bad = ~torch.isfinite(t)
+    bad = ~torch.isfinite(amax)     # would make s NaN, inf or 0, folded into the model's weights
     if bool(bad.any()):
-        raise ValueError(f"smooth_scales: argument '{arg}': {what} (first at input channel "
+        raise ValueError(f"smooth_scales: argument 'weights' holds NaN or inf (first at input channel "
                          f"{int(bad.nonzero()[0, 0])})")
+    return amax
 
 
 def smooth_scales(act_amax: torch.Tensor, weights: Union[torch.Tensor, Sequence[torch.Tensor]],
@@ -52,13 +49,7 @@ def smooth_scales(act_amax: torch.Tensor, weights: Union[torch.Tensor, Sequence[
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"smooth_scales: argument 'alpha' must be a number in [0, 1], got {alpha!r}")
     w_amax = _weight_amax(weights)
-    if not isinstance(act_amax, torch.Tensor) or tuple(act_amax.shape) != tuple(w_amax.shape):
-        raise ValueError(f"smooth_scales: argument 'act_amax' must be a ({w_amax.shape[0]},) tensor (one max per "
-                         f"input channel), got {tuple(act_amax.shape) if isinstance(act_amax, torch.Tensor) else act_amax!r}")
-    a = act_amax.detach().float().to(w_amax.device)
-    _finite("act_amax", a, "the calibrated activation maxima hold NaN or inf")
-    if bool((a < 0).any()):
-        raise ValueError("smooth_scales: argument 'act_amax' must hold maxima of |x| (>= 0), got a negative value")
+    a = check_channel_stats("smooth_scales", "act_amax", act_amax, w_amax.shape[0]).to(w_amax.device)
     a = a.clamp(min=_EPS)
     w = w_amax.clamp(min=_EPS)
     return a.pow(alpha) / w.pow(1.0 - alpha)

@@ -6,8 +6,9 @@
 
 scale = amax / 127 over the row (or group); q = round-half-even(w * 127 / amax) in [-127, 127];
 an all-zero row (group), or one whose amax / 127 underflows (denormal weights), gets scale 1 and
-q 0 -- never 0 or NaN, so no division by zero can follow. The arithmetic is fastllm.ref.quantize_per_token's (the same rounding as the
-activations), in fp32 whatever the weight's dtype. Non-finite weights are rejected.
+q 0 -- never 0 or NaN, so no division by zero can follow. The arithmetic is
+fastllm.ref.quantize_per_token's (the same rounding as the activations), in fp32 whatever the
+weight's dtype. Non-finite weights are rejected.
 """
 import numbers
 

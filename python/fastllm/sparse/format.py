@@ -72,6 +72,8 @@ def meta_shape(N: int, K: int) -> Tuple[int, int]:
 def check_24(w: torch.Tensor, name: str = "w") -> None:
     """Raise NotSparse24Error naming the first (row, group) of `w` (N, K) with more than 2
     non-zeros among its 4 columns 4*group .. 4*group + 3 (row-major order)."""
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"check_24: argument '{name}' must be a torch.Tensor, got {type(w).__name__}")
     if w.dim() != 2:
         raise ValueError(f"check_24: argument '{name}' must be 2-D (N, K), got shape {tuple(w.shape)}")
     N, K = w.shape

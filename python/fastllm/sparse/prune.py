@@ -21,6 +21,7 @@ from typing import Dict, Iterable, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from ..ops._checks import check_channel_stats
 from .format import GROUP
 
 METHODS = ("magnitude", "wanda")
@@ -38,6 +39,10 @@ class PruneReport:
 
 def mask_24(scores: torch.Tensor) -> torch.Tensor:
     """bool (N, K): True on the 2 highest scores of every group of 4 along K (ties: lower column)."""
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or scores.shape[1] % GROUP:
+        got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(f"mask_24: argument 'scores' must be a 2-D (N, K) tensor with K a multiple of {GROUP}, "
+                         f"got {got}")
     N, K = scores.shape
     g = scores.reshape(N, K // GROUP, GROUP)
     keep = torch.argsort(g, dim=-1, descending=True, stable=True)[..., :2]
@@ -62,10 +67,9 @@ def prune_24(w: torch.Tensor, method: str = "magnitude", act_norm: Optional[torc
     if method == "wanda":
         if act_norm is None:
             raise ValueError("prune_24: method 'wanda' needs act_norm (K,) (fastllm.sparse.collect_act_norms)")
-        if not isinstance(act_norm, torch.Tensor) or tuple(act_norm.shape) != (K,):
-            raise ValueError(f"prune_24: argument 'act_norm' must be a tensor of shape ({K},), got "
-                             f"{tuple(act_norm.shape) if isinstance(act_norm, torch.Tensor) else act_norm!r}")
-        score = score * act_norm.detach().float().to(score.device).reshape(1, K)
+        # Negative or NaN norms would keep the smallest weights, or tie every group.
+        norm = check_channel_stats("prune_24", "act_norm", act_norm, K)
+        score = score * norm.to(score.device).reshape(1, K)
     elif act_norm is not None:
         raise ValueError("prune_24: act_norm is for method 'wanda'")
     mask = mask_24(score)
