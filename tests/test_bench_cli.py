@@ -89,6 +89,9 @@ def test_plot_without_matplotlib_fails_up_front(capsys, no_run, tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")
 def test_cuda_device_without_cuda_is_a_usage_error(capsys, no_run):
     assert "no CUDA device" in usage_error(capsys, ["quantize", "--device", "cuda"])
+    for bad in ("tpu", "cpu:x"):       # torch's own message listed every device type it knows
+        err = usage_error(capsys, ["quantize", "--device", bad])
+        assert f"--device {bad}: expected" in err and "privateuseone" not in err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ Modes:
 - "w8a8-static": one calibrated per-tensor activation scale `act_scale` (the int8 step:
   calibrated max|x| / 127); fastllm.ops.int8_matmul_static rounds x to int8 with it
   (saturating at +-127) inside the GEMM (Triton: fused into the tile loads). Cheaper at run
-  time, less robust to unseen ranges.
+  time, less robust to unseen ranges. NaN inputs round to 0 there (the op's rule), so a NaN
+  does not propagate to the output as it does in the other two modes.
 - "w8a16": weight-only; fastllm.ops.w8a16_matmul dequantizes in registers (decode-friendly).
 Weights are quantized symmetric per output channel (or per group of `group_size` input
 channels in w8a16) by fastllm.quant.weights.

@@ -44,7 +44,7 @@ def run(ctx):
                 got = fn()
                 ok = torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
                 t = ctx.timer(fn) if ok else None
-                rows.append(dict(impl=impl, dtype=str(dtype).replace("torch.", ""), M=M, K=K,
+                rows.append(dict(impl=f"fastllm-{impl}", dtype=str(dtype).replace("torch.", ""), M=M, K=K,
                                  ms=t and t * 1e3, **{"GB/s": t and nbytes / t / 1e9},
                                  frac_copy_peak=t and nbytes / t / 1e9 / ctx.peaks["copy_gbs"],
                                  ok="yes" if ok else "WRONG"))
