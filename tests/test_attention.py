@@ -227,6 +227,17 @@ def test_sliding_window(backend, dtype, causal, window, Sq, Skv):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_window_at_the_int32_limit_restricts_nothing(backend, causal):
+    # Regression: the op caps window at 2^31 - 1 ("no restriction"), but the Triton kernel's
+    # int32 bound (query position - window + 1) wrapped when Sq > Skv: rows came out all zero.
+    q, k, v = qkv(1, 2, 1, 24, 16, 16, torch.float16)
+    want = flash_attention(q, k, v, causal=causal, backend=backend)
+    got = flash_attention(q, k, v, causal=causal, window=2 ** 31 - 1, backend=backend)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [True, False])
 def test_softcap(backend, dtype, causal):

@@ -303,6 +303,32 @@ def test_more_splits_than_key_tiles(backend):
     run_and_check(backend, q, k, v, cache_seqlens=lens_t([70, 41]), num_splits=256)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_window_at_the_int32_limit_restricts_nothing(backend):
+    # Regression: L - Sq - window + 1 wrapped in the Triton kernel's int32 (L < Sq here): the
+    # first query, which sees key 0, got nothing.
+    q = rand(1, 2, 4, 16, dtype=torch.float16)
+    k, v = make_cache(1, 1, 8, 16, torch.float16, [1])
+    lens = lens_t([1])
+    want = decode_attention(q, k, v, cache_seqlens=lens, backend=backend)
+    assert torch.equal(decode_attention(q, k, v, cache_seqlens=lens, window=2 ** 31 - 1, backend=backend), want)
+
+
+def test_triton_predicate_refuses_what_overflows_its_int32_math():
+    # Auto falls to Triton when CUDA refuses; these made its int32 split bounds wrap (keys
+    # silently dropped) or its grid z exceed 65535 (a CUDA launch error naming nothing).
+    from fastllm.ops.decode import _triton_supports
+
+    def m(*shape, dtype=torch.float16):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+    pages, table = m(1, 64, 1, 64), m(1, 2 ** 25 - 1, dtype=torch.int32)     # 64-key pages: 2^31 - 64 slots
+    assert "above 2^30 keys" in _triton_supports(m(1, 1, 1, 64), pages, pages, None, table)
+    assert _triton_supports(m(1, 1, 1, 64), pages, pages, None, table[:, :2 ** 24]) is None
+    kv = m(1, 1, 512, 128)
+    assert "grid z" in _triton_supports(m(1, 4194368, 1, 128), kv, kv, None, None)
+    assert _triton_supports(m(1, 64, 16, 128), kv, kv, None, None) is None
+
+
 # ----------------------------------------------------------------------------------------------
 # Equivalence with prefill
 

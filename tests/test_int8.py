@@ -241,6 +241,26 @@ def test_w8a16(backend, dtype, with_bias):
 
 
 @pytest.mark.parametrize("backend", ALL)
+def test_view_with_a_huge_k_stride(backend):
+    # A (16, 256) view of a 2.15 GB buffer with K stride 8421520: 255 * stride > 2^31. The Triton
+    # GEMMs form K offsets in int32 (they read ~2 GB before the tensor on a GPU); the glue now
+    # hands them a contiguous copy of such a view. (The interpreter computes in int64: here this
+    # checks the copy path's answer; the GPU run checks the kernel.)
+    from fastllm.triton_kernels import k_offsets_fit
+    big = torch.empty(256, 8421520, dtype=torch.int8, device=DEVICE)     # untouched pages stay unallocated
+    b = big.t()[:16]
+    b.copy_(rand_int8(16, 256))
+    assert b.stride() == (1, 8421520) and k_offsets_fit(b).is_contiguous() and k_offsets_fit(b) is not b
+    a = rand_int8(3, 256)
+    assert k_offsets_fit(a) is a                          # ordinary tensors pass as they are
+    assert torch.equal(int8_matmul_int32(a, b, backend=backend), a.int() @ b.int().T)
+    s = torch.rand(16, device=DEVICE) + 0.5
+    x = torch.randn(3, 256, device=DEVICE, dtype=torch.float16)
+    assert_w8a16_close(w8a16_matmul(x, b, s, backend=backend), x, b, s, None, None)
+    del big
+
+
+@pytest.mark.parametrize("backend", ALL)
 def test_w8a16_strided(backend):
     x = torch.randn(5, 64 + 8, device=DEVICE, dtype=torch.float16)[:, 8:]
     w = rand_int8(64, 32).t()

@@ -37,3 +37,19 @@ def mode_reason():
 
 
 INTERPRET_ENV = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+#: The GEMM kernels form K-direction offsets (k * stride_k, BLOCK_K * stride_k) in int32, as
+#: Triton types int arguments below 2^31; only row offsets are widened to int64.
+_I32 = 2 ** 31 - 1
+
+
+def k_offsets_fit(t, k_dim: int = -1, pad: int = 512):
+    """t itself, or a contiguous copy when walking its K dim (plus a block of slack) would
+    overflow int32 offsets: a small view of a huge buffer (a transposed weight, a column
+    slice) with a K stride of millions. Contiguous, the K stride is 1."""
+    if t is None or t.dim() == 0:
+        return t
+    if abs(t.stride(k_dim)) * (t.shape[k_dim] + pad) > _I32:
+        return t.contiguous()
+    return t

@@ -227,7 +227,7 @@ def decode_combine_kernel(
         acc += ws * o                                  # empty split: weight 0, o 0
     empty = total == 0.0
     out = acc / tl.where(empty, 1.0, total)
-    tl.store(Out + b.to(tl.int64) * stride_ob + i * stride_oq + h * stride_oh + offs_d,
+    tl.store(Out + b.to(tl.int64) * stride_ob + i.to(tl.int64) * stride_oq + h.to(tl.int64) * stride_oh + offs_d,
              out.to(Out.dtype.element_ty), mask=d_ok)
     tl.store(Lse + row64, tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, total))))
 
@@ -256,6 +256,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, mask, scal
         vs = (v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
         bt_stride = 0
     group = Hq // Hkv
+    if window >= capacity:
+        window = 0      # restricts nothing; and L - Sq - window stays far from int32's range
     out = torch.empty((B, Sq, Hq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:

@@ -301,6 +301,10 @@ def _launch(q, k, v, mask, out, lse, cu_q, cu_k, q_strides, k_strides, v_strides
             l_strides, B, Hq, Hkv, max_q, Sq, Skv, causal, scale, window, softcap):
     from . import interpreting
     interp = interpreting()
+    if window >= Skv:
+        # A window as long as the keys restricts nothing; and the kernel's int32 bounds
+        # (query position - window) must not wrap for windows up to 2^31 - 1.
+        window = 0
     D = q.shape[-1]
     bm, bn, bd, warps, stages = tile_config(D, q.dtype, max_q, q.device, interp)
     if mask is not None:

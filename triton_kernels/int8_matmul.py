@@ -56,6 +56,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from . import k_offsets_fit
+
 # Rounds to nearest-even for |y| < 2**22 (the interpreter has no libdevice.rint).
 _RNE_MAGIC = tl.constexpr(12582912.0)
 
@@ -389,6 +391,7 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: Optional[torch.Tensor
     (of fp32(a) * in_mul when in_mul (K,) is given: SmoothQuant); a_scale must be None (it comes
     from the rows); w_scale is required.
     config overrides pick_config; out (M, N), any strides, is written in place (tests poison it)."""
+    a, b, in_mul = k_offsets_fit(a), k_offsets_fit(b), k_offsets_fit(in_mul)
     M, K = a.shape
     N = b.shape[0]
     if dynamic:
@@ -428,6 +431,7 @@ def w8a16_matmul(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: 
                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x (M, K) fp16/bf16/fp32, w (N, K) int8, w_scale (N,) (group_size 0) or (N, K // group_size)
     fp32, bias (N,) or None -> (M, N) in x.dtype. Any strides. config / out as in int8_matmul."""
+    x, w, w_scale = k_offsets_fit(x), k_offsets_fit(w), k_offsets_fit(w_scale)
     M, K = x.shape
     N = w.shape[0]
     if out is None:

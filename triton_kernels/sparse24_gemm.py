@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import k_offsets_fit
 from .int8_matmul import _store_out, _tile_ids, split_k
 
 
@@ -194,6 +195,7 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
     (N, K/2), meta (N/16, K/2) int32 (fastllm.sparse.compress). Float x: -> x.dtype (+ bias).
     int8 x: a_scale None -> raw int32; else a_scale (M,) or 1 element fp32, w_scale (N,) fp32,
     bias -> out_dtype. config overrides pick_config; out (M, N) is written in place."""
+    x, values, meta = k_offsets_fit(x), k_offsets_fit(values), k_offsets_fit(meta)
     M, K = x.shape
     N = values.shape[0]
     s8 = x.dtype == torch.int8

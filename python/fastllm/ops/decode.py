@@ -54,7 +54,7 @@ from typing import Optional
 import torch
 
 from ..ref import decode as ref_decode
-from ._checks import FLOAT_DTYPES, attended_key_slice, check_tensor
+from ._checks import FLOAT_DTYPES, GRID_YZ_MAX, attended_key_slice, check_tensor
 from .attention import _normalize
 from .registry import new_op
 
@@ -147,9 +147,16 @@ def _torch(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window,
                                        softcap=softcap if softcap > 0 else None)
 
 
-def _triton_supports(q, *args):
+def _triton_supports(q, k_cache, v_cache, cache_seqlens, block_table, *args):
     if q.shape[-1] > 256:
         return f"head dim {q.shape[-1]} > 256 (the Triton kernel's largest)"
+    # The kernel's key positions and split bounds are int32; its grid z is rows / BLOCK_M (>= 16).
+    if capacity_of(k_cache, block_table) > 2 ** 30:
+        return f"cache capacity {capacity_of(k_cache, block_table)} above 2^30 keys (int32 positions)"
+    heads_kv = k_cache.shape[2] if block_table is not None else k_cache.shape[1]
+    rows = q.shape[1] // max(heads_kv, 1) * q.shape[2]
+    if -(-rows // 16) > GRID_YZ_MAX:
+        return f"{rows} packed query rows per kv head (grid z over 16-row blocks above {GRID_YZ_MAX})"
     return None
 
 
