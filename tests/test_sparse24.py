@@ -346,6 +346,12 @@ def test_cuda_forced_on_cpu_raises_and_supports_works_on_meta():
                                        None)
     assert "contiguous" in cuda_supports(mx, torch.empty(64, 32, dtype=torch.float16, device="meta").t(), mm,
                                          None, None, None)
+    # N past the grid's y limit (65535 tiles of 64 rows): refused here, not by the launcher's
+    # anonymous "invalid shape" after the backend was chosen.
+    N = 64 * 65536
+    big_v, big_m = (torch.empty(N, 32, dtype=dt, device="meta") for dt in (torch.float16, torch.int32))
+    assert "grid's y limit" in cuda_supports(torch.empty(1, 64, dtype=torch.float16, device="meta"), big_v,
+                                             big_m[: N // 16], None, None, None)
     for op in ("sparse24_matmul", "sparse24_int8_matmul", "sparse24_int8_matmul_int32"):
         desc, args, kw = fastllm.ops.OPS[op].example()
         assert fastllm.ops.OPS[op].supports["cuda"](*args, **kw) is None, op

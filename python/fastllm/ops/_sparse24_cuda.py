@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from ._checks import misaligned16
+from ._checks import GRID_YZ_MAX, misaligned16
 
 DTYPES = (torch.float16, torch.bfloat16, torch.int8)
 _INT_MAX = 2 ** 31 - 1
@@ -40,6 +40,8 @@ def cuda_supports(x, values, meta, bias, a_scale, w_scale) -> Optional[str]:
         return "K = 0 (nothing to multiply: the other backends serve it)"
     if M > _INT_MAX or N > _INT_MAX or K > _INT_MAX:
         return "a dimension above 2**31 - 1"
+    if -(-N // 64) > GRID_YZ_MAX:   # grid y walks N in tiles of 64 (or 128) weight rows
+        return f"N = {N}: more than {GRID_YZ_MAX} tiles of 64 output channels (the CUDA grid's y limit)"
     if x.stride(1) != 1 and K > 1:
         return f"'x' needs unit stride along K (strides {tuple(x.stride())})"
     if (x.stride(0) * x.element_size()) % 16 and M > 1:
