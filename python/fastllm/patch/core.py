@@ -27,11 +27,11 @@ touched; an error during the changes undoes them. The record of all this is kept
 model._fastllm_patch (a PatchState).
 """
 import copy
+import dataclasses
 import fnmatch
 import functools
 import warnings
 import weakref
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
