@@ -95,6 +95,15 @@ def test_kernel_backends_reject_column_stride(backend):
     assert torch.equal(q.cpu(), ref.quantize_per_token(x.cpu())[0])
 
 
+def test_cuda_predicate_bounds_the_rows():
+    # More rows than the launcher's 32-bit grid: refused by name when the backend is chosen (the
+    # launcher returned its anonymous invalid-shape code). Meta tensors: no memory needed.
+    from fastllm.ops.quantize import OP
+    x = torch.empty(2 ** 31, 4, dtype=torch.float16, device="meta")
+    assert "at most 2^31 - 1" in OP.supports["cuda"](x)
+    assert OP.supports["cuda"](x[: 2 ** 31 - 1]) is None
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["torch"])
 def test_opcheck(backend):
     x = torch.randn(5, 33, device=DEVICE, dtype=torch.float16)

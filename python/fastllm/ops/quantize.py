@@ -35,7 +35,13 @@ def _triton(x):
     return quantize_per_token(x)
 
 
-@OP.register("cuda", supports=_kernel_supports)
+def _cuda_supports(x):
+    if x.shape[0] > 2 ** 31 - 1:     # the launcher's bound (rows on a 32-bit grid)
+        return f"{x.shape[0]} rows: the CUDA kernel takes at most 2^31 - 1"
+    return _kernel_supports(x)
+
+
+@OP.register("cuda", supports=_cuda_supports)
 def _cuda(x):
     M, K = x.shape
     q = torch.empty((M, K), dtype=torch.int8, device=x.device)
