@@ -20,6 +20,7 @@ import torch
 
 from .. import _ext
 from ._checks import GRID_YZ_MAX, exp2_scalars_reason, misaligned16
+from .decode import capacity_of, kv_heads_of
 
 # Head dims with a compiled instantiation (csrc/decode/generate_instantiations.py HEAD_DIMS).
 HEAD_DIMS = (64, 80, 96, 128, 256)
@@ -51,8 +52,7 @@ def cuda_supports(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, 
     if D not in HEAD_DIMS:
         return f"head dim {D} not compiled (CUDA decode kernel has {', '.join(map(str, HEAD_DIMS))})"
     paged = block_table is not None
-    Hkv = k_cache.shape[2] if paged else k_cache.shape[1]
-    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[2]
+    Hkv, capacity = kv_heads_of(k_cache, block_table), capacity_of(k_cache, block_table)
     if Hkv == 0 or Hq % Hkv:
         return f"query heads ({Hq}) not a multiple of kv heads ({Hkv})"
     rows = (Hq // Hkv) * Sq

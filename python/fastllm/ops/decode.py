@@ -109,11 +109,16 @@ def capacity_of(k_cache, block_table) -> int:
     return block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[2]
 
 
+def kv_heads_of(k_cache, block_table) -> int:
+    """Hkv: dim 1 of a contiguous cache (B, Hkv, S_max, D), dim 2 of a paged one."""
+    return k_cache.shape[2] if block_table is not None else k_cache.shape[1]
+
+
 def choose_splits(q, k_cache, block_table, window: int, num_splits: int) -> int:
     """num_splits if given (> 0), else split_heuristic for this call."""
     if num_splits > 0:
         return num_splits
-    heads_kv = k_cache.shape[2] if block_table is not None else k_cache.shape[1]
+    heads_kv = kv_heads_of(k_cache, block_table)
     seqlen = capacity_of(k_cache, block_table)
     if window > 0:
         seqlen = min(seqlen, window + q.shape[2] - 1)
@@ -151,10 +156,10 @@ def _triton_supports(q, k_cache, v_cache, cache_seqlens, block_table, *args):
     if q.shape[-1] > 256:
         return f"head dim {q.shape[-1]} > 256 (the Triton kernel's largest)"
     # The kernel's key positions and split bounds are int32; its grid z is rows / BLOCK_M (>= 16).
-    if capacity_of(k_cache, block_table) > 2 ** 30:
-        return f"cache capacity {capacity_of(k_cache, block_table)} above 2^30 keys (int32 positions)"
-    heads_kv = k_cache.shape[2] if block_table is not None else k_cache.shape[1]
-    rows = q.shape[1] // max(heads_kv, 1) * q.shape[2]
+    capacity = capacity_of(k_cache, block_table)
+    if capacity > 2 ** 30:
+        return f"cache capacity {capacity} above 2^30 keys (int32 positions)"
+    rows = q.shape[1] // max(kv_heads_of(k_cache, block_table), 1) * q.shape[2]
     if -(-rows // 16) > GRID_YZ_MAX:
         return f"{rows} packed query rows per kv head (grid z over 16-row blocks above {GRID_YZ_MAX})"
     return None
