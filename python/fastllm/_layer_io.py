@@ -42,11 +42,10 @@ def save_layers(model: nn.Module, path: str, cls: Type[nn.Module], config: Calla
 
 
 def load_layers(model: nn.Module, path: str, cls: Type[nn.Module], build: Callable[[dict, torch.device], nn.Module],
-                key: str, version: int, who: str, writer: str, verb: str, strict: bool = True,
-                renamed: Optional[Dict[str, str]] = None) -> nn.Module:
+                key: str, version: int, who: str, writer: str, verb: str, strict: bool = True) -> nn.Module:
     """Rebuild the layers listed in `path`'s metadata (build(config, device)) in place of the
     model's nn.Linear (or already swapped) modules of the same sizes, then load the state.
-    renamed: {old tensor name: new} of `cls`'s buffers in older files (its load hook maps them).
+    cls.RENAMED_BUFFERS, if any: {old buffer name: new} in older files (its load hook maps them).
     A failed load leaves the model as it was."""
     from safetensors import safe_open
     from safetensors.torch import load_model
@@ -78,7 +77,7 @@ def load_layers(model: nn.Module, path: str, cls: Type[nn.Module], build: Callab
     try:
         # torch copies every matching tensor before it reports a missing one: check first, so a
         # failed load leaves the model as it was.
-        _check_stored(model, path, who, strict, renamed or {})
+        _check_stored(model, path, who, strict, getattr(cls, "RENAMED_BUFFERS", {}))
         load_model(model, path, strict=strict)
     except BaseException:
         for n, old, _ in built:

@@ -120,14 +120,18 @@ class Sparse24Linear(KeepsFp32Scales):
         return w.float() * self.weight_scale.reshape(-1, 1) if self.int8 else w
 
     # The metadata buffer was named `meta` until 2026-11: a root module with a buffer of that name
-    # cannot be exported (torch.export's GraphModule has a `meta` dict). Old state dicts still load.
+    # cannot be exported (torch.export's GraphModule has a `meta` dict). Old state dicts still load
+    # (here, and in fastllm._layer_io's key check before a load).
+    RENAMED_BUFFERS = {"meta": "metadata"}
+
     @property
     def meta(self) -> torch.Tensor:
         return self.metadata
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if prefix + "meta" in state_dict and prefix + "metadata" not in state_dict:
-            state_dict[prefix + "metadata"] = state_dict.pop(prefix + "meta")
+        for old, new in self.RENAMED_BUFFERS.items():
+            if prefix + old in state_dict and prefix + new not in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------

@@ -81,4 +81,4 @@ def load_sparse(model: nn.Module, path: str, *, strict: bool = True, backend: st
                               bias_dtype=getattr(torch, cfg["bias_dtype"]) if cfg["bias_dtype"] else None,
                               device=dev, backend=backend)
     return load_layers(model, path, Sparse24Linear, build, FORMAT_KEY, FORMAT_VERSION, "load_sparse", "save_sparse",
-                       "sparsifies", strict, renamed={"meta": "metadata"})
+                       "sparsifies", strict)
