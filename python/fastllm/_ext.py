@@ -72,10 +72,14 @@ def runtime_reason():
     if n == 0:
         return "fastllm._C's CUDA runtime sees no GPU"
     if not driver_present():
-        return "no NVIDIA driver on this machine (libcuda.so.1 not found): fastllm._C cannot run its kernels"
+        return f"{NO_DRIVER}: fastllm._C cannot run its kernels"
     cuda = build_info().get("cuda_version", "?")
     return (f"fastllm._C's CUDA runtime cannot use this machine's driver ({mod.error_string(-n)}); it was "
             f"built with CUDA {cuda}: update the NVIDIA driver or rebuild with a matching toolkit")
+
+
+#: What runtime_reason and check say when driver_present() is False.
+NO_DRIVER = "no NVIDIA driver on this machine (libcuda.so.1 not found)"
 
 
 @functools.lru_cache(None)
@@ -132,6 +136,6 @@ def check(code, op):
         return
     text = lib().error_string(code)
     if code in _NO_DRIVER:
-        where = "no NVIDIA driver on this machine" if not driver_present() else "no usable CUDA driver/device"
+        where = NO_DRIVER if not driver_present() else "no usable CUDA driver/device"
         raise CudaUnavailableError(f"{op}: {where} ({text})")
     raise CudaError(f"{op}: CUDA kernel failed with code {code}: {text}")
