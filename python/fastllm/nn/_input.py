@@ -5,6 +5,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
+from ..ops._autocast import to_autocast_dtype
 from ..ops._checks import FLOAT_DTYPES
 
 
@@ -17,6 +18,7 @@ def as_rows(layer: str, x, in_features: int) -> Tuple[torch.Tensor, torch.Size]:
     if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{layer}: input must be a float16/bfloat16/float32 tensor, got "
                         f"{fmt(x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    x, = to_autocast_dtype(x)   # as autocast does for nn.Linear (fastllm/ops/_autocast.py)
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"{layer}: input must have shape (..., {in_features}), got {tuple(x.shape)}")
     return x.reshape(-1, in_features), x.shape[:-1]

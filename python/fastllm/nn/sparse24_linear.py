@@ -149,11 +149,11 @@ class Sparse24Linear(KeepsFp32Scales):
                 x2 = x2.contiguous()  # the quantize kernels read rows with unit stride (as int8_matmul_dynamic)
             q, a_scale = ops.quantize_per_token(x2, backend=self.backend)
             y = ops.sparse24_int8_matmul(q, self.values, self.metadata, a_scale, self.weight_scale, self.bias,
-                                         out_dtype=x.dtype, backend=self.backend)
+                                         out_dtype=x2.dtype, backend=self.backend)
         else:
             bias = self.bias
             y = ops.sparse24_matmul(x2.to(self.values.dtype), self.values, self.metadata, bias,
-                                    backend=self.backend).to(x.dtype)
+                                    backend=self.backend).to(x2.dtype)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -9,6 +9,8 @@ flash_attention(q, k, v, *, causal, scale=None, mask=None, window=None, softcap=
   q: (B, Hq, Sq, D); k, v: (B, Hkv, Skv, D). Any strides with unit stride in D: transformers
      hands q as a transposed view of a (B, S, H, D) buffer, which is read in place, never copied.
   dtypes float16, bfloat16 (float32 accumulation) or float32; q, k, v share dtype and device.
+     Under torch.autocast they are first cast to the autocast dtype, as SDPA's are
+     (fastllm/ops/_autocast.py).
   GQA / MQA: Hq a multiple of Hkv; query head h reads kv head h // (Hq // Hkv); K/V are never
      repeated in memory.
   causal: bottom-right aligned. Query i sits at absolute position p_i = i + Skv - Sq (the
@@ -62,6 +64,7 @@ from typing import Optional
 import torch
 
 from .. import ref
+from ._autocast import to_autocast_dtype
 from ._checks import FLOAT_DTYPES, GRID_YZ_MAX, as_bool, attended_key_slice, check_tensor
 from .registry import new_op
 
@@ -262,6 +265,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                     return_lse: bool = False, backend: str = "auto"):
     """Exact attention; see the module docstring. Returns out (B, Sq, Hq, D), or (out, lse)."""
     name = "flash_attention"
+    q, k, v = to_autocast_dtype(q, k, v)
     _check_qkv(name, q, k, v, 4, 1)
     B, Hq, Sq, D = q.shape
     if k.shape[0] != B:
@@ -308,6 +312,7 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Exact attention over packed sequences; see the module docstring. Returns out
     (total_q, Hq, D), or (out, lse (Hq, total_q))."""
     name = "flash_attention_varlen"
+    q, k, v = to_autocast_dtype(q, k, v)
     _check_qkv(name, q, k, v, 3, 1)
     for n, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         check_tensor(name, n, t, ndim=1, dtypes=(torch.int32,))

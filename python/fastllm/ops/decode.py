@@ -9,6 +9,8 @@ decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, block_table=None, s
                  validate=False, backend="auto")
   q: (B, Hq, Sq, D), 1 <= Sq <= MAX_QUERIES (16): a decode step or speculative verification;
      any strides with unit stride in D. dtypes float16, bfloat16, float32 (float32 accumulation).
+     Under torch.autocast they are first cast to the autocast dtype, as SDPA's are
+     (fastllm/ops/_autocast.py).
   k_cache, v_cache: (B, Hkv, S_max, D), the layout of transformers' DynamicCache / StaticCache,
      any strides with unit stride in D (a StaticCache is longer than what is filled); or, with
      block_table, paged: (num_pages, page_size, Hkv, D), any page_size >= 1.
@@ -54,6 +56,7 @@ from typing import Optional
 import torch
 
 from ..ref import decode as ref_decode
+from ._autocast import to_autocast_dtype
 from ._checks import FLOAT_DTYPES, GRID_YZ_MAX, attended_key_slice, check_tensor
 from .attention import _normalize
 from .registry import new_op
@@ -250,6 +253,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      num_splits: Optional[int] = None, validate: bool = False, backend: str = "auto"):
     """Attention of a few new queries against a KV cache; see the module docstring.
     Returns out (B, Sq, Hq, D), or (out, lse (B, Hq, Sq))."""
+    q, k_cache, v_cache = to_autocast_dtype(q, k_cache, v_cache)
     check_tensor(NAME, "q", q, ndim=4, dtypes=FLOAT_DTYPES)
     for n, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_tensor(NAME, n, t, ndim=4, dtypes=FLOAT_DTYPES)

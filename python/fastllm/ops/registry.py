@@ -18,6 +18,7 @@ import torch
 
 from .. import _ext
 from ..errors import BackendUnavailableError
+from ._autocast import outside_autocast
 from ._inference_only import refuse_tangents
 
 BACKENDS = ("cuda", "triton", "torch")
@@ -100,7 +101,7 @@ class Op:
             raise ValueError(f"unknown backend {backend!r}")
 
         def deco(fn):
-            self.impls[backend] = fn
+            self.impls[backend] = outside_autocast(fn)
             self.supports[backend] = supports or (lambda *a, **k: None)
             return fn
 
