@@ -375,6 +375,12 @@ def test_bad_inputs():
             Int8Linear.from_linear(lin, "w8a8-static", act_scale=bad)
     with pytest.raises(ValueError, match="pass act_scale or act_amax for mode 'w8a8-static', not both"):
         Int8Linear.from_linear(lin, "w8a8-static", act_scale=0.1, act_amax=torch.ones(64))
+    # Calibration data the mode never reads: refused, not silently dropped.
+    for mode in ("w8a8-dynamic", "w8a16"):
+        with pytest.raises(ValueError, match=f"act_amax is read by .*mode '{mode}' without smooth_alpha would ignore"):
+            Int8Linear.from_linear(lin, mode, act_amax=torch.ones(64))
+        with pytest.raises(ValueError, match=f"quantize_linears: act_amax is read by .*'{mode}'"):
+            quantize_linears(nn.Sequential(lin), mode, act_amax={"0": torch.ones(64)})
     lin64 = nn.Linear(64, 32)
     lin64.bias.data = lin64.bias.data.double()
     with pytest.raises(TypeError, match="Int8Linear: the bias dtype must be float16, bfloat16 or float32"):

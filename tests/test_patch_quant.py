@@ -127,6 +127,30 @@ def test_smoothquant_folds_into_norms_and_fixes_outliers():
     assert errs[0.5] <= BOUND["w8a8"]
 
 
+def test_a_folded_layer_that_cannot_be_swapped_refuses_the_patch(monkeypatch):
+    # SmoothQuant plans to divide a norm by s and multiply its linears by s. If one of those
+    # linears then fails to build, keeping it in float under the divided norm would silently
+    # compute something else: the patch must refuse and leave the model as it was.
+    model = build("llama", layers=2)
+    ids, mask = batch()
+    before = out(model, ids, mask)
+    norm = model.model.layers[1].post_attention_layernorm.weight.clone()
+    real = Int8Linear.from_linear.__func__
+
+    def failing(cls, linear, *a, **kw):
+        if linear.out_features == model.config.intermediate_size:   # gate_proj / up_proj
+            raise ValueError("simulated failure")
+        return real(cls, linear, *a, **kw)
+
+    monkeypatch.setattr(Int8Linear, "from_linear", classmethod(failing))
+    with pytest.raises(ValueError, match=r"mlp\.(gate|up)_proj cannot be swapped .*simulated failure.*SmoothQuant "
+                                         r"was to fold .*Model left unchanged"):
+        fastllm.patch(model, quantize="w8a8", backend="torch", calibration=calib(), smooth_alpha=0.5)
+    assert not is_patched(model)
+    assert torch.equal(model.model.layers[1].post_attention_layernorm.weight, norm)
+    assert torch.equal(out(model, ids, mask), before)
+
+
 @pytest.mark.parametrize("kind", ["gemma2", "bert"])
 def test_smoothquant_not_folded_where_it_would_be_wrong(kind):
     """Gemma's norm is x * (1 + w) (probe a); BERT's LayerNorm output is also the residual

@@ -106,6 +106,9 @@ class Int8Linear(KeepsFp32Scales):
                                  "activations)")
             if act_amax is None:
                 raise ValueError("Int8Linear.from_linear: smooth_alpha needs act_amax (from fastllm.quant.calibrate)")
+        if act_amax is not None and mode != "w8a8-static" and smooth_alpha is None:
+            raise ValueError(f"Int8Linear.from_linear: act_amax is read by mode 'w8a8-static' and by smooth_alpha; "
+                             f"mode {mode!r} without smooth_alpha would ignore it")
         if act_amax is not None:
             act_amax = check_channel_stats("Int8Linear.from_linear", "act_amax", act_amax, linear.in_features)
         if mode == "w8a8-static" and act_scale is None and act_amax is None:

@@ -310,6 +310,11 @@ def plan(model, options, batches, device, chosen, left) -> Plan:
         try:
             new = r.replace(temp.get(n) or as_linear(m), options, layer[n])
         except ValueError as e:
+            if n in temp:
+                # Its norm already takes SmoothQuant's 1/s (planned fold): kept in float, the layer
+                # would not apply the matching s, and the model would compute something else.
+                raise ValueError(f"fastllm.patch: {n} cannot be swapped ({r.name}: {e}), but SmoothQuant was to "
+                                 f"fold its scales into the norm before it. Model left unchanged.") from None
             out.entries.append(ModuleEntry(n, type(m).__name__, "skipped", f"{r.name}: {e}"))
             continue
         new.train(m.training)

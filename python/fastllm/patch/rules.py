@@ -166,8 +166,10 @@ def _int8_calibration(options):
 
 def _int8_replace(linear, options, layer):
     from ..nn.int8_linear import Int8Linear
-    return Int8Linear.from_linear(linear, INT8_MODES[options["quantize"]], act_amax=layer.get("amax"),
-                                  smooth_alpha=layer.get("smooth_alpha"), group_size=options["group_size"],
+    mode, alpha = INT8_MODES[options["quantize"]], layer.get("smooth_alpha")
+    # A layer SmoothQuant folded into its norm has amax but no smooth_alpha: dynamic mode reads neither.
+    amax = layer.get("amax") if mode == "w8a8-static" or alpha is not None else None
+    return Int8Linear.from_linear(linear, mode, act_amax=amax, smooth_alpha=alpha, group_size=options["group_size"],
                                   backend=options["backend"])
 
 

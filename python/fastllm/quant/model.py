@@ -6,8 +6,8 @@
 
 The file is a safetensors file of the model's whole state dict (Int8Linear buffers included,
 so norms that SmoothQuant folded into come back smoothed), with metadata
-"fastllm.int8" = JSON {layer name: {mode, in_features, out_features, bias, group_size, smooth,
-bias_dtype}} describing which modules to rebuild as Int8Linear before loading.
+"fastllm.int8" = JSON {version, layers: {name: {mode, in_features, out_features, bias, group_size,
+smooth, bias_dtype}}} describing which modules to rebuild as Int8Linear before loading.
 """
 from typing import Dict, Iterable, Optional, Union
 
@@ -37,6 +37,9 @@ def quantize_linears(model: nn.Module, mode: str = "w8a8-dynamic", *,
     named, names = select_linears(model, layers, "quantize_linears")
     skip = set(skip)
     needs_amax = mode == "w8a8-static" or smooth_alpha is not None
+    if act_amax is not None and not needs_amax:
+        raise ValueError(f"quantize_linears: act_amax is read by mode 'w8a8-static' and by smooth_alpha; "
+                         f"mode {mode!r} without smooth_alpha would ignore it")
     report = {"quantized": [], "skipped": {}}
     built = []
     for n in names:
