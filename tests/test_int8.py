@@ -121,7 +121,12 @@ def test_int32_broadcast_and_overlapping_rows(backend):
     a_ov = rand_int8(1, 200)[0].as_strided((5, 64), (16, 1))     # rows overlap
     b = rand_int8(16, 64)
     b_bc = rand_int8(1, 64).expand(16, 64)
-    for x, w in ((a, b), (a_ov, b), (a_ov, b_bc)):
+    # One-row views that count as contiguous but whose row stride is not K: a transposed column
+    # (strides (1, 1)) and a row of a wider buffer; CPU _int_mm misread both (silently wrong).
+    col_t = rand_int8(64, 1).t()
+    wide_row = rand_int8(3, 71)[1:2, 3:67]
+    assert col_t.is_contiguous() and col_t.stride() == (1, 1) and wide_row.is_contiguous()
+    for x, w in ((a, b), (a_ov, b), (a_ov, b_bc), (col_t, b), (wide_row, b)):
         assert torch.equal(int8_matmul_int32(x, w, backend=backend).cpu().long(), exact_int(x, w))
 
 

@@ -95,11 +95,17 @@ def cpu_int_mm_ok() -> bool:
     return True
 
 
+def _row_major(t):
+    """t itself if its strides are exactly (K, 1), else a row-major copy. Not contiguous():
+    a (1, K) view with strides (1, 1) (a transposed column) counts as contiguous, and CPU
+    _int_mm misreads it, as it does zero / overlapping strides (expand, as_strided windows)."""
+    return t if t.stride() == (t.shape[1], 1) else torch.empty(t.shape, dtype=t.dtype).copy_(t)
+
+
 def _int32_torch(a, b):
     if a.device.type == "cpu" and a.shape[0] > 0 and b.shape[0] > 0 and a.shape[1] > 0 and cpu_int_mm_ok():
-        # Only the probed layout: _int_mm reads garbage for zero / overlapping strides (expand,
-        # as_strided windows) on CPU. contiguous() is free for the usual dense operands.
-        return torch._int_mm(a.contiguous(), b.contiguous().t())
+        # Only the probed layout (row-major a and b, b.t() passed).
+        return torch._int_mm(_row_major(a), _row_major(b).t())
     return ref.int8_matmul_int32(a, b)
 
 
