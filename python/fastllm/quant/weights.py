@@ -4,7 +4,7 @@
     q, scale = quantize_weight_per_group(w, group_size)   # scale (N, K // group_size) fp32
     w ~= q * scale  (dequantize_weight in fastllm.ref.int8)
 
-scale = amax / 127 over the row (or group); q = round-half-even(w * 127 / amax) in [-127, 127];
+scale = amax / 127 over the row (or group); q = round-half-even(w * fl(127 / amax)) in [-127, 127];
 an all-zero row (group), or one whose amax / 127 underflows (denormal weights), gets scale 1 and
 q 0 -- never 0 or NaN, so no division by zero can follow. The arithmetic is
 fastllm.ref.quantize_per_token's (the same rounding as the activations), in fp32 whatever the
