@@ -4,8 +4,11 @@
 # network whose Python already has torch, triton, transformers, pybind11, cmake, ninja.
 #
 #   bash bench/gpu_suite.sh [OUT_DIR]        (default: $OUT, else bench/results/run-<time>)
-#   PHASES="env build tests" bash bench/gpu_suite.sh     then, on the same (still warm) machine,
-#   PHASES="env sanitizer bench" bash bench/gpu_suite.sh  (two calls: the tests get ~8 minutes)
+#   PHASES="env build tests" bash bench/gpu_suite.sh     then, right after (the machine stays warm
+#   PHASES="env sanitizer bench" bash bench/gpu_suite.sh  only ~30 s idle; two calls: the tests get
+#                                                         ~8 minutes). A phase that needs fastllm._C
+#                                                         and finds it missing (a fresh machine)
+#                                                         builds it first.
 #
 # Budget: within 9 minutes on an H100 (each phase has its own timeout). Files written (flat,
 # few, so they come back from the device tool): suite.log env.json build_info.json tests.xml
@@ -16,14 +19,23 @@ cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-bench/results/run-$(date -u +%Y%m%dT%H%M%S)}}
 mkdir -p "$OUT_DIR"
 exec > >(tee "$OUT_DIR/suite.log") 2>&1
+TEE_PID=$!
+# On exit, close our end of the pipe and let tee write suite.log to the end before $OUT is read.
+trap 'exec >&- 2>&-; wait $TEE_PID 2>/dev/null' EXIT
 T0=$SECONDS
 phase() { echo "=== [$((SECONDS - T0))s] $*"; }
-# The whole suite must fit one 10-minute device call: each phase gets its own cap, cut to what
-# is left of BUDGET (default 560 s) so a slow phase cannot starve the benchmarks of a result.
-BUDGET=${BUDGET:-560}
-cap() { local left=$((BUDGET - (SECONDS - T0))); echo $(( left < $1 ? (left > 10 ? left : 10) : $1 )); }
 PHASES=${PHASES:-env build tests sanitizer bench}
 want() { [[ " $PHASES " == *" $1 "* ]]; }
+# The whole suite must fit one 10-minute device call: each phase gets its own cap, cut to what
+# is left of BUDGET (default 560 s) less what the later phases of this call keep for
+# themselves, so a slow build or test phase cannot starve the sanitizer or the benchmarks.
+BUDGET=${BUDGET:-560}
+SAN_EACH=80      # per compute-sanitizer tool (memcheck, racecheck)
+BENCH_MIN=200
+kept_for() { local r=0 p; for p in "$@"; do
+  if want "$p"; then case $p in sanitizer) r=$((r + 2 * SAN_EACH));; bench) r=$((r + BENCH_MIN));; esac; fi
+done; echo $r; }
+cap() { local left=$((BUDGET - (SECONDS - T0) - ${2:-0})); echo $(( left < $1 ? (left > 10 ? left : 10) : $1 )); }
 status=0
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -50,7 +62,7 @@ PYEOF
 cat "$OUT_DIR/env.json"
 fi
 
-if want build; then
+build() {
 phase "build (native arch of this GPU unless FASTLLM_CUDA_ARCHS is set)"
 if ! MAX_JOBS=${MAX_JOBS:-16} FASTLLM_BUILD_CUDA=1 timeout $(cap 240) $PY -m pip install -v --no-build-isolation \
      --no-deps -e . > "$OUT_DIR/build.tmp" 2>&1; then
@@ -59,13 +71,21 @@ fi
 grep -E "^ *fastllm:" "$OUT_DIR/build.tmp"; rm -f "$OUT_DIR/build.tmp"
 cp python/fastllm/_build_info.json "$OUT_DIR/build_info.json"
 $PY -m fastllm.info --kernels | head -40
-fi
+}
+# A later call may land on a fresh machine (released after ~30 s idle): without this, the
+# sanitizer and the benchmarks would fail to import fastllm (not installed there).
+ensure_built() {
+  $PY -c "import fastllm._C" 2>/dev/null && return 0
+  echo "fastllm._C is not importable here (a fresh machine?): building it first"
+  build
+}
+if want build; then build; fi
 
 if want tests; then
 # Alone with the build, the tests may take what is left; sharing the call with the benchmarks,
 # 240 s (Triton compiles each kernel variant once: the first GPU run is the slowest).
 phase "tests (all, gpu-marked included)"
-if want bench; then TCAP=240; else TCAP=540; fi
+if want bench || want sanitizer; then TCAP=240; else TCAP=540; fi
 # pytest-xdist (in the GPU image): workers compile Triton kernels in parallel, and a kernel
 # that corrupts its CUDA context (illegal address) or hangs (pytest-timeout kills the worker)
 # takes down one worker, not the run; the failures name where it happened.
@@ -75,7 +95,8 @@ if $PY -c "import xdist, pytest_timeout" 2>/dev/null; then
 fi
 # The Triton offline compile check (~4 min cold, one thread) and the SIMT-emulated CUDA kernels
 # (CPU only, minutes of g++ and emulation) are the CPU CI's job: not here.
-FASTLLM_REQUIRE_CUDA_BUILD=1 timeout -s INT -k 30 $(cap $TCAP) $PY -m pytest -q -p no:cacheprovider $XD tests \
+ensure_built
+FASTLLM_REQUIRE_CUDA_BUILD=1 timeout -s INT -k 30 $(cap $TCAP "$(kept_for sanitizer bench)") $PY -m pytest -q -p no:cacheprovider $XD tests \
   --deselect tests/test_triton_compile.py --ignore-glob='tests/test_simt_*.py' \
   --junitxml="$OUT_DIR/tests.xml" -rfEs 2>&1 | tail -80
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
@@ -86,27 +107,38 @@ phase "compute-sanitizer (memcheck, racecheck) on small cases"
 : > "$OUT_DIR/sanitizer.log"
 SAN=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 [ -x "$SAN" ] || { echo "compute-sanitizer not found (PATH, \$CUDA_HOME/bin): sanitizer phase not run"; status=1; }
+[ -x "$SAN" ] && ensure_built
 for tool in memcheck racecheck; do
   [ -x "$SAN" ] || break
   # No caching allocator: with it an overrun lands in memory PyTorch owns and memcheck sees nothing.
-  if ! PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout $(cap 90) "$SAN" --tool $tool --error-exitcode 9 $PY \
-       bench/sanitize_cases.py >> "$OUT_DIR/sanitizer.log" 2>&1; then
-    echo "compute-sanitizer $tool: FAILED"; status=1
-  else
-    echo "compute-sanitizer $tool: clean"
-  fi
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout $(cap $SAN_EACH "$(kept_for bench)") "$SAN" --tool $tool \
+    --error-exitcode 9 $PY bench/sanitize_cases.py >> "$OUT_DIR/sanitizer.log" 2>&1
+  rc=$?
+  case $rc in
+    0) echo "compute-sanitizer $tool: clean";;
+    9) echo "compute-sanitizer $tool: ERRORS reported"; status=1;;
+    124) echo "compute-sanitizer $tool: timed out (rc 124): incomplete, not clean"; status=1;;
+    *) echo "compute-sanitizer $tool: FAILED (rc $rc)"; status=1;;
+  esac
 done
+# Every kernel is instrumented, PyTorch's and cuBLAS's too: name the kernels errors were reported in.
+if grep -qE "^========= +(Invalid|Error|Race|.*[Hh]azard)" "$OUT_DIR/sanitizer.log"; then
+  echo "kernels with reports (count, location):"
+  grep -E "^========= +(Invalid|Error|Race|.*[Hh]azard)" -A3 "$OUT_DIR/sanitizer.log" | grep -E "^=========  +at " \
+    | sed -E 's/^=+ +at +//' | cut -c1-160 | sort | uniq -c | sort -rn | head -20
+fi
 tail -5 "$OUT_DIR/sanitizer.log"
 fi
 
 if want bench; then
 phase "benchmarks"
+ensure_built
 if $PY -c "import fastllm.bench" 2>/dev/null; then
-  if want tests; then BCAP=200; else BCAP=480; fi
+  if want tests; then BCAP=$BENCH_MIN; else BCAP=480; fi
   timeout -s INT -k 20 $(cap $BCAP) $PY -m fastllm.bench all --quick --json "$OUT_DIR/bench.json" \
     --markdown "$OUT_DIR/bench.md" || status=1
 else
-  echo "fastllm.bench not there yet (benchmark issue): no benchmarks run"
+  echo "fastllm.bench does not import: no benchmarks run"; status=1
 fi
 fi
 

@@ -132,6 +132,46 @@ def test_int8_suite_flags_a_wrong_middle_row(monkeypatch):
     assert all(r["ok"] == "yes" for r in rows if r["impl"] == "torch._int_mm")
 
 
+class FakeOutOfResources(Exception):
+    """Like Triton's OutOfResources / CompilationError: an Exception, not a RuntimeError."""
+
+
+@pytest.mark.parametrize("op", ["int8_matmul_int32", "int8_matmul", "int8_matmul_dynamic", "w8a16_matmul"])
+def test_int8_suite_survives_an_implementation_that_raises(monkeypatch, op):
+    from fastllm.bench.suites import int8
+
+    def boom(*a, **kw):
+        raise FakeOutOfResources("out of resource: shared memory")
+    monkeypatch.setattr(fastllm.ops, op, boom)
+    ctx = light_ctx(monkeypatch)
+    rows = int8.run(ctx)
+    # The failing implementation is listed missing with its error; every other row is measured.
+    assert any("FakeOutOfResources: out of resource" in why for _, why in ctx.missing), ctx.missing
+    assert rows and all(r["ok"] == "yes" for r in rows)
+    # (int8_matmul is the only implementation of the w8a8 kind on CPU: that kind is gone.)
+    assert {r["kind"] for r in rows} >= {"w8a8-int32", "w8a8-linear", "w8a16"}
+
+
+def test_sparse24_suite_survives_an_implementation_that_raises(monkeypatch):
+    from fastllm.bench.suites import sparse24
+    monkeypatch.setattr(sparse24, "CPU_SHAPES", [("cpu", 32, 128)])
+    monkeypatch.setattr(sparse24, "CPU_TOKENS", [3])
+
+    def boom(*a, **kw):
+        raise FakeOutOfResources()    # no message: the report still names it
+    monkeypatch.setattr(fastllm.ops, "sparse24_matmul", boom)
+    ctx = light_ctx(monkeypatch)
+    rows = sparse24.run(ctx)
+    assert any(why == "FakeOutOfResources" for _, why in ctx.missing), ctx.missing
+    assert by_impl(rows, "dense-matmul") and by_impl(rows, "fastllm-torch-int8")
+
+
+def test_error_line():
+    assert check.error_line(ValueError("first\nsecond")) == "ValueError: first"
+    assert check.error_line(AssertionError()) == "AssertionError"
+    assert len(check.error_line(RuntimeError("x" * 500))) == 120
+
+
 # ---------------------------------------------------------------------------------------------
 # 6 / 9 / 13 / 14: int8 shapes, dtypes, peaks and bytes.
 

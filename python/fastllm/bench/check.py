@@ -89,3 +89,10 @@ def matrix_check(got, want_fn, exact, rtol, block=(2048, 4096)):
             if not (err <= rtol):          # NaN fails too
                 return False, f"row rel err {err:.3g} > {rtol}"
     return True, ""
+
+
+def error_line(e: BaseException, width: int = 120) -> str:
+    """An exception as one short line for a report's missing list (its type if it has no message:
+    an empty str(e) must not raise inside the handler that records it)."""
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0]}"[:width] if lines else type(e).__name__

@@ -118,9 +118,21 @@ def _rows_check(got, want_fn, M, N, exact, rtol):
     return _check(got, want_fn, exact, rtol)
 
 
+def _guard(ctx, label, make):
+    """make() (an impl tuple: building it runs and checks the implementation), or None with the
+    error listed under missing: one failing implementation must not cost the suite's other rows
+    (Triton's CompilationError / OutOfResources are not RuntimeErrors)."""
+    try:
+        return make()
+    except Exception as e:  # noqa: BLE001
+        ctx.missing.append((label, check.error_line(e)))
+        return None
+
+
 def _time_rows(ctx, rows, kind, impls, base, M, N, K, shape, flops):
-    """impls: name -> (fn, verified_ok, why, dtype name, bytes moved, peak or None).
-    base: the 16-bit peer's name (speedup reference)."""
+    """impls: name -> (fn, verified_ok, why, dtype name, bytes moved, peak or None), or None
+    (it failed: see _guard). base: the 16-bit peer's name (speedup reference)."""
+    impls = {name: v for name, v in impls.items() if v is not None}
     times = {name: (ctx.timer(v[0]) if v[1] else None) for name, v in impls.items()}
     tb = times.get(base)
     for name, (fn, ok, why, dname, nbytes, p) in impls.items():
@@ -155,13 +167,14 @@ def run_gemm(ctx, rows):
         def want32(rs, cs):
             return ref.int8_matmul_int32(a[rs], b[cs])
 
-        def int32_row(fn):
-            return (fn, *_check(fn(), want32, exact=True, rtol=0), "int8", nbytes, peak)
+        def int32_row(fn, name):
+            return _guard(ctx, f"{name} M={M} N={N} K={K}",
+                          lambda: (fn, *_check(fn(), want32, exact=True, rtol=0), "int8", nbytes, peak))
 
         impls = {}
         for be in ctx.backends(op32, dev, a, b):
             fn = (lambda be=be: fastllm.ops.int8_matmul_int32(a, b, backend=be))
-            impls[f"fastllm-{be}"] = int32_row(fn)
+            impls[f"fastllm-{be}"] = int32_row(fn, f"fastllm-{be}")
             if be == "cuda" and M > 128 and hopper_90a(dev):
                 # The same call on the sm80 (mma.sync) kernel, and (FASTLLM_BENCH_TMA=1: a hang there
                 # would cost the rest of the run) on the experimental TMA-fed wgmma variant.
@@ -171,13 +184,9 @@ def run_gemm(ctx, rows):
                 for mode, name in modes:
                     fn = (lambda mode=mode: with_env("FASTLLM_INT8_WGMMA", mode, fastllm.ops.int8_matmul_int32, a, b,
                                                      backend="cuda"))
-                    impls[name] = int32_row(fn)
+                    impls[name] = int32_row(fn, name)
         if _int_mm_peer(ctx, dev, M):
-            fn = lambda: torch._int_mm(a, b.t())  # noqa: E731
-            try:
-                impls["torch._int_mm"] = int32_row(fn)
-            except RuntimeError as e:
-                ctx.missing.append((f"torch._int_mm M={M} N={N} K={K}", str(e).splitlines()[0][:120]))
+            impls["torch._int_mm"] = int32_row(lambda: torch._int_mm(a, b.t()), "torch._int_mm")
         for i, act in enumerate(_acts(ctx)):
             # The dense baseline: torch.matmul on `act` copies of the operands, scaled by 2**-7
             # (exact; keeps fp16's sums of K products of +-127^2 from overflowing).
@@ -196,9 +205,10 @@ def run_gemm(ctx, rows):
             impls = {}
             for be in ctx.backends(op, dev, a, b, a_s, w_s, None, act):
                 fn = (lambda be=be, act=act: fastllm.ops.int8_matmul(a, b, a_s, w_s, out_dtype=act, backend=be))
-                ok = _check(fn(), lambda rs, cs: ref.int8_matmul(a[rs], b[cs], a_s[rs], w_s[cs],
-                                                                 out_dtype=torch.float32), exact=False, rtol=1e-2)
-                impls[f"fastllm-{be}"] = (fn, *ok, _name(act), M * K + N * K + M * N * af.element_size(), peak)
+                impls[f"fastllm-{be}"] = _guard(ctx, f"fastllm-{be} int8_matmul M={M} N={N} K={K} {_name(act)}", lambda fn=fn: (
+                    fn, *_check(fn(), lambda rs, cs: ref.int8_matmul(a[rs], b[cs], a_s[rs], w_s[cs],
+                                                                     out_dtype=torch.float32), exact=False, rtol=1e-2),
+                    _name(act), M * K + N * K + M * N * af.element_size(), peak))
             before = len(rows)
             _time_rows(ctx, rows, "w8a8", impls, None, M, N, K, shape, flops)
             for r in rows[before:]:
@@ -226,29 +236,31 @@ def run_linear(ctx, rows):
             def want(rs, cs):
                 return x[rs].double() @ w[cs].double().t()
 
-            def row(fn, rtol):
-                return (fn, *_check(fn(), want, exact=False, rtol=rtol), _name(act), int8_bytes, peak)
+            def row(fn, rtol, name):
+                return _guard(ctx, f"{name} linear M={M} N={N} K={K} {_name(act)}",
+                              lambda: (fn, *_check(fn(), want, exact=False, rtol=rtol), _name(act), int8_bytes, peak))
 
             impls = {}
             qa, sa = ref.quantize_per_token(x)
             for be in ctx.backends(op_d, dev, x, wq, ws, None, None):
                 # int8 on both sides: ~1% relative error vs the exact product is the method's cost.
                 impls[f"fastllm-{be}"] = row(lambda be=be: fastllm.ops.int8_matmul_dynamic(x, wq, ws, backend=be),
-                                             3e-2)
+                                             3e-2, f"fastllm-{be}")
             for be in ctx.backends(op, dev, qa, wq, sa, ws, None, act):
                 def fn(be=be):   # the same, as two ops (what int8_matmul_dynamic saves at small M)
                     q, s = fastllm.ops.quantize_per_token(x, backend=be)
                     return fastllm.ops.int8_matmul(q, wq, s, ws, out_dtype=act, backend=be)
-                impls[f"fastllm-{be}-2op"] = row(fn, 3e-2)
+                impls[f"fastllm-{be}-2op"] = row(fn, 3e-2, f"fastllm-{be}-2op")
             # Static: one calibrated scale (here from x itself), quantization inside the GEMM.
             act_scale = torch.tensor([x.abs().max().item() / 127], device=dev)
             for be in ctx.backends(op_s, dev, x, wq, act_scale.reciprocal(), act_scale, ws, None):
                 impls[f"fastllm-{be}-static"] = row(
-                    lambda be=be: fastllm.ops.int8_matmul_static(x, wq, act_scale, ws, backend=be), 5e-2)
+                    lambda be=be: fastllm.ops.int8_matmul_static(x, wq, act_scale, ws, backend=be), 5e-2,
+                    f"fastllm-{be}-static")
                 if be == "cuda" and M <= FUSED_MAX_M:   # the same call on the two-launch path
                     impls["fastllm-cuda-static-2launch"] = row(lambda: with_env(
                         "FASTLLM_INT8_FUSED", "0", fastllm.ops.int8_matmul_static, x, wq, act_scale, ws,
-                        backend="cuda"), 5e-2)
+                        backend="cuda"), 5e-2, "fastllm-cuda-static-2launch")
             # The dense peer reads the 16-bit weight: 2 N K bytes in bf16 (es * N * K).
             impls[base] = (lambda: F.linear(x, w), *_check(F.linear(x, w), want, exact=False, rtol=2e-2), _name(act),
                            M * K * es + N * K * es + M * N * es, ctx.matmul_peak(act))
@@ -277,9 +289,10 @@ def run_w8a16(ctx, rows):
                 impls = {}
                 for be in ctx.backends(op, dev, x, wq, s, None, g):
                     fn = (lambda be=be: fastllm.ops.w8a16_matmul(x, wq, s, group_size=g or None, backend=be))
-                    impls[f"fastllm-{be}{'-g%d' % g if g else ''}"] = (
+                    name = f"fastllm-{be}{'-g%d' % g if g else ''}"
+                    impls[name] = _guard(ctx, f"{name} w8a16 M={M} N={N} K={K} {_name(act)}", lambda fn=fn: (
                         fn, *_check(fn(), lambda rs, cs: want_full[rs, cs], exact=False, rtol=1e-2), _name(act),
-                        N * K + M * K * es + M * N * es, None)
+                        N * K + M * K * es + M * N * es, None))
                 if not g:
                     # The dense peer reads the 16-bit weight: es * N * K bytes (2 N K in bf16).
                     impls[base] = (lambda: F.linear(x, w), *_check(

@@ -38,6 +38,7 @@ import math
 import torch
 
 import fastllm
+from fastllm.bench import check
 
 COLUMNS = ["config", "mode", "dtype", "phase", "B", "S", "ms", "tokens/s", "speedup", "weights_MiB", "peak_MiB",
            "rel_err", "max_logit_diff", "ok"]
@@ -180,7 +181,7 @@ def _run_config(ctx, cfg_name, spec, dtype, prefill, decode, context):
             try:
                 fastllm.patch(model, **kw)
             except (NotImplementedError, fastllm.BackendUnavailableError, ValueError) as e:
-                ctx.missing.append((f"model mode {mode}", str(e).splitlines()[0][:160]))
+                ctx.missing.append((f"model mode {mode}", check.error_line(e, 160)))
                 del model
                 continue
             if mode in SPARSE_MODES:

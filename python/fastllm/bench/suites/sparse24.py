@@ -101,8 +101,8 @@ def run(ctx):
             for name, (make, call) in peers.items():
                 try:
                     sparse_peers[name] = (make(w), call)
-                except (RuntimeError, ValueError, NotImplementedError) as e:
-                    ctx.missing.append((f"{name} {label} {dname}", str(e).splitlines()[0][:120]))
+                except Exception as e:  # noqa: BLE001 - Triton errors (CompilationError, OutOfResources) are not RuntimeErrors
+                    ctx.missing.append((f"{name} {label} {dname}", check.error_line(e)))
             for M in tokens:
                 x = torch.randn(M, K, device=dev).to(dtype)
                 want = x.float() @ w.float().t()
@@ -123,8 +123,8 @@ def run(ctx):
                 for name, fn in impls.items():
                     try:
                         got = fn()
-                    except (RuntimeError, ValueError, NotImplementedError) as e:
-                        ctx.missing.append((f"{name} M={M} {label} {dname}", str(e).splitlines()[0][:120]))
+                    except Exception as e:  # noqa: BLE001 - Triton errors (CompilationError, OutOfResources) are not RuntimeErrors
+                        ctx.missing.append((f"{name} M={M} {label} {dname}", check.error_line(e)))
                         continue
                     err, ok = _check(got, want, bar)
                     del got
@@ -162,7 +162,7 @@ def _int8_rows(ctx, label, M, N, K, w, t_dense):
         try:
             ok, why = check.matrix_check(fn(), want, exact=False, rtol=1e-2)
         except Exception as e:  # noqa: BLE001 - Triton errors (CompilationError, OutOfResources) are not RuntimeErrors
-            ctx.missing.append((f"fastllm-{b}-int8 M={M} {label}", str(e).splitlines()[0][:120]))
+            ctx.missing.append((f"fastllm-{b}-int8 M={M} {label}", check.error_line(e)))
             continue
         t = ctx.timer(fn) if ok else None
         tops = t and 2 * M * N * K / t / 1e12
