@@ -41,7 +41,12 @@ def rand_int8(*shape):
 
 
 def exact_int(a, b):
-    return (a.cpu().long() @ b.cpu().long().t())
+    """Exact a @ b.T as CPU int64. On CUDA in float64 there (exact: every partial sum of int8
+    products is an integer far below 2^53): CPU int64 matmul has no BLAS and took ~10 s per
+    GPU-test shape (4112 x 4096 x 1040)."""
+    if a.is_cuda and b.is_cuda:
+        return (a.double() @ b.double().t()).cpu().long()
+    return a.cpu().long() @ b.cpu().long().t()
 
 
 def quantized_inputs(M, N, K):

@@ -120,15 +120,16 @@ def greedy(model, ids, mask, n=6, **kw):
     return o.sequences[:, ids.shape[1]:], torch.stack(o.logits, 1).float()
 
 
-def assert_same_tokens(ref_tokens, ref_logits, tokens, what):
-    """Token-identical, except after a step where ref itself had a near-tie between the two."""
+def assert_same_tokens(ref_tokens, ref_logits, tokens, what, tie=1e-4):
+    """Token-identical, except after a step where ref itself had a near-tie between the two
+    (closer than tie x max |logit|; the default suits fp32 logits)."""
     for b in range(ref_tokens.shape[0]):
         for t in range(ref_tokens.shape[1]):
             a, c = ref_tokens[b, t].item(), tokens[b, t].item()
             if a != c:
                 lg = ref_logits[b, t]
                 gap = (lg[a] - lg[c]).abs().item()
-                assert gap <= 1e-4 * lg.abs().max().item(), (
+                assert gap <= tie * lg.abs().max().item(), (
                     f"{what}: row {b} step {t}: token {c} != {a} (reference logit gap {gap:.3g}: not a tie)")
                 break
 
@@ -645,6 +646,6 @@ def test_save_and_load(tmp_path):
 
 def test_demo_runs(capsys):
     from fastllm import demo
-    demo.main(["--tokens", "3", "--batch", "2", "--prompt-len", "8", "--skip-attention", "1"])
+    demo.main(["--tokens", "3", "--batch", "2", "--prompt-len", "8", "--skip-attention", "1", "--size", "small"])
     text = capsys.readouterr().out
     assert "max |logit difference|" in text and "tokens/s" in text and "skip_attention=1" in text

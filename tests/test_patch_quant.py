@@ -522,10 +522,11 @@ def test_gpu_bf16_exact_attention_cuda_backend():
     v = mask.bool()
     # bf16 logits: attention rounding differs from SDPA's by a few bf16 ulps of the logits.
     assert (got - ref)[v].abs().max() <= 0.05 * ref[v].abs().max()
+    # A tie within that same bound is a tie (1e-4, the fp32 default, is below one bf16 ulp).
     tokens, _ = greedy(model, ids, mask, n=8)
-    assert_same_tokens(ref_tokens, ref_logits, tokens, "cuda bf16 dynamic")
+    assert_same_tokens(ref_tokens, ref_logits, tokens, "cuda bf16 dynamic", tie=0.05)
     tokens, _ = greedy(model, ids, mask, n=8, cache_implementation="static")
-    assert_same_tokens(ref_static, ref_static_logits, tokens, "cuda bf16 static")
+    assert_same_tokens(ref_static, ref_static_logits, tokens, "cuda bf16 static", tie=0.05)
 
 
 @pytest.mark.gpu
@@ -550,7 +551,7 @@ def test_gpu_bf16_int8(mode):
 
 def test_demo_quantize(capsys):
     from fastllm import demo
-    demo.main(["--tokens", "2", "--batch", "2", "--prompt-len", "8", "--quantize", "w8a8-static"])
+    demo.main(["--tokens", "2", "--batch", "2", "--prompt-len", "8", "--quantize", "w8a8-static", "--size", "small"])
     text = capsys.readouterr().out
     assert "quantize='w8a8-static'" in text and "MiB saved" in text and "relative error" in text
 

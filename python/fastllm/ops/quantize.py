@@ -68,7 +68,8 @@ def quantize_per_token(x: torch.Tensor, *, backend: str = "auto") -> Tuple[torch
     """Per-token int8: returns (q int8 (M, K) contiguous, scale fp32 (M,)).
 
     scale = max|x[m]| / 127 (1 for an all-zero row, NaN for a row with NaN/inf, whose q is 0);
-    q = round-half-even(x * fl(127 / max|x[m]|)), the reciprocal rounded to fp32 first. backend: "auto" | "cuda" | "triton" | "torch".
+    q = round-half-even(x * fl(127 / max|x[m]|)), the reciprocal rounded to fp32 first.
+    backend: "auto" | "cuda" | "triton" | "torch".
     """
     check_tensor("quantize_per_token", "x", x, ndim=2, dtypes=FLOAT_DTYPES)
     return OP.call(OP.select(backend, x.device, x), x)

@@ -205,7 +205,8 @@ def run_gemm(ctx, rows):
             impls = {}
             for be in ctx.backends(op, dev, a, b, a_s, w_s, None, act):
                 fn = (lambda be=be, act=act: fastllm.ops.int8_matmul(a, b, a_s, w_s, out_dtype=act, backend=be))
-                impls[f"fastllm-{be}"] = _guard(ctx, f"fastllm-{be} int8_matmul M={M} N={N} K={K} {_name(act)}", lambda fn=fn: (
+                label = f"fastllm-{be} int8_matmul M={M} N={N} K={K} {_name(act)}"
+                impls[f"fastllm-{be}"] = _guard(ctx, label, lambda fn=fn: (
                     fn, *_check(fn(), lambda rs, cs: ref.int8_matmul(a[rs], b[cs], a_s[rs], w_s[cs],
                                                                      out_dtype=torch.float32), exact=False, rtol=1e-2),
                     _name(act), M * K + N * K + M * N * af.element_size(), peak))

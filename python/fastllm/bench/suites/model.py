@@ -215,14 +215,14 @@ def _run_config(ctx, cfg_name, spec, dtype, prefill, decode, context):
             t = None
             if ok:
                 with torch.no_grad():
-                    t = ctx.timer(lambda: model(ids, use_cache=False, logits_to_keep=1))
+                    t = ctx.timer(lambda: model(ids, use_cache=False, logits_to_keep=1), host=True)
             mode_rows.append(dict(common, phase="prefill", B=1, S=S, n=S, t=t, tokens=S))
         for B in decode:
             t = None
             if ok:
                 step = _decode_step_fn(model, B, context, vocab, dev)
                 with torch.no_grad():
-                    t = ctx.timer(step)
+                    t = ctx.timer(step, host=True)
                 del step
             mode_rows.append(dict(common, phase="decode", B=B, S=context, n=B, t=t, tokens=B))
         peak = torch.cuda.max_memory_allocated(dev) / 2 ** 20 if on_gpu else None
