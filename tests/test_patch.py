@@ -430,6 +430,22 @@ def test_nested_patch_is_refused():
     fastllm.unpatch(model.model)
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_nested_patch_is_refused_on_a_copy(how):
+    # Regression: the guard's registry was filled by patch() only, so a deepcopy / unpickled copy
+    # accepted patch(copy.model); after both unpatches the "unpatched" copy still ran fastllm
+    # attention, its config split in two.
+    import pickle
+    model = fastllm.patch(build("llama"), backend="torch")
+    dup = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
+    with pytest.raises(FastllmError, match="is part of a model fastllm.patch already patched"):
+        fastllm.patch(dup.model, backend="torch")
+    fastllm.unpatch(dup)
+    assert dup.config._attn_implementation == "sdpa" and dup.model.config is dup.config
+    fastllm.patch(dup.model, backend="torch")            # unpatched: its inner model alone is fine
+    fastllm.unpatch(dup.model)
+
+
 def test_output_attentions_warns_and_switching_away_shows_in_the_report():
     model = build("gemma2")                        # eager by default: it returned weights before
     ids = torch.randint(3, VOCAB, (1, 6))
@@ -440,6 +456,10 @@ def test_output_attentions_warns_and_switching_away_shows_in_the_report():
     assert not any("switched" in n for n in fastllm.patch_report(model).notes)
     model.set_attn_implementation("eager")
     assert "switched to attention implementation 'eager'" in fastllm.patch_report(model).notes[-1]
+    # Patching again with the same options puts fastllm's attention back (it returned silently).
+    fastllm.patch(model, backend="torch")
+    assert model.config._attn_implementation == _attention.impl_name("torch")
+    assert not any("switched" in n for n in fastllm.patch_report(model).notes)
 
 
 def test_bad_arguments():

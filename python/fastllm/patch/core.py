@@ -83,6 +83,9 @@ class PatchState:
         self.__dict__.update(state)
         if self.impl is not None:
             _attention.register(self.options["backend"])
+        # A copy's private configs mark it as patched too (patching one of its submodules would
+        # nest two patches): deepcopy and unpickling come through here.
+        _register_copies(c for c, _ in self.config_snapshots)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,23 +512,23 @@ def _privatize_configs(model, transformers) -> List[Tuple[nn.Module, str, object
 
 def _restore_configs(refs):
     for mod, attr, val in refs:
+        _PRIVATE_COPIES.pop(id(mod.__dict__[attr]), None)
         mod.__dict__[attr] = val
-    for _, _, val in refs:
-        _PRIVATE_COPIES.pop(id(val), None)
 
 
-#: id(original config) -> its private copy, while a patched model holds it: a module whose config
-#: is one of these belongs to a patched model (patching it on its own would nest two patches).
+#: id(private config copy) -> the copy, while a patched model (or a deepcopy / unpickled copy of
+#: one) holds it: a module whose config is one of these belongs to a patched model (patching it
+#: on its own would nest two patches).
 _PRIVATE_COPIES = weakref.WeakValueDictionary()
 
 
-def _register_copies(refs):
-    for mod, attr, val in refs:
-        _PRIVATE_COPIES[id(val)] = mod.__dict__[attr]
+def _register_copies(copies):
+    for c in copies:
+        _PRIVATE_COPIES[id(c)] = c
 
 
 def _is_private_copy(cfg) -> bool:
-    return cfg is not None and any(c is cfg for c in _PRIVATE_COPIES.values())
+    return cfg is not None and _PRIVATE_COPIES.get(id(cfg)) is cfg
 
 
 def _config_attrs(cfg, transformers) -> Dict[str, object]:
@@ -607,6 +610,10 @@ def _patch(model, options, batches, loaded=None):
     state = getattr(model, STATE_ATTR, None)
     if state is not None:
         if state.options == options:
+            if state.impl is not None and model.config._attn_implementation != state.impl:
+                # The user switched away (set_attn_implementation) and patches again to get
+                # fastllm's attention back: give it back rather than return silently unchanged.
+                model.set_attn_implementation(state.impl)
             return model
         raise FastllmError(f"{type(model).__name__} is already patched with {state.options}; "
                            f"fastllm.unpatch(model) before patching with {options}.")
@@ -684,8 +691,8 @@ def _patch(model, options, batches, loaded=None):
             sw.old = None
         for f in plan.folds:
             f.old = {}
-    _register_copies(refs)
     copies = list({id(m.__dict__[a]): m.__dict__[a] for m, a, _ in refs}.values())
+    _register_copies(copies)
     state = PatchState(options=options, impl=impl, config_refs=refs, skipped=skips, report=report,
                        original_impl=original_impl, swaps=plan.swaps, folds=plan.folds,
                        originals_kept=keep or not plan.swaps, dtype=dtype, carried=carried,
