@@ -63,3 +63,30 @@ def test_export_with_a_dynamic_length_across_the_decode_bound():
         for S in (5, 40):
             x = torch.randint(3, 128, (1, S))
             assert torch.equal(ep.module()(x), wrapped(x))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_jit_trace_records_the_ops(grad):
+    # Regression: under torch.jit.trace the eager fast path called the backends directly, so the
+    # traced graph held no fastllm op (a CUDA kernel launched through fastllm._C would not have
+    # been replayed at all); with grad on, tracing failed ("argument 'causal' must be a bool",
+    # a traced shape comparison).
+    model = build("llama")
+    fastllm.patch(model, quantize="w8a16", backend="torch")
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids):
+            return self.m(input_ids=ids, use_cache=False).logits
+
+    ids = torch.randint(3, 128, (2, 8))
+    with torch.set_grad_enabled(grad):
+        traced = torch.jit.trace(Logits(model), (ids,), check_trace=False)
+    graph = str(traced.inlined_graph)
+    assert graph.count("fastllm::flash_attention") == 2 and graph.count("fastllm::w8a16_matmul") == 14
+    ids2 = torch.randint(3, 128, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(traced(ids2), model(ids2, use_cache=False).logits)

@@ -150,7 +150,8 @@ def _fast_path_probes():
         from torch.autograd import forward_ad
         C = torch._C
         probes = (C._len_torch_dispatch_stack, C._is_torch_function_mode_enabled,
-                  C._functorch.peek_interpreter_stack, C._autograd._profiler_enabled, forward_ad)
+                  C._functorch.peek_interpreter_stack, C._autograd._profiler_enabled, C._get_tracing_state,
+                  forward_ad)
         forward_ad._current_level  # noqa: B018 - probe
         return probes
     except AttributeError:
@@ -165,13 +166,15 @@ def plain_eager(args) -> bool:
     """True when calling the implementation directly is exactly what the custom op would do:
     not compiling or tracing (torch.compile / export / make_fx / FakeTensor: dispatch modes),
     no torch-function mode, no functorch transform (vmap, grad, jvp), no forward-AD level, no
-    profiler (it should see fastllm::<op>), plain non-meta tensors, and no autograd to record
+    profiler (it should see fastllm::<op>), no torch.jit.trace (the traced graph must hold
+    fastllm::<op>: a kernel launched through fastllm._C is invisible to the tracer and would not
+    be replayed), plain non-meta tensors, and no autograd to record
     (the custom op's formula raises on backward: fastllm/ops/_inference_only.py)."""
     if torch.compiler.is_compiling() or _PROBES is None:
         return False
-    dispatch_modes, function_mode, functorch, profiling, forward_ad = _PROBES
+    dispatch_modes, function_mode, functorch, profiling, tracing, forward_ad = _PROBES
     if (dispatch_modes() or function_mode() or functorch() is not None or profiling()
-            or forward_ad._current_level >= 0):
+            or tracing() is not None or forward_ad._current_level >= 0):
         return False
     grad = torch.is_grad_enabled()
     for a in args:

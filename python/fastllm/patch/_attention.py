@@ -123,7 +123,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         is_causal = kwargs.get("is_causal")
         if is_causal is None:
             is_causal = getattr(module, "is_causal", True)
-        causal = bool(is_causal) and q_len > 1
+        causal = bool(is_causal) and bool(q_len > 1)   # bool(): a 0-dim tensor under torch.jit.trace
         if causal and key.shape[2] > q_len:
             # Prefill into an empty StaticCache: keys past q_len are unwritten slots.
             key = key[:, :, :q_len]
