@@ -238,6 +238,36 @@ def test_include_exclude():
     assert why["lm_head"] == "not matched by include"
 
 
+class BaseTunerLayer:
+    """Stands in for peft.tuners.tuners_utils.BaseTunerLayer (fastllm tells it by class name)."""
+
+
+class FakeLora(torch.nn.Module, BaseTunerLayer):
+    def __init__(self, base, r=16):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = torch.nn.Linear(base.in_features, r, bias=False)
+        self.lora_B = torch.nn.Linear(r, base.out_features, bias=False)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+def test_linears_inside_peft_adapters_are_left_alone():
+    # Regression: patch(peft_model.base_model.model, quantize=...) swapped the adapters' base
+    # layers (and lora_A / lora_B); PEFT's merge writes base_layer.weight in place, which a
+    # swapped layer's dequantized .weight drops: merge_and_unload() silently lost the LoRA.
+    model = build("llama")
+    attn = model.model.layers[0].self_attn
+    attn.q_proj = FakeLora(attn.q_proj)
+    fastllm.patch(model, quantize="w8a16", backend="torch")
+    why = {m.name: m.detail for m in fastllm.patch_report(model).modules if m.action == "left"}
+    for n in ("base_layer", "lora_A", "lora_B"):
+        assert "inside PEFT adapter layer 'model.layers.0.self_attn.q_proj'" in why[f"model.layers.0.self_attn.q_proj.{n}"]
+        assert type(getattr(attn.q_proj, n)) is torch.nn.Linear
+    assert "model.layers.0.self_attn.k_proj" in swapped(model)
+
+
 def test_moe_routers_left_alone_and_weight_readers_work():
     # MoE routers are excluded by default (HunYuan's gate reads `wg.weight.dtype`: every forward
     # raised AttributeError once wg was an Int8Linear). Code that reads `.weight` of a swapped

@@ -80,6 +80,12 @@ def _matches(name, patterns):
     return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
 
 
+def _is_peft_tuner(m) -> bool:
+    """A PEFT adapter layer (LoRA, IA3, ...: peft.tuners.tuners_utils.BaseTunerLayer), told by
+    class name so that peft need not be imported."""
+    return any(c.__name__ == "BaseTunerLayer" for c in type(m).__mro__)
+
+
 def select(model, options) -> Tuple[List[Tuple[str, nn.Module, object]], List[ModuleEntry]]:
     """[(name, linear, rule)] to swap, and report entries for the linears left alone."""
     rules = swap_rules(options)
@@ -89,6 +95,7 @@ def select(model, options) -> Tuple[List[Tuple[str, nn.Module, object]], List[Mo
         for pn, p in m._parameters.items():
             if p is not None:
                 owners.setdefault(id(p), []).append(f"{n}.{pn}" if n else pn)
+    adapters = [n for n, m in model.named_modules() if _is_peft_tuner(m)]
     chosen, left = [], []
     for n, m in model.named_modules():
         if not is_linear(n, m):
@@ -96,7 +103,13 @@ def select(model, options) -> Tuple[List[Tuple[str, nn.Module, object]], List[Mo
         rule = next((r for r in rules if r.match(n, m)), None)
         if rule is None:
             continue
-        if exclude and _matches(n, exclude):
+        tuner = next((a for a in adapters if n.startswith(a + ".")), None)
+        if tuner is not None:
+            # PEFT merges an adapter by writing base_layer.weight in place; a swapped layer's
+            # .weight is a fresh dequantized tensor, so merge_and_unload() would drop the LoRA.
+            why = (f"inside PEFT adapter layer {tuner!r}: merging writes its weight in place (merge_and_unload() "
+                   "first, or patch before adding adapters)")
+        elif exclude and _matches(n, exclude):
             why = "matches exclude"
         elif include is not None and not _matches(n, include):
             why = "not matched by include"
