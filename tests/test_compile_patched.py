@@ -13,6 +13,17 @@ from fastllm.nn import Int8Linear  # noqa: E402
 from test_patch import build  # noqa: E402
 
 
+class Logits(torch.nn.Module):
+    """A model's cache-free logits as a one-input module (what export / jit.trace take)."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids):
+        return self.m(input_ids=input_ids, use_cache=False).logits
+
+
 @pytest.mark.parametrize("quantize", [None, "w8a8"])
 def test_compile_in_grad_mode(quantize):
     # Regression: without an autograd formula AOTAutograd failed at compile time ("no autograd
@@ -46,14 +57,6 @@ def test_export_with_a_dynamic_length_across_the_decode_bound():
     # exported (cache-free) sequence length to 2..16; the unpatched model exports over 2..64.
     from torch.export import Dim, export
 
-    class Logits(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids):
-            return self.m(input_ids=input_ids, use_cache=False).logits
-
     model = build("llama")
     fastllm.patch(model, backend="torch")
     wrapped = Logits(model)
@@ -73,14 +76,6 @@ def test_jit_trace_records_the_ops(grad):
     # a traced shape comparison).
     model = build("llama")
     fastllm.patch(model, quantize="w8a16", backend="torch")
-
-    class Logits(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, ids):
-            return self.m(input_ids=ids, use_cache=False).logits
 
     ids = torch.randint(3, 128, (2, 8))
     with torch.set_grad_enabled(grad):
