@@ -124,8 +124,12 @@ done
 # Every kernel is instrumented, PyTorch's and cuBLAS's too: name the kernels errors were reported in.
 if grep -qE "^========= +(Invalid|Error|Race|.*[Hh]azard)" "$OUT_DIR/sanitizer.log"; then
   echo "kernels with reports (count, location):"
-  grep -E "^========= +(Invalid|Error|Race|.*[Hh]azard)" -A3 "$OUT_DIR/sanitizer.log" | grep -E "^=========  +at " \
-    | sed -E 's/^=+ +at +//' | cut -c1-160 | sort | uniq -c | sort -rn | head -20
+  # memcheck puts the location on the next lines ("=========     at kernel+0x..."), racecheck on
+  # the report line itself ("Race reported between Write access at kernel+0x... in file:line").
+  { grep -E "^========= +(Invalid|Error|Race|.*[Hh]azard)" -A3 "$OUT_DIR/sanitizer.log" | grep -E "^=========  +at " \
+      | sed -E 's/^=+ +at +//'
+    grep -oE "[A-Za-z]+ access at [^ ]+" "$OUT_DIR/sanitizer.log" | sed -E 's/^[A-Za-z]+ access at //'
+  } | cut -c1-160 | sort | uniq -c | sort -rn | head -20
 fi
 tail -5 "$OUT_DIR/sanitizer.log"
 fi

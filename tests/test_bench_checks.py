@@ -145,8 +145,10 @@ def test_int8_suite_survives_an_implementation_that_raises(monkeypatch, op):
     monkeypatch.setattr(fastllm.ops, op, boom)
     ctx = light_ctx(monkeypatch)
     rows = int8.run(ctx)
-    # The failing implementation is listed missing with its error; every other row is measured.
-    assert any("FakeOutOfResources: out of resource" in why for _, why in ctx.missing), ctx.missing
+    # The failing implementation is an error (it fails the run), named with the exception; every
+    # other row is measured.
+    assert any("FakeOutOfResources: out of resource" in why for _, why in ctx.errors), ctx.errors
+    assert not any("FakeOutOfResources" in why for _, why in ctx.missing)
     assert rows and all(r["ok"] == "yes" for r in rows)
     # (int8_matmul is the only implementation of the w8a8 kind on CPU: that kind is gone.)
     assert {r["kind"] for r in rows} >= {"w8a8-int32", "w8a8-linear", "w8a16"}
@@ -162,8 +164,32 @@ def test_sparse24_suite_survives_an_implementation_that_raises(monkeypatch):
     monkeypatch.setattr(fastllm.ops, "sparse24_matmul", boom)
     ctx = light_ctx(monkeypatch)
     rows = sparse24.run(ctx)
-    assert any(why == "FakeOutOfResources" for _, why in ctx.missing), ctx.missing
+    assert any(why == "FakeOutOfResources" for _, why in ctx.errors), ctx.errors
     assert by_impl(rows, "dense-matmul") and by_impl(rows, "fastllm-torch-int8")
+
+
+def test_a_raising_fastllm_implementation_fails_the_run(monkeypatch, capsys):
+    # Regression: its error went to "missing / skipped peers" and the run exited 0.
+    def boom(*a, **kw):
+        raise FakeOutOfResources("out of resource: shared memory")
+    monkeypatch.setattr(fastllm.ops, "w8a16_matmul", boom)
+    monkeypatch.setattr(bench, "measure_peaks", lambda device, quick=False: dict(PEAKS))
+    assert bench.main(["int8", "--device", "cpu", "--quick", "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "ERRORS (fastllm implementations that raised)" in out and "w8a16" in out
+
+
+def test_int8_short_output_is_wrong(monkeypatch):
+    # Regression: the check took M, N from the output, so one missing row passed.
+    from fastllm.bench.suites import int8
+    orig = fastllm.ops.int8_matmul_int32
+    monkeypatch.setattr(fastllm.ops, "int8_matmul_int32", lambda a, b, **kw: orig(a, b, **kw)[:-1])
+    ctx = light_ctx(monkeypatch)
+    rows = []
+    int8.run_gemm(ctx, rows)
+    bad = [r for r in rows if r["kind"] == "w8a8-int32" and r["impl"] == "fastllm-torch"]
+    assert_wrong_not_timed(bad)
+    assert "shape" in bad[0]["ok"]
 
 
 def test_error_line():

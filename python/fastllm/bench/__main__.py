@@ -43,6 +43,7 @@ class Context:
         self.requested = args.backend.split(",") if args.backend else None
         self.shapes = list(dict.fromkeys(args.shapes.split(","))) if args.shapes else None
         self.missing = []
+        self.errors = []     # fastllm implementations that raised: the run fails
         self.notes = []
         self.verbose = not args.no_progress
         self.timer = Timer(self.device, warmup=3 if args.quick else 10, reps=10 if args.quick else 30)
@@ -54,6 +55,14 @@ class Context:
         if unknown:
             raise SystemExit(f"unknown --shapes {unknown}; known: {', '.join(table)}")
         return names
+
+    def impl_raised(self, name, where, e):
+        """An implementation raised when called: a peer (torch._int_mm, flash-attn, cuSPARSELt:
+        shapes it does not take) is listed missing; one of fastllm's own is an error that
+        fails the run (exit 1), not a row quietly left out."""
+        from . import check
+        entry = (f"{name} {where}", check.error_line(e))
+        (self.errors if name.startswith("fastllm") else self.missing).append(entry)
 
     def note(self, text):
         if text not in self.notes:
@@ -279,6 +288,11 @@ def main(argv=None):
         print(f"\ninterrupted during {name}: results of the finished suites are kept", file=sys.stderr)
         save(interrupted=name)
         return 130
+    if ctx.errors:
+        print("\nERRORS (fastllm implementations that raised):")
+        for what, why in dict.fromkeys(ctx.errors):
+            print(f"  {what}: {why}")
+        ctx.note("fastllm implementations raised: " + "; ".join(f"{w}: {y}" for w, y in dict.fromkeys(ctx.errors)))
     if ctx.missing:
         print("\nmissing / skipped peers:")
         for what, why in dict.fromkeys(ctx.missing):
@@ -288,7 +302,7 @@ def main(argv=None):
         for n in ctx.notes:
             print(f"  {n}")
     save()
-    return 1 if failed else 0
+    return 1 if failed or ctx.errors else 0
 
 
 if __name__ == "__main__":

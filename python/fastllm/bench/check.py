@@ -60,13 +60,16 @@ def attention_reference(q, k, v, causal):
     return out
 
 
-def matrix_check(got, want_fn, exact, rtol, block=(2048, 4096)):
+def matrix_check(got, want_fn, exact, rtol, block=(2048, 4096), shape=None):
     """Compare an (M, N) result with the reference over every block of rows x columns.
 
     want_fn(rows, cols) -> the reference block (exact: same integers; else any float dtype).
     exact: every element equal. Otherwise each row's relative error ||got - want|| / ||want||
     (double, accumulated across column blocks) must be <= rtol: a row-wise bound, so a few wrong
-    rows in a large matrix are not averaged away. Returns (ok, why)."""
+    rows in a large matrix are not averaged away. shape: the (M, N) expected (a shorter output
+    would otherwise pass on the part it has). Returns (ok, why)."""
+    if shape is not None and tuple(got.shape) != tuple(shape):
+        return False, f"shape {tuple(got.shape)}, expected {tuple(shape)}"
     M, N = got.shape
     br, bc = block
     for r0 in range(0, M, br):

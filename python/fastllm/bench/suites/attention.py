@@ -114,7 +114,7 @@ def run(ctx):
                     try:
                         got = fn(q, k, v, causal)
                     except Exception as e:  # noqa: BLE001 - Triton errors (CompilationError, OutOfResources) are not RuntimeErrors
-                        ctx.missing.append((f"{name} {shape} D={D} {dtype}", check.error_line(e)))
+                        ctx.impl_raised(name, f"{shape} D={D} {dtype}", e)
                         continue
                     errs[name] = check.max_abs_err(got, want)
                     del got

@@ -129,7 +129,7 @@ def _one(ctx, op, peers, dtype, esize, shape, hq, hkv, d, B, S, copy_gbs):
         try:
             got = fn()
         except Exception as e:  # noqa: BLE001 - Triton errors (CompilationError, OutOfResources) are not RuntimeErrors
-            ctx.missing.append((f"{key[0]} {shape} B={B} S={S} {dtype}", check.error_line(e)))
+            ctx.impl_raised(key[0], f"{shape} B={B} S={S} {dtype}", e)
             continue
         errs[key] = check.max_abs_err(got, want)
         del got

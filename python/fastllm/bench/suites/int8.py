@@ -107,25 +107,27 @@ def _acts(ctx):
     return [torch.bfloat16 if ctx.device.type == "cuda" else torch.float32]
 
 
-def _check(got, want_fn, exact, rtol):
-    """The whole (M, N) output against the reference, blockwise (check.matrix_check)."""
-    return check.matrix_check(got, want_fn, exact=exact, rtol=rtol)
+def _check(got, want_fn, exact, rtol, shape):
+    """The whole (M, N) output against the reference, blockwise (check.matrix_check); an output
+    of another shape is wrong (a short one would otherwise be checked only where it exists)."""
+    return check.matrix_check(got, want_fn, exact=exact, rtol=rtol, shape=shape)
 
 
 def _rows_check(got, want_fn, M, N, exact, rtol):
     """The old entry point (it looked at the first / last 64 rows only): now the whole output."""
     assert got.shape == (M, N), (tuple(got.shape), M, N)
-    return _check(got, want_fn, exact, rtol)
+    return _check(got, want_fn, exact, rtol, (M, N))
 
 
-def _guard(ctx, label, make):
+def _guard(ctx, name, where, make):
     """make() (an impl tuple: building it runs and checks the implementation), or None with the
-    error listed under missing: one failing implementation must not cost the suite's other rows
-    (Triton's CompilationError / OutOfResources are not RuntimeErrors)."""
+    error recorded (ctx.impl_raised: a peer is listed missing, a fastllm implementation fails the
+    run): one failing implementation must not cost the suite's other rows (Triton's
+    CompilationError / OutOfResources are not RuntimeErrors)."""
     try:
         return make()
     except Exception as e:  # noqa: BLE001
-        ctx.missing.append((label, check.error_line(e)))
+        ctx.impl_raised(name, where, e)
         return None
 
 
@@ -168,8 +170,8 @@ def run_gemm(ctx, rows):
             return ref.int8_matmul_int32(a[rs], b[cs])
 
         def int32_row(fn, name):
-            return _guard(ctx, f"{name} M={M} N={N} K={K}",
-                          lambda: (fn, *_check(fn(), want32, exact=True, rtol=0), "int8", nbytes, peak))
+            return _guard(ctx, name, f"M={M} N={N} K={K}",
+                          lambda: (fn, *_check(fn(), want32, exact=True, rtol=0, shape=(M, N)), "int8", nbytes, peak))
 
         impls = {}
         for be in ctx.backends(op32, dev, a, b):
@@ -194,7 +196,7 @@ def run_gemm(ctx, rows):
             base = f"torch.matmul-{_name(act)}"
             fn = lambda af=af, bf=bf: torch.matmul(af, bf.t())  # noqa: E731
             ok = _check(fn(), lambda rs, cs, af=af, bf=bf: af[rs].double() @ bf[cs].double().t(), exact=False,
-                        rtol=2e-2)
+                        rtol=2e-2, shape=(M, N))
             if i > 0:   # the int32 rows are dtype-free: timed once, against the first baseline
                 impls = {}
             impls[base] = (fn, *ok, _name(act), (M * K + N * K + M * N) * af.element_size(), ctx.matmul_peak(act))
@@ -205,10 +207,10 @@ def run_gemm(ctx, rows):
             impls = {}
             for be in ctx.backends(op, dev, a, b, a_s, w_s, None, act):
                 fn = (lambda be=be, act=act: fastllm.ops.int8_matmul(a, b, a_s, w_s, out_dtype=act, backend=be))
-                label = f"fastllm-{be} int8_matmul M={M} N={N} K={K} {_name(act)}"
-                impls[f"fastllm-{be}"] = _guard(ctx, label, lambda fn=fn: (
+                where = f"int8_matmul M={M} N={N} K={K} {_name(act)}"
+                impls[f"fastllm-{be}"] = _guard(ctx, f"fastllm-{be}", where, lambda fn=fn: (
                     fn, *_check(fn(), lambda rs, cs: ref.int8_matmul(a[rs], b[cs], a_s[rs], w_s[cs],
-                                                                     out_dtype=torch.float32), exact=False, rtol=1e-2),
+                                                                     out_dtype=torch.float32), exact=False, rtol=1e-2, shape=(M, N)),
                     _name(act), M * K + N * K + M * N * af.element_size(), peak))
             before = len(rows)
             _time_rows(ctx, rows, "w8a8", impls, None, M, N, K, shape, flops)
@@ -238,8 +240,8 @@ def run_linear(ctx, rows):
                 return x[rs].double() @ w[cs].double().t()
 
             def row(fn, rtol, name):
-                return _guard(ctx, f"{name} linear M={M} N={N} K={K} {_name(act)}",
-                              lambda: (fn, *_check(fn(), want, exact=False, rtol=rtol), _name(act), int8_bytes, peak))
+                return _guard(ctx, name, f"linear M={M} N={N} K={K} {_name(act)}",
+                              lambda: (fn, *_check(fn(), want, exact=False, rtol=rtol, shape=(M, N)), _name(act), int8_bytes, peak))
 
             impls = {}
             qa, sa = ref.quantize_per_token(x)
@@ -263,7 +265,7 @@ def run_linear(ctx, rows):
                         "FASTLLM_INT8_FUSED", "0", fastllm.ops.int8_matmul_static, x, wq, act_scale, ws,
                         backend="cuda"), 5e-2, "fastllm-cuda-static-2launch")
             # The dense peer reads the 16-bit weight: 2 N K bytes in bf16 (es * N * K).
-            impls[base] = (lambda: F.linear(x, w), *_check(F.linear(x, w), want, exact=False, rtol=2e-2), _name(act),
+            impls[base] = (lambda: F.linear(x, w), *_check(F.linear(x, w), want, exact=False, rtol=2e-2, shape=(M, N)), _name(act),
                            M * K * es + N * K * es + M * N * es, ctx.matmul_peak(act))
             _time_rows(ctx, rows, "w8a8-linear", impls, base, M, N, K, shape, 2 * M * N * K)
             del x, w, wq
@@ -291,13 +293,13 @@ def run_w8a16(ctx, rows):
                 for be in ctx.backends(op, dev, x, wq, s, None, g):
                     fn = (lambda be=be: fastllm.ops.w8a16_matmul(x, wq, s, group_size=g or None, backend=be))
                     name = f"fastllm-{be}{'-g%d' % g if g else ''}"
-                    impls[name] = _guard(ctx, f"{name} w8a16 M={M} N={N} K={K} {_name(act)}", lambda fn=fn: (
-                        fn, *_check(fn(), lambda rs, cs: want_full[rs, cs], exact=False, rtol=1e-2), _name(act),
+                    impls[name] = _guard(ctx, name, f"w8a16 M={M} N={N} K={K} {_name(act)}", lambda fn=fn: (
+                        fn, *_check(fn(), lambda rs, cs: want_full[rs, cs], exact=False, rtol=1e-2, shape=(M, N)), _name(act),
                         N * K + M * K * es + M * N * es, None))
                 if not g:
                     # The dense peer reads the 16-bit weight: es * N * K bytes (2 N K in bf16).
                     impls[base] = (lambda: F.linear(x, w), *_check(
-                        F.linear(x, w), lambda rs, cs: x[rs].double() @ w[cs].double().t(), exact=False, rtol=2e-2),
+                        F.linear(x, w), lambda rs, cs: x[rs].double() @ w[cs].double().t(), exact=False, rtol=2e-2, shape=(M, N)),
                         _name(act), N * K * es + M * K * es + M * N * es, None)
                 before = len(rows)
                 _time_rows(ctx, rows, "w8a16", impls, base if not g else None, M, N, K, shape, 2 * M * N * K)

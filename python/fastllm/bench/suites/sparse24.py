@@ -102,7 +102,7 @@ def run(ctx):
                 try:
                     sparse_peers[name] = (make(w), call)
                 except Exception as e:  # noqa: BLE001 - Triton's errors are not RuntimeErrors
-                    ctx.missing.append((f"{name} {label} {dname}", check.error_line(e)))
+                    ctx.impl_raised(name, f"{label} {dname}", e)
             for M in tokens:
                 x = torch.randn(M, K, device=dev).to(dtype)
                 want = x.float() @ w.float().t()
@@ -124,7 +124,7 @@ def run(ctx):
                     try:
                         got = fn()
                     except Exception as e:  # noqa: BLE001 - Triton's errors are not RuntimeErrors
-                        ctx.missing.append((f"{name} M={M} {label} {dname}", check.error_line(e)))
+                        ctx.impl_raised(name, f"M={M} {label} {dname}", e)
                         continue
                     err, ok = _check(got, want, bar)
                     del got
@@ -160,9 +160,9 @@ def _int8_rows(ctx, label, M, N, K, w, t_dense):
     for b in ctx.backends(op, dev, a, values, meta, a_s, w_s, None, torch.bfloat16):
         fn = lambda b=b: fastllm.ops.sparse24_int8_matmul(a, values, meta, a_s, w_s, backend=b)  # noqa: E731
         try:
-            ok, why = check.matrix_check(fn(), want, exact=False, rtol=1e-2)
+            ok, why = check.matrix_check(fn(), want, exact=False, rtol=1e-2, shape=(M, N))
         except Exception as e:  # noqa: BLE001 - Triton errors (CompilationError, OutOfResources) are not RuntimeErrors
-            ctx.missing.append((f"fastllm-{b}-int8 M={M} {label}", check.error_line(e)))
+            ctx.impl_raised(f"fastllm-{b}-int8", f"M={M} {label}", e)
             continue
         t = ctx.timer(fn) if ok else None
         tops = t and 2 * M * N * K / t / 1e12
