@@ -446,6 +446,19 @@ def test_nested_patch_is_refused_on_a_copy(how):
     fastllm.unpatch(dup.model)
 
 
+def test_a_model_built_from_a_patched_models_config_can_be_patched():
+    # Regression: the guard keyed on the config object, so a new model sharing the patched
+    # model's (private) config was refused as "part of a model already patched".
+    a = fastllm.patch(build("llama"), backend="torch")
+    b = T.LlamaForCausalLM(a.config).eval()
+    assert b.config is a.config
+    fastllm.patch(b, backend="torch")
+    fastllm.unpatch(b)
+    assert b.config is a.config
+    with pytest.raises(FastllmError, match="is part of a model fastllm.patch already patched"):
+        fastllm.patch(a.model, backend="torch")
+
+
 def test_output_attentions_warns_and_switching_away_shows_in_the_report():
     model = build("gemma2")                        # eager by default: it returned weights before
     ids = torch.randint(3, VOCAB, (1, 6))

@@ -83,9 +83,9 @@ class PatchState:
         self.__dict__.update(state)
         if self.impl is not None:
             _attention.register(self.options["backend"])
-        # A copy's private configs mark it as patched too (patching one of its submodules would
+        # A copy's modules are part of a patched model too (patching one of its submodules would
         # nest two patches): deepcopy and unpickling come through here.
-        _register_copies(c for c, _ in self.config_snapshots)
+        _register_holders(self.config_refs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,23 +512,20 @@ def _privatize_configs(model, transformers) -> List[Tuple[nn.Module, str, object
 
 def _restore_configs(refs):
     for mod, attr, val in refs:
-        _PRIVATE_COPIES.pop(id(mod.__dict__[attr]), None)
+        _PATCHED_HOLDERS.discard(mod)
         mod.__dict__[attr] = val
 
 
-#: id(private config copy) -> the copy, while a patched model (or a deepcopy / unpickled copy of
-#: one) holds it: a module whose config is one of these belongs to a patched model (patching it
-#: on its own would nest two patches).
-_PRIVATE_COPIES = weakref.WeakValueDictionary()
+#: The modules of patched models (and of deepcopy / unpickled copies of them) that hold one of
+#: the patch's private configs: patching one of them on its own would nest two patches. Modules,
+#: not configs: a new model built from a patched model's config shares the config object and is
+#: still free to be patched.
+_PATCHED_HOLDERS = weakref.WeakSet()
 
 
-def _register_copies(copies):
-    for c in copies:
-        _PRIVATE_COPIES[id(c)] = c
-
-
-def _is_private_copy(cfg) -> bool:
-    return cfg is not None and _PRIVATE_COPIES.get(id(cfg)) is cfg
+def _register_holders(refs):
+    for mod, _, _ in refs:
+        _PATCHED_HOLDERS.add(mod)
 
 
 def _config_attrs(cfg, transformers) -> Dict[str, object]:
@@ -621,7 +618,7 @@ def _patch(model, options, batches, loaded=None):
     if inner is not None:
         raise FastllmError(f"{type(model).__name__}: its submodule {inner!r} is already patched; "
                            f"fastllm.unpatch(model.{inner}) first (patch the whole model once). Model left unchanged.")
-    if _is_private_copy(getattr(model, "config", None)):
+    if model in _PATCHED_HOLDERS:
         raise FastllmError(f"{type(model).__name__} is part of a model fastllm.patch already patched (it holds "
                            "that model's private config); patch or unpatch the whole model. Left unchanged.")
     attn = _check_supported(model, options, transformers)
@@ -692,7 +689,7 @@ def _patch(model, options, batches, loaded=None):
         for f in plan.folds:
             f.old = {}
     copies = list({id(m.__dict__[a]): m.__dict__[a] for m, a, _ in refs}.values())
-    _register_copies(copies)
+    _register_holders(refs)
     state = PatchState(options=options, impl=impl, config_refs=refs, skipped=skips, report=report,
                        original_impl=original_impl, swaps=plan.swaps, folds=plan.folds,
                        originals_kept=keep or not plan.swaps, dtype=dtype, carried=carried,
