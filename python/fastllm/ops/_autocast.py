@@ -46,8 +46,8 @@ def to_autocast_dtype(*tensors):
     dtype = autocast_dtype(first) if isinstance(first, torch.Tensor) else None  # not a tensor: checks say so
     if dtype is None:
         return tensors
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
-                 else t for t in tensors)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype not in (dtype, torch.float64)
+                 and t.is_floating_point() else t for t in tensors)
 
 
 def outside_autocast(fn):
