@@ -28,14 +28,18 @@ def _may_be_on() -> bool:
     return _any_enabled is None or torch.compiler.is_compiling() or _any_enabled()
 
 
-def autocast_dtype(t: torch.Tensor):
-    """The autocast dtype in force for tensors on `t`'s device, or None."""
+def _on_for(t: torch.Tensor):
+    """The device type of `t` if autocast is on there, else None."""
     if not _may_be_on():
         return None
-    t = t.device.type
-    if t in _DEVICE_TYPES and torch.is_autocast_enabled(t):
-        return torch.get_autocast_dtype(t)
-    return None
+    kind = t.device.type
+    return kind if kind in _DEVICE_TYPES and torch.is_autocast_enabled(kind) else None
+
+
+def autocast_dtype(t: torch.Tensor):
+    """The autocast dtype in force for tensors on `t`'s device, or None."""
+    kind = _on_for(t)
+    return torch.get_autocast_dtype(kind) if kind else None
 
 
 def to_autocast_dtype(*tensors):
@@ -54,11 +58,9 @@ def outside_autocast(fn):
     """Wrap a backend implementation (first argument a tensor) to run with autocast off."""
     @functools.wraps(fn)
     def run(*args):
-        if not _may_be_on():
+        kind = _on_for(args[0])
+        if kind is None:
             return fn(*args)
-        t = args[0].device.type
-        if t in _DEVICE_TYPES and torch.is_autocast_enabled(t):
-            with torch.autocast(t, enabled=False):
-                return fn(*args)
-        return fn(*args)
+        with torch.autocast(kind, enabled=False):
+            return fn(*args)
     return run
