@@ -42,6 +42,18 @@ from ._input import KeepsFp32Scales, as_rows, fmt as _fmt, in_weight_dtype
 MODES = ("w8a8-dynamic", "w8a8-static", "w8a16")
 
 
+def reads_act_amax(mode: str, smooth_alpha) -> bool:
+    """Whether calibrated act_amax is used: static mode's activation scale, or SmoothQuant."""
+    return mode == "w8a8-static" or smooth_alpha is not None
+
+
+def check_act_amax_read(who: str, mode: str, smooth_alpha) -> None:
+    """ValueError for act_amax given where `mode` / smooth_alpha would ignore it."""
+    if not reads_act_amax(mode, smooth_alpha):
+        raise ValueError(f"{who}: act_amax is read by mode 'w8a8-static' and by smooth_alpha; mode {mode!r} "
+                         f"without smooth_alpha would ignore it")
+
+
 
 class Int8Linear(KeepsFp32Scales):
     """int8-weight linear layer; build with Int8Linear.from_linear (see the module docstring)."""
@@ -106,10 +118,8 @@ class Int8Linear(KeepsFp32Scales):
                                  "activations)")
             if act_amax is None:
                 raise ValueError("Int8Linear.from_linear: smooth_alpha needs act_amax (from fastllm.quant.calibrate)")
-        if act_amax is not None and mode != "w8a8-static" and smooth_alpha is None:
-            raise ValueError(f"Int8Linear.from_linear: act_amax is read by mode 'w8a8-static' and by smooth_alpha; "
-                             f"mode {mode!r} without smooth_alpha would ignore it")
         if act_amax is not None:
+            check_act_amax_read("Int8Linear.from_linear", mode, smooth_alpha)
             act_amax = check_channel_stats("Int8Linear.from_linear", "act_amax", act_amax, linear.in_features)
         if mode == "w8a8-static" and act_scale is None and act_amax is None:
             raise ValueError("Int8Linear.from_linear: mode 'w8a8-static' needs act_scale (or act_amax from "

@@ -161,14 +161,15 @@ def _int8_unsupported(m, options):
 
 
 def _int8_calibration(options):
-    return ("amax",) if options["quantize"] == "w8a8-static" or options["smooth_alpha"] is not None else ()
+    from ..nn.int8_linear import reads_act_amax
+    return ("amax",) if reads_act_amax(INT8_MODES[options["quantize"]], options["smooth_alpha"]) else ()
 
 
 def _int8_replace(linear, options, layer):
-    from ..nn.int8_linear import Int8Linear
+    from ..nn.int8_linear import Int8Linear, reads_act_amax
     mode, alpha = INT8_MODES[options["quantize"]], layer.get("smooth_alpha")
     # A layer SmoothQuant folded into its norm has amax but no smooth_alpha: dynamic mode reads neither.
-    amax = layer.get("amax") if mode == "w8a8-static" or alpha is not None else None
+    amax = layer.get("amax") if reads_act_amax(mode, alpha) else None
     return Int8Linear.from_linear(linear, mode, act_amax=amax, smooth_alpha=alpha, group_size=options["group_size"],
                                   backend=options["backend"])
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .._layer_io import load_layers, save_layers, select_linears, set_module
-from ..nn.int8_linear import Int8Linear
+from ..nn.int8_linear import Int8Linear, check_act_amax_read, reads_act_amax
 
 FORMAT_KEY = "fastllm.int8"
 FORMAT_VERSION = 1
@@ -36,10 +36,9 @@ def quantize_linears(model: nn.Module, mode: str = "w8a8-dynamic", *,
     """
     named, names = select_linears(model, layers, "quantize_linears")
     skip = set(skip)
-    needs_amax = mode == "w8a8-static" or smooth_alpha is not None
-    if act_amax is not None and not needs_amax:
-        raise ValueError(f"quantize_linears: act_amax is read by mode 'w8a8-static' and by smooth_alpha; "
-                         f"mode {mode!r} without smooth_alpha would ignore it")
+    needs_amax = reads_act_amax(mode, smooth_alpha)
+    if act_amax is not None:
+        check_act_amax_read("quantize_linears", mode, smooth_alpha)
     report = {"quantized": [], "skipped": {}}
     built = []
     for n in names:
