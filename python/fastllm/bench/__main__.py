@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import parse_device, report
+from . import check, parse_device, report
 from .timing import Timer, measure_peaks
 
 SUITES = ["attention", "decode", "quantize", "model", "sparse24", "int8"]
@@ -60,7 +60,6 @@ class Context:
         """An implementation raised when called: a peer (torch._int_mm, flash-attn, cuSPARSELt:
         shapes it does not take) is listed missing; one of fastllm's own is an error that
         fails the run (exit 1), not a row quietly left out."""
-        from . import check
         entry = (f"{name} {where}", check.error_line(e))
         (self.errors if name.startswith("fastllm") else self.missing).append(entry)
 

@@ -12,10 +12,10 @@ dtype and the output back to x's), or with int8=True: the input is quantized per
 epilogue (per-token x per-channel scales, bias) in fp32.
 
 Buffers (all in the state dict, safetensors-friendly): values (N, K // 2) (the weight's dtype,
-or int8), metadata (N // 16, K // 2) int32 (fastllm/sparse/format.py; `.meta` reads it too), bias (N,) or absent,
-weight_scale (N,) fp32 (int8 only; `.half()` / `.to(dtype)` leave it fp32). in_features must be a multiple of 64 and out_features of
-16 (the compressed format's metadata block). Whole models: fastllm.sparse.sparsify_linears,
-save_sparse, load_sparse.
+or int8), metadata (N // 16, K // 2) int32 (fastllm/sparse/format.py; `.meta` reads it too),
+bias (N,) or absent, weight_scale (N,) fp32 (int8 only; `.half()` / `.to(dtype)` leave it fp32).
+in_features must be a multiple of 64 and out_features of 16 (the compressed format's metadata
+block). Whole models: fastllm.sparse.sparsify_linears, save_sparse, load_sparse.
 """
 from typing import Optional
 

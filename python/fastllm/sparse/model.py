@@ -6,9 +6,10 @@
     model2 = build_float_model(); load_sparse(model2, "model.sparse24.safetensors")
 
 The file is a safetensors file of the model's whole state dict (Sparse24Linear buffers:
-values, metadata, bias, weight_scale; files whose key is the old `meta` still load), with metadata "fastllm.sparse24" = JSON {version, layers:
-{name: {in_features, out_features, bias, int8, dtype, bias_dtype}}} naming the modules to
-rebuild as Sparse24Linear before loading (as fastllm/quant/model.py does for Int8Linear).
+values, metadata, bias, weight_scale; files whose key is the old `meta` still load), with
+metadata "fastllm.sparse24" = JSON {version, layers: {name: {in_features, out_features, bias,
+int8, dtype, bias_dtype}}} naming the modules to rebuild as Sparse24Linear before loading (as
+fastllm/quant/model.py does for Int8Linear).
 """
 from typing import Dict, Iterable, Optional, Union
 

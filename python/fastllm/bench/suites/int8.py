@@ -113,12 +113,6 @@ def _check(got, want_fn, exact, rtol, shape):
     return check.matrix_check(got, want_fn, exact=exact, rtol=rtol, shape=shape)
 
 
-def _rows_check(got, want_fn, M, N, exact, rtol):
-    """The old entry point (it looked at the first / last 64 rows only): now the whole output."""
-    assert got.shape == (M, N), (tuple(got.shape), M, N)
-    return _check(got, want_fn, exact, rtol, (M, N))
-
-
 def _guard(ctx, name, where, make):
     """make() (an impl tuple: building it runs and checks the implementation), or None with the
     error recorded (ctx.impl_raised: a peer is listed missing, a fastllm implementation fails the
@@ -210,7 +204,8 @@ def run_gemm(ctx, rows):
                 where = f"int8_matmul M={M} N={N} K={K} {_name(act)}"
                 impls[f"fastllm-{be}"] = _guard(ctx, f"fastllm-{be}", where, lambda fn=fn: (
                     fn, *_check(fn(), lambda rs, cs: ref.int8_matmul(a[rs], b[cs], a_s[rs], w_s[cs],
-                                                                     out_dtype=torch.float32), exact=False, rtol=1e-2, shape=(M, N)),
+                                                                     out_dtype=torch.float32),
+                                exact=False, rtol=1e-2, shape=(M, N)),
                     _name(act), M * K + N * K + M * N * af.element_size(), peak))
             before = len(rows)
             _time_rows(ctx, rows, "w8a8", impls, None, M, N, K, shape, flops)
@@ -241,7 +236,8 @@ def run_linear(ctx, rows):
 
             def row(fn, rtol, name):
                 return _guard(ctx, name, f"linear M={M} N={N} K={K} {_name(act)}",
-                              lambda: (fn, *_check(fn(), want, exact=False, rtol=rtol, shape=(M, N)), _name(act), int8_bytes, peak))
+                              lambda: (fn, *_check(fn(), want, exact=False, rtol=rtol, shape=(M, N)), _name(act),
+                                       int8_bytes, peak))
 
             impls = {}
             qa, sa = ref.quantize_per_token(x)
@@ -265,8 +261,8 @@ def run_linear(ctx, rows):
                         "FASTLLM_INT8_FUSED", "0", fastllm.ops.int8_matmul_static, x, wq, act_scale, ws,
                         backend="cuda"), 5e-2, "fastllm-cuda-static-2launch")
             # The dense peer reads the 16-bit weight: 2 N K bytes in bf16 (es * N * K).
-            impls[base] = (lambda: F.linear(x, w), *_check(F.linear(x, w), want, exact=False, rtol=2e-2, shape=(M, N)), _name(act),
-                           M * K * es + N * K * es + M * N * es, ctx.matmul_peak(act))
+            impls[base] = (lambda: F.linear(x, w), *_check(F.linear(x, w), want, exact=False, rtol=2e-2, shape=(M, N)),
+                           _name(act), M * K * es + N * K * es + M * N * es, ctx.matmul_peak(act))
             _time_rows(ctx, rows, "w8a8-linear", impls, base, M, N, K, shape, 2 * M * N * K)
             del x, w, wq
 
@@ -294,12 +290,13 @@ def run_w8a16(ctx, rows):
                     fn = (lambda be=be: fastllm.ops.w8a16_matmul(x, wq, s, group_size=g or None, backend=be))
                     name = f"fastllm-{be}{'-g%d' % g if g else ''}"
                     impls[name] = _guard(ctx, name, f"w8a16 M={M} N={N} K={K} {_name(act)}", lambda fn=fn: (
-                        fn, *_check(fn(), lambda rs, cs: want_full[rs, cs], exact=False, rtol=1e-2, shape=(M, N)), _name(act),
-                        N * K + M * K * es + M * N * es, None))
+                        fn, *_check(fn(), lambda rs, cs: want_full[rs, cs], exact=False, rtol=1e-2, shape=(M, N)),
+                        _name(act), N * K + M * K * es + M * N * es, None))
                 if not g:
                     # The dense peer reads the 16-bit weight: es * N * K bytes (2 N K in bf16).
                     impls[base] = (lambda: F.linear(x, w), *_check(
-                        F.linear(x, w), lambda rs, cs: x[rs].double() @ w[cs].double().t(), exact=False, rtol=2e-2, shape=(M, N)),
+                        F.linear(x, w), lambda rs, cs: x[rs].double() @ w[cs].double().t(), exact=False, rtol=2e-2,
+                        shape=(M, N)),
                         _name(act), N * K * es + M * K * es + M * N * es, None)
                 before = len(rows)
                 _time_rows(ctx, rows, "w8a16", impls, base if not g else None, M, N, K, shape, 2 * M * N * K)
