@@ -149,6 +149,32 @@ def test_swapped_save_takes_no_transformers_kwargs(tmp_path):
     assert not (tmp_path / "fastllm_config.json").exists()
 
 
+def test_transformers_save_of_a_swapped_model_is_refused(tmp_path):
+    # Regression: model.save_pretrained wrote weight_int8 / weight_scale keys that transformers'
+    # from_pretrained reported as unexpected, initialising those layers at random: a different model.
+    import copy
+    import pickle
+    from fastllm.patch import CheckpointFormatError
+    model = build("llama")
+    fastllm.patch(model, quantize="w8a16", keep_original=True, backend="torch")
+    for m in (model, copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        with pytest.raises(CheckpointFormatError, match="fastllm.save_pretrained"):
+            m.save_pretrained(tmp_path / "hf", safe_serialization=True)
+        assert m.save_pretrained.model is m   # a copy's guard names the copy
+    assert not (tmp_path / "hf").exists()
+    fastllm.save_pretrained(model, tmp_path / "ours")
+    with pytest.raises(CheckpointFormatError):
+        fastllm.from_pretrained(tmp_path / "ours").save_pretrained(tmp_path / "hf")
+    ids, mask = batch()
+    fastllm.unpatch(model)   # the originals are back: transformers' checkpoint is right again
+    model.save_pretrained(tmp_path / "hf")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert torch.equal(out(reloaded, ids, mask), out(model, ids, mask))
+    fastllm.patch(model, backend="torch")   # attention only: the state dict is the model's own
+    model.save_pretrained(tmp_path / "plain")
+    assert (tmp_path / "plain" / "model.safetensors").exists()
+
+
 def test_pickled_patched_model_runs_in_a_fresh_process(tmp_path):
     # Regression: torch.load in a new process gave "'fastllm' is not a valid attention
     # implementation": nothing registered fastllm's attention function on unpickling.

@@ -12,12 +12,15 @@ Modules: core.py (patch / unpatch / patch_report), saving.py (save_pretrained /
 from_pretrained), _attention.py (the AttentionInterface function and the prefill / decode
 routing), rules.py (what is replaced, as data), _linear.py (linear swaps: selection,
 calibration, SmoothQuant folding, commit / undo), _serialize.py (the checkpoint format of
-swapped models), report.py (PatchReport).
+swapped models), _save_guard.py (model.save_pretrained refused while layers are swapped),
+report.py (PatchReport).
 """
+from ._save_guard import CheckpointFormatError
 from .core import OriginalsDiscardedError, PatchState, UnsupportedModelError, is_patched, patch, patch_report, unpatch
 from .saving import from_pretrained, save_pretrained
 from .report import PatchReport
 from .rules import RULES, Rule
 
 __all__ = ["patch", "unpatch", "patch_report", "save_pretrained", "from_pretrained", "is_patched",
-           "PatchReport", "PatchState", "UnsupportedModelError", "OriginalsDiscardedError", "RULES", "Rule"]
+           "PatchReport", "PatchState", "UnsupportedModelError", "OriginalsDiscardedError", "CheckpointFormatError",
+           "RULES", "Rule"]

@@ -41,7 +41,7 @@ from torch import nn
 from .. import __version__
 from ..errors import BackendUnavailableError, FastllmError
 from ..ops.registry import OPS, resolve_request
-from . import _attention, _linear
+from . import _attention, _linear, _save_guard
 from .report import ModuleEntry, OpEntry, PatchReport
 from .rules import (ATTENTION_SUBLAYER_NAMES, DEFAULT_EXCLUDED, INT8_MODES, KV_SHARING_ATTRIBUTE,
                     LINEAR_DEFAULT_EXCLUDE, PRUNE, QUERY_SLICING_METHODS, RULES, SPARSITY, SUPPORTED_LAYER_TYPES,
@@ -698,6 +698,8 @@ def _patch(model, options, batches, loaded=None):
         state.swaps = [_linear.Swap(n, None, m, "loaded", "", 0) for n, m in loaded[1]]
         state.originals_kept = not state.swaps
     model.__dict__[STATE_ATTR] = state
+    if state.swaps:
+        _save_guard.install(model, len(state.swaps))
     return model
 
 
@@ -725,6 +727,7 @@ def unpatch(model):
         _remove_skip(m)
     _carry_config_edits(state.config_refs, getattr(state, "config_snapshots", []), _transformers())
     _restore_configs(state.config_refs)
+    _save_guard.remove(model)
     del model.__dict__[STATE_ATTR]
     return model
 
