@@ -268,6 +268,20 @@ def test_linears_inside_peft_adapters_are_left_alone():
     assert "model.layers.0.self_attn.k_proj" in swapped(model)
 
 
+def test_quantize_and_sparsify_linears_leave_peft_adapters_alone():
+    # The same hazard through the whole-model helpers: their report says why, the layers stay float.
+    from fastllm.quant import quantize_linears
+    from fastllm.sparse import sparsify_linears
+    for convert, key in ((lambda m: quantize_linears(m, "w8a16"), "quantized"),
+                         (lambda m: sparsify_linears(m, "magnitude"), "sparsified")):
+        model = torch.nn.Sequential(FakeLora(torch.nn.Linear(64, 64)), torch.nn.Linear(64, 64))
+        rep = convert(model)
+        assert list(rep[key]) == ["1"]
+        for n in ("0.base_layer", "0.lora_A", "0.lora_B"):
+            assert "inside PEFT adapter layer '0'" in rep["skipped"][n]
+        assert type(model[0].base_layer) is torch.nn.Linear
+
+
 def test_moe_routers_left_alone_and_weight_readers_work():
     # MoE routers are excluded by default (HunYuan's gate reads `wg.weight.dtype`: every forward
     # raised AttributeError once wg was an Int8Linear). Code that reads `.weight` of a swapped

@@ -30,6 +30,26 @@ def select_linears(model: nn.Module, layers: Optional[Iterable[str]], who: str) 
     return named, names
 
 
+def _is_peft_tuner(m) -> bool:
+    """A PEFT adapter layer (LoRA, IA3, ...: peft.tuners.tuners_utils.BaseTunerLayer), told by
+    class name so that peft need not be imported."""
+    return any(c.__name__ == "BaseTunerLayer" for c in type(m).__mro__)
+
+
+def peft_reasons(named: Dict[str, nn.Module], names: Iterable[str], verb: str) -> Dict[str, str]:
+    """{name: why it stays float} for the names inside a PEFT adapter layer. PEFT merges an
+    adapter by writing base_layer.weight in place; a swapped layer's .weight is a fresh
+    dequantized / decompressed tensor, so merge_and_unload() would silently drop the adapter."""
+    tuners = [n for n, m in named.items() if _is_peft_tuner(m)]
+    out = {}
+    for n in names:
+        tuner = next((a for a in tuners if n.startswith(a + ".")), None)
+        if tuner is not None:
+            out[n] = (f"inside PEFT adapter layer {tuner!r}: merging writes its weight in place "
+                      f"(merge_and_unload() first, or {verb} before adding adapters)")
+    return out
+
+
 def save_layers(model: nn.Module, path: str, cls: Type[nn.Module], config: Callable[[nn.Module], dict],
                 key: str, version: int, who: str, hint: str) -> None:
     """The whole state dict to `path`, with metadata key = JSON {version, layers: {name: config(m)}}

@@ -23,6 +23,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
+from .._layer_io import peft_reasons
 from .report import ModuleEntry
 from .rules import DEFAULT_EXCLUDED, RULES, as_linear, is_linear
 
@@ -80,35 +81,26 @@ def _matches(name, patterns):
     return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
 
 
-def _is_peft_tuner(m) -> bool:
-    """A PEFT adapter layer (LoRA, IA3, ...: peft.tuners.tuners_utils.BaseTunerLayer), told by
-    class name so that peft need not be imported."""
-    return any(c.__name__ == "BaseTunerLayer" for c in type(m).__mro__)
-
-
 def select(model, options) -> Tuple[List[Tuple[str, nn.Module, object]], List[ModuleEntry]]:
     """[(name, linear, rule)] to swap, and report entries for the linears left alone."""
     rules = swap_rules(options)
     include, exclude = options["include"], options["exclude"]
+    named = dict(model.named_modules())
     owners = {}
-    for n, m in model.named_modules():
+    for n, m in named.items():
         for pn, p in m._parameters.items():
             if p is not None:
                 owners.setdefault(id(p), []).append(f"{n}.{pn}" if n else pn)
-    adapters = [n for n, m in model.named_modules() if _is_peft_tuner(m)]
+    in_adapter = peft_reasons(named, [n for n, m in named.items() if is_linear(n, m)], "patch")
     chosen, left = [], []
-    for n, m in model.named_modules():
+    for n, m in named.items():
         if not is_linear(n, m):
             continue
         rule = next((r for r in rules if r.match(n, m)), None)
         if rule is None:
             continue
-        tuner = next((a for a in adapters if n.startswith(a + ".")), None)
-        if tuner is not None:
-            # PEFT merges an adapter by writing base_layer.weight in place; a swapped layer's
-            # .weight is a fresh dequantized tensor, so merge_and_unload() would drop the LoRA.
-            why = (f"inside PEFT adapter layer {tuner!r}: merging writes its weight in place (merge_and_unload() "
-                   "first, or patch before adding adapters)")
+        if n in in_adapter:
+            why = in_adapter[n]
         elif exclude and _matches(n, exclude):
             why = "matches exclude"
         elif include is not None and not _matches(n, include):

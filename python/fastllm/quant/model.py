@@ -14,7 +14,7 @@ from typing import Dict, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from .._layer_io import load_layers, save_layers, select_linears, set_module
+from .._layer_io import load_layers, peft_reasons, save_layers, select_linears, set_module
 from ..nn.int8_linear import Int8Linear, check_act_amax_read, reads_act_amax
 
 FORMAT_KEY = "fastllm.int8"
@@ -31,11 +31,13 @@ def quantize_linears(model: nn.Module, mode: str = "w8a8-dynamic", *,
     "lm_head"). act_amax: {name: (K,)} from fastllm.quant.calibrate, needed for static mode
     and smooth_alpha. Returns {"quantized": [names], "skipped": {name: reason}}: a layer whose
     sizes are not multiples of 16 (or in_features of group_size), or (static / SmoothQuant) that
-    has no calibration data, is skipped with the reason, not an error; a name in `layers` that is
+    has no calibration data, or that sits inside a PEFT adapter layer (its merge writes the
+    weight in place), is skipped with the reason, not an error; a name in `layers` that is
     missing or not a Linear raises. An error leaves the model unchanged.
     """
     named, names = select_linears(model, layers, "quantize_linears")
     skip = set(skip)
+    in_adapter = peft_reasons(named, names, "quantize")
     needs_amax = reads_act_amax(mode, smooth_alpha)
     if act_amax is not None:
         check_act_amax_read("quantize_linears", mode, smooth_alpha)
@@ -45,6 +47,8 @@ def quantize_linears(model: nn.Module, mode: str = "w8a8-dynamic", *,
         lin = named[n]
         if n in skip:
             report["skipped"][n] = "in skip"
+        elif n in in_adapter:
+            report["skipped"][n] = in_adapter[n]
         elif lin.in_features % 16 or lin.out_features % 16:
             report["skipped"][n] = (f"in_features={lin.in_features}, out_features={lin.out_features}: "
                                     "not multiples of 16")

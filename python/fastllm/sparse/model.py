@@ -16,7 +16,7 @@ from typing import Dict, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from .._layer_io import load_layers, save_layers, select_linears, set_module
+from .._layer_io import load_layers, peft_reasons, save_layers, select_linears, set_module
 from ..nn.sparse24_linear import Sparse24Linear
 
 FORMAT_KEY = "fastllm.sparse24"
@@ -30,17 +30,21 @@ def sparsify_linears(model: nn.Module, prune: Optional[str] = "magnitude", *, la
 
     Returns {"sparsified": {name: fraction of the norm removed}, "skipped": {name: reason}}.
     A layer whose sizes do not fit the format (in_features % 64, out_features % 16), without
-    Wanda norms, or (prune=None) whose weight is not 2:4, is skipped with the reason; a name in
-    `layers` that is missing or not a Linear raises. An error leaves the model unchanged."""
+    Wanda norms, inside a PEFT adapter layer, or (prune=None) whose weight is not 2:4, is skipped
+    with the reason; a name in `layers` that is missing or not a Linear raises. An error leaves
+    the model unchanged."""
     from .format import NotSparse24Error
     named, names = select_linears(model, layers, "sparsify_linears")
     skip = set(skip)
+    in_adapter = peft_reasons(named, names, "sparsify")
     report = {"sparsified": {}, "skipped": {}}
     built = []
     for n in names:
         lin = named[n]
         if n in skip:
             report["skipped"][n] = "in skip"
+        elif n in in_adapter:
+            report["skipped"][n] = in_adapter[n]
         elif lin.in_features % 64 or lin.out_features % 16:
             report["skipped"][n] = (f"in_features={lin.in_features}, out_features={lin.out_features}: need "
                                     "multiples of 64 and 16")
