@@ -16,3 +16,15 @@ class CudaError(FastllmError):
 
 class CudaUnavailableError(CudaError):
     """No usable CUDA driver/device, or fastllm._C was not built / cannot be loaded."""
+
+
+class UnsupportedModelError(FastllmError, ValueError):
+    """fastllm.patch cannot serve this model; the model was left untouched."""
+
+
+class OriginalsDiscardedError(FastllmError):
+    """unpatch cannot restore quantized / pruned layers: patch dropped the originals."""
+
+
+class CheckpointFormatError(FastllmError, TypeError):
+    """transformers' save_pretrained called on a model only fastllm.save_pretrained can write."""

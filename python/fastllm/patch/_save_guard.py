@@ -8,13 +8,9 @@ callable on the instance (model.__dict__["save_pretrained"], found before the cl
 push_to_hub and Trainer call it too) and unpatch() takes it off. A plain class with the model as
 an attribute, not a bound method: deepcopy and pickle carry it to the copy.
 """
-from ..errors import FastllmError
+from ..errors import CheckpointFormatError
 
 ATTR = "save_pretrained"
-
-
-class CheckpointFormatError(FastllmError, TypeError):
-    """transformers' save_pretrained called on a model only fastllm.save_pretrained can write."""
 
 
 class SaveGuard:

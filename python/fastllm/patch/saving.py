@@ -15,7 +15,9 @@ import os
 
 from .. import __version__
 from . import _serialize
-from .core import STATE_ATTR, _model_info, _patch, _transformers, check_runtime_options, patch
+from ._model import import_transformers, model_info
+from ._options import check_runtime_options
+from .core import STATE_ATTR, _patch, patch
 
 CONFIG_FILE = "fastllm_config.json"
 #: Linear-swap options. A plain checkpoint of a model where they swapped nothing stores them as
@@ -38,12 +40,12 @@ def save_pretrained(model, save_directory, **kwargs):
     state = model.__dict__.get(STATE_ATTR)
     if state is None:
         raise ValueError(f"{type(model).__name__} is not patched by fastllm; use model.save_pretrained")
-    transformers = _transformers()
+    transformers = import_transformers()
     if state.swaps:
         if kwargs:
             raise TypeError(f"fastllm.save_pretrained: a quantized / pruned model is written by fastllm itself, "
                             f"which takes no keyword arguments (got {sorted(kwargs)}); nothing was written")
-        return _serialize.save(model, state, save_directory, transformers, _model_info(model)[1])
+        return _serialize.save(model, state, save_directory, transformers, model_info(model)[1])
     model.save_pretrained(save_directory, **kwargs)
     _serialize.remove_weight_files(save_directory, (_serialize.WEIGHTS,))
     options = _serialize.json_options(state.options)
@@ -84,7 +86,7 @@ def from_pretrained(load_directory, *, model_class=None, patch_overrides=None, *
     checkpoints only dtype= (a torch dtype or its name; default or "auto": the saved one) and
     device=.
     """
-    transformers = _transformers()
+    transformers = import_transformers()
     path = os.path.join(load_directory, CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: {load_directory} was not saved by fastllm.save_pretrained")

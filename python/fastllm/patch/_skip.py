@@ -1,0 +1,105 @@
+"""skip_attention (arXiv 2404.05741: the attention sub-layers of the last layers contribute
+little; dropping them saves their compute and most of their time): which sub-layers, and the
+instance-level forward that replaces theirs."""
+import functools
+from typing import List, Tuple
+
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ._model import cfg_get, text_config
+from .rules import ATTENTION_SUBLAYER_NAMES, KV_SHARING_ATTRIBUTE
+
+
+def _decoder_layers(model) -> Tuple[str, nn.ModuleList, str]:
+    """(qualified name, the ModuleList of decoder layers, the attention child's name)."""
+    n_layers = getattr(text_config(model), "num_hidden_layers", None)
+    found = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            for child in ATTENTION_SUBLAYER_NAMES:
+                if all(isinstance(getattr(layer, child, None), nn.Module) for layer in mod):
+                    found.append((name, mod, child))
+                    break
+    if n_layers is not None:
+        found = [f for f in found if len(f[1]) == n_layers] or found
+    if len(found) != 1:
+        raise UnsupportedModelError(
+            f"skip_attention: {type(model).__name__} has no single list of decoder layers with an "
+            f"attention sub-layer named one of {list(ATTENTION_SUBLAYER_NAMES)} (found "
+            f"{[f[0] for f in found]}); its attention cannot be skipped by zeroing that output.")
+    return found[0]
+
+
+def resolve_skip(model, skip) -> List[Tuple[str, nn.Module]]:
+    if skip is None:
+        return []
+    shared = cfg_get(text_config(model), KV_SHARING_ATTRIBUTE, 0)
+    if shared:
+        raise UnsupportedModelError(
+            f"skip_attention: {type(model).__name__} has {KV_SHARING_ATTRIBUTE} = {shared} (layers read K/V "
+            "other layers compute); a skipped attention sub-layer would break them. Model left unchanged.")
+    list_name, layers, child = _decoder_layers(model)
+    n = len(layers)
+    if isinstance(skip, int):
+        if not 0 <= skip <= n:
+            raise ValueError(f"skip_attention={skip}: must be between 0 and the number of layers ({n})")
+        idx = list(range(n - skip, n))
+    else:
+        idx = []
+        for i in skip:
+            if not -n <= i < n:
+                raise ValueError(f"skip_attention: layer index {i} out of range for {n} layers")
+            idx.append(i % n)
+        idx = sorted(set(idx))
+    return [(f"{list_name}.{i}.{child}", getattr(layers[i], child)) for i in idx]
+
+
+def _skipped_attention_forward(module, n_kv_heads, head_dim, *args, **kwargs):
+    """Instance-level forward of a skipped attention sub-layer: (zeros, None).
+
+    The layer adds the output to the residual stream, so zeros remove this attention and
+    nothing else (Gemma 2's post-attention RMSNorm maps zeros to zeros). The KV cache still
+    gets zero keys/values for this layer, so every layer's cached length, the mask sizes
+    computed from the cache and StaticCache positions stay what they would be unskipped
+    (skipping layer 0 included); the memory for this layer's cache is not saved.
+
+    Measured on the demo model (random Llama, hidden 256, 4 layers, fp32, CPU, 1 thread,
+    torch reference attention, batch 4, medians of 4): skipping 1 / 2 of 4 layers cut prefill
+    from 72 to 61 / 49 ms (64-token prompts) and 1675 to 1268 / 1128 ms (512-token prompts),
+    and 17-token generation from 292 to 262 / 246 ms and 1939 to 1710 / 1325 ms. Prompt
+    logits moved by max 0.86 / 1.31 (mean 0.16 / 0.25; logits up to ~1.5), top-1 agreement
+    20% / 3%: random weights have no redundancy to exploit; the cost on a trained model must
+    be measured on it (the paper reports small losses for the last layers of Llama 2).
+    """
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    cache = kwargs.get("past_key_values")
+    if cache is None:
+        cache = kwargs.get("past_key_value")
+    if cache is not None and hasattr(cache, "update"):
+        shape = (hidden.shape[0], n_kv_heads, hidden.shape[1], head_dim)
+        cache.update(hidden.new_zeros(shape), hidden.new_zeros(shape), module.layer_idx)
+    return hidden.new_zeros(hidden.shape), None
+
+
+def install_skip(module, cfg):
+    # The module's own sizes first: per-layer configs (Gemma 4) have no global ones.
+    mcfg = getattr(module, "config", None) or cfg
+    heads = cfg_get(mcfg, "num_attention_heads", None) or cfg_get(cfg, "num_attention_heads", None)
+    kv_heads = cfg_get(mcfg, "num_key_value_heads", None) or cfg_get(cfg, "num_key_value_heads", None)
+    groups = getattr(module, "num_key_value_groups", None)
+    if heads and not kv_heads:
+        kv_heads = heads // groups if groups else heads
+    head_dim = getattr(module, "head_dim", None) or cfg_get(mcfg, "head_dim", None) or (
+        heads and cfg_get(cfg, "hidden_size", 0) // heads)
+    if not (kv_heads and head_dim):
+        raise UnsupportedModelError(f"skip_attention: cannot tell the K/V shape of {type(module).__name__} "
+                                    "from its config (per-layer settings); model left unchanged")
+    # functools.partial (not a bound method) so copy.deepcopy(model) keeps the skip.
+    module.__dict__["forward"] = functools.partial(_skipped_attention_forward, module, kv_heads, head_dim)
+
+
+def remove_skip(module):
+    fwd = module.__dict__.get("forward")
+    if isinstance(fwd, functools.partial) and fwd.func is _skipped_attention_forward:
+        del module.__dict__["forward"]
