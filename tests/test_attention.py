@@ -227,6 +227,20 @@ def test_sliding_window(backend, dtype, causal, window, Sq, Skv):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_overflowing_score_gives_nan_as_sdpa(backend):
+    # Regression: an attended score of +inf made the reference's lse +inf, which it then treated
+    # like an empty row's -inf (exp(s - 0)): outputs +-inf where the kernels and SDPA give NaN.
+    q = torch.zeros(1, 1, 2, 16, device=DEVICE)
+    k = torch.zeros(1, 1, 3, 16, device=DEVICE)
+    v = torch.randn(1, 1, 3, 16, device=DEVICE)
+    q[..., 0, 0], k[..., 0, 0] = 1e30, 1e30          # row 0: score 1e60 -> +inf in fp32
+    want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=1e-30)
+    got = flash_attention(q, k, v, causal=False, scale=1.0, backend=backend)   # (B, Sq, Hq, D)
+    assert torch.isnan(got[0, 0]).all()
+    assert torch.allclose(got[0, 1, 0].double(), want[0, 0, 1], atol=1e-6)    # row 1 unaffected
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_window_at_the_int32_limit_restricts_nothing(backend, causal):
     # Regression: the op caps window at 2^31 - 1 ("no restriction"), but the Triton kernel's

@@ -74,7 +74,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     vf = vf.masked_fill(~allowed.any(dim=-2, keepdim=True).transpose(-1, -2), 0.0)
 
     lse = torch.logsumexp(s, dim=-1)                                          # -inf: empty row
-    lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    # Only an empty row (-inf) is made safe; a +inf lse (a score overflowed) must give NaN as
+    # the kernels and SDPA do, not exp(s - 0) = inf.
+    lse_safe = torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)
     p = torch.exp(s - lse_safe[..., None])                                    # exp(-inf) = 0
     out = torch.matmul(p.view(B, Hkv, group * Sq, Skv), vf).view(B, Hq, Sq, D)
     out = out.transpose(1, 2).to(q.dtype).contiguous()
