@@ -329,6 +329,28 @@ def test_bad_inputs():
         sparse24_int8_matmul(a, vi, mi, 1.0, torch.ones(32, device=DEVICE), out_dtype=torch.int8)
 
 
+def test_invalid_metadata_values_are_refused():
+    # Regression: any int32 tensor of the right shape was accepted as metadata; the torch and
+    # triton backends decoded invalid index pairs (i0 >= i1) differently (outputs 12 apart), and
+    # for mma.sp they are undefined behaviour. Checked on CPU (a per-call check would sync CUDA).
+    from fastllm.sparse.format import bad_meta_words
+    nib = torch.arange(16)
+    words = (nib * 0x11111111) & 0xFFFFFFFF
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    assert bad_meta_words(words).tolist() == [int(v) not in VALID_NIBBLES for v in range(16)]
+    values, meta = compress(sparse_weight(32, 128, torch.float16, "cpu"))
+    x = torch.randn(5, 128).half()
+    for word in (0, 0x44444440, 0x74444444, 0xF4444444 - 2 ** 32):   # all 0; low nibble 0; top 0x7; top 0xF
+        bad = meta.clone()
+        bad[1, 37] = word
+        for call in (lambda: sparse24_matmul(x, values, bad, backend="torch"),
+                     lambda: sparse24_matmul(x, values, bad, backend="triton"),
+                     lambda: decompress(values, bad)):
+            with pytest.raises(ValueError, match=r"argument 'meta': word \(1, 37\) .* not an ordered 2-of-4"):
+                call()
+    assert not valid_meta(bad) and valid_meta(meta)
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="CPU-only check")
 def test_cuda_forced_on_cpu_raises_and_supports_works_on_meta():
     from fastllm.ops._sparse24_cuda import cuda_supports

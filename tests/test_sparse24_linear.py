@@ -172,6 +172,18 @@ def test_load_errors(tmp_path):
         save_sparse(nn.Sequential(nn.Linear(128, 64)), path)
 
 
+def test_corrupted_metadata_is_refused_at_load(tmp_path):
+    # The ops check metadata values on CPU only; a layer checks what it loads, on any device.
+    model = nn.Sequential(nn.Linear(128, 64)).to(DEVICE)
+    sparsify_linears(model, "magnitude")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["0.metadata"][0, 3] = 0x44444400
+    before = model[0].metadata.clone()
+    with pytest.raises(ValueError, match=r"0.metadata.*word \(0, 3\).*not an ordered 2-of-4"):
+        model.load_state_dict(state)
+    assert torch.equal(model[0].metadata, before)
+
+
 def test_failed_loads_leave_the_model_unchanged(tmp_path):
     # Regression: the layers were swapped before the strict load failed (missing keys), and a
     # meta-device model "loaded" into tensors without storage.
@@ -195,6 +207,11 @@ def test_failed_loads_leave_the_model_unchanged(tmp_path):
         Sparse24Linear.from_linear(lin, prune="magnitude")
     with pytest.raises(TypeError, match="Sparse24Linear: argument 'int8' must be a bool, got str"):
         Sparse24Linear.from_linear(nn.Linear(128, 64), prune="magnitude", int8="no")
+    nan = nn.Linear(128, 64)
+    nan.weight.data[3, 5] = float("nan")
+    for int8 in (False, True):   # refused with and without int8 (only int8 refused it before)
+        with pytest.raises(ValueError, match="weight holds NaN or inf"):
+            Sparse24Linear.from_linear(nan, prune="magnitude", int8=int8)
 
 
 def test_sparsify_error_leaves_model_unchanged():

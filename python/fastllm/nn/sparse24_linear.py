@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import ops
 from ..ops._checks import FLOAT_DTYPES
+from ..sparse.format import bad_meta_words, check_meta_values
 from ._input import KeepsFp32Scales, as_rows, fmt as _fmt, in_weight_dtype
 
 PRUNE_METHODS = (None, "magnitude", "wanda")
@@ -87,6 +88,9 @@ class Sparse24Linear(KeepsFp32Scales):
                             "or float32")
         if w.device.type == "meta":
             raise ValueError(f"{name}: the linear's weight is on the meta device (not loaded)")
+        if not bool(torch.isfinite(w).all()):
+            # As Int8Linear: pruning ranks magnitudes, which NaN / inf make meaningless.
+            raise ValueError(f"{name}: the linear's weight holds NaN or inf; fix the weight before compressing it")
         if prune not in PRUNE_METHODS:
             raise ValueError(f"{name}: argument 'prune' must be None, 'magnitude' or 'wanda', got {prune!r}")
         if prune == "wanda" and act_norm is None:
@@ -132,6 +136,12 @@ class Sparse24Linear(KeepsFp32Scales):
         for old, new in self.RENAMED_BUFFERS.items():
             if prefix + old in state_dict and prefix + new not in state_dict:
                 state_dict[prefix + new] = state_dict.pop(prefix + old)
+        meta = state_dict.get(prefix + "metadata")
+        # Checked once here, on any device: the ops check metadata values on CPU only (a check
+        # per call would sync on CUDA), and a corrupted word is undefined behaviour for mma.sp.
+        if isinstance(meta, torch.Tensor) and meta.device.type != "meta" and meta.dtype == torch.int32 \
+                and meta.numel() and bool(bad_meta_words(meta).any()):
+            check_meta_values(f"Sparse24Linear load ({prefix}metadata)", meta.cpu())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------

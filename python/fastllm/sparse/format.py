@@ -170,6 +170,7 @@ def check_compressed(op: str, values: torch.Tensor, meta: torch.Tensor, K: int =
                          f"{tuple(meta.shape)}")
     if meta.device != values.device:
         raise ValueError(f"{op}: argument 'meta' is on {meta.device}, 'values' on {values.device}")
+    check_meta_values(op, meta)
     return N, K
 
 
@@ -183,11 +184,37 @@ def decompress(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     return dense.reshape(N, K)
 
 
-def valid_meta(meta: torch.Tensor, N: int, K: int, kind: str) -> bool:
+def bad_meta_words(meta: torch.Tensor) -> torch.Tensor:
+    """bool, meta's shape: True where a packed word holds a nibble outside VALID_NIBBLES.
+
+    A nibble i0 | i1 << 2 is valid iff i1 > i0, whatever its place in the layout, so the packed
+    words are checked as they are (SWAR, no unpacking): per nibble d = (4 + i1) - i0 lies in
+    1..7 (no borrow into the next nibble) and is >= 5, i.e. bit 2 and (bit 1 or bit 0), iff
+    i1 > i0. int32 arithmetic suffices: shifts are masked and d < 2**31."""
+    w = meta.to(torch.int32)
+    i0, i1 = w & 0x33333333, (w >> 2) & 0x33333333
+    d = (i1 | 0x44444444) - i0
+    return ((d >> 2) & (d | (d >> 1)) & 0x11111111) != 0x11111111
+
+
+def valid_meta(meta: torch.Tensor, N: int = None, K: int = None, kind: str = None) -> bool:
     """True if every nibble is one of the six ordered 2-of-4 encodings (anything else is
-    undefined behaviour for mma.sp::ordered_metadata)."""
-    nib = unpack_meta(meta, N, K, kind)
-    ok = torch.zeros_like(nib, dtype=torch.bool)
-    for v in VALID_NIBBLES:
-        ok |= nib == v
-    return bool(ok.all())
+    undefined behaviour for mma.sp::ordered_metadata, and decompresses to a different weight
+    on each backend). N, K, kind: unused (the check does not depend on the layout); kept for
+    callers that pass them."""
+    return not bool(bad_meta_words(meta).any())
+
+
+def check_meta_values(op: str, meta: torch.Tensor) -> None:
+    """ValueError naming the first bad word of `meta`. Runs for CPU tensors outside compiled
+    code only: on CUDA it would sync every call (Sparse24Linear checks its metadata once, when
+    it is loaded), and a compiled graph cannot branch on a value."""
+    if meta.device.type != "cpu" or meta.numel() == 0 or torch.compiler.is_compiling():
+        return
+    bad = bad_meta_words(meta)
+    if bool(bad.any()):
+        r, c = divmod(int(bad.reshape(-1).to(torch.uint8).argmax()), meta.shape[1])
+        raise ValueError(f"{op}: argument 'meta': word ({r}, {c}) = {int(meta[r, c]) & 0xFFFFFFFF:#010x} holds a "
+                         f"2-bit index pair that is not an ordered 2-of-4 choice (nibbles must be one of "
+                         f"{[hex(v) for v in VALID_NIBBLES]}; others are undefined behaviour for mma.sp): not metadata written "
+                         "by fastllm.sparse.compress")
