@@ -117,6 +117,12 @@ def test_bad_inputs():
         (ValueError, r"argument 'bias' must have shape \(16,\)", (x, b, w_s, torch.ones(15)), {}),
         (ValueError, r"argument 'smooth' must have shape \(32,\)", (x, b, w_s), {"smooth": torch.ones(31)}),
         (TypeError, r"argument 'smooth' must have dtype", (x, b, w_s), {"smooth": torch.ones(32).half()}),
+        # Regression: a NaN factor was zeroed (static) and a 0 zeroed its channel, without a word.
+        (ValueError, r"argument 'smooth' must be positive and finite, got nan \(index 3\)", (x, b, w_s),
+         {"smooth": torch.ones(32).index_fill(0, torch.tensor([3]), float("nan"))}),
+        (ValueError, r"argument 'smooth' must be positive and finite, got 0.0 \(index 0\)", (x, b, w_s),
+         {"smooth": torch.zeros(32)}),
+        (ValueError, r"argument 'smooth' must be positive and finite, got -1.0", (x, b, w_s), {"smooth": -torch.ones(32)}),
         (ValueError, r"unknown backend|backend", (x, b, w_s), {"backend": "nope"}),
     ]
     for exc, msg, args, kw in cases:

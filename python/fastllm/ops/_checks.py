@@ -92,3 +92,17 @@ def misaligned16(t: torch.Tensor) -> bool:
     torch.compile traces (a traced tensor has no address): the CUDA glue checks again when the
     op runs, and the launcher too."""
     return not torch.compiler.is_compiling() and t.data_ptr() % 16 != 0
+
+
+def check_positive_finite(op: str, name: str, t: torch.Tensor) -> None:
+    """ValueError unless every value of t is > 0 and finite (scales, SmoothQuant factors: 0 or
+    NaN there zeroes or poisons a whole channel without a word). CPU tensors outside compiled
+    code only: on CUDA the check would sync every call, and a compiled graph cannot branch on a
+    value; the modules check these values when they are set."""
+    if t.device.type != "cpu" or t.numel() == 0 or torch.compiler.is_compiling():
+        return
+    ok = (t > 0) & torch.isfinite(t)
+    if not bool(ok.all()):
+        i = int((~ok).reshape(-1).to(torch.uint8).argmax())
+        where = f" (index {i})" if t.numel() > 1 else ""
+        raise ValueError(f"{op}: argument '{name}' must be positive and finite, got {t.reshape(-1)[i].item()}{where}")

@@ -36,7 +36,7 @@ import torch
 
 from .. import ref
 from ..ref.int8 import scale_epilogue
-from ._checks import FLOAT_DTYPES, check_tensor, unit_stride_reason
+from ._checks import FLOAT_DTYPES, check_positive_finite, check_tensor, unit_stride_reason
 from .int8 import _check_kn, _check_same_device, _check_vector, _int32_torch
 from .registry import new_op
 
@@ -130,6 +130,8 @@ def int8_matmul_dynamic(x: torch.Tensor, b: torch.Tensor, w_scale: torch.Tensor,
     if smooth is not None:
         _check_vector(NAME, "smooth", smooth, K, "one factor per input channel", (torch.float32,))
     _check_same_device(NAME, "x", x, b=b, w_scale=w_scale, bias=bias, smooth=smooth)
+    if smooth is not None:
+        check_positive_finite(NAME, "smooth", smooth)
     if x.stride(1) != 1 and K > 1:
         # The kernels read rows with unit stride; one copy here is cheaper than a slow path.
         x = x.contiguous()

@@ -37,7 +37,7 @@ import torch
 
 from .. import ref
 from ..ref.int8 import scale_epilogue
-from ._checks import FLOAT_DTYPES, check_tensor
+from ._checks import FLOAT_DTYPES, check_positive_finite, check_tensor
 from .int8 import _check_kn, _check_same_device, _int32_torch, check_epilogue
 from .registry import new_op
 
@@ -125,17 +125,15 @@ def int8_matmul_static(x: torch.Tensor, b: torch.Tensor, act_scale: Union[torch.
         raise ValueError(f"{NAME}: argument 'act_scale' must be one calibrated per-tensor scale (one element), "
                          f"got shape {tuple(act_scale.shape)}")
     a_scale = check_epilogue(NAME, x, M, N, act_scale, w_scale, bias, x.dtype, "row of b")
-    if (x.device.type == "cpu" and not torch.compiler.is_compiling()
-            and not (act_scale.item() > 0 and act_scale.isfinite().item())):
-        # (On CUDA this check would sync, and a compiled graph cannot branch on a value; a bad
-        # scale there gives NaN/inf outputs, not a crash. Int8Linear checks it when it is set.)
-        raise ValueError(f"{NAME}: argument 'act_scale' must be positive and finite, got {act_scale.item()}")
+    # (On CUDA a bad scale gives NaN / inf outputs, not a crash; Int8Linear checks it when set.)
+    check_positive_finite(NAME, "act_scale", act_scale)
     if smooth is not None:
         check_tensor(NAME, "smooth", smooth, dtypes=(torch.float32,))
         if tuple(smooth.shape) != (K,):
             raise ValueError(f"{NAME}: argument 'smooth' must have shape ({K},) (one factor per input channel), "
                              f"got {tuple(smooth.shape)}")
         _check_same_device(NAME, "x", x, smooth=smooth)
+        check_positive_finite(NAME, "smooth", smooth)
     in_mul = input_multiplier(a_scale, smooth)
     be = OP.select(backend, x.device, x, b, in_mul, a_scale, w_scale, bias)
     return OP.call(be, x, b, in_mul, a_scale, w_scale, bias)
