@@ -224,6 +224,8 @@ def test_attention_function_rejects_what_it_cannot_do():
         _attention.attention_forward(module, q, q, q, torch.ones(1, 1, 3, 3, dtype=torch.int64))
     with pytest.raises(NotImplementedError, match="sinks"):
         _attention.attention_forward(module, q, q, q, None, s_aux=torch.zeros(2))
+    with pytest.raises(NotImplementedError, match=r"sparse attention over selected keys \(indices=\)"):
+        _attention.attention_forward(module, q, q, q, None, indices=torch.zeros(1, 3, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="dropout"):
         _attention.attention_forward(module, q, q, q, None, dropout=0.1)
 
@@ -538,6 +540,15 @@ def _gemma3n_skip():
     (lambda: T.T5ForConditionalGeneration(T.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=32,
                                                      num_layers=1, num_heads=4, pad_token_id=0)),
      "_supports_attention_backend"),
+    # Relative position biases handed over as the mask: patch accepted them, every forward raised.
+    (lambda: T.SwinModel(T.SwinConfig(image_size=32, patch_size=4, embed_dim=32, depths=[2, 1], num_heads=[2, 4],
+                                      window_size=4)), "passes combined_mask .an additive score bias."),
+    (lambda: T.ParakeetEncoder(T.ParakeetEncoderConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
+        num_mel_bins=16, subsampling_conv_channels=16, subsampling_factor=4)), "passes matrix_bd"),
+    (lambda: T.BeitModel(T.BeitConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                      image_size=32, patch_size=8, use_relative_position_bias=True)),
+     "relative position bias .*relative_position_bias_table"),
 ])
 def test_unsupported_model_raises_and_is_untouched(make, match):
     model = make().eval()
@@ -558,6 +569,37 @@ def test_per_layer_config_model():
     fastllm.patch(model, backend="torch")
     assert (out(model, ids) - base).abs().max() < 1e-5
     assert "flash_attention" in str(fastllm.patch_report(model))
+
+
+def test_backends_are_probed_at_every_head_dim_the_model_uses():
+    # Regression: the probe read one head dim from the config. Gemma 4's full-attention layers use
+    # global_head_dim (512 here) > every kernel's 256: backend="triton" patched, then every forward
+    # raised. Vision configs listing heads per stage (Segformer) made patch raise a bare TypeError.
+    model = T.Gemma4ForCausalLM(T.Gemma4TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, global_head_dim=512, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=16,
+        vocab_size_per_layer_input=128, pad_token_id=0)).eval()
+    cfg, sd = model.config, state_snapshot(model)
+    with pytest.raises(BackendUnavailableError, match="head dim 512 > 256"):
+        fastllm.patch(model, backend="triton")
+    assert_untouched(model, cfg, "sdpa", sd)
+    ids = torch.randint(3, 128, (2, 9))
+    base = out(model, ids)
+    fastllm.patch(model)
+    assert (out(model, ids) - base).abs().max() < 1e-5
+    entry = fastllm.patch_report(model).ops[0]
+    assert "head dims [16, 512]" in entry.note, entry.note
+    if entry.selected != "torch":   # a GPU: a kernel serves 16, the reference 512
+        assert "(head dim 512: torch)" in entry.note, entry.note
+    seg = T.SegformerModel(T.SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[32, 64],
+                                             patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
+                                             mlp_ratios=[2, 2])).eval()
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        base = seg(pixel_values=px).last_hidden_state
+        fastllm.patch(seg, backend="torch")
+        assert (seg(pixel_values=px).last_hidden_state - base).abs().max() < 1e-5
 
 
 def test_unknown_layer_type_raises():

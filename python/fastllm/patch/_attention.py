@@ -66,6 +66,11 @@ UNSUPPORTED_KWARGS = {
     "sinks": "attention sinks",
     "position_bias": "an additive position bias (T5-style relative attention)",
     "cache": "a paged KV cache (continuous batching)",
+    # Sparse attention (DeepSeek-V3.2's indexer, block-sparse layers): the keys each query may
+    # read. Ignoring them would attend everything; those models are refused by layer_types
+    # today, this keeps any other caller from getting a silent dense answer.
+    "indices": "sparse attention over selected keys (indices=)",
+    "block_indices": "block-sparse attention (block_indices=)",
 }
 
 

@@ -13,37 +13,74 @@ from .report import OpEntry
 from .rules import as_linear
 
 
-def _example_call(model, device, dtype):
+def _int(v):
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
+def _module_head_dim(m):
+    """head_dim, or for MLA modules (DeepSeek-V3: qk_head_dim, v_head_dim) the wider one, which
+    fastllm runs them at (zero padding); None if the module names none."""
+    dims = [d for d in (_int(getattr(m, a, None)) for a in ("head_dim", "qk_head_dim", "v_head_dim")) if d]
+    return max(dims) if dims else None
+
+
+def _head_dims(model, attn) -> List[int]:
+    """The head dims the attention modules compute with, most common first: per module, not one
+    config value (Gemma 4's full-attention layers use global_head_dim, 512 by default, while
+    the config's head_dim is the sliding layers'; vision configs list heads per stage)."""
+    dims = [d for d in (_module_head_dim(m) for _, m in attn) if d]
+    if not dims:
+        cfg = text_config(model)
+        heads = _int(cfg_get(cfg, "num_attention_heads", None)) or 1
+        dims = [_int(cfg_get(cfg, "head_dim", None)) or (_int(cfg_get(cfg, "hidden_size", None)) or 64) // heads]
+    return sorted(set(dims), key=lambda d: (-dims.count(d), d))
+
+
+def _example_call(model, device, dtype, head_dim):
     """Arguments of a typical flash_attention call for this model (for the registry)."""
     cfg = text_config(model)
-    heads = cfg_get(cfg, "num_attention_heads", None) or 1
-    kv_heads = cfg_get(cfg, "num_key_value_heads", None) or heads
-    head_dim = cfg_get(cfg, "head_dim", None) or (cfg_get(cfg, "hidden_size", 64) // heads)
+    heads = _int(cfg_get(cfg, "num_attention_heads", None)) or 1
+    kv_heads = _int(cfg_get(cfg, "num_key_value_heads", None)) or heads
+    if heads % kv_heads:
+        heads, kv_heads = 1, 1
     softcap = float(cfg_get(cfg, "attn_logit_softcapping", None) or 0.0)
     q = torch.empty(1, heads, 16, head_dim, device=device, dtype=dtype)
     k = torch.empty(1, kv_heads, 16, head_dim, device=device, dtype=dtype)
     return (q, k, k, None, True, head_dim ** -0.5, 0, softcap)
 
 
-def attention_entry(model, backend, device, dtype) -> OpEntry:
-    op = OPS["flash_attention"]
-    args = _example_call(model, device, dtype)
-    entry = _entry(op, backend, device, args)
+def _per_head_dim(op, model, attn, backend, device, dtype, make_args) -> OpEntry:
+    """One entry for the op over every head dim the model uses: the first one nothing can serve
+    (a forced backend then fails at patch time, not inside a forward), else the most common
+    dim's, noting the dims another backend serves."""
+    dims = _head_dims(model, attn)
+    entries = {d: _entry(op, backend, device, make_args(_example_call(model, device, dtype, d))) for d in dims}
+    entry = next((e for e in entries.values() if e.selected is None), entries[dims[0]])
+    others = [f"head dim {d}: {e.selected}" for d, e in entries.items() if e.selected != entry.selected]
+    if len(dims) > 1:
+        entry.note = f"head dims {dims}" + (f" ({'; '.join(others)})" if others else "")
+    return entry
+
+
+def attention_entry(model, attn, backend, device, dtype) -> OpEntry:
+    entry = _per_head_dim(OPS["flash_attention"], model, attn, backend, device, dtype, lambda a: a)
     prefill, decode = _attention.kernel_name_for(512), _attention.kernel_name_for(1)
     note = (f"every call goes to {prefill}, decode (Sq = 1) included: no decode kernel yet" if prefill == decode
             else f"prefill calls go to {prefill}, decode calls (few queries) to {decode}")
     if backend != resolve_request(backend):
         note += f"; FASTLLM_BACKEND={resolve_request(backend)}"
-    entry.note = note
+    entry.note = note + (f"; {entry.note}" if entry.note else "")
     return entry
 
 
-def decode_entry(model, backend, device, dtype) -> OpEntry:
+def decode_entry(model, attn, backend, device, dtype) -> OpEntry:
     """decode_attention on a typical decode step (1 query against 64 cached keys)."""
-    q, k, _, _, _, scale, _, softcap = _example_call(model, device, dtype)
-    q1, kc = q[:, :, :1], k.new_empty(k.shape[0], k.shape[1], 64, k.shape[3])
-    entry = _entry(OPS["decode_attention"], backend, device, (q1, kc, kc, None, None, None, scale, 0, softcap, 0))
-    entry.note = "decode steps (<= 16 queries against a longer cache)"
+    def args(a):
+        q, k, _, _, _, scale, _, softcap = a
+        q1, kc = q[:, :, :1], k.new_empty(k.shape[0], k.shape[1], 64, k.shape[3])
+        return (q1, kc, kc, None, None, None, scale, 0, softcap, 0)
+    entry = _per_head_dim(OPS["decode_attention"], model, attn, backend, device, dtype, args)
+    entry.note = "decode steps (<= 16 queries against a longer cache)" + (f"; {entry.note}" if entry.note else "")
     return entry
 
 

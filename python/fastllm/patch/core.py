@@ -46,7 +46,7 @@ from ._options import normalize_options
 from ._skip import install_skip, remove_skip, resolve_skip
 from .report import ModuleEntry, PatchReport
 from .rules import (DEFAULT_EXCLUDED, LINEAR_DEFAULT_EXCLUDE, QUERY_SLICING_METHODS, RULES, SUPPORTED_LAYER_TYPES,
-                    attention_unsupported_reason, sparse24_class)
+                    attention_unsupported_reason, bias_parameter_reason, sparse24_class)
 
 STATE_ATTR = "_fastllm_patch"
 
@@ -116,6 +116,9 @@ def _check_supported(model, options, transformers) -> List[Tuple[str, nn.Module]
         if why:
             raise UnsupportedModelError(f"{name}: attention module {n} ({type(m).__name__}): {why}. "
                                         "Model left unchanged.")
+    why = bias_parameter_reason(model)
+    if why:
+        raise UnsupportedModelError(f"{name}: {why}. Model left unchanged.")
     cfg = text_config(model)
     for method, count in QUERY_SLICING_METHODS:
         if cfg_get(cfg, count, 0) and any(hasattr(m, method) for m in model.modules()):
@@ -220,8 +223,8 @@ def _patch(model, options, batches, loaded=None):
         raise UnsupportedModelError(
             f"{type(model).__name__} computes in {str(dtype).replace('torch.', '')}: fastllm's attention runs "
             "float16, bfloat16 and float32 models. Model left unchanged.")
-    op_entry = attention_entry(model, backend, device, dtype) if options["attention"] else None
-    dec_entry = decode_entry(model, backend, device, dtype) if options["attention"] else None
+    op_entry = attention_entry(model, attn, backend, device, dtype) if options["attention"] else None
+    dec_entry = decode_entry(model, attn, backend, device, dtype) if options["attention"] else None
     forced = resolve_request(backend) != "auto"
     if op_entry is not None and forced and op_entry.selected is None:
         raise BackendUnavailableError(

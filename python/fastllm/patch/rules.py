@@ -19,8 +19,10 @@ in place and reported as skipped, with that reason); `calibration(options)` whic
 the rule needs from calibration batches ("amax": per-input-channel max |x|, for SmoothQuant and
 static int8; "l2": per-input-channel L2 norm over all tokens, for Wanda), or ().
 """
+import ast
 import inspect
 import re
+import textwrap
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -65,7 +67,45 @@ _UNSUPPORTED_SOURCE = (
     # Doge: a learned per-head bias added to the scores through the mask, on every call.
     (re.compile(r"\b(prepare_dynamic_mask)\("), "its forward adds a learned bias to the scores ({})"),
 )
+#: Expressions an attention module passes as the attention function's mask that hold an
+#: additive score bias, not a padding / causal mask (relative positions: Swin's combined_mask,
+#: Parakeet's matrix_bd, ...). fastllm's kernels take a boolean mask: every forward would raise.
+BIAS_MASK_ARGUMENTS: Tuple[str, ...] = ("combined_mask", "matrix_bd", "attention_bias", "position_bias",
+                                        "attention_similarity")
+#: Parameters (leaf names) of models that add a learned relative position bias to the scores
+#: through the mask, in a parent of the attention module (BEiT with use_relative_position_bias).
+BIAS_PARAMETERS: Tuple[str, ...] = ("relative_position_bias_table",)
 _source_cache = {}
+_mask_arg_cache = {}
+
+
+def _interface_mask_args(cls) -> Tuple[str, ...]:
+    """The source text of the mask argument (5th positional, or attention_mask=) of every
+    attention_interface(...) call in cls.forward."""
+    if cls not in _mask_arg_cache:
+        out = []
+        try:
+            tree = ast.parse(textwrap.dedent(_forward_source(cls)))
+        except SyntaxError:
+            tree = None
+        for node in ast.walk(tree) if tree is not None else ():
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "attention_interface":
+                arg = next((kw.value for kw in node.keywords if kw.arg == "attention_mask"), None)
+                if arg is None and len(node.args) >= 5:
+                    arg = node.args[4]
+                if arg is not None:
+                    out.append(ast.unparse(arg))
+        _mask_arg_cache[cls] = tuple(out)
+    return _mask_arg_cache[cls]
+
+
+def bias_parameter_reason(model: nn.Module) -> Optional[str]:
+    """Why the model cannot be served because it adds a learned bias through the mask, or None."""
+    for n, _ in model.named_parameters():
+        if n.rpartition(".")[2] in BIAS_PARAMETERS:
+            return (f"it adds a learned relative position bias ({n}) to the attention scores through the mask; "
+                    "fastllm's attention takes a boolean mask (an additive bias is not implemented)")
+    return None
 
 
 def _forward_source(cls) -> str:
@@ -89,6 +129,10 @@ def attention_unsupported_reason(module: nn.Module) -> Optional[str]:
         m = pattern.search(src)
         if m:
             return reason.format(m.group(1)) + " (not implemented)"
+    bias = [a for a in _interface_mask_args(type(module)) if a in BIAS_MASK_ARGUMENTS]
+    if bias:
+        return (f"its forward passes {bias[0]} (an additive score bias) as the attention mask; fastllm's "
+                "attention takes a boolean mask (an additive bias is not implemented)")
     return None
 
 
