@@ -193,6 +193,14 @@ def test_state_dict_and_buffers():
     assert sd["weight_int8"].dtype == torch.int8 and sd["weight_scale"].dtype == torch.float32
     assert "smooth=True" in repr(q) and "w8a8-static" in repr(q)
     assert not list(q.parameters())
+    # A loaded act_scale / smooth of 0 or NaN is refused (on any device): the ops check values on
+    # CPU only, and on CUDA it zeroed or poisoned channels silently.
+    for key, bad in (("act_scale", torch.zeros(1)), ("smooth", torch.full((K,), float("nan")))):
+        broken = {k: v.clone() for k, v in sd.items()}
+        broken[key] = bad.to(DEVICE)
+        with pytest.raises(ValueError, match=f"Int8Linear load \\({key}\\): argument '{key}' must be positive"):
+            q.load_state_dict(broken)
+    q.load_state_dict(sd)
 
 
 # ----------------------------------------------------------------------------------------------

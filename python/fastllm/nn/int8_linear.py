@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..ops._checks import FLOAT_DTYPES, check_channel_stats
+from ..ops._checks import FLOAT_DTYPES, check_channel_stats, check_positive_finite
 from ._input import KeepsFp32Scales, as_rows, fmt as _fmt, in_weight_dtype
 
 MODES = ("w8a8-dynamic", "w8a8-static", "w8a16")
@@ -166,6 +166,16 @@ class Int8Linear(KeepsFp32Scales):
                                  f"got {act_scale.tolist()}")
             m.act_scale.copy_(act_scale)
         return m
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The ops check act_scale / smooth values on CPU only (a per-call check would sync CUDA);
+        # a loaded 0 or NaN there zeroes or poisons channels without a word: checked once here.
+        for key in ("act_scale", "smooth"):
+            t = state_dict.get(prefix + key)
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.numel() \
+                    and not bool(((t > 0) & torch.isfinite(t)).all()):
+                check_positive_finite(f"Int8Linear load ({prefix}{key})", key, t.detach().cpu())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def weight(self) -> torch.Tensor:
