@@ -172,9 +172,8 @@ class Int8Linear(KeepsFp32Scales):
         # a loaded 0 or NaN there zeroes or poisons channels without a word: checked once here.
         for key in ("act_scale", "smooth"):
             t = state_dict.get(prefix + key)
-            if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.numel() \
-                    and not bool(((t > 0) & torch.isfinite(t)).all()):
-                check_positive_finite(f"Int8Linear load ({prefix}{key})", key, t.detach().cpu())
+            if isinstance(t, torch.Tensor):
+                check_positive_finite(f"Int8Linear load ({prefix}{key})", key, t.detach(), any_device=True)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property

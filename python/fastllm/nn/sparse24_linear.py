@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import ops
 from ..ops._checks import FLOAT_DTYPES
-from ..sparse.format import bad_meta_words, check_meta_values
+from ..sparse.format import check_meta_values
 from ._input import KeepsFp32Scales, as_rows, fmt as _fmt, in_weight_dtype
 
 PRUNE_METHODS = (None, "magnitude", "wanda")
@@ -139,9 +139,8 @@ class Sparse24Linear(KeepsFp32Scales):
         meta = state_dict.get(prefix + "metadata")
         # Checked once here, on any device: the ops check metadata values on CPU only (a check
         # per call would sync on CUDA), and a corrupted word is undefined behaviour for mma.sp.
-        if isinstance(meta, torch.Tensor) and meta.device.type != "meta" and meta.dtype == torch.int32 \
-                and meta.numel() and bool(bad_meta_words(meta).any()):
-            check_meta_values(f"Sparse24Linear load ({prefix}metadata)", meta.cpu())
+        if isinstance(meta, torch.Tensor) and meta.dtype == torch.int32:
+            check_meta_values(f"Sparse24Linear load ({prefix}metadata)", meta, any_device=True)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------

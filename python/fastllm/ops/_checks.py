@@ -94,12 +94,20 @@ def misaligned16(t: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and t.data_ptr() % 16 != 0
 
 
-def check_positive_finite(op: str, name: str, t: torch.Tensor) -> None:
+def values_checkable(t: torch.Tensor, any_device: bool = False) -> bool:
+    """Whether a check may read t's values: not a meta tensor, and (unless any_device, for
+    one-off checks such as a module's load) a CPU tensor outside compiled code: on CUDA a
+    per-call check would sync, and a compiled graph cannot branch on a value."""
+    if t.numel() == 0 or t.device.type == "meta":
+        return False
+    return any_device or (t.device.type == "cpu" and not torch.compiler.is_compiling())
+
+
+def check_positive_finite(op: str, name: str, t: torch.Tensor, any_device: bool = False) -> None:
     """ValueError unless every value of t is > 0 and finite (scales, SmoothQuant factors: 0 or
-    NaN there zeroes or poisons a whole channel without a word). CPU tensors outside compiled
-    code only: on CUDA the check would sync every call, and a compiled graph cannot branch on a
-    value; the modules check these values when they are set."""
-    if t.device.type != "cpu" or t.numel() == 0 or torch.compiler.is_compiling():
+    NaN there zeroes or poisons a whole channel without a word). Per-call op checks run on CPU
+    only (values_checkable); the modules check these values when they are set or loaded."""
+    if not values_checkable(t, any_device):
         return
     ok = (t > 0) & torch.isfinite(t)
     if not bool(ok.all()):

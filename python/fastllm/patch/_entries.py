@@ -49,28 +49,27 @@ def _example_call(model, device, dtype, head_dim):
     return (q, k, k, None, True, head_dim ** -0.5, 0, softcap)
 
 
-def _per_head_dim(op, model, attn, backend, device, dtype, make_args) -> OpEntry:
+def _per_head_dim(op, model, attn, backend, device, dtype, make_args, note) -> OpEntry:
     """One entry for the op over every head dim the model uses: the first one nothing can serve
     (a forced backend then fails at patch time, not inside a forward), else the most common
-    dim's, noting the dims another backend serves."""
+    dim's; its note is `note`, then the dims and which other backend serves some of them."""
     dims = _head_dims(model, attn)
     entries = {d: _entry(op, backend, device, make_args(_example_call(model, device, dtype, d))) for d in dims}
     entry = next((e for e in entries.values() if e.selected is None), entries[dims[0]])
     others = [f"head dim {d}: {e.selected}" for d, e in entries.items() if e.selected != entry.selected]
     if len(dims) > 1:
-        entry.note = f"head dims {dims}" + (f" ({'; '.join(others)})" if others else "")
+        note += f"; head dims {dims}" + (f" ({'; '.join(others)})" if others else "")
+    entry.note = note
     return entry
 
 
 def attention_entry(model, attn, backend, device, dtype) -> OpEntry:
-    entry = _per_head_dim(OPS["flash_attention"], model, attn, backend, device, dtype, lambda a: a)
     prefill, decode = _attention.kernel_name_for(512), _attention.kernel_name_for(1)
     note = (f"every call goes to {prefill}, decode (Sq = 1) included: no decode kernel yet" if prefill == decode
             else f"prefill calls go to {prefill}, decode calls (few queries) to {decode}")
     if backend != resolve_request(backend):
         note += f"; FASTLLM_BACKEND={resolve_request(backend)}"
-    entry.note = note + (f"; {entry.note}" if entry.note else "")
-    return entry
+    return _per_head_dim(OPS["flash_attention"], model, attn, backend, device, dtype, lambda a: a, note)
 
 
 def decode_entry(model, attn, backend, device, dtype) -> OpEntry:
@@ -79,9 +78,8 @@ def decode_entry(model, attn, backend, device, dtype) -> OpEntry:
         q, k, _, _, _, scale, _, softcap = a
         q1, kc = q[:, :, :1], k.new_empty(k.shape[0], k.shape[1], 64, k.shape[3])
         return (q1, kc, kc, None, None, None, scale, 0, softcap, 0)
-    entry = _per_head_dim(OPS["decode_attention"], model, attn, backend, device, dtype, args)
-    entry.note = "decode steps (<= 16 queries against a longer cache)" + (f"; {entry.note}" if entry.note else "")
-    return entry
+    return _per_head_dim(OPS["decode_attention"], model, attn, backend, device, dtype, args,
+                         "decode steps (<= 16 queries against a longer cache)")
 
 
 def _entry(op, backend, device, args) -> OpEntry:

@@ -20,6 +20,7 @@ the rule needs from calibration batches ("amax": per-input-channel max |x|, for 
 static int8; "l2": per-input-channel L2 norm over all tokens, for Wanda), or ().
 """
 import ast
+import functools
 import inspect
 import re
 import textwrap
@@ -76,27 +77,25 @@ BIAS_MASK_ARGUMENTS: Tuple[str, ...] = ("combined_mask", "matrix_bd", "attention
 #: through the mask, in a parent of the attention module (BEiT with use_relative_position_bias).
 BIAS_PARAMETERS: Tuple[str, ...] = ("relative_position_bias_table",)
 _source_cache = {}
-_mask_arg_cache = {}
 
 
+@functools.lru_cache(None)
 def _interface_mask_args(cls) -> Tuple[str, ...]:
     """The source text of the mask argument (5th positional, or attention_mask=) of every
     attention_interface(...) call in cls.forward."""
-    if cls not in _mask_arg_cache:
-        out = []
-        try:
-            tree = ast.parse(textwrap.dedent(_forward_source(cls)))
-        except SyntaxError:
-            tree = None
-        for node in ast.walk(tree) if tree is not None else ():
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "attention_interface":
-                arg = next((kw.value for kw in node.keywords if kw.arg == "attention_mask"), None)
-                if arg is None and len(node.args) >= 5:
-                    arg = node.args[4]
-                if arg is not None:
-                    out.append(ast.unparse(arg))
-        _mask_arg_cache[cls] = tuple(out)
-    return _mask_arg_cache[cls]
+    try:
+        nodes = ast.walk(ast.parse(textwrap.dedent(_forward_source(cls))))
+    except SyntaxError:
+        return ()
+    out = []
+    for node in nodes:
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "attention_interface":
+            arg = next((kw.value for kw in node.keywords if kw.arg == "attention_mask"), None)
+            if arg is None and len(node.args) >= 5:
+                arg = node.args[4]
+            if arg is not None:
+                out.append(ast.unparse(arg))
+    return tuple(out)
 
 
 def bias_parameter_reason(model: nn.Module) -> Optional[str]:

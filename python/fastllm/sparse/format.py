@@ -197,24 +197,24 @@ def bad_meta_words(meta: torch.Tensor) -> torch.Tensor:
     return ((d >> 2) & (d | (d >> 1)) & 0x11111111) != 0x11111111
 
 
-def valid_meta(meta: torch.Tensor, N: int = None, K: int = None, kind: str = None) -> bool:
+def valid_meta(meta: torch.Tensor) -> bool:
     """True if every nibble is one of the six ordered 2-of-4 encodings (anything else is
     undefined behaviour for mma.sp::ordered_metadata, and decompresses to a different weight
-    on each backend). N, K, kind: unused (the check does not depend on the layout); kept for
-    callers that pass them."""
+    on each backend). The check does not depend on the layout."""
     return not bool(bad_meta_words(meta).any())
 
 
-def check_meta_values(op: str, meta: torch.Tensor) -> None:
-    """ValueError naming the first bad word of `meta`. Runs for CPU tensors outside compiled
-    code only: on CUDA it would sync every call (Sparse24Linear checks its metadata once, when
-    it is loaded), and a compiled graph cannot branch on a value."""
-    if meta.device.type != "cpu" or meta.numel() == 0 or torch.compiler.is_compiling():
+def check_meta_values(op: str, meta: torch.Tensor, any_device: bool = False) -> None:
+    """ValueError naming the first bad word of `meta`. Per-call op checks run on CPU tensors
+    outside compiled code only (ops._checks.values_checkable); Sparse24Linear checks its
+    metadata once, on any device, when it is loaded."""
+    from ..ops._checks import values_checkable
+    if not values_checkable(meta, any_device):
         return
     bad = bad_meta_words(meta)
     if bool(bad.any()):
         r, c = divmod(int(bad.reshape(-1).to(torch.uint8).argmax()), meta.shape[1])
         raise ValueError(f"{op}: argument 'meta': word ({r}, {c}) = {int(meta[r, c]) & 0xFFFFFFFF:#010x} holds a "
                          f"2-bit index pair that is not an ordered 2-of-4 choice (nibbles must be one of "
-                         f"{[hex(v) for v in VALID_NIBBLES]}; others are undefined behaviour for mma.sp): not metadata written "
-                         "by fastllm.sparse.compress")
+                         f"{[hex(v) for v in VALID_NIBBLES]}; others are undefined behaviour for mma.sp): not "
+                         "metadata written by fastllm.sparse.compress")
