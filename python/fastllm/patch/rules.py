@@ -76,7 +76,6 @@ BIAS_MASK_ARGUMENTS: Tuple[str, ...] = ("combined_mask", "matrix_bd", "attention
 #: Parameters (leaf names) of models that add a learned relative position bias to the scores
 #: through the mask, in a parent of the attention module (BEiT with use_relative_position_bias).
 BIAS_PARAMETERS: Tuple[str, ...] = ("relative_position_bias_table",)
-_source_cache = {}
 
 
 @functools.lru_cache(None)
@@ -107,13 +106,12 @@ def bias_parameter_reason(model: nn.Module) -> Optional[str]:
     return None
 
 
+@functools.lru_cache(None)
 def _forward_source(cls) -> str:
-    if cls not in _source_cache:
-        try:
-            _source_cache[cls] = inspect.getsource(cls.forward)
-        except (OSError, TypeError):
-            _source_cache[cls] = ""
-    return _source_cache[cls]
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return ""
 
 
 def uses_attention_interface(name: str, module: nn.Module) -> bool:
