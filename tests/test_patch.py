@@ -50,6 +50,17 @@ def build(kind, hidden=64, layers=2):
             attn_implementation="eager", **common))
     elif kind == "phi3":         # fused qkv, partial sliding window config
         model = T.Phi3ForCausalLM(T.Phi3Config(num_key_value_heads=2, sliding_window=WINDOW, **common))
+    elif kind == "llama4":       # chunked attention (blocks of 4) on layer 0, MoE
+        model = T.Llama4ForCausalLM(T.Llama4TextConfig(
+            num_key_value_heads=2, head_dim=16, attention_chunk_size=4, intermediate_size_mlp=2 * hidden,
+            no_rope_layers=[1, 0], interleave_moe_layer_step=1, num_local_experts=2, **common))
+    elif kind == "lfm2":         # hybrid: a convolution layer, then an attention layer
+        model = T.Lfm2ForCausalLM(T.Lfm2Config(num_key_value_heads=2, layer_types=["conv", "full_attention"],
+                                               **common))
+    elif kind == "minimax":      # hybrid: a linear-attention (lightning) layer, then softmax attention
+        model = T.MiniMaxForCausalLM(T.MiniMaxConfig(
+            num_key_value_heads=2, head_dim=16, layer_types=["linear_attention", "full_attention"],
+            num_local_experts=2, num_experts_per_tok=1, **common))
     elif kind == "bert":         # bidirectional encoder
         model = T.BertModel(T.BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
                                          num_attention_heads=4, intermediate_size=2 * hidden,
@@ -602,11 +613,52 @@ def test_backends_are_probed_at_every_head_dim_the_model_uses():
         assert (seg(pixel_values=px).last_hidden_state - base).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("kind,backend", [("llama4", "torch"), ("lfm2", "torch"), ("minimax", "torch"),
+                                          ("llama4", "triton")])
+def test_chunked_and_hybrid_models(kind, backend):
+    """Llama 4's chunked attention is served (transformers builds its block mask through
+    fastllm's mask function); the conv (LFM2) and linear-attention (MiniMax) layers of hybrids
+    never call the attention function: they keep their own modules, the attention layers get
+    fastllm's. Left-padded prompts (9 of 13 tokens, so chunk boundaries shift), generation with
+    dynamic and static caches."""
+    why = _triton_attention_available() if backend == "triton" else None
+    if why:
+        pytest.skip(f"Triton flash attention unavailable here: {why}")
+    model = build(kind)
+    ids, mask = batch()
+    valid = mask.bool()
+    base = out(model, ids, mask)
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    own = (out(eager, ids, mask) - base)[valid].abs().max().item()   # transformers' own spread
+    gen = {c: greedy(model, ids, mask, cache_implementation=c) for c in ("dynamic", "static")}
+    fastllm.patch(model, backend=backend)
+    err = (out(model, ids, mask) - base)[valid].abs().max().item()
+    assert err <= 2 * own + 4 * torch.finfo(torch.float32).eps * base.abs().max().item(), (kind, err, own)
+    for c, (ref_tokens, ref_logits) in gen.items():
+        assert_same_tokens(ref_tokens, ref_logits, greedy(model, ids, mask, cache_implementation=c)[0], f"{kind} {c}")
+    rep = fastllm.patch_report(model)
+    layer_types = model.config.layer_types
+    attention = [f"model.layers.{i}.self_attn" for i, t in enumerate(layer_types)
+                 if t in ("full_attention", "chunked_attention")]
+    assert [m.name for m in rep.replaced] == attention
+    others = [m for m in rep.modules if m.name.startswith("model.layers.{")]
+    assert [(m.name, m.action) for m in others] == ([] if kind == "llama4" else [("model.layers.{0}", "left")])
+    if others:
+        assert repr(layer_types[0]) in others[0].detail and "no attention-function call" in others[0].detail
+
+
 def test_unknown_layer_type_raises():
+    # A layer of an unknown type that calls the attention function: what its mask means is unknown.
     model = build("llama")
     model.config.layer_types = ["full_attention", "linear_attention"]
     cfg, sd = model.config, state_snapshot(model)
-    with pytest.raises(UnsupportedModelError, match="linear_attention"):
+    with pytest.raises(UnsupportedModelError, match=r"model.layers.1 has layer type 'linear_attention' and calls"):
+        fastllm.patch(model)
+    assert_untouched(model, cfg, "sdpa", sd)
+    # layer_types that match no list of layers: which layers the unknown ones are cannot be told.
+    model.config.layer_types = ["full_attention", "conv", "full_attention"]
+    with pytest.raises(UnsupportedModelError, match=r"\['conv'\], and fastllm cannot tell which layers"):
         fastllm.patch(model)
     assert_untouched(model, cfg, "sdpa", sd)
     with pytest.raises(UnsupportedModelError, match="PreTrainedModel"):
@@ -666,6 +718,30 @@ def test_skip_attention_without_fastllm_attention():
     greedy(model, ids, mask, n=3)
     fastllm.unpatch(model)
     assert torch.equal(out(model, ids, mask), before)
+
+
+def test_skip_attention_on_a_hybrid_counts_its_attention_layers():
+    """LFM2 (layer 0 conv, 1 and 2 attention): skip_attention=1 is the last attention layer; an
+    index naming the conv layer is an error, not a silent no-op."""
+    model = build("lfm2")
+    model.config.num_hidden_layers = 3
+    model.config.layer_types = ["conv", "full_attention", "full_attention"]
+    model = T.Lfm2ForCausalLM(model.config).eval()
+    ids, mask = batch()
+    zeroed = copy.deepcopy(model)
+    torch.nn.init.zeros_(zeroed.model.layers[2].self_attn.out_proj.weight)
+    fastllm.patch(model, backend="torch", skip_attention=1)
+    assert [m.name for m in fastllm.patch_report(model).skipped] == ["model.layers.2.self_attn"]
+    valid = mask.bool()
+    assert torch.allclose(out(model, ids, mask)[valid], out(zeroed, ids, mask)[valid], rtol=1e-5, atol=1e-5)
+    ref_tokens, ref_logits = greedy(zeroed, ids, mask)
+    assert_same_tokens(ref_tokens, ref_logits, greedy(model, ids, mask)[0], "lfm2 skip")
+    fastllm.unpatch(model)
+    with pytest.raises(ValueError, match=r"layer 0 \(Lfm2DecoderLayer\) has no attention sub-layer"):
+        fastllm.patch(model, skip_attention=[0])
+    with pytest.raises(ValueError, match=r"number of attention layers of its 3 \(2\)"):
+        fastllm.patch(model, skip_attention=3)
+    assert not is_patched(model)
 
 
 def test_skip_attention_needs_decoder_layers():

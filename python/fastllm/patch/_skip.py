@@ -11,18 +11,23 @@ from ._model import cfg_get, text_config
 from .rules import ATTENTION_SUBLAYER_NAMES, KV_SHARING_ATTRIBUTE
 
 
-def _decoder_layers(model) -> Tuple[str, nn.ModuleList, str]:
-    """(qualified name, the ModuleList of decoder layers, the attention child's name)."""
+def _decoder_layers(model) -> Tuple[str, nn.ModuleList, str, List[int]]:
+    """(qualified name, the ModuleList of decoder layers, the attention child's name, the indices
+    of the layers that have that child: all of them, or the attention layers of a hybrid)."""
     n_layers = getattr(text_config(model), "num_hidden_layers", None)
     found = []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) > 0:
             for child in ATTENTION_SUBLAYER_NAMES:
-                if all(isinstance(getattr(layer, child, None), nn.Module) for layer in mod):
-                    found.append((name, mod, child))
+                have = [i for i, layer in enumerate(mod) if isinstance(getattr(layer, child, None), nn.Module)]
+                if have:
+                    found.append((name, mod, child, have))
                     break
     if n_layers is not None:
         found = [f for f in found if len(f[1]) == n_layers] or found
+    # A hybrid's decoder list (some layers convolutions, linear attention, ...) must match the
+    # layer count; a partial list of another length is not taken for the decoder layers.
+    found = [f for f in found if len(f[3]) == len(f[1]) or len(f[1]) == n_layers]
     if len(found) != 1:
         raise UnsupportedModelError(
             f"skip_attention: {type(model).__name__} has no single list of decoder layers with an "
@@ -39,17 +44,21 @@ def resolve_skip(model, skip) -> List[Tuple[str, nn.Module]]:
         raise UnsupportedModelError(
             f"skip_attention: {type(model).__name__} has {KV_SHARING_ATTRIBUTE} = {shared} (layers read K/V "
             "other layers compute); a skipped attention sub-layer would break them. Model left unchanged.")
-    list_name, layers, child = _decoder_layers(model)
+    list_name, layers, child, have = _decoder_layers(model)
     n = len(layers)
-    if isinstance(skip, int):
-        if not 0 <= skip <= n:
-            raise ValueError(f"skip_attention={skip}: must be between 0 and the number of layers ({n})")
-        idx = list(range(n - skip, n))
+    if isinstance(skip, int):   # the last `skip` layers that have attention
+        if not 0 <= skip <= len(have):
+            what = "layers" if len(have) == n else f"attention layers of its {n}"
+            raise ValueError(f"skip_attention={skip}: must be between 0 and the number of {what} ({len(have)})")
+        idx = have[len(have) - skip:]
     else:
         idx = []
         for i in skip:
             if not -n <= i < n:
                 raise ValueError(f"skip_attention: layer index {i} out of range for {n} layers")
+            if i % n not in have:
+                raise ValueError(f"skip_attention: layer {i} ({type(layers[i]).__name__}) has no attention "
+                                 f"sub-layer {child!r} to skip; the layers that have one: {have}")
             idx.append(i % n)
         idx = sorted(set(idx))
     return [(f"{list_name}.{i}.{child}", getattr(layers[i], child)) for i in idx]

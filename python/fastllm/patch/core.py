@@ -42,10 +42,11 @@ from . import _attention, _linear, _save_guard
 from ._configs import PATCHED_HOLDERS, carry_edits, config_attrs, privatize, register_holders, restore
 from ._entries import attention_entry, decode_entry, linear_op_entries
 from ._model import cfg_get, import_transformers, model_info, text_config
+from ._layer_types import check_layer_types
 from ._options import normalize_options
 from ._skip import install_skip, remove_skip, resolve_skip
 from .report import ModuleEntry, PatchReport
-from .rules import (DEFAULT_EXCLUDED, LINEAR_DEFAULT_EXCLUDE, QUERY_SLICING_METHODS, RULES, SUPPORTED_LAYER_TYPES,
+from .rules import (DEFAULT_EXCLUDED, LINEAR_DEFAULT_EXCLUDE, QUERY_SLICING_METHODS, RULES,
                     attention_unsupported_reason, bias_parameter_reason, sparse24_class)
 
 STATE_ATTR = "_fastllm_patch"
@@ -87,14 +88,15 @@ def _attention_modules(model) -> List[Tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if rule.match(n, m)]
 
 
-def _check_supported(model, options, transformers) -> List[Tuple[str, nn.Module]]:
-    """Raise UnsupportedModelError (model untouched) unless fastllm's attention can serve it."""
+def _check_supported(model, options, transformers) -> Tuple[List[Tuple[str, nn.Module]], List[ModuleEntry]]:
+    """Raise UnsupportedModelError (model untouched) unless fastllm's attention can serve it; else
+    (the attention modules, report entries for the layers of other types it leaves alone)."""
     name = type(model).__name__
     if not isinstance(model, transformers.PreTrainedModel):
         raise UnsupportedModelError(f"fastllm.patch takes a transformers PreTrainedModel, got {name}")
     attn = _attention_modules(model)
     if not options["attention"]:
-        return attn
+        return attn, []
     if not attn:
         raise UnsupportedModelError(
             f"{name}: no module dispatches attention through transformers' AttentionInterface "
@@ -126,13 +128,7 @@ def _check_supported(model, options, transformers) -> List[Tuple[str, nn.Module]
                 f"{name}: {method} hands its {count} = {cfg_get(cfg, count, 0)} shared layers fewer queries "
                 "than keys with attention_mask=None, which transformers leaves undefined for registered "
                 "attention functions (fastllm would compute the wrong positions). Model left unchanged.")
-    layer_types = getattr(cfg, "layer_types", None) or ()
-    unknown = sorted(set(layer_types) - set(SUPPORTED_LAYER_TYPES))
-    if unknown:
-        raise UnsupportedModelError(
-            f"{name}: config.layer_types has {unknown}; fastllm's attention serves only "
-            f"{list(SUPPORTED_LAYER_TYPES)}. Model left unchanged.")
-    return attn
+    return attn, check_layer_types(model, cfg, attn)
 
 
 def _loaded_as_chosen(options, loaded):
@@ -164,7 +160,8 @@ def patch(model, *, attention: bool = True, quantize=None, sparsity=None, calibr
     attention:      route attention through fastllm.ops.flash_attention (exact).
     backend:        "auto" | "cuda" | "triton" | "torch" for fastllm's ops; a forced backend
                     that cannot serve a call raises (never a silent fallback).
-    skip_attention: int k = skip the attention sub-layer of the last k decoder layers, or a
+    skip_attention: int k = skip the attention sub-layer of the last k decoder layers that
+                    have one (hybrids: conv / linear-attention layers are not counted), or a
                     list of layer indices (lossy; arXiv 2404.05741). Outputs change.
     quantize:       None | "w8a8" (int8 weights per channel, activations per token at run
                     time) | "w8a8-static" (one calibrated activation scale per layer) |
@@ -216,7 +213,7 @@ def _patch(model, options, batches, loaded=None):
     if model in PATCHED_HOLDERS:
         raise FastllmError(f"{type(model).__name__} is part of a model fastllm.patch already patched (it holds "
                            "that model's private config); patch or unpatch the whole model. Left unchanged.")
-    attn = _check_supported(model, options, transformers)
+    attn, other_layers = _check_supported(model, options, transformers)
     skips = resolve_skip(model, options["skip_attention"])
     device, dtype = model_info(model)
     if options["attention"] and dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -275,6 +272,7 @@ def _patch(model, options, batches, loaded=None):
 
     report = _build_report(model, options, attn, skips, op_entry, device, dtype, transformers, plan,
                            lin_ops, loaded, carried)
+    report.modules[len(attn):len(attn)] = other_layers   # after the attention rows
     keep = options["keep_original"] and not loaded
     if keep:
         _linear.offload(plan.swaps)

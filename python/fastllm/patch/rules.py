@@ -45,8 +45,13 @@ DEFAULT_EXCLUDED = "lm_head / embeddings / MoE routers"
 #: are not listed.
 ATTENTION_SUBLAYER_NAMES: Tuple[str, ...] = ("self_attn",)
 
-#: Known layer_types entries (config.layer_types) whose attention fastllm serves.
-SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+#: layer_types entries (config.layer_types) whose attention fastllm serves: transformers builds
+#: their masks through the mask function fastllm registers (a boolean mask, or None where plain
+#: causal is exact), so the kernels see what the layer means. chunked_attention (Llama 4): causal
+#: within blocks of attention_chunk_size. Layers of any other type are served only if they do not
+#: call the attention function at all (hybrids: linear attention, convolution, state-space layers
+#: keep their own modules); one that does is refused (see _layer_types).
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
 #: Model methods that hand some layers fewer queries than keys with attention_mask=None, a
 #: combination whose meaning transformers only knows for its own sdpa / flash / flex (it turns
