@@ -45,8 +45,9 @@ def qkv(B, Hq, Hkv, Sq, Skv, D, dtype, q_scale=1.0):
             rand(B, Hkv, Skv, D, dtype=dtype))
 
 
-def pytorch_same_dtype(q, k, v, *, causal, scale=None, mask=None, window=None, softcap=None):
-    """PyTorch's own attention in q.dtype (materialized; the baseline error to beat)."""
+def pytorch_same_dtype(q, k, v, *, causal, scale=None, mask=None, window=None, softcap=None, sinks=None):
+    """PyTorch's own attention in q.dtype (materialized; the baseline error to beat); sinks as
+    transformers' eager gpt-oss does them (an extra score column, dropped after the softmax)."""
     B, Hq, Sq, D = q.shape
     g = Hq // k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -56,13 +57,15 @@ def pytorch_same_dtype(q, k, v, *, causal, scale=None, mask=None, window=None, s
         s = softcap * torch.tanh(s / softcap)
     allowed = allowed_keys(q.shape[2], k.shape[2], causal=causal, window=window, mask=mask, device=q.device)
     s = s.masked_fill(~allowed, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.to(s.dtype).view(1, -1, 1, 1).expand(*s.shape[:3], 1)], -1)
     lse = torch.logsumexp(s, -1)
-    p = torch.softmax(s, -1).nan_to_num(0.0)
+    p = torch.softmax(s, -1).nan_to_num(0.0)[..., :k.shape[2]]
     return torch.matmul(p, vv).transpose(1, 2), lse
 
 
 def truth(q, k, v, **kw):
-    return ref.flash_attention(q.double(), k.double(), v.double(), **kw)
+    return ref.flash_attention(q.double(), k.double(), v.double(), **kw)   # (sinks: read in float64 there)
 
 
 def max_err(a, b):
@@ -298,6 +301,27 @@ def test_empty_and_no_keys(backend):
     assert (out == 0).all() and torch.isneginf(lse).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_sinks(backend, dtype, causal):
+    """Attention sinks (gpt-oss's s_aux): one more softmax logit per query head, without a value.
+    Sinks far below the scores (no effect) to far above (out ~ 0), and -inf (no sink); with
+    causal, Sq > Skv: the first rows see no key and get out 0, lse = the sink."""
+    q, k, v = qkv(2, 6, 2, 19, 13, 40, dtype)
+    sinks = torch.tensor([-30.0, -1.0, 0.5, 2.0, 12.0, float("-inf")], device=DEVICE).to(dtype)
+    out, lse = run_and_check(backend, q, k, v, causal=causal, sinks=sinks)
+    plain, plain_lse = flash_attention(q, k, v, causal=causal, backend=backend, return_lse=True)
+    assert torch.equal(out[:, :, 5], plain[:, :, 5]) and torch.equal(lse[:, 5], plain_lse[:, 5])   # -inf: no sink
+    assert out[:, :, 4].abs().max() < 1e-3 * plain[:, :, 4].abs().max()                          # sink dominates
+    if causal:
+        assert (out[:, :6] == 0).all()
+        assert torch.equal(lse[:, :5, :6], sinks[:5].float().view(1, 5, 1).expand(2, 5, 6))
+    # With a padding mask, and as a sliding window / softcap model (gpt-oss alternates windows).
+    mask = padding_mask(2, 19, 13, "left", False)
+    run_and_check(backend, q, k, v, causal=False, mask=mask, window=5, softcap=30.0, sinks=sinks)
+
+
 def test_return_lse_flag_and_default_scale():
     q, k, v = qkv(1, 2, 2, 5, 7, 64, torch.float32)
     out = flash_attention(q, k, v, causal=True)
@@ -342,6 +366,18 @@ def test_varlen(backend, dtype, kw):
                                       return_lse=True, **kw)
     exact = ref.flash_attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, **kw)
     check(out, lse, exact, varlen_same_dtype(q, k, v, cu_q, cu_k, **kw), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_sinks(backend):
+    lens_q, lens_k = [1, 17, 0, 9, 40], [1, 30, 5, 3, 33]
+    q, k, v, cu_q, cu_k = varlen_inputs(lens_q, lens_k, 4, 2, 72, torch.bfloat16)
+    sinks = torch.tensor([-2.0, 0.0, 3.0, float("-inf")], device=DEVICE)
+    kw = dict(causal=True, window=9, sinks=sinks)
+    out, lse = flash_attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), backend=backend,
+                                      return_lse=True, **kw)
+    exact = ref.flash_attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, **kw)
+    check(out, lse, exact, varlen_same_dtype(q, k, v, cu_q, cu_k, **kw), torch.bfloat16)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -471,6 +507,16 @@ def test_bad_inputs():
             flash_attention(q, k, v, causal=True, scale=bad)
     with pytest.raises(TypeError, match="argument 'scale' must be a float or None, got str"):
         flash_attention(q, k, v, causal=True, scale="0.1")
+    with pytest.raises(ValueError, match=r"argument 'sinks' must have one logit per query head \(8\), got shape \(2,\)"):
+        flash_attention(q, k, v, causal=True, sinks=torch.zeros(2, device=DEVICE))
+    with pytest.raises(TypeError, match="argument 'sinks' must have dtype in"):
+        flash_attention(q, k, v, causal=True, sinks=torch.zeros(8, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="argument 'sinks' must be 1-D"):
+        flash_attention(q, k, v, causal=True, sinks=torch.zeros(1, 8, device=DEVICE))
+    if DEVICE == "cpu":   # values are checked on CPU (on CUDA it would sync every call)
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=r"argument 'sinks' must hold finite logits .* \(index 3\)"):
+                flash_attention(q, k, v, causal=True, sinks=torch.tensor([0.0] * 3 + [bad] + [0.0] * 4))
     # A window longer than any sequence restricts nothing, however large (it broke the op schema).
     assert torch.equal(flash_attention(q, k, v, causal=True, window=2 ** 63), flash_attention(q, k, v, causal=True))
     with pytest.raises(TypeError, match="argument 'causal' must be a bool, got NoneType"):

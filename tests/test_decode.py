@@ -87,7 +87,8 @@ def run_and_check(backend, q, k_cache, v_cache, **kw):
                                  **{n: x for n, x in kw.items() if n not in ("num_splits", "validate")})
     k, v, mask = dense_view(k_cache, v_cache, kw.get("block_table"), kw.get("cache_seqlens"), kw.get("mask"),
                             q.shape[2], kw.get("window"))
-    base = pytorch_same_dtype(q, k, v, causal=False, mask=mask, scale=kw.get("scale"), softcap=kw.get("softcap"))
+    base = pytorch_same_dtype(q, k, v, causal=False, mask=mask, scale=kw.get("scale"), softcap=kw.get("softcap"),
+                              sinks=kw.get("sinks"))
     check(out, lse, exact, base, q.dtype)
     return out, lse
 
@@ -251,6 +252,22 @@ def test_window_softcap(backend, dtype, paged):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("paged", [False, True])
+def test_sinks(backend, paged):
+    """Attention sinks (gpt-oss) join the softmax once, after the split-KV partials are merged;
+    a sequence of length 0 gets out 0 and lse = the sink."""
+    lens = [90, 0, 41]
+    q = rand(3, 4, 2, 64, dtype=torch.bfloat16)
+    k, v = make_cache(3, 2, 90, 64, torch.bfloat16, lens)
+    sinks = torch.tensor([-3.0, 0.0, 1.5, 8.0], device=DEVICE, dtype=torch.bfloat16)
+    kw = dict(cache_seqlens=lens_t(lens), window=30, num_splits=3, sinks=sinks)
+    if paged:
+        k, v, kw["block_table"] = to_pages(k, v, 16, lens)
+    out, lse = run_and_check(backend, q, k, v, **kw)
+    assert (out[1] == 0).all() and torch.equal(lse[1], sinks.float()[:, None].expand(4, 2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_no_lengths_means_full_cache_and_empty_rows(backend):
     q = rand(2, 4, 3, 64, dtype=torch.float16)
     k, v = rand(2, 2, 19, 64, dtype=torch.float16), rand(2, 2, 19, 64, dtype=torch.float16)
@@ -372,6 +389,8 @@ def test_bad_inputs():
         decode_attention(q[0], k, v)
     with pytest.raises(ValueError, match="argument 'q' must hold 1 to 16 queries"):
         decode_attention(rand(2, 8, 17, 64, dtype=f16), k, v)
+    with pytest.raises(ValueError, match=r"decode_attention: argument 'sinks' must have one logit per query head \(8\)"):
+        decode_attention(q, k, v, sinks=torch.zeros(2, device=DEVICE))
     with pytest.raises(TypeError, match="argument 'k_cache' must have the dtype of 'q'"):
         decode_attention(q, k.float(), v)
     with pytest.raises(ValueError, match="'k_cache' and 'v_cache' must have the same shape"):

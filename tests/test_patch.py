@@ -23,7 +23,7 @@ from fastllm.patch import _attention  # noqa: E402
 
 T = transformers
 VOCAB = 128
-DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3"]
+DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt_oss"]
 WINDOW = 5   # sliding window well below the test sequence lengths, so it matters
 
 
@@ -50,6 +50,11 @@ def build(kind, hidden=64, layers=2):
             attn_implementation="eager", **common))
     elif kind == "phi3":         # fused qkv, partial sliding window config
         model = T.Phi3ForCausalLM(T.Phi3Config(num_key_value_heads=2, sliding_window=WINDOW, **common))
+    elif kind == "gpt_oss":      # attention sinks (s_aux), sliding/full alternating, MoE
+        model = T.GptOssForCausalLM(T.GptOssConfig(num_key_value_heads=2, head_dim=16, sliding_window=WINDOW,
+                                                   num_local_experts=2, num_experts_per_tok=1, **common))
+        for layer in model.model.layers:   # init is ~0: spread them so that they matter
+            layer.self_attn.sinks.data = torch.randn(4) * 2
     elif kind == "llama4":       # chunked attention (blocks of 4) on layer 0, MoE
         model = T.Llama4ForCausalLM(T.Llama4TextConfig(
             num_key_value_heads=2, head_dim=16, attention_chunk_size=4, intermediate_size_mlp=2 * hidden,
@@ -101,6 +106,8 @@ def float64_reference(model, ids, mask=None):
         m.set_attn_implementation("sdpa")
         return out(m, ids, mask).double()
     m.set_attn_implementation("eager")
+    if m._can_set_experts_implementation():
+        m.set_experts_implementation("eager")   # MoE: grouped_mm takes no float64
     mask = torch.ones_like(ids) if mask is None else mask
     res = None
     for b in range(ids.shape[0]):
@@ -233,8 +240,8 @@ def test_attention_function_rejects_what_it_cannot_do():
         _attention.attention_forward(module, q, q, q, per_head)
     with pytest.raises(TypeError, match="expected bool"):
         _attention.attention_forward(module, q, q, q, torch.ones(1, 1, 3, 3, dtype=torch.int64))
-    with pytest.raises(NotImplementedError, match="sinks"):
-        _attention.attention_forward(module, q, q, q, None, s_aux=torch.zeros(2))
+    with pytest.raises(NotImplementedError, match=r"sinks sinks= of shape \(1, 2, 3, 1\); .* one sink logit per query"):
+        _attention.attention_forward(module, q, q, q, None, sinks=torch.zeros(1, 2, 3, 1))   # per query
     with pytest.raises(NotImplementedError, match=r"sparse attention over selected keys \(indices=\)"):
         _attention.attention_forward(module, q, q, q, None, indices=torch.zeros(1, 3, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="dropout"):
@@ -331,7 +338,7 @@ def _triton_attention_available():
     return device_reason("triton", torch.device("cpu"), auto=False)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+@pytest.mark.parametrize("kind", ["llama", "gemma2", "gpt_oss"])
 def test_triton_backend_logits(kind):
     """The real Triton kernel (interpreter on CPU) inside the model: tiny on purpose (slow)."""
     why = _triton_attention_available()
@@ -511,12 +518,6 @@ def test_forced_backend_that_cannot_run_raises_before_touching():
     assert_untouched(model, cfg, "sdpa", sd)
 
 
-def _gpt_oss():
-    return T.GptOssForCausalLM(T.GptOssConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1, pad_token_id=0))
-
-
 def _gemma4(shared=0):
     return T.Gemma4ForCausalLM(T.Gemma4TextConfig(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -537,7 +538,6 @@ def _gemma3n_skip():
 
 
 @pytest.mark.parametrize("make, match", [
-    (_gpt_oss, "s_aux"),                                                   # attention sinks
     # KV-shared layers get sliced queries with mask None (wrong positions before: logits off 0.2)
     (lambda: _gemma4(shared=2), "_maybe_slice_kv_shared_inputs"),
     (_gemma3n_skip, "num_kv_shared_layers = 2"),   # skipping a layer others read K/V from

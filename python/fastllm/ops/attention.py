@@ -5,7 +5,7 @@
     out = flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True)  # (total_q, Hq, D)
 
 flash_attention(q, k, v, *, causal, scale=None, mask=None, window=None, softcap=None,
-                return_lse=False, backend="auto")
+                sinks=None, return_lse=False, backend="auto")
   q: (B, Hq, Sq, D); k, v: (B, Hkv, Skv, D). Any strides with unit stride in D: transformers
      hands q as a transposed view of a (B, S, H, D) buffer, which is read in place, never copied.
   dtypes float16, bfloat16 (float32 accumulation) or float32; q, k, v share dtype and device.
@@ -27,6 +27,9 @@ flash_attention(q, k, v, *, causal, scale=None, mask=None, window=None, softcap=
      query at position p sees only keys at positions > p - W (W keys, its own included). With
      causal=False it restricts only the left side.
   softcap=c (float > 0, Gemma 2): s = c * tanh(s / c) on the scaled scores, before masking.
+  sinks: optional (Hq,) float tensor, attention sinks (gpt-oss's s_aux): one extra logit per
+     query head in every row's softmax, with no value. Applied after the kernel on every
+     backend (fastllm/ops/_sinks.py: out *= sigmoid(lse - sink), exact); lse then includes it.
   scale: defaults to 1 / sqrt(D).
   Returns out (B, Sq, Hq, D) contiguous in q.dtype (the layout transformers' attention
   interface returns) and, with return_lse=True, also lse (B, Hq, Sq) float32: the natural-log
@@ -34,8 +37,8 @@ flash_attention(q, k, v, *, causal, scale=None, mask=None, window=None, softcap=
   key gets out = 0 (never NaN) and lse = -inf.
 
 flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
-                       causal, scale=None, window=None, softcap=None, return_lse=False,
-                       backend="auto")
+                       causal, scale=None, window=None, softcap=None, sinks=None,
+                       return_lse=False, backend="auto")
   flash-attn's packed layout, no padding tokens computed: q (total_q, Hq, D), k/v
   (total_k, Hkv, D), cu_seqlens_* int32 (B + 1,) non-decreasing prefix sums from 0 to at most
   total_q / total_k; max_seqlen_* are upper bounds of the per-sequence lengths (they size the
@@ -66,6 +69,7 @@ import torch
 from .. import ref
 from ._autocast import to_autocast_dtype
 from ._checks import FLOAT_DTYPES, GRID_YZ_MAX, as_bool, attended_key_slice, check_tensor
+from ._sinks import apply_sinks, check_sinks
 from .registry import new_op
 
 OP = new_op("flash_attention")
@@ -262,7 +266,7 @@ def _normalize(name, D, causal, scale, window, softcap):
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                     scale: Optional[float] = None, mask: Optional[torch.Tensor] = None,
                     window: Optional[int] = None, softcap: Optional[float] = None,
-                    return_lse: bool = False, backend: str = "auto"):
+                    sinks: Optional[torch.Tensor] = None, return_lse: bool = False, backend: str = "auto"):
     """Exact attention; see the module docstring. Returns out (B, Sq, Hq, D), or (out, lse)."""
     name = "flash_attention"
     q, k, v = to_autocast_dtype(q, k, v)
@@ -284,8 +288,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             raise ValueError(f"{name}: argument 'mask' must be broadcastable as ({B} or 1, 1, {Sq}, {Skv}) "
                              f"(B, 1, Sq, Skv), got shape {ms}")
     causal, scale, window, softcap = _normalize(name, D, causal, scale, window, softcap)
+    sinks = check_sinks(name, sinks, q, Hq)
     b = OP.select(backend, q.device, q, k, v, mask, causal, scale, window, softcap)
     out, lse = OP.call(b, q, k, v, mask, causal, scale, window, softcap)
+    if sinks is not None:
+        out, lse = apply_sinks(out, lse, sinks, head_dim=1)
     return (out, lse) if return_lse else out
 
 
@@ -307,8 +314,8 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                            max_seqlen_q: int, max_seqlen_k: int, *, causal: bool,
                            scale: Optional[float] = None, window: Optional[int] = None,
-                           softcap: Optional[float] = None, return_lse: bool = False,
-                           validate: bool = False, backend: str = "auto"):
+                           softcap: Optional[float] = None, sinks: Optional[torch.Tensor] = None,
+                           return_lse: bool = False, validate: bool = False, backend: str = "auto"):
     """Exact attention over packed sequences; see the module docstring. Returns out
     (total_q, Hq, D), or (out, lse (Hq, total_q))."""
     name = "flash_attention_varlen"
@@ -336,6 +343,9 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         _check_varlen_values(name, cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), causal, scale,
             window, softcap)
+    sinks = check_sinks(name, sinks, q, q.shape[1])
     b = OP_VARLEN.select(backend, q.device, *args)
     out, lse = OP_VARLEN.call(b, *args)
+    if sinks is not None:
+        out, lse = apply_sinks(out, lse, sinks, head_dim=0)
     return (out, lse) if return_lse else out

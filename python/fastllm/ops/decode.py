@@ -5,7 +5,7 @@
     out, lse = decode_attention(q, k_cache, v_cache, mask=m, return_lse=True)
 
 decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, block_table=None, scale=None,
-                 mask=None, window=None, softcap=None, return_lse=False, num_splits=None,
+                 mask=None, window=None, softcap=None, sinks=None, return_lse=False, num_splits=None,
                  validate=False, backend="auto")
   q: (B, Hq, Sq, D), 1 <= Sq <= MAX_QUERIES (16): a decode step or speculative verification;
      any strides with unit stride in D. dtypes float16, bfloat16, float32 (float32 accumulation).
@@ -22,6 +22,7 @@ decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, block_table=None, s
      left-padded batches): then exactly the mask decides (no causal / length / window logic;
      not combinable with cache_seqlens or window). Neither: every sequence has S_cap keys.
   window=W: the query at position p sees keys > p - W only. softcap=c: s = c tanh(s / c).
+  sinks: (Hq,) attention-sink logits (gpt-oss), as in fastllm.ops.flash_attention.
   scale: defaults to 1 / sqrt(D).
   Returns out (B, Sq, Hq, D) contiguous in q.dtype (flash_attention's layout) and, with
   return_lse=True, lse (B, Hq, Sq) float32. A row with nothing allowed: out 0, lse -inf.
@@ -58,6 +59,7 @@ import torch
 from ..ref import decode as ref_decode
 from ._autocast import to_autocast_dtype
 from ._checks import FLOAT_DTYPES, GRID_YZ_MAX, attended_key_slice, check_tensor
+from ._sinks import apply_sinks, check_sinks
 from .attention import _normalize
 from .registry import new_op
 
@@ -249,7 +251,8 @@ def _check_values(cache_seqlens, block_table, mask, capacity, page_size, num_pag
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
                      cache_seqlens: Optional[torch.Tensor] = None, block_table: Optional[torch.Tensor] = None,
                      scale: Optional[float] = None, mask: Optional[torch.Tensor] = None,
-                     window: Optional[int] = None, softcap: Optional[float] = None, return_lse: bool = False,
+                     window: Optional[int] = None, softcap: Optional[float] = None,
+                     sinks: Optional[torch.Tensor] = None, return_lse: bool = False,
                      num_splits: Optional[int] = None, validate: bool = False, backend: str = "auto"):
     """Attention of a few new queries against a KV cache; see the module docstring.
     Returns out (B, Sq, Hq, D), or (out, lse (B, Hq, Sq))."""
@@ -334,9 +337,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise TypeError(f"{NAME}: argument 'validate' must be a bool, got {type(validate).__name__}")
     if (validate or q.device.type == "cpu") and not torch.compiler.is_compiling():
         _check_values(cache_seqlens, block_table, mask, capacity, page_size, num_pages)
+    sinks = check_sinks(NAME, sinks, q, Hq)
     args = (q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window, softcap, int(num_splits))
     b = OP.select(backend, q.device, *args)
     out, lse = OP.call(b, *args)
+    if sinks is not None:
+        out, lse = apply_sinks(out, lse, sinks, head_dim=1)
     return (out, lse) if return_lse else out
 
 

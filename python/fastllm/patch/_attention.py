@@ -62,8 +62,6 @@ IMPL_PREFIX = "fastllm"
 
 #: kwargs that change attention in ways the kernels do not implement: raise, never ignore.
 UNSUPPORTED_KWARGS = {
-    "s_aux": "attention sinks (gpt-oss)",
-    "sinks": "attention sinks",
     "position_bias": "an additive position bias (T5-style relative attention)",
     "cache": "a paged KV cache (continuous batching)",
     # Sparse attention (DeepSeek-V3.2's indexer, block-sparse layers): the keys each query may
@@ -134,6 +132,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             key = key[:, :, :q_len]
             value = value[:, :, :q_len]
     softcap = kwargs.get("softcap") or None
+    sinks = _sinks(module, query.shape[1], kwargs)
     # MLA (DeepSeek-V2 / V3, MiniCPM3): V's head dim differs from Q / K's. Zero columns change
     # neither the scores nor the kept outputs: pad the narrower side, slice the output back.
     dq, dv = query.shape[-1], value.shape[-1]
@@ -146,12 +145,28 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             query, key = F.pad(query, (0, dv - dq)), F.pad(key, (0, dv - dq))
     if _kernel_for(q_len, key.shape[2], mask is not None) is decode_attention:
         # mask given: it alone decides (causal is False above); else Sq == 1 sees every key.
-        out = decode_attention(query, key, value, scale=scaling, mask=mask, softcap=softcap,
+        out = decode_attention(query, key, value, scale=scaling, mask=mask, softcap=softcap, sinks=sinks,
                                backend=_fastllm_backend)
     else:
         out = flash_attention(query, key, value, causal=causal, scale=scaling, mask=mask,
-                              softcap=softcap, backend=_fastllm_backend)
+                              softcap=softcap, sinks=sinks, backend=_fastllm_backend)
     return (out[..., :dv] if dq != dv else out), None
+
+
+def _sinks(module, n_heads, kwargs):
+    """Attention sinks as the ops take them ((Hq,), one logit per query head): gpt-oss and its
+    kin pass `s_aux=self.sinks`. Per-query sinks (a learned projection of each token) are not
+    implemented: raise rather than drop them."""
+    given = [(n, kwargs[n]) for n in ("s_aux", "sinks") if kwargs.get(n) is not None]
+    if not given:
+        return None
+    name, sinks = given[0]
+    if not isinstance(sinks, torch.Tensor) or sinks.dim() != 1 or sinks.shape[0] != n_heads:
+        shape = tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks).__name__
+        raise NotImplementedError(
+            f"fastllm attention: {type(module).__name__} passes attention sinks {name}= of shape {shape}; "
+            f"fastllm implements one sink logit per query head ({n_heads},). fastllm.unpatch(model) to run it.")
+    return sinks
 
 
 #: An additive mask value at or below this masks its key: its softmax weight, exp(-1e4 + s - max),

@@ -69,7 +69,7 @@ KV_SHARING_ATTRIBUTE = "num_kv_shared_layers"
 _INTERFACE_CALL = "ALL_ATTENTION_FUNCTIONS.get_interface("
 # What an attention module's forward may do that fastllm does not implement: (pattern, reason).
 _UNSUPPORTED_SOURCE = (
-    (re.compile(r"\b(s_aux|sinks|position_bias)\s*="), "its forward passes {}=... to the attention function"),
+    (re.compile(r"\b(position_bias)\s*="), "its forward passes {}=... to the attention function"),
     # Doge: a learned per-head bias added to the scores through the mask, on every call.
     (re.compile(r"\b(prepare_dynamic_mask)\("), "its forward adds a learned bias to the scores ({})"),
 )

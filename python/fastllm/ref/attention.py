@@ -16,6 +16,9 @@ Computed the plain way, with the whole (Sq, Skv) score matrix materialized, in f
     queries are the last Sq tokens of a sequence whose first Skv tokens are the keys).
     lse_i = log sum_{allowed j} exp(s[i, j])           (-inf when nothing is allowed)
     out_i = sum_{allowed j} exp(s[i, j] - lse_i) v_j   (0 when nothing is allowed)
+    sinks (Hq,) given (gpt-oss): one more score z_h per row, with no value; computed here as
+    an extra column of the score matrix (the kernels rescale instead: fastllm/ops/_sinks.py)
+    lse_i = log(sum_{allowed j} exp(s[i, j]) + exp(z_h)),  out_i as above with that lse
 
 Query head h reads kv head h // (Hq // Hkv).
 Keys that no query attends (padding, slots past a cache's length: often uninitialized memory)
@@ -51,8 +54,8 @@ def allowed_keys(Sq: int, Skv: int, *, causal: bool, window: Optional[int] = Non
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                     scale: Optional[float] = None, mask: Optional[torch.Tensor] = None,
-                    window: Optional[int] = None, softcap: Optional[float] = None
-                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+                    window: Optional[int] = None, softcap: Optional[float] = None,
+                    sinks: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out (B, Sq, Hq, D) contiguous in q.dtype, lse (B, Hq, Sq) float32/float64)."""
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
@@ -72,12 +75,16 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     s = s.masked_fill(~allowed, float("-inf"))
     # p = 0 there, but 0 * NaN = NaN: keys nobody attends are zeroed (unused cache slots).
     vf = vf.masked_fill(~allowed.any(dim=-2, keepdim=True).transpose(-1, -2), 0.0)
+    if sinks is not None:   # the sink column joins the softmax, then is dropped (it has no value)
+        z = sinks.to(acc).view(1, Hq, 1, 1).expand(B, Hq, Sq, 1)
+        s = torch.cat([s, z], dim=-1)
 
     lse = torch.logsumexp(s, dim=-1)                                          # -inf: empty row
     # Only an empty row (-inf) is made safe; a +inf lse (a score overflowed) must give NaN as
     # the kernels and SDPA do, not exp(s - 0) = inf.
     lse_safe = torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)
     p = torch.exp(s - lse_safe[..., None])                                    # exp(-inf) = 0
+    p = p[..., :Skv].contiguous() if sinks is not None else p
     out = torch.matmul(p.view(B, Hkv, group * Sq, Skv), vf).view(B, Hq, Sq, D)
     out = out.transpose(1, 2).to(q.dtype).contiguous()
     return out, lse.contiguous()
@@ -86,7 +93,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *, causal: bool,
                            scale: Optional[float] = None, window: Optional[int] = None,
-                           softcap: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                           softcap: Optional[float] = None, sinks: Optional[torch.Tensor] = None
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Packed sequences (flash-attn's varlen layout): q (total_q, Hq, D), k/v (total_k, Hkv, D),
     cu_seqlens_* int32 (B + 1,) prefix sums. Sequence b is q[cu_q[b]:cu_q[b+1]] against
     k/v[cu_k[b]:cu_k[b+1]], with the semantics of flash_attention (causal bottom-right aligned
@@ -107,7 +115,7 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             continue
         o, l = flash_attention(q[q0:q1].transpose(0, 1)[None], k[k0:k1].transpose(0, 1)[None],
                                v[k0:k1].transpose(0, 1)[None], causal=causal, scale=scale,
-                               window=window, softcap=softcap)
+                               window=window, softcap=softcap, sinks=sinks)
         out[q0:q1] = o[0]
         lse[:, q0:q1] = l[0]
     return out, lse

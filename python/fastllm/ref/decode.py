@@ -22,7 +22,8 @@ Which keys a query sees, with L_b the valid length of sequence b:
   * neither: every sequence has length S_cap (L_b = S_cap, causal as above). For Sq == 1 that is
     "attend to every key".
 Then, as in ref/attention.py: s = scale * <q_i, k_j> (scale defaults to 1/sqrt(D)), softcap c:
-s = c * tanh(s / c); lse_i = log sum_allowed exp(s_ij); out_i = sum_allowed exp(s_ij - lse_i) v_j.
+s = c * tanh(s / c); lse_i = log sum_allowed exp(s_ij); out_i = sum_allowed exp(s_ij - lse_i) v_j
+(sinks (Hq,): one more exp(z_h) in each row's sum, as in ref/attention.py).
 A row with nothing allowed gets out = 0 and lse = -inf. Query head h reads kv head
 h // (Hq // Hkv).
 
@@ -70,7 +71,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      cache_seqlens: Optional[torch.Tensor] = None,
                      block_table: Optional[torch.Tensor] = None, scale: Optional[float] = None,
                      mask: Optional[torch.Tensor] = None, window: Optional[int] = None,
-                     softcap: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                     softcap: Optional[float] = None, sinks: Optional[torch.Tensor] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out (B, Sq, Hq, D) contiguous in q.dtype, lse (B, Hq, Sq) float32/float64); see the
     module docstring."""
     B, Hq, Sq, D = q.shape
@@ -82,4 +84,4 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if mask is None:
         lengths = cache_seqlens.tolist() if cache_seqlens is not None else [capacity] * B
         mask = length_mask(lengths, Sq, capacity, window=window, device=q.device)
-    return flash_attention(q, k, v, causal=False, scale=scale, mask=mask, softcap=softcap)
+    return flash_attention(q, k, v, causal=False, scale=scale, mask=mask, softcap=softcap, sinks=sinks)
