@@ -10,6 +10,7 @@ import copy
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -631,7 +632,12 @@ def test_chunked_and_hybrid_models(kind, backend):
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
     own = (out(eager, ids, mask) - base)[valid].abs().max().item()   # transformers' own spread
-    gen = {c: greedy(model, ids, mask, cache_implementation=c) for c in ("dynamic", "static")}
+    gen = {}
+    for c in ("dynamic", "static"):
+        try:
+            gen[c] = greedy(model, ids, mask, cache_implementation=c)
+        except TypeError as e:   # unpatched: transformers 5.17 cannot generate Llama 4 with a static cache
+            warnings.warn(f"{kind}: unpatched generate with a {c} cache fails ({e}); not compared")
     fastllm.patch(model, backend=backend)
     err = (out(model, ids, mask) - base)[valid].abs().max().item()
     assert err <= 2 * own + 4 * torch.finfo(torch.float32).eps * base.abs().max().item(), (kind, err, own)
