@@ -572,6 +572,25 @@ def test_unsupported_model_raises_and_is_untouched(make, match):
     assert_untouched(model, cfg, impl, sd)
 
 
+def test_a_sub_model_without_attention_does_not_block_patch():
+    """DETR: its ResNet backbone is a PreTrainedModel that does not declare custom attention
+    support, but holds no attention: the encoder / decoder (with a padded pixel mask) are served."""
+    bb = T.ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
+                        out_features=["stage1", "stage2"])
+    model = T.DetrModel(T.DetrConfig(
+        use_timm_backbone=False, backbone_config=bb, use_pretrained_backbone=False, d_model=64, encoder_layers=2,
+        decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+        decoder_ffn_dim=128, num_queries=5)).eval()
+    px, pm = torch.randn(2, 3, 64, 64), torch.ones(2, 64, 64, dtype=torch.long)
+    pm[1, :, 40:] = 0
+    with torch.no_grad():
+        base = model(pixel_values=px, pixel_mask=pm).last_hidden_state
+        fastllm.patch(model, backend="torch")
+        got = model(pixel_values=px, pixel_mask=pm).last_hidden_state
+    assert (got - base).abs().max() <= 1e-5 * max(1.0, base.abs().max().item())
+    assert len(fastllm.patch_report(model).replaced) == 2 * 1 + 2 * 2   # encoder self, decoder self + cross
+
+
 def test_per_layer_config_model():
     # Gemma 4's config forbids global reads of per-layer attributes (head_dim): patch crashed
     # with transformers' RuntimeError. Without KV sharing it is an ordinary model.
