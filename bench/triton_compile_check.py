@@ -138,7 +138,8 @@ def _flash_attention():
     for dtype in (torch.float16, torch.float32):
         for D in (64, 128, 256):
             q, k = _t(1, 4, 256, D, dtype=dtype), _t(1, 2, 256, D, dtype=dtype)
-            flash_attention(q, k, k, torch.ones(1, 1, 256, 256, dtype=torch.bool), True, 0.1, 64, 30.0)
+            flash_attention(q, k, k, torch.ones(1, 1, 256, 256, dtype=torch.bool), True, 0.1, 64, 30.0,
+                            torch.zeros(4))
     q = _t(300, 4, 128, dtype=torch.bfloat16)
     cu = torch.tensor([0, 100, 300], dtype=torch.int32)
     flash_attention_varlen(q, q[:, :2], q[:, :2], cu, cu, 200, 200, True, 0.1, 0, 0.0)
@@ -172,7 +173,8 @@ def _int8_matmul():
 @case("decode_attention")
 def _decode_attention():
     # Contiguous cache with every feature on and the most rows a program takes (GQA 8 x Sq 8 =
-    # BLOCK_M 64); paged cache at plain decode (GQA 8 x Sq 1 = BLOCK_M 16). Split + combine.
+    # BLOCK_M 64), split + combine; paged cache at plain decode (GQA 8 x Sq 1 = BLOCK_M 16), one
+    # split. Both with sinks (they join in the combine kernel, which then runs after one split too).
     from fastllm.triton_kernels.decode_attention import decode_attention
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for D in (64, 128, 256):
@@ -180,10 +182,11 @@ def _decode_attention():
             kc = _t(2, 2, 4096, D, dtype=dtype)
             lens = torch.full((2,), 4096, dtype=torch.int32)
             mask = torch.ones(2, 1, 8, 4096, dtype=torch.bool)
-            decode_attention(q, kc, kc, lens, None, mask, 0.1, 512, 30.0, 8)
+            decode_attention(q, kc, kc, lens, None, mask, 0.1, 512, 30.0, 8, torch.zeros(16))
             pages = _t(64, 16, 2, D, dtype=dtype)
             table = torch.zeros(2, 32, dtype=torch.int32)
-            decode_attention(q[:, :, :1], pages, pages, lens.clamp(max=512), table, None, 0.1, 0, 0.0, 4)
+            decode_attention(q[:, :, :1], pages, pages, lens.clamp(max=512), table, None, 0.1, 0, 0.0, 1,
+                             torch.zeros(16))
 
 
 @case("sparse24_matmul")

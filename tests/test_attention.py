@@ -322,6 +322,44 @@ def test_sinks(backend, dtype, causal):
     run_and_check(backend, q, k, v, causal=False, mask=mask, window=5, softcap=30.0, sinks=sinks)
 
 
+def test_sinks_epilogue_of_the_cuda_glue(monkeypatch):
+    """The CUDA kernels take no sinks: their glue rescales (out, lse) (fastllm/ops/_sinks.py).
+    Checked on any machine with the kernel hooks replaced by the reference without sinks:
+    empty rows get lse = the sink, varlen rows no sequence covers keep out 0 / lse -inf."""
+    from fastllm.ops import _attention_cuda, _decode_cuda
+    from fastllm.ops import decode as decode_ops
+    from fastllm.ops.attention import OP, OP_VARLEN
+    monkeypatch.setattr(_attention_cuda, "flash_attention_cuda", lambda q, k, v, mask, causal, scale, window, softcap:
+                        ref.flash_attention(q, k, v, causal=causal, scale=scale, mask=mask))
+    monkeypatch.setattr(_attention_cuda, "flash_attention_varlen_cuda",
+                        lambda q, k, v, cu_q, cu_k, mq, mk, causal, scale, window, softcap:
+                        ref.flash_attention_varlen(q, k, v, cu_q, cu_k, causal=causal, scale=scale))
+    monkeypatch.setattr(_decode_cuda, "decode_attention_cuda",
+                        lambda q, k, v, lens, table, mask, scale, window, softcap, splits:
+                        ref.decode_attention(q, k, v, cache_seqlens=lens, scale=scale))
+    sinks = torch.tensor([-1.0, 0.5, 3.0, float("-inf")], device=DEVICE)
+    q, k, v = qkv(2, 4, 2, 9, 6, 32, torch.float32)
+    got = OP.impls["cuda"](q, k, v, None, True, 0.2, 0, 0.0, sinks)
+    want = ref.flash_attention(q, k, v, causal=True, scale=0.2, sinks=sinks)
+    assert torch.allclose(got[0], want[0], atol=1e-6) and torch.allclose(got[1], want[1], atol=1e-6)
+    assert torch.equal(got[1][:, :, 0], sinks.view(1, 4).expand(2, 4))     # row 0 sees no key
+    lens_q, lens_k = [3, 0, 5], [2, 4, 7]
+    q, k, v, cu_q, cu_k = varlen_inputs(lens_q, lens_k, 4, 2, 32, torch.float32)
+    q = torch.cat([q, rand(2, 4, 32, dtype=torch.float32)])                 # 2 rows no sequence covers
+    got = OP_VARLEN.impls["cuda"](q, k, v, cu_q, cu_k, 5, 7, True, 0.2, 0, 0.0, sinks)
+    want = ref.flash_attention_varlen(q, k, v, cu_q, cu_k, causal=True, scale=0.2, sinks=sinks)
+    assert torch.allclose(got[0], want[0], atol=1e-6) and torch.allclose(got[1], want[1], atol=1e-6)
+    assert torch.isneginf(got[1][:, -2:]).all() and (got[0][-2:] == 0).all()
+    q = rand(2, 4, 1, 32, dtype=torch.float32)
+    lens = torch.tensor([0, 5], dtype=torch.int32, device=DEVICE)
+    got = decode_ops.OP.impls["cuda"](q, k[None, :8].transpose(1, 2).expand(2, -1, -1, -1), v[None, :8].transpose(
+        1, 2).expand(2, -1, -1, -1), lens, None, None, 0.2, 0, 0.0, 1, sinks)
+    want = ref.decode_attention(q, k[None, :8].transpose(1, 2).expand(2, -1, -1, -1),
+                                v[None, :8].transpose(1, 2).expand(2, -1, -1, -1), cache_seqlens=lens, scale=0.2,
+                                sinks=sinks)
+    assert torch.allclose(got[0], want[0], atol=1e-6) and torch.allclose(got[1], want[1], atol=1e-6)
+
+
 def test_return_lse_flag_and_default_scale():
     q, k, v = qkv(1, 2, 2, 5, 7, 64, torch.float32)
     out = flash_attention(q, k, v, causal=True)
@@ -403,7 +441,7 @@ def test_varlen_strided_offsets(backend):
     got = flash_attention_varlen(q, k, v, wide_q, wide_k, 7, 7, causal=True, backend=backend, return_lse=True)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     if backend != "cuda":       # (its glue refuses strided offsets by name; the op hands it a copy)
-        direct = OP_VARLEN.impls[backend](q, k, v, wide_q, wide_k, 7, 7, True, 32 ** -0.5, 0, 0.0)
+        direct = OP_VARLEN.impls[backend](q, k, v, wide_q, wide_k, 7, 7, True, 32 ** -0.5, 0, 0.0, None)
         assert torch.equal(direct[0], want[0]) and torch.equal(direct[1], want[1])
 
 
@@ -420,7 +458,7 @@ def test_varlen_uncovered_rows_and_clamped_offsets(backend):
                    ([0, 15, 7], [0, 25, 3]), ([-4, 9, 23], [0, -2, 37])):
         cu_q, cu_k = (torch.tensor(c, dtype=torch.int32, device=DEVICE) for c in (cq, ck))
         exact = ref.flash_attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, causal=True)
-        out, lse = OP_VARLEN.impls[backend](q, k, v, cu_q, cu_k, 64, 64, True, 0.125, 0, 0.0)
+        out, lse = OP_VARLEN.impls[backend](q, k, v, cu_q, cu_k, 64, 64, True, 0.125, 0, 0.0, None)
         assert torch.equal(torch.isneginf(lse), torch.isneginf(exact[1])), (cq, ck)
         torch.testing.assert_close(out.double(), exact[0], rtol=0, atol=1e-2)
         if cq == [0, 5, 11]:  # a valid call with uncovered rows: the public op too
@@ -574,11 +612,15 @@ def test_bad_varlen_inputs():
 def test_opcheck(backend):
     q, k, v = qkv(2, 4, 2, 9, 20, 64, torch.float16)
     mask = padding_mask(2, 9, 20, "left", causal=False)
-    torch.library.opcheck(torch.ops.fastllm.flash_attention.default, (q, k, v, mask, True, 0.125, 0, 0.0, backend))
-    torch.library.opcheck(torch.ops.fastllm.flash_attention.default, (q, k, v, None, False, 0.2, 5, 10.0, backend))
+    sinks = torch.tensor([-1.0, 0.0, 2.0, float("-inf")], device=DEVICE)
+    op = torch.ops.fastllm.flash_attention.default
+    torch.library.opcheck(op, (q, k, v, mask, True, 0.125, 0, 0.0, None, backend))
+    torch.library.opcheck(op, (q, k, v, None, False, 0.2, 5, 10.0, sinks, backend))
     q, k, v, cu_q, cu_k = varlen_inputs([3, 9], [5, 12], 4, 2, 64, torch.bfloat16)
     torch.library.opcheck(torch.ops.fastllm.flash_attention_varlen.default,
-                          (q, k, v, cu_q, cu_k, 9, 12, True, 0.125, 0, 0.0, backend))
+                          (q, k, v, cu_q, cu_k, 9, 12, True, 0.125, 0, 0.0, None, backend))
+    torch.library.opcheck(torch.ops.fastllm.flash_attention_varlen.default,
+                          (q, k, v, cu_q, cu_k, 9, 12, True, 0.125, 0, 0.0, sinks, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -252,15 +252,16 @@ def test_window_softcap(backend, dtype, paged):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("paged", [False, True])
-def test_sinks(backend, paged):
-    """Attention sinks (gpt-oss) join the softmax once, after the split-KV partials are merged;
-    a sequence of length 0 gets out 0 and lse = the sink."""
+@pytest.mark.parametrize("paged,splits", [(False, 3), (True, 3), (False, 1)])
+def test_sinks(backend, paged, splits):
+    """Attention sinks (gpt-oss) join the softmax once: in the merge of the split-KV partials, or
+    with one split in the split kernel's epilogue; a sequence of length 0 gets out 0 and lse =
+    the sink."""
     lens = [90, 0, 41]
     q = rand(3, 4, 2, 64, dtype=torch.bfloat16)
     k, v = make_cache(3, 2, 90, 64, torch.bfloat16, lens)
     sinks = torch.tensor([-3.0, 0.0, 1.5, 8.0], device=DEVICE, dtype=torch.bfloat16)
-    kw = dict(cache_seqlens=lens_t(lens), window=30, num_splits=3, sinks=sinks)
+    kw = dict(cache_seqlens=lens_t(lens), window=30, num_splits=splits, sinks=sinks)
     if paged:
         k, v, kw["block_table"] = to_pages(k, v, 16, lens)
     out, lse = run_and_check(backend, q, k, v, **kw)
@@ -306,7 +307,7 @@ def test_strided_cache_seqlens(backend):
     out, _ = run_and_check(backend, q, k, v, cache_seqlens=lens, num_splits=2)
     assert torch.equal(out, want)
     if backend != "cuda":       # (its glue refuses strided lengths by name; the op hands it a copy)
-        direct, _ = OP.impls[backend](q, k, v, lens, None, None, 0.125, 0, 0.0, 2)
+        direct, _ = OP.impls[backend](q, k, v, lens, None, None, 0.125, 0, 0.0, 2, None)
         assert torch.equal(direct, decode_attention(q, k, v, cache_seqlens=lens, num_splits=2, scale=0.125,
                                                     backend=backend))
 
@@ -474,7 +475,7 @@ def test_kernels_clamp_bad_metadata(backend):
     kp, vp, table = to_pages(k, v, 4, [12, 12])
     table[0, 1], table[1, 2] = -7, 10 ** 6
     for kc, vc, bt in ((k, v, None), (kp, vp, table)):
-        args = (q, kc, vc, lens, bt, None, 0.125, 0, 0.0, 2)
+        args = (q, kc, vc, lens, bt, None, 0.125, 0, 0.0, 2, None)
         out, lse = OP.impls[backend](*args)
         want, want_lse = OP.impls["torch"](*args)
         # Clamped ids may land on spare GARBAGE pages (values 1e4): a relative bound.
@@ -541,11 +542,12 @@ def test_opcheck(backend):
     q = rand(2, 4, 2, 64, dtype=torch.float16)
     k, v = rand(2, 2, 20, 64, dtype=torch.float16), rand(2, 2, 20, 64, dtype=torch.float16)
     lens = lens_t([20, 7])
-    torch.library.opcheck(op, (q, k, v, lens, None, None, 0.125, 0, 0.0, 2, backend))
+    sinks = torch.tensor([-1.0, 0.0, 2.0, float("-inf")], device=DEVICE)
+    torch.library.opcheck(op, (q, k, v, lens, None, None, 0.125, 0, 0.0, 2, sinks, backend))
     kp, vp, table = to_pages(k, v, 8, [20, 7])
-    torch.library.opcheck(op, (q, kp, vp, lens, table, None, 0.125, 5, 10.0, 0, backend))
+    torch.library.opcheck(op, (q, kp, vp, lens, table, None, 0.125, 5, 10.0, 0, None, backend))
     mask = torch.rand(2, 1, 2, 20, device=DEVICE) > 0.3
-    torch.library.opcheck(op, (q, k, v, None, None, mask, 0.2, 0, 0.0, 1, backend))
+    torch.library.opcheck(op, (q, k, v, None, None, mask, 0.2, 0, 0.0, 1, sinks, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -31,7 +31,9 @@ Split kernel, one program per (batch * kv head, split, block of M rows):
 
 Combine kernel, one program per output row (b, h, i): max of the lse_s, weights
 exp(lse_s - max), a loop over the splits accumulating weight * out_s; out in q.dtype,
-lse = max + log(sum of weights); all splits empty -> out 0, lse -inf.
+lse = max + log(sum of weights); all splits empty -> out 0, lse -inf. Attention sinks (a logit
+z_h per head, no value) are one more weight there: with sinks the combine runs even after one
+split.
 
 Bytes: the naive kernel (one program per query head) reads K/V GROUP times; this one reads
 them once: 2 * L * Hkv * D * sizeof(dtype) per sequence, plus O(B Hq Sq splits D) fp32 of
@@ -200,13 +202,14 @@ def decode_split_kernel(
 
 @triton.jit
 def decode_combine_kernel(
-    OPart, LsePart, Out, Lse,
+    OPart, LsePart, Out, Lse, Sinks,
     Hq, Sq, D, num_splits,
     stride_ob, stride_oq, stride_oh,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     """One program per output row; partials are (rows, splits, D) / (rows, splits) contiguous
-    with rows ordered (b, h, i); lse (B, Hq, Sq) contiguous has the same row order."""
+    with rows ordered (b, h, i); lse (B, Hq, Sq) contiguous has the same row order. A sink z_h
+    is one more term of the merge, with lse z_h and no value."""
     row = tl.program_id(0)
     b = row // (Hq * Sq)
     h = (row // Sq) % Hq
@@ -217,9 +220,14 @@ def decode_combine_kernel(
     d_ok = offs_d < D
     lse_s = tl.load(LsePart + row64 * num_splits + offs_s, mask=offs_s < num_splits, other=float("-inf"))
     m = tl.max(lse_s, 0)
+    if HAS_SINKS:
+        z = tl.load(Sinks + h)
+        m = tl.maximum(m, z)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp(lse_s - m_safe)                         # 0 for empty splits
     total = tl.sum(w, 0)
+    if HAS_SINKS:
+        total += tl.exp(z - m_safe)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for s in range(0, num_splits):
         ws = tl.exp(tl.load(LsePart + row64 * num_splits + s) - m_safe)
@@ -233,11 +241,12 @@ def decode_combine_kernel(
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale: float, window: int,
-                     softcap: float, num_splits: int):
+                     softcap: float, num_splits: int, sinks=None):
     """Launch. Arguments as the op normalizes them (fastllm/ops/decode.py): q (B, Hq, Sq, D);
     caches (B, Hkv, S_max, D) or paged (num_pages, page_size, Hkv, D) with block_table
     (B, max_pages) int32; cache_seqlens (B,) int32 or None; mask None or bool broadcastable to
-    (B, 1, Sq, capacity); window <= 0 / softcap == 0: none; num_splits >= 1.
+    (B, 1, Sq, capacity); window <= 0 / softcap == 0: none; num_splits >= 1; sinks None or (Hq,)
+    float32 contiguous.
     Returns (out (B, Sq, Hq, D) contiguous, lse (B, Hq, Sq) float32)."""
     from . import interpreting
     interp = interpreting()
@@ -270,7 +279,10 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, mask, scal
         m, m_strides = out, (0, 0, 0)
     # More pieces than key tiles would only be empty partials (memory, combine work).
     splits = max(1, min(int(num_splits), triton.cdiv(capacity, bn)))
-    if splits == 1:
+    # Sinks join in the combine kernel, so with them even one split writes a partial (folding
+    # them into the split kernel's epilogue made it spill at sm_80, D 64).
+    partials = splits > 1 or sinks is not None
+    if not partials:
         o, o_strides = out, (Sq * Hq * D, D, Hq * D, 0)
         l, l_strides = lse, (Hq * Sq, Sq, 1, 0)
     else:
@@ -292,8 +304,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, mask, scal
         HAS_MASK=mask is not None, HAS_WINDOW=window > 0, HAS_SOFTCAP=softcap > 0,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=interp,
         SQ_PAD=triton.next_power_of_2(Sq), MASK_SCAN=mask_scan_keys(triton.next_power_of_2(Sq)), **extra)
-    if splits > 1:
+    if partials:
         decode_combine_kernel[(B * Hq * Sq,)](
-            o, l, out, lse, Hq, Sq, D, splits, Sq * Hq * D, Hq * D, D,
-            BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=bd, **({} if interp else {"num_warps": 1}))
+            o, l, out, lse, sinks if sinks is not None else lse, Hq, Sq, D, splits, Sq * Hq * D, Hq * D, D,
+            BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=bd, HAS_SINKS=sinks is not None,
+            **({} if interp else {"num_warps": 1}))
     return out, lse

@@ -20,7 +20,8 @@ per head on top of the O((Sq + Skv) * D) of q, k, v, o. This kernel never materi
           online softmax: m_new = max(m, rowmax s); p = 2^(s log2e - m_new log2e);
                           l = l * 2^((m - m_new) log2e) + rowsum p;  acc = acc * (same) + p V
       out = acc / l, lse = m + ln l; a row with l == 0 (nothing allowed) gets
-      out = 0 and lse = -inf, never NaN.
+      out = 0 and lse = -inf, never NaN. With attention sinks (gpt-oss: a logit z_h per head,
+      no value) the epilogue first folds e^(z_h - m) into l (softmax_finish_sinks).
 
 GQA / MQA map the query head to its kv head in the address computation: K/V are never
 repeated. Varlen (flash-attn's packed layout) is the same kernel with VARLEN: each program
@@ -120,6 +121,21 @@ def softmax_finish(acc, l_i, m_i):
     return acc / l_safe[:, None], tl.where(empty, float("-inf"), m_i + tl.log(l_safe))
 
 
+@triton.jit
+def softmax_finish_sinks(acc, l_i, m_i, z):
+    """softmax_finish with attention sinks: z (per row, or one for all rows; fp32, -inf = none)
+    joins the normaliser as one more score without a value: m = max(m_i, z),
+    l = l_i e^(m_i - m) + e^(z - m), out = acc e^(m_i - m) / l, lse = m + ln l. Bit-identical to
+    softmax_finish where z = -inf; a row with no key but a sink: out 0, lse z."""
+    m_f = tl.maximum(m_i, z)
+    m_safe = tl.where(m_f == float("-inf"), 0.0, m_f)
+    alpha = tl.exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.exp(z - m_safe)
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    return acc * alpha[:, None] / l_safe[:, None], tl.where(empty, float("-inf"), m_safe + tl.log(l_safe))
+
+
 #: Mask bytes per chunk of the key-range scan (rows x keys): 16 per thread at 4 warps.
 MASK_SCAN_ELEMS = 2048
 
@@ -199,7 +215,7 @@ def _attn_blocks(acc, l_i, m_i, q, k_base, v_base, m_base, start, end, pos, row_
 
 @triton.jit
 def flash_attention_fwd_kernel(
-    Q, K, V, Mask, Out, Lse, CuQ, CuK,
+    Q, K, V, Mask, Out, Lse, CuQ, CuK, Sinks,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -211,7 +227,7 @@ def flash_attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr, MASK_SCAN: tl.constexpr,
+    INTERPRET: tl.constexpr, MASK_SCAN: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     h = tl.program_id(1)     # heads on y and sequences on z (each <= 65535): B * Hq on one
@@ -290,7 +306,10 @@ def flash_attention_fwd_kernel(
                                  softcap, window, BLOCK_N, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
                                  HAS_MASK, DOT_PRECISION, INTERPRET)
 
-    out, lse = softmax_finish(acc, l_i, m_i)        # a row with nothing allowed: 0, -inf
+    if HAS_SINKS:
+        out, lse = softmax_finish_sinks(acc, l_i, m_i, tl.load(Sinks + h))
+    else:
+        out, lse = softmax_finish(acc, l_i, m_i)    # a row with nothing allowed: 0, -inf
     o_ptrs = (Out + b64 * stride_ob + h.to(tl.int64) * stride_oh
               + (q_start + offs_m).to(tl.int64)[:, None] * stride_os + offs_d[None, :])
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -298,7 +317,7 @@ def flash_attention_fwd_kernel(
 
 
 def _launch(q, k, v, mask, out, lse, cu_q, cu_k, q_strides, k_strides, v_strides, o_strides,
-            l_strides, B, Hq, Hkv, max_q, Sq, Skv, causal, scale, window, softcap):
+            l_strides, B, Hq, Hkv, max_q, Sq, Skv, causal, scale, window, softcap, sinks):
     from . import interpreting
     interp = interpreting()
     if window >= Skv:
@@ -317,19 +336,20 @@ def _launch(q, k, v, mask, out, lse, cu_q, cu_k, q_strides, k_strides, v_strides
     extra = {} if interp else {"num_warps": warps, "num_stages": stages}
     flash_attention_fwd_kernel[grid](
         q, k, v, m, out, lse, cu_q if varlen else out, cu_k if varlen else out,
+        sinks if sinks is not None else lse,
         *q_strides, *k_strides, *v_strides, *m_strides, *o_strides, *l_strides,
         Hq, Hq // Hkv, Sq, Skv, D,
         scale, softcap, window,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, CAUSAL=causal, HAS_WINDOW=window > 0,
         HAS_SOFTCAP=softcap > 0, HAS_MASK=mask is not None, VARLEN=varlen,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=interp,
-        MASK_SCAN=mask_scan_keys(bm), **extra)
+        MASK_SCAN=mask_scan_keys(bm), HAS_SINKS=sinks is not None, **extra)
 
 
-def flash_attention(q, k, v, mask, causal: bool, scale: float, window: int, softcap: float):
+def flash_attention(q, k, v, mask, causal: bool, scale: float, window: int, softcap: float, sinks=None):
     """q (B, Hq, Sq, D), k/v (B, Hkv, Skv, D), unit stride in D (checked by the caller); mask
-    None or bool broadcastable to (B, 1, Sq, Skv); window <= 0 / softcap == 0 mean none.
-    Returns (out (B, Sq, Hq, D) contiguous, lse (B, Hq, Sq) float32)."""
+    None or bool broadcastable to (B, 1, Sq, Skv); window <= 0 / softcap == 0 mean none; sinks
+    None or (Hq,) float32 contiguous. Returns (out (B, Sq, Hq, D) contiguous, lse (B, Hq, Sq) float32)."""
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     out = torch.empty((B, Sq, Hq, D), dtype=q.dtype, device=q.device)
@@ -339,12 +359,12 @@ def flash_attention(q, k, v, mask, causal: bool, scale: float, window: int, soft
     _launch(q, k, v, mask, out, lse, None, None,
             (q.stride(0), q.stride(1), q.stride(2)), (k.stride(0), k.stride(1), k.stride(2)),
             (v.stride(0), v.stride(1), v.stride(2)), (Sq * Hq * D, D, Hq * D), (Hq * Sq, Sq),
-            B, Hq, Hkv, Sq, Sq, Skv, causal, scale, window, softcap)
+            B, Hq, Hkv, Sq, Sq, Skv, causal, scale, window, softcap, sinks)
     return out, lse
 
 
 def flash_attention_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool,
-                           scale: float, window: int, softcap: float):
+                           scale: float, window: int, softcap: float, sinks=None):
     """q (total_q, Hq, D), k/v (total_k, Hkv, D), cu_* int32 (B + 1,). Returns
     (out (total_q, Hq, D) contiguous, lse (Hq, total_q) float32)."""
     total_q, Hq, D = q.shape
@@ -357,5 +377,6 @@ def flash_attention_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: 
         return out, lse
     _launch(q, k, v, None, out, lse, cu_q.contiguous(), cu_k.contiguous(),   # read as cu[b]
             (0, q.stride(1), q.stride(0)), (0, k.stride(1), k.stride(0)), (0, v.stride(1), v.stride(0)),
-            (0, D, Hq * D), (0, total_q), B, Hq, Hkv, max_q, total_q, k.shape[0], causal, scale, window, softcap)
+            (0, D, Hq * D), (0, total_q), B, Hq, Hkv, max_q, total_q, k.shape[0], causal, scale, window, softcap,
+            sinks)
     return out, lse

@@ -28,8 +28,9 @@ flash_attention(q, k, v, *, causal, scale=None, mask=None, window=None, softcap=
      causal=False it restricts only the left side.
   softcap=c (float > 0, Gemma 2): s = c * tanh(s / c) on the scaled scores, before masking.
   sinks: optional (Hq,) float tensor, attention sinks (gpt-oss's s_aux): one extra logit per
-     query head in every row's softmax, with no value. Applied after the kernel on every
-     backend (fastllm/ops/_sinks.py: out *= sigmoid(lse - sink), exact); lse then includes it.
+     query head in every row's softmax, with no value; lse then includes it. The reference and
+     the Triton kernels fold it into the softmax; the CUDA kernels do not take it yet: their
+     output gets the exact epilogue of fastllm/ops/_sinks.py (out *= sigmoid(lse - sink)).
   scale: defaults to 1 / sqrt(D).
   Returns out (B, Sq, Hq, D) contiguous in q.dtype (the layout transformers' attention
   interface returns) and, with return_lse=True, also lse (B, Hq, Sq) float32: the natural-log
@@ -87,24 +88,26 @@ def _example_qkv(total_q=None):
 
 
 OP.example = lambda: ("q (1, 32, 4096, 128) bf16, k/v 8 heads, causal",
-                      _example_qkv() + (None, True, 128 ** -0.5, 0, 0.0), {})
+                      _example_qkv() + (None, True, 128 ** -0.5, 0, 0.0, None), {})
 OP_VARLEN.example = lambda: ("packed 4096 tokens, 32/8 heads, D 128 bf16, causal",
                              _example_qkv(4096) + (torch.empty(3, dtype=torch.int32, device="meta"),
                                                    torch.empty(3, dtype=torch.int32, device="meta"),
-                                                   2048, 2048, True, 128 ** -0.5, 0, 0.0), {})
+                                                   2048, 2048, True, 128 ** -0.5, 0, 0.0, None), {})
 
 
 # ----------------------------------------------------------------------------------------------
-# Backends. Every impl takes the normalized arguments and returns (out, lse).
+# Backends. Every impl takes the normalized arguments and returns (out, lse). Sinks: the
+# reference and the Triton kernels fold them into the softmax; the CUDA kernels do not take them
+# yet, so their (out, lse) gets the exact epilogue of _sinks.py (one more pass over out).
 
 @OP.register("torch")
-def _torch(q, k, v, mask, causal, scale, window, softcap):
+def _torch(q, k, v, mask, causal, scale, window, softcap, sinks):
     keys = None if causal or window > 0 else attended_key_slice(mask, k.shape[2])
     if keys is not None:   # (causal / window positions are relative to Skv: those keep every key)
         k, v, mask = k[:, :, keys], v[:, :, keys], mask[..., keys]
     return ref.flash_attention(q, k, v, causal=causal, scale=scale, mask=mask,
                                window=window if window > 0 else None,
-                               softcap=softcap if softcap > 0 else None)
+                               softcap=softcap if softcap > 0 else None, sinks=sinks)
 
 
 def _triton_supports(q, k, v, *args, batch=None):
@@ -122,44 +125,51 @@ def _triton_varlen_supports(q, k, v, cu_q, *args):
 
 
 @OP.register("triton", supports=_triton_supports)
-def _triton(q, k, v, mask, causal, scale, window, softcap):
+def _triton(q, k, v, mask, causal, scale, window, softcap, sinks):
     from ..triton_kernels.flash_attention import flash_attention
-    return flash_attention(q, k, v, mask, causal, scale, window, softcap)
+    return flash_attention(q, k, v, mask, causal, scale, window, softcap, sinks)
 
 
-def _cuda_supports(q, k, v, mask, causal, scale, window, softcap):
+def _cuda_supports(q, k, v, mask, causal, scale, window, softcap, sinks=None):
     from ._attention_cuda import cuda_supports
     return cuda_supports(q, k, v, mask, causal, scale, window, softcap)
 
 
 @OP.register("cuda", supports=_cuda_supports)
-def _cuda(q, k, v, mask, causal, scale, window, softcap):
+def _cuda(q, k, v, mask, causal, scale, window, softcap, sinks):
     from ._attention_cuda import flash_attention_cuda
-    return flash_attention_cuda(q, k, v, mask, causal, scale, window, softcap)
+    out, lse = flash_attention_cuda(q, k, v, mask, causal, scale, window, softcap)
+    return (out, lse) if sinks is None else apply_sinks(out, lse, sinks, head_dim=1)
 
 
 @OP_VARLEN.register("torch")
-def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap):
+def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, sinks):
     return ref.flash_attention_varlen(q, k, v, cu_q, cu_k, causal=causal, scale=scale,
                                       window=window if window > 0 else None,
-                                      softcap=softcap if softcap > 0 else None)
+                                      softcap=softcap if softcap > 0 else None, sinks=sinks)
 
 
 @OP_VARLEN.register("triton", supports=_triton_varlen_supports)
-def _triton_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap):
+def _triton_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, sinks):
     from ..triton_kernels.flash_attention import flash_attention_varlen
-    return flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap)
+    return flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, sinks)
 
 
-def _cuda_varlen_supports(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap):
+def _cuda_varlen_supports(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, sinks=None):
     from ._attention_cuda import cuda_varlen_supports
     return cuda_varlen_supports(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap)
 
 
 @OP_VARLEN.register("cuda", supports=_cuda_varlen_supports)
-def _cuda_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap):
+def _cuda_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, sinks):
     from ._attention_cuda import flash_attention_varlen_cuda
-    return flash_attention_varlen_cuda(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap)
+    out, lse = flash_attention_varlen_cuda(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap)
+    if sinks is None:
+        return out, lse
+    # Rows no sequence covers keep lse -inf (as the reference and the Triton kernel leave them).
+    rows = torch.arange(q.shape[0], device=q.device)
+    covered = (rows >= cu_q[0]) & (rows < cu_q[-1])
+    return apply_sinks(out, lse, torch.where(covered[None, :], sinks[:, None], float("-inf")), head_dim=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,13 +178,13 @@ def _cuda_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softc
 @OP.bind
 @torch.library.custom_op("fastllm::flash_attention", mutates_args=())
 def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-        causal: bool, scale: float, window: int, softcap: float, backend: str
+        causal: bool, scale: float, window: int, softcap: float, sinks: Optional[torch.Tensor], backend: str
         ) -> tuple[torch.Tensor, torch.Tensor]:
-    return OP.impls[backend](q, k, v, mask, causal, scale, window, softcap)
+    return OP.impls[backend](q, k, v, mask, causal, scale, window, softcap, sinks)
 
 
 @_op.register_fake
-def _(q, k, v, mask, causal, scale, window, softcap, backend):
+def _(q, k, v, mask, causal, scale, window, softcap, sinks, backend):
     B, Hq, Sq, D = q.shape
     return (q.new_empty((B, Sq, Hq, D)), q.new_empty((B, Hq, Sq), dtype=torch.float32))
 
@@ -183,15 +193,15 @@ def _(q, k, v, mask, causal, scale, window, softcap, backend):
 @torch.library.custom_op("fastllm::flash_attention_varlen", mutates_args=())
 def _op_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-               scale: float, window: int, softcap: float, backend: str
+               scale: float, window: int, softcap: float, sinks: Optional[torch.Tensor], backend: str
                ) -> tuple[torch.Tensor, torch.Tensor]:
     return OP_VARLEN.impls[backend](q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                    causal, scale, window, softcap)
+                                    causal, scale, window, softcap, sinks)
 
 
 @_op_varlen.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window,
-      softcap, backend):
+      softcap, sinks, backend):
     total_q, Hq, D = q.shape
     return (q.new_empty((total_q, Hq, D)), q.new_empty((Hq, total_q), dtype=torch.float32))
 
@@ -289,10 +299,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                              f"(B, 1, Sq, Skv), got shape {ms}")
     causal, scale, window, softcap = _normalize(name, D, causal, scale, window, softcap)
     sinks = check_sinks(name, sinks, q, Hq)
-    b = OP.select(backend, q.device, q, k, v, mask, causal, scale, window, softcap)
-    out, lse = OP.call(b, q, k, v, mask, causal, scale, window, softcap)
-    if sinks is not None:
-        out, lse = apply_sinks(out, lse, sinks, head_dim=1)
+    b = OP.select(backend, q.device, q, k, v, mask, causal, scale, window, softcap, sinks)
+    out, lse = OP.call(b, q, k, v, mask, causal, scale, window, softcap, sinks)
     return (out, lse) if return_lse else out
 
 
@@ -342,10 +350,7 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if (validate or q.device.type == "cpu") and not torch.compiler.is_compiling():
         _check_varlen_values(name, cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), causal, scale,
-            window, softcap)
-    sinks = check_sinks(name, sinks, q, q.shape[1])
+            window, softcap, check_sinks(name, sinks, q, q.shape[1]))
     b = OP_VARLEN.select(backend, q.device, *args)
     out, lse = OP_VARLEN.call(b, *args)
-    if sinks is not None:
-        out, lse = apply_sinks(out, lse, sinks, head_dim=0)
     return (out, lse) if return_lse else out

@@ -137,24 +137,25 @@ def _example():
     k = t(8, 8, 8192, 128)
     lens = t(8, dtype=torch.int32)
     return ("q (8, 32, 1, 128) bf16 vs an 8192-slot cache, 8 kv heads, cache_seqlens",
-            (q, k, k, lens, None, None, 128 ** -0.5, 0, 0.0, 0), {})
+            (q, k, k, lens, None, None, 128 ** -0.5, 0, 0.0, 0, None), {})
 
 
 OP.example = _example
 
 
 # ----------------------------------------------------------------------------------------------
-# Backends: each takes the normalized arguments and returns (out, lse).
+# Backends: each takes the normalized arguments and returns (out, lse). Sinks: folded into the
+# softmax by the reference and the Triton kernels, an epilogue after the CUDA kernel (_sinks.py).
 
 @OP.register("torch")
-def _torch(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window, softcap, num_splits):
+def _torch(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window, softcap, num_splits, sinks):
     keys = attended_key_slice(mask, k_cache.shape[2]) if block_table is None else None
     if keys is not None:   # a mask alone decides (no lengths / window): the unattended slots go
         k_cache, v_cache, mask = k_cache[:, :, keys], v_cache[:, :, keys], mask[..., keys]
     return ref_decode.decode_attention(q, k_cache, v_cache, cache_seqlens=cache_seqlens,
                                        block_table=block_table, scale=scale, mask=mask,
                                        window=window if window > 0 else None,
-                                       softcap=softcap if softcap > 0 else None)
+                                       softcap=softcap if softcap > 0 else None, sinks=sinks)
 
 
 def _triton_supports(q, k_cache, v_cache, cache_seqlens, block_table, *args):
@@ -171,23 +172,25 @@ def _triton_supports(q, k_cache, v_cache, cache_seqlens, block_table, *args):
 
 
 @OP.register("triton", supports=_triton_supports)
-def _triton(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window, softcap, num_splits):
+def _triton(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window, softcap, num_splits, sinks):
     from ..triton_kernels.decode_attention import decode_attention
     splits = choose_splits(q, k_cache, block_table, window, num_splits)
-    return decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window, softcap, splits)
+    return decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window, softcap, splits,
+                            sinks)
 
 
 def _cuda_supports(*args):
     from ._decode_cuda import cuda_supports
-    return cuda_supports(*args)
+    return cuda_supports(*args[:10])   # the kernel's arguments: sinks are an epilogue here
 
 
 @OP.register("cuda", supports=_cuda_supports)
-def _cuda(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window, softcap, num_splits):
+def _cuda(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window, softcap, num_splits, sinks):
     from ._decode_cuda import decode_attention_cuda
     splits = choose_splits(q, k_cache, block_table, window, num_splits)
-    return decode_attention_cuda(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window,
-                                 softcap, splits)
+    out, lse = decode_attention_cuda(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window,
+                                     softcap, splits)
+    return (out, lse) if sinks is None else apply_sinks(out, lse, sinks, head_dim=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,13 +200,15 @@ def _cuda(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window, 
 @torch.library.custom_op("fastllm::decode_attention", mutates_args=())
 def _op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: Optional[torch.Tensor],
         block_table: Optional[torch.Tensor], mask: Optional[torch.Tensor], scale: float, window: int,
-        softcap: float, num_splits: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+        softcap: float, num_splits: int, sinks: Optional[torch.Tensor], backend: str
+        ) -> tuple[torch.Tensor, torch.Tensor]:
     return OP.impls[backend](q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window, softcap,
-                             num_splits)
+                             num_splits, sinks)
 
 
 @_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window, softcap, num_splits, backend):
+def _(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window, softcap, num_splits, sinks,
+      backend):
     B, Hq, Sq, D = q.shape
     return q.new_empty((B, Sq, Hq, D)), q.new_empty((B, Hq, Sq), dtype=torch.float32)
 
@@ -337,12 +342,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise TypeError(f"{NAME}: argument 'validate' must be a bool, got {type(validate).__name__}")
     if (validate or q.device.type == "cpu") and not torch.compiler.is_compiling():
         _check_values(cache_seqlens, block_table, mask, capacity, page_size, num_pages)
-    sinks = check_sinks(NAME, sinks, q, Hq)
-    args = (q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window, softcap, int(num_splits))
+    args = (q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window, softcap, int(num_splits),
+            check_sinks(NAME, sinks, q, Hq))
     b = OP.select(backend, q.device, *args)
     out, lse = OP.call(b, *args)
-    if sinks is not None:
-        out, lse = apply_sinks(out, lse, sinks, head_dim=1)
     return (out, lse) if return_lse else out
 
 
