@@ -767,6 +767,14 @@ def test_skip_attention_on_a_hybrid_counts_its_attention_layers():
     with pytest.raises(ValueError, match=r"number of attention layers of its 3 \(2\)"):
         fastllm.patch(model, skip_attention=3)
     assert not is_patched(model)
+    # MiniMax names its linear-attention mixer `self_attn` too: layer_types decides what counts.
+    model = build("minimax")
+    with pytest.raises(ValueError, match=r"layer 0 \(MiniMaxDecoderLayer\) has no attention sub-layer"):
+        fastllm.patch(model, skip_attention=[0])
+    with pytest.raises(ValueError, match=r"number of attention layers of its 2 \(1\)"):
+        fastllm.patch(model, skip_attention=2)
+    fastllm.patch(model, backend="torch", skip_attention=1)
+    assert [m.name for m in fastllm.patch_report(model).skipped] == ["model.layers.1.self_attn"]
 
 
 def test_skip_attention_needs_decoder_layers():

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ._model import cfg_get, text_config
-from .rules import ATTENTION_SUBLAYER_NAMES, KV_SHARING_ATTRIBUTE
+from .rules import ATTENTION_SUBLAYER_NAMES, KV_SHARING_ATTRIBUTE, SUPPORTED_LAYER_TYPES
 
 
 def _decoder_layers(model) -> Tuple[str, nn.ModuleList, str, List[int]]:
@@ -46,6 +46,11 @@ def resolve_skip(model, skip) -> List[Tuple[str, nn.Module]]:
             "other layers compute); a skipped attention sub-layer would break them. Model left unchanged.")
     list_name, layers, child, have = _decoder_layers(model)
     n = len(layers)
+    # A hybrid may name its other layers' mixer `self_attn` too (MiniMax's linear attention):
+    # only layers of the attention types count (config.layer_types, as in _layer_types).
+    types = list(getattr(text_config(model), "layer_types", None) or ())
+    if len(types) == n:
+        have = [i for i in have if types[i] in SUPPORTED_LAYER_TYPES]
     if isinstance(skip, int):   # the last `skip` layers that have attention
         if not 0 <= skip <= len(have):
             what = "layers" if len(have) == n else f"attention layers of its {n}"
@@ -58,7 +63,8 @@ def resolve_skip(model, skip) -> List[Tuple[str, nn.Module]]:
                 raise ValueError(f"skip_attention: layer index {i} out of range for {n} layers")
             if i % n not in have:
                 raise ValueError(f"skip_attention: layer {i} ({type(layers[i]).__name__}) has no attention "
-                                 f"sub-layer {child!r} to skip; the layers that have one: {have}")
+                                 f"sub-layer {child!r} to skip (or it is not softmax attention: layer_types); "
+                                 f"the layers that have one: {have}")
             idx.append(i % n)
         idx = sorted(set(idx))
     return [(f"{list_name}.{i}.{child}", getattr(layers[i], child)) for i in idx]
