@@ -390,7 +390,7 @@ def test_bad_inputs():
         decode_attention(q[0], k, v)
     with pytest.raises(ValueError, match="argument 'q' must hold 1 to 16 queries"):
         decode_attention(rand(2, 8, 17, 64, dtype=f16), k, v)
-    with pytest.raises(ValueError, match=r"decode_attention: argument 'sinks' must have one logit per query head \(8\)"):
+    with pytest.raises(ValueError, match=r"decode_attention: argument 'sinks' must have one logit per query head"):
         decode_attention(q, k, v, sinks=torch.zeros(2, device=DEVICE))
     with pytest.raises(TypeError, match="argument 'k_cache' must have the dtype of 'q'"):
         decode_attention(q, k.float(), v)
@@ -409,17 +409,17 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="argument 'cache_seqlens' must have 2 entries"):
         decode_attention(q, k, v, cache_seqlens=lens[:1])
     with pytest.raises(ValueError, match=r"argument 'cache_seqlens' must be in \[0, 10\]"):
-        decode_attention(q, k, v, cache_seqlens=lens_t([3, 11]))
+        decode_attention(q, k, v, cache_seqlens=lens_t([3, 11]), validate=DEVICE != "cpu")   # CPU: always
     with pytest.raises(ValueError, match=r"argument 'cache_seqlens' must be in \[0, 10\]"):
         decode_attention(q, k, v, cache_seqlens=lens_t([-1, 3]), validate=True)
     with pytest.raises(ValueError, match="pass either 'cache_seqlens' or 'mask'"):
-        decode_attention(q, k, v, cache_seqlens=lens, mask=torch.ones(2, 1, 1, 10, dtype=torch.bool))
+        decode_attention(q, k, v, cache_seqlens=lens, mask=torch.ones(2, 1, 1, 10, dtype=torch.bool, device=DEVICE))
     with pytest.raises(ValueError, match="'window' cannot be combined with 'mask'"):
-        decode_attention(q, k, v, window=4, mask=torch.ones(2, 1, 1, 10, dtype=torch.bool))
+        decode_attention(q, k, v, window=4, mask=torch.ones(2, 1, 1, 10, dtype=torch.bool, device=DEVICE))
     with pytest.raises(TypeError, match="argument 'mask' must have dtype bool"):
-        decode_attention(q, k, v, mask=torch.ones(2, 1, 1, 10))
+        decode_attention(q, k, v, mask=torch.ones(2, 1, 1, 10, device=DEVICE))
     with pytest.raises(ValueError, match=r"argument 'mask' must be broadcastable as \(2 or 1, 1, 1, 10\)"):
-        decode_attention(q, k, v, mask=torch.ones(2, 1, 1, 9, dtype=torch.bool))
+        decode_attention(q, k, v, mask=torch.ones(2, 1, 1, 9, dtype=torch.bool, device=DEVICE))
     with pytest.raises(ValueError, match="argument 'window' must be >= 1"):
         decode_attention(q, k, v, window=0)
     with pytest.raises(ValueError, match="argument 'softcap' must be a finite float > 0"):
@@ -439,11 +439,11 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="argument 'block_table' must have the batch size of 'q'"):
         decode_attention(q, kp, vp, block_table=table[:1])
     with pytest.raises(ValueError, match=r"argument 'cache_seqlens' must be in \[0, 12\]"):
-        decode_attention(q, kp, vp, block_table=table, cache_seqlens=lens_t([3, 13]))
+        decode_attention(q, kp, vp, block_table=table, cache_seqlens=lens_t([3, 13]), validate=DEVICE != "cpu")
     bad = table.clone()
     bad[1, 0] = kp.shape[0]          # a used page past the pool
     with pytest.raises(ValueError, match="argument 'block_table' holds page ids outside"):
-        decode_attention(q, kp, vp, block_table=bad, cache_seqlens=lens)
+        decode_attention(q, kp, vp, block_table=bad, cache_seqlens=lens, validate=DEVICE != "cpu")
     # -1 past a sequence's last page is fine (never read).
     assert (table == -1).any()
     decode_attention(q, kp, vp, block_table=table, cache_seqlens=lens)
@@ -460,7 +460,7 @@ def test_bad_inputs():
     hole = table.clone()
     hole[1, 1] = -1                  # keys 4..7 of sequence 1, inside its attended range
     with pytest.raises(ValueError, match="argument 'block_table' holds page ids outside"):
-        decode_attention(q, kp, vp, block_table=hole, mask=mask)
+        decode_attention(q, kp, vp, block_table=hole, mask=mask, validate=DEVICE != "cpu")
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

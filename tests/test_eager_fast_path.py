@@ -104,7 +104,7 @@ def _with_float_input():
     r = lambda *s: torch.randn(*s, generator=g).to(DEVICE, dt)          # noqa: E731
     i8 = torch.randint(-128, 128, (32, 64), generator=g, dtype=torch.int8).to(DEVICE)
     q, k = r(1, 2, 5, 64), r(1, 1, 7, 64)
-    x, sw = r(3, 64), r(32).abs() + 0.1
+    x, sw = r(3, 64), r(32).float().abs() + 0.1       # scales are fp32 (the ops' contract)
     vals, meta = compress(prune_24(r(32, 64).float())[0].to(dt))
     vals8, meta8 = compress(prune_24(i8.float())[0].to(torch.int8))
     cu = torch.tensor([0, 2, 5], dtype=torch.int32, device=DEVICE)

@@ -349,8 +349,9 @@ def test_bad_inputs_int8_matmul():
         (TypeError, r"argument 'w_scale' must have dtype in \(float32\), got float64", (a, b, sa, sw.double()), {}),
         (ValueError, r"argument 'a_scale' must have shape \(4,\)", (a, b, sa[:3], sw), {}),
         (ValueError, r"argument 'w_scale' must have shape \(32,\)", (a, b, sa, sw[:16]), {}),
-        (ValueError, r"argument 'bias' must have shape \(32,\)", (a, b, sa, sw, torch.zeros(31)), {}),
-        (TypeError, r"argument 'bias' must have dtype", (a, b, sa, sw, torch.zeros(32, dtype=torch.int32)), {}),
+        (ValueError, r"argument 'bias' must have shape \(32,\)", (a, b, sa, sw, torch.zeros(31, device=DEVICE)), {}),
+        (TypeError, r"argument 'bias' must have dtype",
+         (a, b, sa, sw, torch.zeros(32, dtype=torch.int32, device=DEVICE)), {}),
         (TypeError, r"argument 'out_dtype' must be one of", (a, b, sa, sw), {"out_dtype": torch.int32}),
         (ValueError, "argument 'backend' must be one of", (a, b, sa, sw), {"backend": "cublas"}),
     ]
@@ -358,7 +359,7 @@ def test_bad_inputs_int8_matmul():
         with pytest.raises(exc, match=msg):
             int8_matmul(*args, **kw)
     with pytest.raises(fastllm.BackendUnavailableError, match=r"needs CUDA tensors \(got cpu\)"):
-        int8_matmul(a, b, sa, sw, backend="cuda")
+        int8_matmul(a.cpu(), b.cpu(), sa.cpu(), sw.cpu(), backend="cuda")
     with pytest.raises(ValueError, match=r"argument 'a': K = 131072 > 131071"):
         int8_matmul_int32(torch.zeros(1, 131072, dtype=torch.int8), torch.zeros(16, 131072, dtype=torch.int8))
     with pytest.raises(TypeError, match=r"argument 'a' must have dtype in \(int8\)"):

@@ -89,9 +89,15 @@ def attended_key_slice(mask, n_keys):
 
 def misaligned16(t: torch.Tensor) -> bool:
     """True if t's data pointer is not 16-byte aligned (the kernels' vector loads). False while
-    torch.compile traces (a traced tensor has no address): the CUDA glue checks again when the
-    op runs, and the launcher too."""
-    return not torch.compiler.is_compiling() and t.data_ptr() % 16 != 0
+    torch.compile traces, or for a tensor without storage (torch.func's wrappers under jvp / vmap,
+    whose op call then refuses them with a clear error): no address to check; the CUDA glue
+    checks again when the op runs, and the launcher too."""
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        return t.data_ptr() % 16 != 0
+    except RuntimeError:    # "Cannot access data pointer of Tensor that doesn't have storage"
+        return False
 
 
 def values_checkable(t: torch.Tensor, any_device: bool = False) -> bool:
