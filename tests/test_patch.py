@@ -612,7 +612,9 @@ def test_backends_are_probed_at_every_head_dim_the_model_uses():
         layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=16,
         vocab_size_per_layer_input=128, pad_token_id=0)).eval()
     cfg, sd = model.config, state_snapshot(model)
-    with pytest.raises(BackendUnavailableError, match="head dim 512 > 256"):
+    # (On a GPU machine Triton refuses this CPU model for its device first: no interpreter there.)
+    why = _triton_attention_available()
+    with pytest.raises(BackendUnavailableError, match="head dim 512 > 256" if why is None else "TRITON_INTERPRET"):
         fastllm.patch(model, backend="triton")
     assert_untouched(model, cfg, "sdpa", sd)
     ids = torch.randint(3, 128, (2, 9))
