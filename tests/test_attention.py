@@ -352,11 +352,9 @@ def test_sinks_epilogue_of_the_cuda_glue(monkeypatch):
     assert torch.isneginf(got[1][:, -2:]).all() and (got[0][-2:] == 0).all()
     q = rand(2, 4, 1, 32, dtype=torch.float32)
     lens = torch.tensor([0, 5], dtype=torch.int32, device=DEVICE)
-    got = decode_ops.OP.impls["cuda"](q, k[None, :8].transpose(1, 2).expand(2, -1, -1, -1), v[None, :8].transpose(
-        1, 2).expand(2, -1, -1, -1), lens, None, None, 0.2, 0, 0.0, 1, sinks)
-    want = ref.decode_attention(q, k[None, :8].transpose(1, 2).expand(2, -1, -1, -1),
-                                v[None, :8].transpose(1, 2).expand(2, -1, -1, -1), cache_seqlens=lens, scale=0.2,
-                                sinks=sinks)
+    kc, vc = (t[None, :8].transpose(1, 2).expand(2, -1, -1, -1) for t in (k, v))   # (2, 2, 8, 32) caches
+    got = decode_ops.OP.impls["cuda"](q, kc, vc, lens, None, None, 0.2, 0, 0.0, 1, sinks)
+    want = ref.decode_attention(q, kc, vc, cache_seqlens=lens, scale=0.2, sinks=sinks)
     assert torch.allclose(got[0], want[0], atol=1e-6) and torch.allclose(got[1], want[1], atol=1e-6)
 
 

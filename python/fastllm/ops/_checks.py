@@ -109,14 +109,20 @@ def values_checkable(t: torch.Tensor, any_device: bool = False) -> bool:
     return any_device or (t.device.type == "cpu" and not torch.compiler.is_compiling())
 
 
+def check_values(op: str, name: str, t: torch.Tensor, ok, expected: str, any_device: bool = False) -> None:
+    """ValueError naming the first value of t where ok(t) is False ("argument must {expected}"),
+    if values_checkable(t, any_device)."""
+    if not values_checkable(t, any_device):
+        return
+    good = ok(t)
+    if not bool(good.all()):
+        i = int((~good).reshape(-1).to(torch.uint8).argmax())
+        where = f" (index {i})" if t.numel() > 1 else ""
+        raise ValueError(f"{op}: argument '{name}' must {expected}, got {t.reshape(-1)[i].item()}{where}")
+
+
 def check_positive_finite(op: str, name: str, t: torch.Tensor, any_device: bool = False) -> None:
     """ValueError unless every value of t is > 0 and finite (scales, SmoothQuant factors: 0 or
     NaN there zeroes or poisons a whole channel without a word). Per-call op checks run on CPU
     only (values_checkable); the modules check these values when they are set or loaded."""
-    if not values_checkable(t, any_device):
-        return
-    ok = (t > 0) & torch.isfinite(t)
-    if not bool(ok.all()):
-        i = int((~ok).reshape(-1).to(torch.uint8).argmax())
-        where = f" (index {i})" if t.numel() > 1 else ""
-        raise ValueError(f"{op}: argument '{name}' must be positive and finite, got {t.reshape(-1)[i].item()}{where}")
+    check_values(op, name, t, lambda x: (x > 0) & torch.isfinite(x), "be positive and finite", any_device)

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import FLOAT_DTYPES, check_tensor, values_checkable
+from ._checks import FLOAT_DTYPES, check_tensor, check_values
 
 
 def check_sinks(op: str, sinks: Optional[torch.Tensor], q: torch.Tensor, Hq: int) -> Optional[torch.Tensor]:
@@ -28,12 +28,8 @@ def check_sinks(op: str, sinks: Optional[torch.Tensor], q: torch.Tensor, Hq: int
                          f"{tuple(sinks.shape)}")
     if sinks.device != q.device:
         raise ValueError(f"{op}: argument 'sinks' must be on the device of 'q' ({q.device}), got {sinks.device}")
-    if values_checkable(sinks):
-        bad = torch.isnan(sinks) | (sinks == float("inf"))
-        if bool(bad.any()):
-            i = int(bad.to(torch.uint8).argmax())
-            raise ValueError(f"{op}: argument 'sinks' must hold finite logits (or -inf: no sink), got "
-                             f"{sinks[i].item()} (index {i})")
+    check_values(op, "sinks", sinks, lambda z: ~torch.isnan(z) & (z != float("inf")),
+                 "hold finite logits (or -inf: no sink)")
     return sinks.float().contiguous()
 
 

@@ -104,8 +104,9 @@ def _check_supported(model, options, transformers) -> Tuple[List[Tuple[str, nn.M
     for sub_name, sub in model.named_modules():
         # Sub-models holding attention modules must support custom attention functions; one
         # without any (DETR's ResNet backbone) is not touched by the switch.
-        holds = not sub_name or any(n.startswith(sub_name + ".") for n, _ in attn)
-        if isinstance(sub, transformers.PreTrainedModel) and holds:
+        if not isinstance(sub, transformers.PreTrainedModel):
+            continue
+        if not sub_name or any(n.startswith(sub_name + ".") for n, _ in attn):
             cls = type(sub)
             if not getattr(cls, "_supports_attention_backend", False):
                 raise UnsupportedModelError(
