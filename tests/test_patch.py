@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 import fastllm  # noqa: E402
 from fastllm.errors import BackendUnavailableError, FastllmError  # noqa: E402
 from fastllm.patch import UnsupportedModelError, is_patched  # noqa: E402
-from fastllm.patch import _attention  # noqa: E402
+from fastllm.patch import _attention, _slicing  # noqa: E402
 
 T = transformers
 VOCAB = 128
@@ -539,8 +539,6 @@ def _gemma3n_skip():
 
 
 @pytest.mark.parametrize("make, match", [
-    # KV-shared layers get sliced queries with mask None (wrong positions before: logits off 0.2)
-    (lambda: _gemma4(shared=2), "_maybe_slice_kv_shared_inputs"),
     (_gemma3n_skip, "num_kv_shared_layers = 2"),   # skipping a layer others read K/V from
     # Doge adds a learned per-head bias through its mask on every call (every forward raised)
     (lambda: T.DogeForCausalLM(T.DogeConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
@@ -564,8 +562,6 @@ def _gemma3n_skip():
 ])
 def test_unsupported_model_raises_and_is_untouched(make, match):
     model = make().eval()
-    if match == "_maybe_slice_kv_shared_inputs" and not any(hasattr(m, match) for m in model.modules()):
-        pytest.skip("this transformers (e.g. 5.17) feeds KV-shared layers every query: nothing to refuse")
     cfg, impl, sd = model.config, model.config._attn_implementation, state_snapshot(model)
     with pytest.raises(UnsupportedModelError, match=match):
         fastllm.patch(model, **getattr(model, "skip_kw", {}))
@@ -600,6 +596,45 @@ def test_per_layer_config_model():
     fastllm.patch(model, backend="torch")
     assert (out(model, ids) - base).abs().max() < 1e-5
     assert "flash_attention" in str(fastllm.patch_report(model))
+
+
+def test_gemma4_kv_shared_layers_get_the_right_query_positions():
+    """Gemma 4 slices the queries (and masks, None included) before its KV-shared layers to the last
+    logits_to_keep. With a mask None and several kept queries fastllm read the call as a static-cache
+    prefill (logits off by ~0.2): patch() used to refuse the model; now a guard turns the slicing off
+    in exactly those cases (as transformers does for sdpa) and lets the others through."""
+    model = _gemma4(shared=2).eval()
+    sliced = [m for m in model.modules() if hasattr(type(m), "_maybe_slice_kv_shared_inputs")]
+    ids = torch.randint(3, 128, (2, 9))
+    am = torch.ones_like(ids)
+    am[1, :3] = 0
+    cases = [(k, m) for k in (0, 1, 3) for m in (None, am)]
+    with torch.no_grad():
+        base = [model(ids, attention_mask=m, logits_to_keep=k).logits for k, m in cases]
+        gens = [model.generate(ids, attention_mask=m, max_new_tokens=5, do_sample=False, cache_implementation=c)
+                for m in (None, am) for c in ("dynamic", "static")]
+        fastllm.patch(model, backend="torch")
+        for (k, m), b in zip(cases, base):
+            got = model(ids, attention_mask=m, logits_to_keep=k).logits
+            assert (got - b).abs().max() < 1e-5, (k, m is None)
+        got = [model.generate(ids, attention_mask=m, max_new_tokens=5, do_sample=False, cache_implementation=c)
+               for m in (None, am) for c in ("dynamic", "static")]
+        assert all(torch.equal(a, b) for a, b in zip(got, gens))
+        if sliced:   # where unambiguous the shortcut stays: the last (shared) layer sees 1 query
+            seen = []
+            h = model.model.layers[-1].register_forward_pre_hook(
+                lambda mod, a, kw: seen.append((a[0] if a else kw["hidden_states"]).shape[1]), with_kwargs=True)
+            model(ids, logits_to_keep=1)
+            model(ids, logits_to_keep=3)
+            h.remove()
+            assert seen == [1, 9], seen
+        twin = copy.deepcopy(model)   # the guard follows the copy's module, not the original's
+        assert (twin(ids, logits_to_keep=3).logits - base[4]).abs().max() < 1e-5
+        if sliced:   # transformers 5.17 feeds KV-shared layers every query: nothing to guard
+            _slicing.remove(model)   # the case the guard exists for (the test can fail)
+            assert (model(ids, logits_to_keep=3).logits - base[4]).abs().max() > 1e-3
+    fastllm.unpatch(twin)
+    assert not any("_maybe_slice_kv_shared_inputs" in m.__dict__ for m in twin.modules())
 
 
 def test_backends_are_probed_at_every_head_dim_the_model_uses():

@@ -11,7 +11,8 @@ What patch(model) changes, all of it on this instance and all of it undone by un
   2. attention: fastllm's function is registered with transformers under a neutral name
      ("fastllm", or "fastllm_<backend>" for a forced backend; see _attention.py) together with
      transformers' own sdpa_mask as its mask function, and model.set_attn_implementation(name)
-     switches the (copied) configs to it. No class in transformers is modified.
+     switches the (copied) configs to it. No class in transformers is modified. Gemma 4's
+     query slicing before its KV-shared layers gets an instance-level guard (_slicing.py).
   3. skip_attention: the chosen layers' attention sub-layer gets an instance-level `forward`
      returning zeros (_skip.py); deleting it restores the class forward.
   4. quantize / sparsity (lossy, opt-in): nn.Linear modules chosen by the rules table
@@ -38,15 +39,15 @@ from torch import nn
 from .. import __version__
 from ..errors import BackendUnavailableError, FastllmError, OriginalsDiscardedError, UnsupportedModelError
 from ..ops.registry import resolve_request
-from . import _attention, _linear, _save_guard
+from . import _attention, _linear, _save_guard, _slicing
 from ._configs import PATCHED_HOLDERS, carry_edits, config_attrs, privatize, register_holders, restore
 from ._entries import attention_entry, decode_entry, linear_op_entries
-from ._model import cfg_get, import_transformers, model_info, text_config
+from ._model import import_transformers, model_info, text_config
 from ._layer_types import check_layer_types
 from ._options import normalize_options
 from ._skip import install_skip, remove_skip, resolve_skip
 from .report import ModuleEntry, PatchReport
-from .rules import (DEFAULT_EXCLUDED, LINEAR_DEFAULT_EXCLUDE, QUERY_SLICING_METHODS, RULES,
+from .rules import (DEFAULT_EXCLUDED, LINEAR_DEFAULT_EXCLUDE, RULES,
                     attention_unsupported_reason, bias_parameter_reason, sparse24_class)
 
 STATE_ATTR = "_fastllm_patch"
@@ -126,12 +127,11 @@ def _check_supported(model, options, transformers) -> Tuple[List[Tuple[str, nn.M
     if why:
         raise UnsupportedModelError(f"{name}: {why}. Model left unchanged.")
     cfg = text_config(model)
-    for method, count in QUERY_SLICING_METHODS:
-        if cfg_get(cfg, count, 0) and any(hasattr(m, method) for m in model.modules()):
-            raise UnsupportedModelError(
-                f"{name}: {method} hands its {count} = {cfg_get(cfg, count, 0)} shared layers fewer queries "
-                "than keys with attention_mask=None, which transformers leaves undefined for registered "
-                "attention functions (fastllm would compute the wrong positions). Model left unchanged.")
+    bad = _slicing.unguardable(model)
+    if bad:
+        raise UnsupportedModelError(
+            f"{name}: {bad[0]}.{bad[1]} slices the queries of some layers (with masks that may be None) and "
+            "this transformers gives it no argument fastllm knows to turn that off. Model left unchanged.")
     return attn, check_layer_types(model, cfg, attn)
 
 
@@ -260,6 +260,7 @@ def _patch(model, options, batches, loaded=None):
                 raise UnsupportedModelError(
                     f"{type(model).__name__}: set_attn_implementation({impl!r}) did not reach "
                     f"{wrong or ['the model config']}. Model left unchanged.")
+            _slicing.install(model)
         cfg = text_config(model)
         for _, m in skips:
             install_skip(m, cfg)
@@ -271,6 +272,7 @@ def _patch(model, options, batches, loaded=None):
             _linear.restore(model, plan.swaps, plan.folds, dtype)
         for m in installed:
             remove_skip(m)
+        _slicing.remove(model)
         restore(refs)
         raise
 
@@ -324,6 +326,7 @@ def unpatch(model):
         remove_skip(m)
     carry_edits(state.config_refs, getattr(state, "config_snapshots", []), import_transformers())
     restore(state.config_refs)
+    _slicing.remove(model)
     _save_guard.remove(model)
     del model.__dict__[STATE_ATTR]
     return model

@@ -53,13 +53,12 @@ ATTENTION_SUBLAYER_NAMES: Tuple[str, ...] = ("self_attn",)
 #: keep their own modules); one that does is refused (see _layer_types).
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
-#: Model methods that hand some layers fewer queries than keys with attention_mask=None, a
-#: combination whose meaning transformers only knows for its own sdpa / flash / flex (it turns
-#: the optimization off for them, not for a registered function): with it, fastllm would read
-#: the call as a static-cache prefill and give wrong outputs. Checked with the config count that
-#: enables them.
+#: Model methods that hand some layers fewer queries than keys, slicing a mask that may be None
+#: along (a combination transformers turns off for its own sdpa, not for a registered function;
+#: fastllm would read it as a static-cache prefill), with the argument that turns the slicing
+#: off (0 = keep every position). patch() guards them on the instance (_slicing.py).
 QUERY_SLICING_METHODS: Tuple[Tuple[str, str], ...] = (
-    ("_maybe_slice_kv_shared_inputs", "num_kv_shared_layers"),   # Gemma 4
+    ("_maybe_slice_kv_shared_inputs", "logits_to_keep"),   # Gemma 4, Gemma 4 Unified
 )
 
 #: Config attribute (> 0) meaning some layers read the K/V another layer computed: their
