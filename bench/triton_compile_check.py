@@ -139,7 +139,7 @@ def _flash_attention():
         for D in (64, 128, 256):
             q, k = _t(1, 4, 256, D, dtype=dtype), _t(1, 2, 256, D, dtype=dtype)
             flash_attention(q, k, k, torch.ones(1, 1, 256, 256, dtype=torch.bool), True, 0.1, 64, 30.0,
-                            torch.zeros(4))
+                            torch.zeros(4), _t(1, 4, 256, 256, dtype=dtype))
     q = _t(300, 4, 128, dtype=torch.bfloat16)
     cu = torch.tensor([0, 100, 300], dtype=torch.int32)
     flash_attention_varlen(q, q[:, :2], q[:, :2], cu, cu, 200, 200, True, 0.1, 0, 0.0)

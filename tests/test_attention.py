@@ -45,9 +45,11 @@ def qkv(B, Hq, Hkv, Sq, Skv, D, dtype, q_scale=1.0):
             rand(B, Hkv, Skv, D, dtype=dtype))
 
 
-def pytorch_same_dtype(q, k, v, *, causal, scale=None, mask=None, window=None, softcap=None, sinks=None):
+def pytorch_same_dtype(q, k, v, *, causal, scale=None, mask=None, window=None, softcap=None, sinks=None,
+                       bias=None):
     """PyTorch's own attention in q.dtype (materialized; the baseline error to beat); sinks as
-    transformers' eager gpt-oss does them (an extra score column, dropped after the softmax)."""
+    transformers' eager gpt-oss does them (an extra score column, dropped after the softmax),
+    bias added as eager attention adds a float mask."""
     B, Hq, Sq, D = q.shape
     g = Hq // k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -55,6 +57,8 @@ def pytorch_same_dtype(q, k, v, *, causal, scale=None, mask=None, window=None, s
     s = torch.matmul(q, kk.transpose(-1, -2)) * scale
     if softcap:
         s = softcap * torch.tanh(s / softcap)
+    if bias is not None:
+        s = s + bias.to(s.dtype)
     allowed = allowed_keys(q.shape[2], k.shape[2], causal=causal, window=window, mask=mask, device=q.device)
     s = s.masked_fill(~allowed, float("-inf"))
     if sinks is not None:
@@ -339,7 +343,7 @@ def test_sinks_epilogue_of_the_cuda_glue(monkeypatch):
                         ref.decode_attention(q, k, v, cache_seqlens=lens, scale=scale))
     sinks = torch.tensor([-1.0, 0.5, 3.0, float("-inf")], device=DEVICE)
     q, k, v = qkv(2, 4, 2, 9, 6, 32, torch.float32)
-    got = OP.impls["cuda"](q, k, v, None, True, 0.2, 0, 0.0, sinks)
+    got = OP.impls["cuda"](q, k, v, None, True, 0.2, 0, 0.0, sinks, None)
     want = ref.flash_attention(q, k, v, causal=True, scale=0.2, sinks=sinks)
     assert torch.allclose(got[0], want[0], atol=1e-6) and torch.allclose(got[1], want[1], atol=1e-6)
     assert torch.equal(got[1][:, :, 0], sinks.view(1, 4).expand(2, 4))     # row 0 sees no key
@@ -612,8 +616,8 @@ def test_opcheck(backend):
     mask = padding_mask(2, 9, 20, "left", causal=False)
     sinks = torch.tensor([-1.0, 0.0, 2.0, float("-inf")], device=DEVICE)
     op = torch.ops.fastllm.flash_attention.default
-    torch.library.opcheck(op, (q, k, v, mask, True, 0.125, 0, 0.0, None, backend))
-    torch.library.opcheck(op, (q, k, v, None, False, 0.2, 5, 10.0, sinks, backend))
+    torch.library.opcheck(op, (q, k, v, mask, True, 0.125, 0, 0.0, None, None, backend))
+    torch.library.opcheck(op, (q, k, v, None, False, 0.2, 5, 10.0, sinks, None, backend))
     q, k, v, cu_q, cu_k = varlen_inputs([3, 9], [5, 12], 4, 2, 64, torch.bfloat16)
     torch.library.opcheck(torch.ops.fastllm.flash_attention_varlen.default,
                           (q, k, v, cu_q, cu_k, 9, 12, True, 0.125, 0, 0.0, None, backend))

@@ -228,23 +228,48 @@ def test_static_cache_prefill_slices_unwritten_slots():
     assert torch.equal(got1, fastllm.ops.flash_attention(q[:, :, :1], k, v, causal=False, scale=0.3, backend="torch"))
 
 
+def _eager(q, k, v, add, scale):
+    """transformers' eager attention: softmax(q k^T * scale + add) v, K/V repeated for GQA."""
+    g = q.shape[1] // k.shape[1]
+    s = q @ k.repeat_interleave(g, 1).transpose(-1, -2) * scale + add
+    return (s.softmax(-1) @ v.repeat_interleave(g, 1)).transpose(1, 2)
+
+
+def test_attention_function_adds_biases_and_per_head_masks():
+    """A float mask that is not exactly a mask is an additive bias (relative positions; Swin's
+    shifted-window -100; -9999 is still a small weight), broadcast from the left as eager does;
+    a bool mask whose heads differ becomes a 0 / -inf bias. Both go to flash_attention, also for
+    a single query (the decode kernel takes no bias)."""
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    module = torch.nn.Module()
+    for add in (torch.randn(2, 4, 5, 7), torch.randn(1, 4, 5, 7), torch.randn(5, 7),
+                torch.full((1, 1, 5, 7), -9999.0).triu(1), torch.zeros(1, 1, 5, 7).masked_fill(
+                    torch.rand(1, 1, 5, 7) > 0.5, -100.0).double()):
+        got, _ = _attention.attention_forward(module, q, k, v, add, scaling=0.3, _fastllm_backend="torch")
+        torch.testing.assert_close(got, _eager(q, k, v, add.float(), 0.3), rtol=1e-5, atol=1e-5)
+    add = torch.randn(2, 4, 1, 7)
+    got, _ = _attention.attention_forward(module, q[:, :, :1], k, v, add, scaling=0.3, _fastllm_backend="torch")
+    torch.testing.assert_close(got, _eager(q[:, :, :1], k, v, add, 0.3), rtol=1e-5, atol=1e-5)
+    per_head = torch.rand(2, 4, 5, 7) > 0.3
+    per_head[..., 0] = True
+    got, _ = _attention.attention_forward(module, q, k, v, per_head, scaling=0.3, _fastllm_backend="torch")
+    add = torch.zeros(per_head.shape).masked_fill(~per_head, float("-inf"))
+    torch.testing.assert_close(got, _eager(q, k, v, add, 0.3), rtol=1e-5, atol=1e-5)
+    with pytest.raises(NotImplementedError, match=r"5-D additive mask"):
+        _attention.attention_forward(module, q, k, v, torch.randn(1, 2, 4, 5, 7))
+
+
 def test_attention_function_rejects_what_it_cannot_do():
     q = torch.randn(1, 2, 3, 8)
     module = torch.nn.Module()
-    with pytest.raises(TypeError, match=r"values other than 0 and large negatives \(<= -10000"):   # a bias
-        _attention.attention_forward(module, q, q, q, torch.randn(1, 1, 3, 3))
-    with pytest.raises(TypeError, match="a bias on the scores"):      # -9999: still a (tiny) weight
-        _attention.attention_forward(module, q, q, q, torch.full((1, 1, 3, 3), -9999.0).triu(1))
-    per_head = torch.ones(1, 2, 3, 3, dtype=torch.bool)
-    per_head[0, 1, 0, 1:] = False
-    with pytest.raises(NotImplementedError, match=r"per-head attention mask \(1, 2, 3, 3\) whose heads differ"):
-        _attention.attention_forward(module, q, q, q, per_head)
     with pytest.raises(TypeError, match="expected bool"):
         _attention.attention_forward(module, q, q, q, torch.ones(1, 1, 3, 3, dtype=torch.int64))
     with pytest.raises(NotImplementedError, match=r"sinks sinks= of shape \(1, 2, 3, 1\); .* one sink logit per query"):
         _attention.attention_forward(module, q, q, q, None, sinks=torch.zeros(1, 2, 3, 1))   # per query
-    with pytest.raises(NotImplementedError, match=r"sparse attention over selected keys \(indices=\)"):
+    with pytest.raises(NotImplementedError, match=r"passes indices= \(the keys each query may read\) without"):
         _attention.attention_forward(module, q, q, q, None, indices=torch.zeros(1, 3, 2, dtype=torch.long))
+    with pytest.raises(NotImplementedError, match=r"block-sparse attention \(block_indices=\)"):
+        _attention.attention_forward(module, q, q, q, None, block_indices=torch.zeros(1, 3, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="dropout"):
         _attention.attention_forward(module, q, q, q, None, dropout=0.1)
 
@@ -540,25 +565,12 @@ def _gemma3n_skip():
 
 @pytest.mark.parametrize("make, match", [
     (_gemma3n_skip, "num_kv_shared_layers = 2"),   # skipping a layer others read K/V from
-    # Doge adds a learned per-head bias through its mask on every call (every forward raised)
-    (lambda: T.DogeForCausalLM(T.DogeConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
-                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                            pad_token_id=0, is_moe=False)), "prepare_dynamic_mask"),
     (lambda: build("llama").double(), "computes in float64"),   # the ops take 16/32-bit floats
     (lambda: T.MambaForCausalLM(T.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
                                               state_size=4, pad_token_id=0)), "AttentionInterface"),
     (lambda: T.T5ForConditionalGeneration(T.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=32,
                                                      num_layers=1, num_heads=4, pad_token_id=0)),
      "_supports_attention_backend"),
-    # Relative position biases handed over as the mask: patch accepted them, every forward raised.
-    (lambda: T.SwinModel(T.SwinConfig(image_size=32, patch_size=4, embed_dim=32, depths=[2, 1], num_heads=[2, 4],
-                                      window_size=4)), "passes combined_mask .an additive score bias."),
-    (lambda: T.ParakeetEncoder(T.ParakeetEncoderConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
-        num_mel_bins=16, subsampling_conv_channels=16, subsampling_factor=4)), "passes matrix_bd"),
-    (lambda: T.BeitModel(T.BeitConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                                      image_size=32, patch_size=8, use_relative_position_bias=True)),
-     "relative position bias .*relative_position_bias_table"),
 ])
 def test_unsupported_model_raises_and_is_untouched(make, match):
     model = make().eval()
@@ -566,6 +578,116 @@ def test_unsupported_model_raises_and_is_untouched(make, match):
     with pytest.raises(UnsupportedModelError, match=match):
         fastllm.patch(model, **getattr(model, "skip_kw", {}))
     assert_untouched(model, cfg, impl, sd)
+
+
+def _random_rel_bias(model):
+    """Relative position bias tables are zero-initialized: randomize them so that they matter."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "relative_position" in n:
+                p.normal_(0.0, 2.0)
+    return model.eval()
+
+
+BIAS_MODELS = {
+    # Swin: per-head relative position bias + the shifted-window mask (-100), as combined_mask
+    "swin": (lambda: T.SwinModel(T.SwinConfig(image_size=32, patch_size=4, embed_dim=32, depths=[2, 1],
+                                              num_heads=[2, 4], window_size=4)),
+             lambda: dict(pixel_values=torch.randn(2, 3, 32, 32))),
+    # BEiT: a learned relative position bias per layer, or one shared, added by the parent module
+    "beit": (lambda: T.BeitModel(T.BeitConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                              intermediate_size=128, image_size=32, patch_size=8,
+                                              use_relative_position_bias=True)),
+             lambda: dict(pixel_values=torch.randn(2, 3, 32, 32))),
+    "beit_shared": (lambda: T.BeitModel(T.BeitConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                     intermediate_size=128, image_size=32, patch_size=8,
+                                                     use_shared_relative_position_bias=True)),
+                    lambda: dict(pixel_values=torch.randn(2, 3, 32, 32))),
+    # Parakeet: Transformer-XL relative scores (matrix_bd), padded frames at the dtype's minimum
+    "parakeet": (lambda: T.ParakeetEncoder(T.ParakeetEncoderConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
+        num_mel_bins=16, subsampling_conv_channels=16, subsampling_factor=4)),
+        lambda: dict(input_features=torch.randn(2, 80, 16),
+                     attention_mask=(torch.arange(80)[None] < torch.tensor([[80], [50]])).long())),
+}
+
+
+@pytest.mark.parametrize("name", BIAS_MODELS)
+def test_models_with_additive_score_biases(name):
+    """Relative position biases handed to the attention function as its mask: patch refused these
+    models (an additive bias was not implemented); flash_attention adds them now."""
+    make, inputs = BIAS_MODELS[name]
+    model, x = _random_rel_bias(make()), inputs()
+    with torch.no_grad():
+        base = model(**x).last_hidden_state
+        fastllm.patch(model, backend="torch")
+        got = model(**x).last_hidden_state
+    assert (got - base).abs().max() <= 1e-5 * max(1.0, base.abs().max().item())
+    assert "additive bias" in fastllm.patch_report(model).ops[0].note
+    if name == "swin" and _triton_attention_available() is None:   # the Triton kernel's bias path, in a model
+        fastllm.unpatch(model)
+        fastllm.patch(model, backend="triton")
+        with torch.no_grad():
+            got = model(**x).last_hidden_state
+        assert (got - base).abs().max() <= 1e-5 * max(1.0, base.abs().max().item())
+
+
+def _patched_decoder_matches(model):
+    """Patched (torch backend) == unpatched on a left-padded batch: logits, and greedy generate with
+    a dynamic and a static cache token for token."""
+    ids, am = torch.randint(3, 128, (2, 11)), torch.ones(2, 11, dtype=torch.long)
+    am[1, :3] = 0
+    with torch.no_grad():
+        base = model(ids, attention_mask=am).logits
+        gens = [model.generate(ids, attention_mask=am, max_new_tokens=5, do_sample=False, cache_implementation=c)
+                for c in ("dynamic", "static")]
+        fastllm.patch(model, backend="torch")
+        assert (model(ids, attention_mask=am).logits - base).abs().max() < 1e-5
+        for c, want in zip(("dynamic", "static"), gens):
+            got = model.generate(ids, attention_mask=am, max_new_tokens=5, do_sample=False, cache_implementation=c)
+            assert torch.equal(got, want), c
+
+
+def test_doge_dynamic_mask():
+    """Doge adds a learned per-head bias (and top-k key selection) through its mask on every call:
+    refused before, served as a bias now, prefill and generate (decode steps carry the bias too)."""
+    model = T.DogeForCausalLM(T.DogeConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                           is_moe=False, keep_window_size=6)).eval()
+    _patched_decoder_matches(model)
+
+
+def test_indexed_attention_model():
+    """DeepSeek-V3.2's sparse attention (layer type indexed_attention): the indexer's top-k keys per
+    query come as indices= beside a materialized causal mask. Refused before; applied as a mask now
+    (the test fails without it: logits off by ~0.2)."""
+    model = T.DeepseekV32ForCausalLM(T.DeepseekV32Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=1, topk_group=1, index_topk=4, index_head_dim=16, index_n_heads=2,
+        pad_token_id=0)).eval()
+    assert set(model.config.layer_types) == {"indexed_attention"}
+    _patched_decoder_matches(model)
+
+
+def test_attention_function_applies_key_indices():
+    """indices= (B, Sq, topk): the keys each query may read, on top of a bool mask or a bias;
+    out-of-range entries (-1, >= Skv) select nothing."""
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    idx = torch.randint(0, 7, (2, 5, 3))
+    idx[0, 0, 0], idx[1, 2, 1] = -1, 7
+    chosen = torch.zeros(2, 5, 8, dtype=torch.bool).scatter_(-1, idx.clamp(0, 7), True)[..., :7]
+    chosen[0, 0, 0] = (idx[0, 0, 1:] == 0).any()    # -1 selected nothing; key 0 only if listed again
+    chosen = chosen[:, None]
+    mask = torch.rand(2, 1, 5, 7) > 0.2
+    for add, want_add in ((mask, torch.zeros(2, 1, 5, 7).masked_fill(~mask, float("-inf"))),
+                          (torch.randn(1, 4, 5, 7), None)):
+        want_add = add if want_add is None else want_add
+        got, _ = _attention.attention_forward(torch.nn.Module(), q, k, v, add, scaling=0.3, indices=idx,
+                                              _fastllm_backend="torch")
+        want = _eager(q, k, v, torch.where(chosen, want_add, float("-inf")), 0.3).nan_to_num(0.0)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_a_sub_model_without_attention_does_not_block_patch():

@@ -3,6 +3,7 @@
 What it computes, per batch b, query head h (kv head h // (Hq // Hkv)) and query row i:
 
     s_ij  = scale * <q_i, k_j>                      (then c * tanh(s / c) with softcap c)
+    s_ij  = max(s_ij + bias[b, h, i, j], -2^126)    with an additive bias (-inf stays -inf)
     allowed_ij = j < Skv & mask[b, 0, i, j] & (j <= p_i if causal) & (j > p_i - W if window)
     lse_i = log sum_{allowed j} exp(s_ij)           out_i = sum_j exp(s_ij - lse_i) v_j
     p_i   = i + Skv - Sq   (bottom-right aligned queries: a continuation against a KV cache)
@@ -70,7 +71,7 @@ _INTERPRET_CONFIG = (64, 64, 4, 1)
 
 
 def tile_config(head_dim: int, dtype: torch.dtype, max_seqlen_q: int, device: torch.device,
-                interpret: bool):
+                interpret: bool, bias: bool = False):
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for this call."""
     block_d = max(16, triton.next_power_of_2(head_dim))   # tl.dot needs >= 16
     if interpret:
@@ -80,6 +81,8 @@ def tile_config(head_dim: int, dtype: torch.dtype, max_seqlen_q: int, device: to
         family = "sm90" if major >= 9 else ("sm86" if (major, minor) in ((8, 6), (8, 7), (8, 9)) else "sm80")
         table = (_CONFIGS_FP32 if dtype == torch.float32 else _CONFIGS)[family]
         bm, bn, warps, stages = table[min(d for d in table if d >= block_d)]
+        if bias and block_d >= 256:   # the bias tile's registers: sm_90's 128-row D 256 tile spilled
+            bm, stages = min(bm, 64), min(stages, 2)
     # Short query blocks (decode-like or tiny prefill): do not compute rows that do not exist.
     bm = min(bm, max(16, triton.next_power_of_2(max(max_seqlen_q, 1))))
     return bm, bn, block_d, warps, stages
@@ -164,11 +167,11 @@ def mask_key_range(row_ptrs, row_ok, stride_mk, n_keys, SCAN: tl.constexpr):
 
 
 @triton.jit
-def _attn_blocks(acc, l_i, m_i, q, k_base, v_base, m_base, start, end, pos, row_ok, d_ok, offs_d,
-                 seqlen_k, stride_ks, stride_vs, stride_mk, scale, softcap, window,
+def _attn_blocks(acc, l_i, m_i, q, k_base, v_base, m_base, bias_base, start, end, pos, row_ok, d_ok, offs_d,
+                 seqlen_k, stride_ks, stride_vs, stride_mk, stride_bk, scale, softcap, window,
                  BLOCK_N: tl.constexpr, BOUNDARY: tl.constexpr, CAUSAL: tl.constexpr,
                  HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     """Online-softmax update over key blocks [start, end). BOUNDARY: the blocks may hold keys
     past seqlen_k or outside the causal / window range, so those are masked; interior blocks
     skip that work (the padding mask, if any, applies everywhere)."""
@@ -189,6 +192,11 @@ def _attn_blocks(acc, l_i, m_i, q, k_base, v_base, m_base, start, end, pos, row_
             s = softcap * _tanh(s * (scale / softcap), INTERPRET)
         else:
             s = s * scale
+        if HAS_BIAS:   # floored: dtype-minimum biases must not overflow s * log2(e) to -inf
+            bias = tl.load(bias_base + offs_n.to(tl.int64)[None, :] * stride_bk,
+                           mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            s = s + bias.to(tl.float32)
+            s = tl.where(s == float("-inf"), s, tl.maximum(s, -8.507059173023462e+37))   # -2^126
         if BOUNDARY:
             allowed = col_ok[None, :]
             if CAUSAL:
@@ -215,11 +223,12 @@ def _attn_blocks(acc, l_i, m_i, q, k_base, v_base, m_base, start, end, pos, row_
 
 @triton.jit
 def flash_attention_fwd_kernel(
-    Q, K, V, Mask, Out, Lse, CuQ, CuK, Sinks,
+    Q, K, V, Mask, Out, Lse, CuQ, CuK, Sinks, Bias,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_mb, stride_mq, stride_mk,
+    stride_bb, stride_bh, stride_bq, stride_bk,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
     Hq, GROUP, Sq, Skv, D,
@@ -227,7 +236,7 @@ def flash_attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr, MASK_SCAN: tl.constexpr, HAS_SINKS: tl.constexpr,
+    INTERPRET: tl.constexpr, MASK_SCAN: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     h = tl.program_id(1)     # heads on y and sequences on z (each <= 65535): B * Hq on one
@@ -266,6 +275,8 @@ def flash_attention_fwd_kernel(
     k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + k_start * stride_ks
     v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + k_start * stride_vs
     m_base = Mask + b64 * stride_mb + offs_m.to(tl.int64)[:, None] * stride_mq   # used if HAS_MASK
+    bias_base = (Bias + b64 * stride_bb + h.to(tl.int64) * stride_bh
+                 + offs_m.to(tl.int64)[:, None] * stride_bq)                        # used if HAS_BIAS
 
     # Absolute position of each query row; the key range [lo, hi) any row of this block may
     # see (blocks outside are never loaded), and inside it the interior [full_lo, full_hi) of
@@ -293,18 +304,18 @@ def flash_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, m_base, lo, full_lo, pos, row_ok,
-                                 d_ok, offs_d, seqlen_k, stride_ks, stride_vs, stride_mk, scale,
+    acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, m_base, bias_base, lo, full_lo, pos, row_ok,
+                                 d_ok, offs_d, seqlen_k, stride_ks, stride_vs, stride_mk, stride_bk, scale,
                                  softcap, window, BLOCK_N, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                                 HAS_MASK, DOT_PRECISION, INTERPRET)
-    acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, m_base, full_lo, full_hi, pos, row_ok,
-                                 d_ok, offs_d, seqlen_k, stride_ks, stride_vs, stride_mk, scale,
+                                 HAS_MASK, HAS_BIAS, DOT_PRECISION, INTERPRET)
+    acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, m_base, bias_base, full_lo, full_hi, pos, row_ok,
+                                 d_ok, offs_d, seqlen_k, stride_ks, stride_vs, stride_mk, stride_bk, scale,
                                  softcap, window, BLOCK_N, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                                 HAS_MASK, DOT_PRECISION, INTERPRET)
-    acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, m_base, full_hi, hi, pos, row_ok,
-                                 d_ok, offs_d, seqlen_k, stride_ks, stride_vs, stride_mk, scale,
+                                 HAS_MASK, HAS_BIAS, DOT_PRECISION, INTERPRET)
+    acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, m_base, bias_base, full_hi, hi, pos, row_ok,
+                                 d_ok, offs_d, seqlen_k, stride_ks, stride_vs, stride_mk, stride_bk, scale,
                                  softcap, window, BLOCK_N, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                                 HAS_MASK, DOT_PRECISION, INTERPRET)
+                                 HAS_MASK, HAS_BIAS, DOT_PRECISION, INTERPRET)
 
     if HAS_SINKS:
         out, lse = softmax_finish_sinks(acc, l_i, m_i, tl.load(Sinks + h))
@@ -317,7 +328,7 @@ def flash_attention_fwd_kernel(
 
 
 def _launch(q, k, v, mask, out, lse, cu_q, cu_k, q_strides, k_strides, v_strides, o_strides,
-            l_strides, B, Hq, Hkv, max_q, Sq, Skv, causal, scale, window, softcap, sinks):
+            l_strides, B, Hq, Hkv, max_q, Sq, Skv, causal, scale, window, softcap, sinks, bias=None):
     from . import interpreting
     interp = interpreting()
     if window >= Skv:
@@ -325,31 +336,35 @@ def _launch(q, k, v, mask, out, lse, cu_q, cu_k, q_strides, k_strides, v_strides
         # (query position - window) must not wrap for windows up to 2^31 - 1.
         window = 0
     D = q.shape[-1]
-    bm, bn, bd, warps, stages = tile_config(D, q.dtype, max_q, q.device, interp)
+    bm, bn, bd, warps, stages = tile_config(D, q.dtype, max_q, q.device, interp, bias is not None)
     if mask is not None:
         m = mask.view(torch.uint8)                    # same bytes; strides kept (expanded views too)
         m_strides = tuple(m.stride(i) if m.size(i) > 1 else 0 for i in (0, 2, 3))
     else:
         m, m_strides = out, (0, 0, 0)
+    # Broadcast dims read with stride 0 (whatever stride a size-1 dim reports).
+    b_strides = tuple(bias.stride(i) if bias.size(i) > 1 else 0 for i in range(4)) if bias is not None else (0,) * 4
     varlen = cu_q is not None
     grid = (triton.cdiv(max_q, bm), Hq, B)
     extra = {} if interp else {"num_warps": warps, "num_stages": stages}
     flash_attention_fwd_kernel[grid](
         q, k, v, m, out, lse, cu_q if varlen else out, cu_k if varlen else out,
-        sinks if sinks is not None else lse,
-        *q_strides, *k_strides, *v_strides, *m_strides, *o_strides, *l_strides,
+        sinks if sinks is not None else lse, bias if bias is not None else lse,
+        *q_strides, *k_strides, *v_strides, *m_strides, *b_strides, *o_strides, *l_strides,
         Hq, Hq // Hkv, Sq, Skv, D,
         scale, softcap, window,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, CAUSAL=causal, HAS_WINDOW=window > 0,
         HAS_SOFTCAP=softcap > 0, HAS_MASK=mask is not None, VARLEN=varlen,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=interp,
-        MASK_SCAN=mask_scan_keys(bm), HAS_SINKS=sinks is not None, **extra)
+        MASK_SCAN=mask_scan_keys(bm), HAS_SINKS=sinks is not None, HAS_BIAS=bias is not None, **extra)
 
 
-def flash_attention(q, k, v, mask, causal: bool, scale: float, window: int, softcap: float, sinks=None):
+def flash_attention(q, k, v, mask, causal: bool, scale: float, window: int, softcap: float, sinks=None,
+                    bias=None):
     """q (B, Hq, Sq, D), k/v (B, Hkv, Skv, D), unit stride in D (checked by the caller); mask
     None or bool broadcastable to (B, 1, Sq, Skv); window <= 0 / softcap == 0 mean none; sinks
-    None or (Hq,) float32 contiguous. Returns (out (B, Sq, Hq, D) contiguous, lse (B, Hq, Sq) float32)."""
+    None or (Hq,) float32 contiguous; bias None or float broadcastable to (B, Hq, Sq, Skv), any
+    strides. Returns (out (B, Sq, Hq, D) contiguous, lse (B, Hq, Sq) float32)."""
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     out = torch.empty((B, Sq, Hq, D), dtype=q.dtype, device=q.device)
@@ -359,7 +374,7 @@ def flash_attention(q, k, v, mask, causal: bool, scale: float, window: int, soft
     _launch(q, k, v, mask, out, lse, None, None,
             (q.stride(0), q.stride(1), q.stride(2)), (k.stride(0), k.stride(1), k.stride(2)),
             (v.stride(0), v.stride(1), v.stride(2)), (Sq * Hq * D, D, Hq * D), (Hq * Sq, Sq),
-            B, Hq, Hkv, Sq, Sq, Skv, causal, scale, window, softcap, sinks)
+            B, Hq, Hkv, Sq, Sq, Skv, causal, scale, window, softcap, sinks, bias)
     return out, lse
 
 

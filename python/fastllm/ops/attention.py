@@ -5,7 +5,7 @@
     out = flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True)  # (total_q, Hq, D)
 
 flash_attention(q, k, v, *, causal, scale=None, mask=None, window=None, softcap=None,
-                sinks=None, return_lse=False, backend="auto")
+                sinks=None, bias=None, return_lse=False, backend="auto")
   q: (B, Hq, Sq, D); k, v: (B, Hkv, Skv, D). Any strides with unit stride in D: transformers
      hands q as a transposed view of a (B, S, H, D) buffer, which is read in place, never copied.
   dtypes float16, bfloat16 (float32 accumulation) or float32; q, k, v share dtype and device.
@@ -31,10 +31,16 @@ flash_attention(q, k, v, *, causal, scale=None, mask=None, window=None, softcap=
      query head in every row's softmax, with no value; lse then includes it. The reference and
      the Triton kernels fold it into the softmax; the CUDA kernels do not take it yet: their
      output gets the exact epilogue of fastllm/ops/_sinks.py (out *= sigmoid(lse - sink)).
+  bias: optional float tensor (float16 / bfloat16 / float32, any strides) broadcastable to
+     (B, Hq, Sq, Skv) (each dim full or 1): an additive score bias (relative position biases:
+     Swin, BEiT, Parakeet; ALiBi), s = s + bias after softcap and before masking. -inf masks a
+     key; finite sums are floored at -2^126 (fastllm/ref/attention.py), so a row whose keys all
+     carry the dtype's minimum averages them uniformly, as eager attention does. The CUDA kernels
+     do not take it (auto picks Triton on a GPU); NaN / +inf in it give NaN rows.
   scale: defaults to 1 / sqrt(D).
   Returns out (B, Sq, Hq, D) contiguous in q.dtype (the layout transformers' attention
   interface returns) and, with return_lse=True, also lse (B, Hq, Sq) float32: the natural-log
-  log-sum-exp of the scaled (softcapped) scores over the allowed keys. A row with no allowed
+  log-sum-exp of the scaled (softcapped, biased) scores over the allowed keys. A row with no allowed
   key gets out = 0 (never NaN) and lse = -inf.
 
 flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
@@ -53,7 +59,8 @@ flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
 Custom ops: fastllm::flash_attention and fastllm::flash_attention_varlen; both always return
 (out, lse) (lse is cheap); the public functions drop lse unless return_lse. Inside the ops the
 arguments are normalized: scale a float, window an int (<= 0: none), softcap a float
-(0.0: none), mask None or a bool tensor broadcastable to (B, 1, Sq, Skv).
+(0.0: none), mask None or a bool tensor broadcastable to (B, 1, Sq, Skv), sinks None or (Hq,)
+float32, bias None or a float tensor broadcastable to (B, Hq, Sq, Skv).
 
 Backends: "cuda" (csrc/attention, through the hook module fastllm.ops._attention_cuda: mma.sync
 for D 64 / 80 / 96 / 128 / 256 on sm80+; on sm_90 with a 90a build D 64 / 128 / 256 run a wgmma
@@ -88,7 +95,7 @@ def _example_qkv(total_q=None):
 
 
 OP.example = lambda: ("q (1, 32, 4096, 128) bf16, k/v 8 heads, causal",
-                      _example_qkv() + (None, True, 128 ** -0.5, 0, 0.0, None), {})
+                      _example_qkv() + (None, True, 128 ** -0.5, 0, 0.0, None, None), {})
 OP_VARLEN.example = lambda: ("packed 4096 tokens, 32/8 heads, D 128 bf16, causal",
                              _example_qkv(4096) + (torch.empty(3, dtype=torch.int32, device="meta"),
                                                    torch.empty(3, dtype=torch.int32, device="meta"),
@@ -101,13 +108,14 @@ OP_VARLEN.example = lambda: ("packed 4096 tokens, 32/8 heads, D 128 bf16, causal
 # yet, so their (out, lse) gets the exact epilogue of _sinks.py (one more pass over out).
 
 @OP.register("torch")
-def _torch(q, k, v, mask, causal, scale, window, softcap, sinks):
+def _torch(q, k, v, mask, causal, scale, window, softcap, sinks, bias):
     keys = None if causal or window > 0 else attended_key_slice(mask, k.shape[2])
     if keys is not None:   # (causal / window positions are relative to Skv: those keep every key)
         k, v, mask = k[:, :, keys], v[:, :, keys], mask[..., keys]
+        bias = bias[..., keys] if bias is not None and bias.shape[-1] > 1 else bias
     return ref.flash_attention(q, k, v, causal=causal, scale=scale, mask=mask,
                                window=window if window > 0 else None,
-                               softcap=softcap if softcap > 0 else None, sinks=sinks)
+                               softcap=softcap if softcap > 0 else None, sinks=sinks, bias=bias)
 
 
 def _triton_supports(q, k, v, *args, batch=None):
@@ -125,18 +133,20 @@ def _triton_varlen_supports(q, k, v, cu_q, *args):
 
 
 @OP.register("triton", supports=_triton_supports)
-def _triton(q, k, v, mask, causal, scale, window, softcap, sinks):
+def _triton(q, k, v, mask, causal, scale, window, softcap, sinks, bias):
     from ..triton_kernels.flash_attention import flash_attention
-    return flash_attention(q, k, v, mask, causal, scale, window, softcap, sinks)
+    return flash_attention(q, k, v, mask, causal, scale, window, softcap, sinks, bias)
 
 
-def _cuda_supports(q, k, v, mask, causal, scale, window, softcap, sinks=None):
+def _cuda_supports(q, k, v, mask, causal, scale, window, softcap, sinks=None, bias=None):
+    if bias is not None:
+        return "an additive score bias (bias=) is not supported by the CUDA kernels (the Triton kernel adds it)"
     from ._attention_cuda import cuda_supports
     return cuda_supports(q, k, v, mask, causal, scale, window, softcap)
 
 
 @OP.register("cuda", supports=_cuda_supports)
-def _cuda(q, k, v, mask, causal, scale, window, softcap, sinks):
+def _cuda(q, k, v, mask, causal, scale, window, softcap, sinks, bias):
     from ._attention_cuda import flash_attention_cuda
     out, lse = flash_attention_cuda(q, k, v, mask, causal, scale, window, softcap)
     return (out, lse) if sinks is None else apply_sinks(out, lse, sinks, head_dim=1)
@@ -178,13 +188,13 @@ def _cuda_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softc
 @OP.bind
 @torch.library.custom_op("fastllm::flash_attention", mutates_args=())
 def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-        causal: bool, scale: float, window: int, softcap: float, sinks: Optional[torch.Tensor], backend: str
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-    return OP.impls[backend](q, k, v, mask, causal, scale, window, softcap, sinks)
+        causal: bool, scale: float, window: int, softcap: float, sinks: Optional[torch.Tensor],
+        bias: Optional[torch.Tensor], backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return OP.impls[backend](q, k, v, mask, causal, scale, window, softcap, sinks, bias)
 
 
 @_op.register_fake
-def _(q, k, v, mask, causal, scale, window, softcap, sinks, backend):
+def _(q, k, v, mask, causal, scale, window, softcap, sinks, bias, backend):
     B, Hq, Sq, D = q.shape
     return (q.new_empty((B, Sq, Hq, D)), q.new_empty((B, Hq, Sq), dtype=torch.float32))
 
@@ -276,7 +286,8 @@ def _normalize(name, D, causal, scale, window, softcap):
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                     scale: Optional[float] = None, mask: Optional[torch.Tensor] = None,
                     window: Optional[int] = None, softcap: Optional[float] = None,
-                    sinks: Optional[torch.Tensor] = None, return_lse: bool = False, backend: str = "auto"):
+                    sinks: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                    return_lse: bool = False, backend: str = "auto"):
     """Exact attention; see the module docstring. Returns out (B, Sq, Hq, D), or (out, lse)."""
     name = "flash_attention"
     q, k, v = to_autocast_dtype(q, k, v)
@@ -299,9 +310,22 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                              f"(B, 1, Sq, Skv), got shape {ms}")
     causal, scale, window, softcap = _normalize(name, D, causal, scale, window, softcap)
     sinks = check_sinks(name, sinks, q, Hq)
-    b = OP.select(backend, q.device, q, k, v, mask, causal, scale, window, softcap, sinks)
-    out, lse = OP.call(b, q, k, v, mask, causal, scale, window, softcap, sinks)
+    _check_bias(name, bias, q, B, Hq, Sq, Skv)
+    b = OP.select(backend, q.device, q, k, v, mask, causal, scale, window, softcap, sinks, bias)
+    out, lse = OP.call(b, q, k, v, mask, causal, scale, window, softcap, sinks, bias)
     return (out, lse) if return_lse else out
+
+
+def _check_bias(name, bias, q, B, Hq, Sq, Skv):
+    if bias is None:
+        return
+    check_tensor(name, "bias", bias, dtypes=FLOAT_DTYPES)
+    if bias.device != q.device:
+        raise ValueError(f"{name}: argument 'bias' must be on the device of 'q' ({q.device}), got {bias.device}")
+    bs = tuple(bias.shape)
+    if bias.dim() != 4 or any(n not in (1, full) for n, full in zip(bs, (B, Hq, Sq, Skv))):
+        raise ValueError(f"{name}: argument 'bias' must be broadcastable as ({B} or 1, {Hq} or 1, {Sq} or 1, "
+                         f"{Skv} or 1) (B, Hq, Sq, Skv), got shape {bs}")
 
 
 def _check_varlen_values(name, cu_q, cu_k, total_q, total_k, max_q, max_k):

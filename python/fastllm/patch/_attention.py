@@ -11,7 +11,9 @@ dispatches through `ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implement
     attention_mask          what the mask function registered under the same name built. We
                             register transformers' own `sdpa_mask`, so it is None or a bool
                             (B, 1, Sq, Skv), True = attend. A model given a 4-D mask by the user
-                            passes that through unchanged (it may be a float additive mask).
+                            passes that through unchanged (it may be a float additive mask), and
+                            some models hand an additive score bias over as the mask (relative
+                            positions: Swin's combined_mask, BEiT, Parakeet's matrix_bd).
     kwargs                  softcap (Gemma 2: attn_logit_softcapping, maybe None),
                             sliding_window (Mistral / Qwen2 / Qwen3 / Gemma 2 / Phi-3),
                             is_causal (overrides module.is_causal; seq2seq models), plus the
@@ -25,6 +27,10 @@ What the mask means when it is None (`sdpa_mask` skips building it, exactly as f
     cache slots (sdpa_mask only skips when q_offset == 0). Like transformers' sdpa
     integration we slice k/v to the first Sq keys; then top-left == bottom-right alignment;
   * not causal (encoders: module.is_causal False; is_causal=False kwarg): attend to all.
+A float mask that is exactly a mask (every value 0 or hugely negative) becomes a bool mask;
+any other float mask is an additive bias (per head allowed), passed as flash_attention's
+`bias` (calls with a bias always go to flash_attention; the CUDA kernels do not take one, so
+auto serves them with Triton on a GPU). A bool mask whose heads differ becomes such a bias too.
 When a mask is given it already holds causality, padding and the sliding window, in absolute
 cache positions, so the op gets causal=False and no window: its bottom-right aligned `window`
 would be wrong against a StaticCache (Skv = max_cache_len, not the number of tokens seen).
@@ -64,10 +70,8 @@ IMPL_PREFIX = "fastllm"
 UNSUPPORTED_KWARGS = {
     "position_bias": "an additive position bias (T5-style relative attention)",
     "cache": "a paged KV cache (continuous batching)",
-    # Sparse attention (DeepSeek-V3.2's indexer, block-sparse layers): the keys each query may
-    # read. Ignoring them would attend everything; those models are refused by layer_types
-    # today, this keeps any other caller from getting a silent dense answer.
-    "indices": "sparse attention over selected keys (indices=)",
+    # Block-sparse layers: the key blocks each query may read. Ignoring them would attend
+    # everything. (Per-key `indices=`, DeepSeek-V3.2's indexer, are applied as a mask.)
     "block_indices": "block-sparse attention (block_indices=)",
 }
 
@@ -114,14 +118,20 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         warnings.warn("fastllm attention does not return attention weights (output_attentions=True gives "
                       "none); fastllm.unpatch(model) or model.set_attn_implementation('eager') to get them.",
                       UserWarning, stacklevel=2)
-    mask = attention_mask
+    mask, bias = attention_mask, None
     q_len = query.shape[2]
     if mask is not None:
         if mask.dtype != torch.bool:
-            mask = _bool_from_additive(mask, module)
-        if mask.dim() == 4 and mask.shape[1] > 1:
-            mask = _one_mask_for_all_heads(mask, module)
+            mask, bias = _split_additive(mask, module)
+        if mask is not None and mask.dim() == 4 and mask.shape[1] > 1:
+            mask, bias = _one_mask_for_all_heads(mask)
         causal = False   # the mask holds causality (and padding, window) in cache positions
+        if kwargs.get("indices") is not None:
+            mask, bias = _select_keys(mask, bias, kwargs["indices"], key.shape[2], module)
+    elif kwargs.get("indices") is not None:
+        raise NotImplementedError(
+            f"fastllm attention: {type(module).__name__} passes indices= (the keys each query may read) without "
+            "an attention mask; fastllm applies them to the mask. fastllm.unpatch(model) to run it.")
     else:
         is_causal = kwargs.get("is_causal")
         if is_causal is None:
@@ -143,13 +153,13 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             value = F.pad(value, (0, dq - dv))
         else:
             query, key = F.pad(query, (0, dv - dq)), F.pad(key, (0, dv - dq))
-    if _kernel_for(q_len, key.shape[2], mask is not None) is decode_attention:
+    if bias is None and _kernel_for(q_len, key.shape[2], mask is not None) is decode_attention:
         # mask given: it alone decides (causal is False above); else Sq == 1 sees every key.
         out = decode_attention(query, key, value, scale=scaling, mask=mask, softcap=softcap, sinks=sinks,
                                backend=_fastllm_backend)
     else:
         out = flash_attention(query, key, value, causal=causal, scale=scaling, mask=mask,
-                              softcap=softcap, sinks=sinks, backend=_fastllm_backend)
+                              softcap=softcap, sinks=sinks, bias=bias, backend=_fastllm_backend)
     return (out[..., :dv] if dq != dv else out), None
 
 
@@ -175,32 +185,50 @@ def _sinks(module, n_heads, kwargs):
 MASKED_AT_OR_BELOW = -1e4
 
 
-def _bool_from_additive(mask, module):
-    """A float 4-D mask as transformers' eager path uses it (added to the scores): exactly a bool
-    mask when every value is 0 (attend) or hugely negative (-inf, the dtype's minimum, -1e4 and
-    below); some models build such masks themselves (Pixtral's block mask). Anything else is a
-    bias, which fastllm's kernels do not add (Doge's dynamic mask: refused at patch time)."""
+def _split_additive(mask, module):
+    """(bool mask, None) or (None, bias) for a float mask as transformers' eager path uses it
+    (added to the scores). Exactly a mask when every value is 0 (attend) or hugely negative
+    (-inf, the dtype's minimum, -1e4 and below; Pixtral's block mask): then the kernels skip
+    what it rules out, and decode calls keep the decode kernel. Anything else is a bias (relative
+    positions, Swin's shifted-window -100), added by flash_attention, broadcast from the left to
+    4-D as eager broadcasting does."""
     if not mask.is_floating_point():
         raise TypeError(f"fastllm attention: {type(module).__name__} got a {mask.dtype} attention mask; "
                         "expected bool (True = attend) or a float additive mask")
     allowed = mask == 0
-    if not (allowed | (mask <= MASKED_AT_OR_BELOW)).all():
-        raise TypeError(
-            f"fastllm attention: {type(module).__name__} got a {mask.dtype} additive mask holding values "
-            f"other than 0 and large negatives (<= {MASKED_AT_OR_BELOW:g}, -inf, the dtype's minimum): a bias "
-            "on the scores, not a mask, which fastllm's kernels do not add. Pass the 2-D padding mask, or "
-            "fastllm.unpatch(model) for this model.")
-    return allowed
+    if (allowed | (mask <= MASKED_AT_OR_BELOW)).all():
+        return allowed, None
+    if mask.dim() > 4:
+        raise NotImplementedError(
+            f"fastllm attention: {type(module).__name__} got a {mask.dim()}-D additive mask {tuple(mask.shape)}; "
+            "fastllm adds biases broadcastable to (B, Hq, Sq, Skv). fastllm.unpatch(model) for this model.")
+    bias = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)) if mask.dim() < 4 else mask
+    return None, (bias if bias.dtype in (torch.float16, torch.bfloat16, torch.float32) else bias.float())
 
 
-def _one_mask_for_all_heads(mask, module):
-    """A (B, H, Sq, Skv) mask: the kernels take one mask for all heads (B, 1, Sq, Skv)."""
+def _select_keys(mask, bias, indices, n_keys, module):
+    """DeepSeek-V3.2-style sparse attention: indices (B, Sq, topk) are the keys each query may
+    read (its indexer's top-k; out-of-range entries ignored), applied on top of the mask as
+    transformers' eager / sdpa paths do. Exact; costs a (B, 1, Sq, Skv) bool mask per call."""
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 3 or indices.is_floating_point():
+        got = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
+        raise NotImplementedError(f"fastllm attention: {type(module).__name__} passes indices= {got}; fastllm "
+                                  "applies integer (B, Sq, topk) key indices. fastllm.unpatch(model) to run it.")
+    idx = indices.long()
+    idx = torch.where((idx >= 0) & (idx < n_keys), idx, n_keys)   # the spare column takes the rest
+    chosen = torch.zeros(*idx.shape[:2], n_keys + 1, dtype=torch.bool, device=idx.device)
+    chosen = chosen.scatter_(-1, idx, True)[..., :n_keys].unsqueeze(1)
+    if bias is not None:
+        return None, torch.where(chosen, bias, float("-inf"))
+    return mask & chosen, None
+
+
+def _one_mask_for_all_heads(mask):
+    """A (B, H, Sq, Skv) bool mask: the kernels take one mask for all heads (B, 1, Sq, Skv); one
+    whose heads differ becomes an additive bias (0 / -inf) instead."""
     if torch.equal(mask, mask[:, :1].expand_as(mask)):
-        return mask[:, :1]
-    raise NotImplementedError(
-        f"fastllm attention: {type(module).__name__} got a per-head attention mask {tuple(mask.shape)} whose "
-        "heads differ; fastllm's kernels take one mask for all heads (B, 1, Sq, Skv). Pass a mask without "
-        "a head dimension, or fastllm.unpatch(model) for this model.")
+        return mask[:, :1], None
+    return None, torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 _REGISTERED = set()

@@ -10,7 +10,7 @@ from ..ops.registry import OPS, resolve_request
 from . import _attention, _linear
 from ._model import cfg_get, text_config
 from .report import OpEntry
-from .rules import as_linear
+from .rules import as_linear, score_bias_source
 
 
 def _int(v):
@@ -69,7 +69,22 @@ def attention_entry(model, attn, backend, device, dtype) -> OpEntry:
             else f"prefill calls go to {prefill}, decode calls (few queries) to {decode}")
     if backend != resolve_request(backend):
         note += f"; FASTLLM_BACKEND={resolve_request(backend)}"
-    return _per_head_dim(OPS["flash_attention"], model, attn, backend, device, dtype, lambda a: a, note)
+    make_args = _identity
+    src = score_bias_source(model, attn)
+    if src:   # probed with a bias (the CUDA kernels take none): the backend these calls get
+        note += f"; its scores get an additive bias ({src}), which flash_attention adds"
+        make_args = _with_bias
+    return _per_head_dim(OPS["flash_attention"], model, attn, backend, device, dtype, make_args, note)
+
+
+def _identity(a):
+    return a
+
+
+def _with_bias(a):
+    """A typical call's arguments plus sinks None and a per-head (1, Hq, Sq, Skv) bias."""
+    q, k = a[0], a[1]
+    return a + (None, q.new_empty(1, q.shape[1], q.shape[2], k.shape[2]))
 
 
 def decode_entry(model, attn, backend, device, dtype) -> OpEntry:

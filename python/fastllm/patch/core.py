@@ -48,7 +48,7 @@ from ._options import normalize_options
 from ._skip import install_skip, remove_skip, resolve_skip
 from .report import ModuleEntry, PatchReport
 from .rules import (DEFAULT_EXCLUDED, LINEAR_DEFAULT_EXCLUDE, RULES,
-                    attention_unsupported_reason, bias_parameter_reason, sparse24_class)
+                    attention_unsupported_reason, sparse24_class)
 
 STATE_ATTR = "_fastllm_patch"
 
@@ -123,9 +123,6 @@ def _check_supported(model, options, transformers) -> Tuple[List[Tuple[str, nn.M
         if why:
             raise UnsupportedModelError(f"{name}: attention module {n} ({type(m).__name__}): {why}. "
                                         "Model left unchanged.")
-    why = bias_parameter_reason(model)
-    if why:
-        raise UnsupportedModelError(f"{name}: {why}. Model left unchanged.")
     cfg = text_config(model)
     bad = _slicing.unguardable(model)
     if bad:

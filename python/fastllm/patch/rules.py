@@ -51,7 +51,10 @@ ATTENTION_SUBLAYER_NAMES: Tuple[str, ...] = ("self_attn",)
 #: within blocks of attention_chunk_size. Layers of any other type are served only if they do not
 #: call the attention function at all (hybrids: linear attention, convolution, state-space layers
 #: keep their own modules); one that does is refused (see _layer_types).
-SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+#: indexed_attention (DeepSeek-V3.2's sparse attention, GLM-MoE-DSA, ...): a causal mask always
+#: materialized, plus the indexer's top-k keys per query as `indices=`, which fastllm applies as
+#: a mask (exactly what transformers' eager / sdpa paths do).
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "indexed_attention")
 
 #: Model methods that hand some layers fewer queries than keys, slicing a mask that may be None
 #: along (a combination transformers turns off for its own sdpa, not for a registered function;
@@ -69,12 +72,12 @@ _INTERFACE_CALL = "ALL_ATTENTION_FUNCTIONS.get_interface("
 # What an attention module's forward may do that fastllm does not implement: (pattern, reason).
 _UNSUPPORTED_SOURCE = (
     (re.compile(r"\b(position_bias)\s*="), "its forward passes {}=... to the attention function"),
-    # Doge: a learned per-head bias added to the scores through the mask, on every call.
-    (re.compile(r"\b(prepare_dynamic_mask)\("), "its forward adds a learned bias to the scores ({})"),
 )
 #: Expressions an attention module passes as the attention function's mask that hold an
 #: additive score bias, not a padding / causal mask (relative positions: Swin's combined_mask,
-#: Parakeet's matrix_bd, ...). fastllm's kernels take a boolean mask: every forward would raise.
+#: Parakeet's matrix_bd, T5-style position_bias, SAM's attention_similarity, ...). Served:
+#: flash_attention adds it (bias=); listed so that the report probes the op with a bias (the
+#: CUDA kernels take none: on a GPU these calls run on Triton).
 BIAS_MASK_ARGUMENTS: Tuple[str, ...] = ("combined_mask", "matrix_bd", "attention_bias", "position_bias",
                                         "attention_similarity")
 #: Parameters (leaf names) of models that add a learned relative position bias to the scores
@@ -101,12 +104,15 @@ def _interface_mask_args(cls) -> Tuple[str, ...]:
     return tuple(out)
 
 
-def bias_parameter_reason(model: nn.Module) -> Optional[str]:
-    """Why the model cannot be served because it adds a learned bias through the mask, or None."""
+def score_bias_source(model: nn.Module, attn) -> Optional[str]:
+    """What hands the model's attention an additive score bias (for the report), or None."""
+    for n, m in attn:
+        bias = [a for a in _interface_mask_args(type(m)) if a in BIAS_MASK_ARGUMENTS]
+        if bias:
+            return f"{type(m).__name__} passes {bias[0]}"
     for n, _ in model.named_parameters():
         if n.rpartition(".")[2] in BIAS_PARAMETERS:
-            return (f"it adds a learned relative position bias ({n}) to the attention scores through the mask; "
-                    "fastllm's attention takes a boolean mask (an additive bias is not implemented)")
+            return f"a learned relative position bias ({n})"
     return None
 
 
@@ -130,10 +136,6 @@ def attention_unsupported_reason(module: nn.Module) -> Optional[str]:
         m = pattern.search(src)
         if m:
             return reason.format(m.group(1)) + " (not implemented)"
-    bias = [a for a in _interface_mask_args(type(module)) if a in BIAS_MASK_ARGUMENTS]
-    if bias:
-        return (f"its forward passes {bias[0]} (an additive score bias) as the attention mask; fastllm's "
-                "attention takes a boolean mask (an additive bias is not implemented)")
     return None
 
 

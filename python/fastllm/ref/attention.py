@@ -9,6 +9,11 @@ Computed the plain way, with the whole (Sq, Skv) score matrix materialized, in f
 
     s[i, j] = scale * <q_i, k_j>                       scale defaults to 1/sqrt(D)
     s       = softcap * tanh(s / softcap)              if softcap (Gemma 2)
+    s       = max(s + bias[b, h, i, j], SCORE_FLOOR)   if bias (an additive score bias: relative
+              positions of Swin / BEiT / Parakeet); -inf stays -inf (masks the key), finite
+              sums are floored at -2^126 so that the kernels' exp2 arithmetic cannot overflow:
+              a row whose keys all carry the dtype's minimum (transformers' "masked" value)
+              then averages them uniformly, as eager attention does
     allowed[i, j] = mask[b, 0, i, j]                   mask: bool, True = attend
                   & (j <= p_i)                         if causal
                   & (j > p_i - window)                 if window (W keys, own included)
@@ -30,6 +35,17 @@ import math
 from typing import Optional, Tuple
 
 import torch
+
+
+#: Finite biased scores are floored here (see the module docstring): -2^126 times log2(e) is
+#: still a normal fp32 number, the dtype minimum (-3.4e38) times log2(e) is -inf.
+SCORE_FLOOR = -2.0 ** 126
+
+
+def add_bias(s: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Scores plus an additive bias (broadcast), finite results floored at SCORE_FLOOR."""
+    s = s + bias.to(s.dtype)
+    return torch.where(s == float("-inf"), s, s.clamp_min(SCORE_FLOOR))
 
 
 def _acc_dtype(dtype):
@@ -55,8 +71,10 @@ def allowed_keys(Sq: int, Skv: int, *, causal: bool, window: Optional[int] = Non
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                     scale: Optional[float] = None, mask: Optional[torch.Tensor] = None,
                     window: Optional[int] = None, softcap: Optional[float] = None,
-                    sinks: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, Sq, Hq, D) contiguous in q.dtype, lse (B, Hq, Sq) float32/float64)."""
+                    sinks: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, Sq, Hq, D) contiguous in q.dtype, lse (B, Hq, Sq) float32/float64). bias: float,
+    broadcastable to (B, Hq, Sq, Skv)."""
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     if scale is None:
@@ -71,6 +89,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     s = torch.matmul(qf, kf.transpose(-1, -2)).view(B, Hq, Sq, Skv) * scale   # (B, Hq, Sq, Skv)
     if softcap is not None and softcap > 0:
         s = softcap * torch.tanh(s / softcap)
+    if bias is not None:
+        s = add_bias(s, bias)
     allowed = allowed_keys(Sq, Skv, causal=causal, window=window, mask=mask, device=q.device)
     s = s.masked_fill(~allowed, float("-inf"))
     # p = 0 there, but 0 * NaN = NaN: keys nobody attends are zeroed (unused cache slots).
@@ -79,11 +99,14 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         z = sinks.to(acc).view(1, Hq, 1, 1).expand(B, Hq, Sq, 1)
         s = torch.cat([s, z], dim=-1)
 
-    lse = torch.logsumexp(s, dim=-1)                                          # -inf: empty row
-    # Only an empty row (-inf) is made safe; a +inf lse (a score overflowed) must give NaN as
-    # the kernels and SDPA do, not exp(s - 0) = inf.
-    lse_safe = torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)
-    p = torch.exp(s - lse_safe[..., None])                                    # exp(-inf) = 0
+    # Softmax relative to the row max, normalized by the sum (not exp(s - lse): where scores sit
+    # at the bias floor, ~-1e38, lse has lost ln(n) to rounding). Only an empty row (max -inf)
+    # is made safe; a +inf score must give NaN as the kernels and SDPA do.
+    m = s.amax(dim=-1, keepdim=True) if s.shape[-1] else s.new_full((*s.shape[:-1], 1), float("-inf"))
+    e = torch.exp(s - torch.where(m == float("-inf"), torch.zeros_like(m), m))   # exp(-inf) = 0
+    den = e.sum(dim=-1, keepdim=True)
+    lse = (m + torch.log(den)).squeeze(-1)                                    # -inf: empty row
+    p = e / torch.where(den == 0, torch.ones_like(den), den)
     p = p[..., :Skv].contiguous() if sinks is not None else p
     out = torch.matmul(p.view(B, Hkv, group * Sq, Skv), vf).view(B, Hq, Sq, D)
     out = out.transpose(1, 2).to(q.dtype).contiguous()
