@@ -255,6 +255,9 @@ def test_attention_function_adds_biases_and_per_head_masks():
     got, _ = _attention.attention_forward(module, q, k, v, per_head, scaling=0.3, _fastllm_backend="torch")
     add = torch.zeros(per_head.shape).masked_fill(~per_head, float("-inf"))
     torch.testing.assert_close(got, _eager(q, k, v, add, 0.3), rtol=1e-5, atol=1e-5)
+    exact = torch.zeros(5, 7).masked_fill(torch.ones(5, 7, dtype=torch.bool).triu(3), float("-inf"))   # 2-D, a mask
+    got, _ = _attention.attention_forward(module, q, k, v, exact, scaling=0.3, _fastllm_backend="torch")
+    torch.testing.assert_close(got, _eager(q, k, v, exact, 0.3), rtol=1e-5, atol=1e-5)
     with pytest.raises(NotImplementedError, match=r"5-D additive mask"):
         _attention.attention_forward(module, q, k, v, torch.randn(1, 2, 4, 5, 7))
 

@@ -195,15 +195,15 @@ def _split_additive(mask, module):
     if not mask.is_floating_point():
         raise TypeError(f"fastllm attention: {type(module).__name__} got a {mask.dtype} attention mask; "
                         "expected bool (True = attend) or a float additive mask")
-    allowed = mask == 0
-    if (allowed | (mask <= MASKED_AT_OR_BELOW)).all():
-        return allowed, None
     if mask.dim() > 4:
         raise NotImplementedError(
             f"fastllm attention: {type(module).__name__} got a {mask.dim()}-D additive mask {tuple(mask.shape)}; "
-            "fastllm adds biases broadcastable to (B, Hq, Sq, Skv). fastllm.unpatch(model) for this model.")
-    bias = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)) if mask.dim() < 4 else mask
-    return None, (bias if bias.dtype in (torch.float16, torch.bfloat16, torch.float32) else bias.float())
+            "fastllm adds masks broadcastable to (B, Hq, Sq, Skv). fastllm.unpatch(model) for this model.")
+    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    allowed = mask == 0
+    if (allowed | (mask <= MASKED_AT_OR_BELOW)).all():
+        return allowed, None
+    return None, (mask if mask.dtype in (torch.float16, torch.bfloat16, torch.float32) else mask.float())
 
 
 def _select_keys(mask, bias, indices, n_keys, module):
