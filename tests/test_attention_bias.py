@@ -76,6 +76,10 @@ def test_masking_values_in_the_bias(backend, dtype):
     bias[..., 2, :] = torch.finfo(dtype).min               # row 2: all "masked" -> uniform average
     bias[..., 3, 10:] = torch.finfo(dtype).min             # row 3: keys 0..9 (and no others)
     out, lse = run_and_check(backend, q, k, v, causal=False, bias=bias)
+    if backend == "triton":   # the kernel's floor is the reference's
+        from fastllm.ref.attention import SCORE_FLOOR
+        from fastllm.triton_kernels import flash_attention as kernel
+        assert kernel.SCORE_FLOOR.value == SCORE_FLOOR
     assert (out[0, 1] == 0).all() and torch.isneginf(lse[0, :, 1]).all()
     assert torch.isfinite(lse[0, :, 2]).all()
     if dtype != torch.float16:   # fp16's minimum (-65504) is a shift the softmax undoes, not a mask

@@ -53,7 +53,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attention import _tanh, mask_key_range, mask_scan_keys, online_softmax_step, softmax_finish
+from .flash_attention import (_tanh, broadcast_strides, mask_key_range, mask_scan_keys, online_softmax_step,
+                              softmax_finish)
 
 # Keys per tile and warps per program, by padded head dim. Decode is bandwidth bound: tiles
 # big enough for 16-byte loads and a few loads in flight (num_stages), small enough that many
@@ -274,7 +275,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, mask, scal
     bm, bn, bd, warps, stages = tile_config(D, q.dtype, group * Sq, interp)
     if mask is not None:
         m = torch.broadcast_to(mask, (B, 1, Sq, capacity)).view(torch.uint8)
-        m_strides = tuple(m.stride(i) if m.size(i) > 1 else 0 for i in (0, 2, 3))
+        m_strides = broadcast_strides(m, (0, 2, 3))
     else:
         m, m_strides = out, (0, 0, 0)
     # More pieces than key tiles would only be empty partials (memory, combine work).

@@ -65,6 +65,10 @@ _CONFIGS_FP32 = {
     "sm86": {64: (16, 64, 4, 2), 128: (16, 32, 2, 2), 256: (16, 32, 2, 2)},
     "sm90": {64: (16, 64, 4, 2), 128: (16, 64, 4, 2), 256: (16, 64, 4, 2)},
 }
+#: Floor of finite biased scores: fastllm.ref.attention.SCORE_FLOOR (-2^126; times log2(e) it is
+#: still a normal fp32 number, where the dtype minimum a bias may hold overflows to -inf).
+SCORE_FLOOR = tl.constexpr(-2.0 ** 126)
+
 # The interpreter runs each tl op as a numpy call per program: bigger tiles mean fewer
 # programs and less Python overhead; 64 keeps causal block skipping meaningful.
 _INTERPRET_CONFIG = (64, 64, 4, 1)
@@ -196,7 +200,7 @@ def _attn_blocks(acc, l_i, m_i, q, k_base, v_base, m_base, bias_base, start, end
             bias = tl.load(bias_base + offs_n.to(tl.int64)[None, :] * stride_bk,
                            mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             s = s + bias.to(tl.float32)
-            s = tl.where(s == float("-inf"), s, tl.maximum(s, -8.507059173023462e+37))   # -2^126
+            s = tl.where(s == float("-inf"), s, tl.maximum(s, SCORE_FLOOR))
         if BOUNDARY:
             allowed = col_ok[None, :]
             if CAUSAL:
@@ -304,17 +308,17 @@ def flash_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, m_base, bias_base, lo, full_lo, pos, row_ok,
-                                 d_ok, offs_d, seqlen_k, stride_ks, stride_vs, stride_mk, stride_bk, scale,
-                                 softcap, window, BLOCK_N, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+    acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, m_base, bias_base, lo, full_lo, pos,
+                                 row_ok, d_ok, offs_d, seqlen_k, stride_ks, stride_vs, stride_mk, stride_bk,
+                                 scale, softcap, window, BLOCK_N, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
                                  HAS_MASK, HAS_BIAS, DOT_PRECISION, INTERPRET)
-    acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, m_base, bias_base, full_lo, full_hi, pos, row_ok,
-                                 d_ok, offs_d, seqlen_k, stride_ks, stride_vs, stride_mk, stride_bk, scale,
-                                 softcap, window, BLOCK_N, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+    acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, m_base, bias_base, full_lo, full_hi, pos,
+                                 row_ok, d_ok, offs_d, seqlen_k, stride_ks, stride_vs, stride_mk, stride_bk,
+                                 scale, softcap, window, BLOCK_N, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
                                  HAS_MASK, HAS_BIAS, DOT_PRECISION, INTERPRET)
-    acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, m_base, bias_base, full_hi, hi, pos, row_ok,
-                                 d_ok, offs_d, seqlen_k, stride_ks, stride_vs, stride_mk, stride_bk, scale,
-                                 softcap, window, BLOCK_N, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+    acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, m_base, bias_base, full_hi, hi, pos,
+                                 row_ok, d_ok, offs_d, seqlen_k, stride_ks, stride_vs, stride_mk, stride_bk,
+                                 scale, softcap, window, BLOCK_N, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
                                  HAS_MASK, HAS_BIAS, DOT_PRECISION, INTERPRET)
 
     if HAS_SINKS:
@@ -325,6 +329,12 @@ def flash_attention_fwd_kernel(
               + (q_start + offs_m).to(tl.int64)[:, None] * stride_os + offs_d[None, :])
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(Lse + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m, lse, mask=row_ok)
+
+
+def broadcast_strides(t, dims):
+    """t's strides in `dims`, 0 where a dim has size 1: a broadcast dim is read at stride 0
+    whatever stride its size-1 dim reports."""
+    return tuple(t.stride(i) if t.size(i) > 1 else 0 for i in dims)
 
 
 def _launch(q, k, v, mask, out, lse, cu_q, cu_k, q_strides, k_strides, v_strides, o_strides,
@@ -339,11 +349,10 @@ def _launch(q, k, v, mask, out, lse, cu_q, cu_k, q_strides, k_strides, v_strides
     bm, bn, bd, warps, stages = tile_config(D, q.dtype, max_q, q.device, interp, bias is not None)
     if mask is not None:
         m = mask.view(torch.uint8)                    # same bytes; strides kept (expanded views too)
-        m_strides = tuple(m.stride(i) if m.size(i) > 1 else 0 for i in (0, 2, 3))
+        m_strides = broadcast_strides(m, (0, 2, 3))
     else:
         m, m_strides = out, (0, 0, 0)
-    # Broadcast dims read with stride 0 (whatever stride a size-1 dim reports).
-    b_strides = tuple(bias.stride(i) if bias.size(i) > 1 else 0 for i in range(4)) if bias is not None else (0,) * 4
+    b_strides = broadcast_strides(bias, range(4)) if bias is not None else (0,) * 4
     varlen = cu_q is not None
     grid = (triton.cdiv(max_q, bm), Hq, B)
     extra = {} if interp else {"num_warps": warps, "num_stages": stages}

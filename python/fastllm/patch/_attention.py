@@ -58,6 +58,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from ..ops._checks import FLOAT_DTYPES
 from ..ops.attention import flash_attention
 from ..ops.decode import MAX_QUERIES as DECODE_MAX_Q
 from ..ops.decode import decode_attention
@@ -203,7 +204,7 @@ def _split_additive(mask, module):
     allowed = mask == 0
     if (allowed | (mask <= MASKED_AT_OR_BELOW)).all():
         return allowed, None
-    return None, (mask if mask.dtype in (torch.float16, torch.bfloat16, torch.float32) else mask.float())
+    return None, (mask if mask.dtype in FLOAT_DTYPES else mask.float())
 
 
 def _select_keys(mask, bias, indices, n_keys, module):

@@ -16,6 +16,7 @@ other calls go through unchanged. The remaining sliced calls are exact for fastl
 every mask given (sliced with the queries), or one query (logits_to_keep = 1) against a dynamic
 cache with mask None, which attends to every key.
 """
+import functools
 import inspect
 
 from .rules import QUERY_SLICING_METHODS
@@ -28,12 +29,17 @@ def _slicing_methods(module):
     return [(m, a) for m, a in QUERY_SLICING_METHODS if callable(getattr(type(module), m, None))]
 
 
+@functools.lru_cache(None)
+def _signature(cls, method):
+    return inspect.signature(getattr(cls, method))
+
+
 def unguardable(model):
     """(module name, method) of a slicing method whose signature has no argument to turn the
     shortcut off (a transformers version fastllm does not know), else None."""
     for name, mod in model.named_modules():
         for method, arg in _slicing_methods(mod):
-            if arg not in inspect.signature(getattr(type(mod), method)).parameters:
+            if arg not in _signature(type(mod), method).parameters:
                 return name, method
     return None
 
@@ -42,14 +48,14 @@ class SliceGuard:
     def __init__(self, module, method, argument):
         self.module, self.method, self.argument = module, method, argument
 
-    def __call__(self, *args, **kwargs):
-        fn = getattr(type(self.module), self.method)
-        bound = inspect.signature(fn).bind(self.module, *args, **kwargs)
+    def __call__(self, *args, **kwargs):   # once per forward: the signature is parsed once per class
+        cls = type(self.module)
+        bound = _signature(cls, self.method).bind(self.module, *args, **kwargs)
         a = bound.arguments
         keep = a.get(self.argument)
         if isinstance(keep, int) and keep != _KEEP_ALL and _ambiguous(keep, a):
             a[self.argument] = _KEEP_ALL
-        return fn(*bound.args, **bound.kwargs)
+        return getattr(cls, self.method)(*bound.args, **bound.kwargs)
 
 
 def _ambiguous(keep, a) -> bool:
