@@ -102,12 +102,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("q_head_stride"), py::arg("q_row_stride"), py::arg("k_batch_stride"),
         py::arg("k_head_stride"), py::arg("k_row_stride"), py::arg("v_batch_stride"),
         py::arg("v_head_stride"), py::arg("v_row_stride"), py::arg("mask_batch_stride"),
-        py::arg("mask_row_stride"), py::arg("mask_col_stride"), py::arg("scale"), py::arg("window"),
+        py::arg("mask_row_stride"), py::arg("mask_col_stride"), py::arg("sinks"), py::arg("bias"),
+        py::arg("bias_dtype"), py::arg("bias_batch_stride"), py::arg("bias_head_stride"),
+        py::arg("bias_row_stride"), py::arg("bias_col_stride"), py::arg("scale"), py::arg("window"),
         py::arg("softcap"), py::arg("causal"), py::arg("stream"));
   m.def("flash_attention_varlen_fwd", &fastllm::flash_attention_varlen_fwd,
         py::call_guard<py::gil_scoped_release>(), py::arg("device"), py::arg("dtype"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
-        py::arg("batch"), py::arg("total_q"), py::arg("total_k"), py::arg("heads_q"), py::arg("heads_kv"),
+        py::arg("sinks"), py::arg("batch"), py::arg("total_q"), py::arg("total_k"), py::arg("heads_q"),
+        py::arg("heads_kv"),
         py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("head_dim"), py::arg("q_head_stride"), py::arg("q_row_stride"),
         py::arg("k_head_stride"), py::arg("k_row_stride"), py::arg("v_head_stride"), py::arg("v_row_stride"),
         py::arg("scale"), py::arg("window"), py::arg("softcap"), py::arg("causal"), py::arg("stream"));
@@ -129,6 +132,6 @@ PYBIND11_MODULE(_C, m) {
         py::arg("block_table_stride"), py::arg("q_batch_stride"), py::arg("q_head_stride"), py::arg("q_row_stride"),
         py::arg("k_batch_stride"), py::arg("k_head_stride"), py::arg("k_row_stride"), py::arg("v_batch_stride"),
         py::arg("v_head_stride"), py::arg("v_row_stride"), py::arg("mask_batch_stride"), py::arg("mask_row_stride"),
-        py::arg("mask_col_stride"), py::arg("scale"), py::arg("window"), py::arg("softcap"), py::arg("num_splits"),
-        py::arg("stream"));
+        py::arg("mask_col_stride"), py::arg("sinks"), py::arg("scale"), py::arg("window"), py::arg("softcap"),
+        py::arg("num_splits"), py::arg("stream"));
 }

@@ -326,40 +326,44 @@ def test_sinks(backend, dtype, causal):
     run_and_check(backend, q, k, v, causal=False, mask=mask, window=5, softcap=30.0, sinks=sinks)
 
 
-def test_sinks_epilogue_of_the_cuda_glue(monkeypatch):
-    """The CUDA kernels take no sinks: their glue rescales (out, lse) (fastllm/ops/_sinks.py).
-    Checked on any machine with the kernel hooks replaced by the reference without sinks:
-    empty rows get lse = the sink, varlen rows no sequence covers keep out 0 / lse -inf."""
+def test_cuda_backends_hand_sinks_and_bias_to_the_kernels(monkeypatch):
+    """The CUDA kernels fold sinks (and the prefill kernel a bias) in themselves: the backends pass
+    the normalized arguments through, with no epilogue of their own. Checked on any machine with
+    the glue's kernel calls replaced by the reference (the kernels themselves: test_simt_*.py)."""
     from fastllm.ops import _attention_cuda, _decode_cuda
     from fastllm.ops import decode as decode_ops
     from fastllm.ops.attention import OP, OP_VARLEN
-    monkeypatch.setattr(_attention_cuda, "flash_attention_cuda", lambda q, k, v, mask, causal, scale, window, softcap:
-                        ref.flash_attention(q, k, v, causal=causal, scale=scale, mask=mask))
-    monkeypatch.setattr(_attention_cuda, "flash_attention_varlen_cuda",
-                        lambda q, k, v, cu_q, cu_k, mq, mk, causal, scale, window, softcap:
-                        ref.flash_attention_varlen(q, k, v, cu_q, cu_k, causal=causal, scale=scale))
-    monkeypatch.setattr(_decode_cuda, "decode_attention_cuda",
-                        lambda q, k, v, lens, table, mask, scale, window, softcap, splits:
-                        ref.decode_attention(q, k, v, cache_seqlens=lens, scale=scale))
+    seen = []
+
+    def prefill(q, k, v, mask, causal, scale, window, softcap, sinks=None, bias=None):
+        seen.append((sinks, bias))
+        return ref.flash_attention(q, k, v, causal=causal, scale=scale, mask=mask, sinks=sinks, bias=bias)
+
+    def varlen(q, k, v, cu_q, cu_k, mq, mk, causal, scale, window, softcap, sinks=None):
+        seen.append((sinks, None))
+        return ref.flash_attention_varlen(q, k, v, cu_q, cu_k, causal=causal, scale=scale, sinks=sinks)
+
+    def decode(q, k, v, lens, table, mask, scale, window, softcap, splits, sinks=None):
+        seen.append((sinks, None))
+        return ref.decode_attention(q, k, v, cache_seqlens=lens, scale=scale, sinks=sinks)
+    monkeypatch.setattr(_attention_cuda, "flash_attention_cuda", prefill)
+    monkeypatch.setattr(_attention_cuda, "flash_attention_varlen_cuda", varlen)
+    monkeypatch.setattr(_decode_cuda, "decode_attention_cuda", decode)
     sinks = torch.tensor([-1.0, 0.5, 3.0, float("-inf")], device=DEVICE)
     q, k, v = qkv(2, 4, 2, 9, 6, 32, torch.float32)
-    got = OP.impls["cuda"](q, k, v, None, True, 0.2, 0, 0.0, sinks, None)
-    want = ref.flash_attention(q, k, v, causal=True, scale=0.2, sinks=sinks)
-    assert torch.allclose(got[0], want[0], atol=1e-6) and torch.allclose(got[1], want[1], atol=1e-6)
-    assert torch.equal(got[1][:, :, 0], sinks.view(1, 4).expand(2, 4))     # row 0 sees no key
+    bias = rand(1, 4, 9, 6, dtype=torch.float32)
+    got = OP.impls["cuda"](q, k, v, None, True, 0.2, 0, 0.0, sinks, bias)
+    want = ref.flash_attention(q, k, v, causal=True, scale=0.2, sinks=sinks, bias=bias)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and seen[-1] == (sinks, bias)
     lens_q, lens_k = [3, 0, 5], [2, 4, 7]
     q, k, v, cu_q, cu_k = varlen_inputs(lens_q, lens_k, 4, 2, 32, torch.float32)
-    q = torch.cat([q, rand(2, 4, 32, dtype=torch.float32)])                 # 2 rows no sequence covers
     got = OP_VARLEN.impls["cuda"](q, k, v, cu_q, cu_k, 5, 7, True, 0.2, 0, 0.0, sinks)
-    want = ref.flash_attention_varlen(q, k, v, cu_q, cu_k, causal=True, scale=0.2, sinks=sinks)
-    assert torch.allclose(got[0], want[0], atol=1e-6) and torch.allclose(got[1], want[1], atol=1e-6)
-    assert torch.isneginf(got[1][:, -2:]).all() and (got[0][-2:] == 0).all()
+    assert seen[-1][0] is sinks
     q = rand(2, 4, 1, 32, dtype=torch.float32)
     lens = torch.tensor([0, 5], dtype=torch.int32, device=DEVICE)
     kc, vc = (t[None, :8].transpose(1, 2).expand(2, -1, -1, -1) for t in (k, v))   # (2, 2, 8, 32) caches
-    got = decode_ops.OP.impls["cuda"](q, kc, vc, lens, None, None, 0.2, 0, 0.0, 1, sinks)
-    want = ref.decode_attention(q, kc, vc, cache_seqlens=lens, scale=0.2, sinks=sinks)
-    assert torch.allclose(got[0], want[0], atol=1e-6) and torch.allclose(got[1], want[1], atol=1e-6)
+    decode_ops.OP.impls["cuda"](q, kc, vc, lens, None, None, 0.2, 0, 0.0, 1, sinks)
+    assert seen[-1][0] is sinks
 
 
 def test_return_lse_flag_and_default_scale():

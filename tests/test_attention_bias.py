@@ -1,7 +1,7 @@
 """flash_attention(bias=...): an additive score bias (relative position biases: Swin, BEiT,
 Parakeet; ALiBi), every backend vs the float64 reference with the tolerance rule of
-test_attention.py. The CUDA kernels do not take a bias: forced, they refuse (a skip on a GPU
-machine, see conftest.py); auto picks Triton there."""
+test_attention.py. The CUDA kernels take a bias at head dims 64 / 80 / 96 / 128; at 256 they
+refuse (forced: a skip on a GPU machine, see conftest.py) and auto picks Triton."""
 import pytest
 import torch
 
@@ -118,17 +118,19 @@ def test_bad_bias():
             flash_attention(q, k, v, causal=True, bias=torch.zeros(1, 1, 5, 7))
 
 
-def test_cuda_declines_a_bias_auto_moves_on():
+def test_cuda_takes_a_bias_below_head_dim_256_auto_moves_on_above():
     t = lambda *s: torch.empty(*s, dtype=torch.float16, device="meta")  # noqa: E731
     q, k = t(1, 4, 16, 64), t(1, 2, 16, 64)
-    why = OP.supports["cuda"](q, k, k, None, True, 0.125, 0, 0.0, None, t(1, 4, 16, 16))
-    assert "additive score bias (bias=) is not supported by the CUDA kernels" in why
+    assert OP.supports["cuda"](q, k, k, None, True, 0.125, 0, 0.0, None, t(1, 4, 16, 16)) is None
+    q, k = t(1, 4, 16, 256), t(1, 2, 16, 256)
+    why = OP.supports["cuda"](q, k, k, None, True, 0.0625, 0, 0.0, None, t(1, 4, 16, 16))
+    assert "additive score bias at head dim 256" in why
     if DEVICE == "cuda":
-        q, k, v = qkv(1, 4, 2, 16, 16, 64, torch.float16)
+        q, k, v = qkv(1, 4, 2, 16, 16, 256, torch.float16)
         bias = _bias((1, 4, 16, 16), torch.float16)
         with pytest.raises(fastllm.BackendUnavailableError, match="additive score bias"):
-            OP.select("cuda", q.device, q, k, v, None, True, 0.125, 0, 0.0, None, bias)
-        assert OP.select("auto", q.device, q, k, v, None, True, 0.125, 0, 0.0, None, bias) != "cuda"
+            OP.select("cuda", q.device, q, k, v, None, True, 0.0625, 0, 0.0, None, bias)
+        assert OP.select("auto", q.device, q, k, v, None, True, 0.0625, 0, 0.0, None, bias) != "cuda"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

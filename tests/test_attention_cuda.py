@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from fastllm.ref.attention import allowed_keys, flash_attention as ref_attention
-from fastllm.ops._attention_cuda import HEAD_DIMS, cuda_supports, cuda_varlen_supports, flash_attention_cuda
+from fastllm.ops._attention_cuda import (BIAS_HEAD_DIMS, HEAD_DIMS, cuda_supports, cuda_varlen_supports,
+                                         flash_attention_cuda)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = (torch.float16, torch.bfloat16)
@@ -32,17 +33,23 @@ def reference(q, k, v, **kw):
     return ref_attention(q.double(), k.double(), v.double(), **kw)
 
 
-def torch_lowp(q, k, v, *, causal, scale, mask=None, window=None, softcap=None):
-    """Plain PyTorch attention in q.dtype: PyTorch's own error sets the tolerance."""
+def torch_lowp(q, k, v, *, causal, scale, mask=None, window=None, softcap=None, sinks=None, bias=None):
+    """Plain PyTorch attention in q.dtype: PyTorch's own error sets the tolerance. The bias is added
+    in q.dtype, as eager attention adds a float mask; sinks as an extra score column (gpt-oss)."""
     B, Hq, Sq, D = q.shape
     Skv, g = k.shape[2], q.shape[1] // k.shape[1]
     kf, vf = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     s = (q @ kf.transpose(-1, -2)) * scale
     if softcap:
         s = softcap * torch.tanh(s / softcap)
+    if bias is not None:
+        s = s + bias.to(s.dtype)
     s = s.masked_fill(~allowed_keys(Sq, Skv, causal=causal, window=window, mask=mask, device=q.device), float("-inf"))
-    lse = torch.logsumexp(s.float(), -1)
-    p = torch.softmax(s.float(), -1).nan_to_num(0.0).to(q.dtype)
+    s = s.float()
+    if sinks is not None:
+        s = torch.cat([s, sinks.float().view(1, -1, 1, 1).expand(*s.shape[:3], 1)], -1)
+    lse = torch.logsumexp(s, -1)
+    p = torch.softmax(s, -1).nan_to_num(0.0)[..., :Skv].to(q.dtype)
     return (p @ vf).transpose(1, 2), lse
 
 
@@ -56,7 +63,7 @@ def _poison_allocator(device, *nbytes):
     del blocks
 
 
-def run_cuda(q, k, v, *, causal, scale=None, mask=None, window=None, softcap=None):
+def run_cuda(q, k, v, *, causal, scale=None, mask=None, window=None, softcap=None, sinks=None, bias=None):
     B, Hq, Sq, D = q.shape
     _poison_allocator(q.device, B * Sq * Hq * D * q.element_size(), B * Hq * Sq * 4)
     try:
@@ -65,10 +72,10 @@ def run_cuda(q, k, v, *, causal, scale=None, mask=None, window=None, softcap=Non
         flash_attention = None
     if flash_attention is not None:
         out, lse = flash_attention(q, k, v, causal=causal, scale=scale, mask=mask, window=window,
-                                   softcap=softcap, return_lse=True, backend="cuda")
+                                   softcap=softcap, sinks=sinks, bias=bias, return_lse=True, backend="cuda")
     else:
         out, lse = flash_attention_cuda(q, k, v, mask, causal, scale if scale else D ** -0.5,
-                                        window or 0, softcap or 0.0)
+                                        window or 0, softcap or 0.0, sinks, bias)
     torch.cuda.synchronize()
     return out, lse
 
@@ -86,10 +93,12 @@ def make_qkv(B, Hq, Hkv, Sq, Skv, D, dtype, *, q_layout="bshd", kv_layout="bshd"
     return one(Hq, Sq, q_layout), one(Hkv, Skv, kv_layout), one(Hkv, Skv, kv_layout)
 
 
-def check(q, k, v, *, causal, scale=None, mask=None, window=None, softcap=None):
+def check(q, k, v, *, causal, scale=None, mask=None, window=None, softcap=None, sinks=None, bias=None):
+    """The kernel vs float64 (2x PyTorch's own error + a floor). Rows with nothing allowed: out 0
+    and lse -inf, or with a sink lse = the sink (the reference's lse decides which)."""
     D = q.shape[-1]
     scale_ = scale if scale is not None else 1.0 / math.sqrt(D)
-    kw = dict(causal=causal, mask=mask, window=window, softcap=softcap)
+    kw = dict(causal=causal, mask=mask, window=window, softcap=softcap, sinks=sinks, bias=bias)
     out, lse = run_cuda(q, k, v, scale=scale, **kw)
     out_ref, lse_ref = reference(q, k, v, scale=scale_, **kw)
     out_pt, lse_pt = torch_lowp(q, k, v, scale=scale_, **kw)
@@ -206,6 +215,58 @@ def test_no_keys():
     out, lse = flash_attention_cuda(q, k, k, None, False, 0.125, 0, 0.0)
     torch.cuda.synchronize()
     assert (out == 0).all() and torch.isinf(lse).all() and (lse < 0).all()
+    sinks = torch.tensor([-1.0, 0.5, 2.0, float("-inf")], device="cuda")
+    out, lse = flash_attention_cuda(q, k, k, None, False, 0.125, 0, 0.0, sinks)   # the fill kernel
+    torch.cuda.synchronize()
+    assert (out == 0).all() and torch.equal(lse, sinks.view(1, 4, 1).expand(2, 4, 17))
+
+
+# Bias shapes the kernel reads through strides: full, per head (BEiT / Swin tables), per key
+# (ALiBi-like, per sequence), per row; then a transposed view and an fp32 bias on 16-bit inputs.
+def bias_cases(B, Hq, Sq, Skv, dtype, device="cuda"):
+    r = lambda *shape, dt=dtype: (torch.randn(*shape, device=device) * 3).to(dt)   # noqa: E731
+    return [r(B, Hq, Sq, Skv), r(1, Hq, Sq, Skv), r(B, 1, 1, Skv), r(1, 1, Sq, 1),
+            r(1, Hq, Skv, Sq).transpose(2, 3), r(B, Hq, Sq, Skv, dt=torch.float32)]
+
+
+def masking_bias(Hq, Sq, Skv, dtype, device="cuda"):
+    """A bias that masks: row 0 keys 0..2 only (-inf), row 1 nothing (-inf: empty row), row 2 every
+    key the dtype's minimum (uniform average, the -2^126 floor), row 3 keys 0..9 (the rest minimum)."""
+    bias = (torch.randn(1, Hq, Sq, Skv, device=device) * 3).to(dtype)
+    bias[..., 0, 3:] = float("-inf")
+    bias[..., 1, :] = float("-inf")
+    bias[..., 2, :] = torch.finfo(dtype).min
+    bias[..., 3, 10:] = torch.finfo(dtype).min
+    return bias
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("D", BIAS_HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bias(dtype, D, causal):
+    B, Hq, Hkv, Sq, Skv = 2, 8, 2, 97, 1025
+    q, k, v = make_qkv(B, Hq, Hkv, Sq, Skv, D, dtype)
+    for bias in bias_cases(B, Hq, Sq, Skv, dtype):
+        check(q, k, v, causal=causal, bias=bias)
+    check(q, k, v, causal=False, bias=masking_bias(Hq, Sq, Skv, dtype))
+    keep = torch.rand(B, 1, 1, Skv, device="cuda") > 0.2
+    sinks = torch.linspace(-2.0, 4.0, Hq, device="cuda")
+    check(q, k, v, causal=causal, bias=bias_cases(B, Hq, Sq, Skv, dtype)[1], mask=keep, window=200,
+          softcap=30.0, sinks=sinks)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sinks(dtype, D):
+    # Causal with Sq > Skv: the first rows see no key (out 0, lse = the sink); -inf: no sink.
+    sinks = torch.tensor([-30.0, -1.0, 0.5, 2.0, 12.0, float("-inf"), 0.0, 3.0], device="cuda")
+    for Sq, Skv, causal in ((97, 1025, True), (130, 97, True), (1025, 1025, False)):
+        q, k, v = make_qkv(2, 8, 2, Sq, Skv, D, dtype)
+        check(q, k, v, causal=causal, sinks=sinks)
+    keep = torch.rand(2, 1, 1, 1025, device="cuda") > 0.2
+    check(q, k, v, causal=True, sinks=sinks, mask=keep, window=64, softcap=20.0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -257,6 +318,32 @@ def test_supports_reasons():
     assert "dtype" in cuda_supports(q, _q(dtype=torch.bfloat16), q, None, True, 0.1, 0, 0.0)
 
 
+def test_supports_bias_and_sinks():
+    q = _q()
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        for shape in ((2, 8, 17, 17), (1, 8, 17, 17), (2, 1, 1, 17), (1, 1, 17, 1)):
+            assert cuda_supports(q, q, q, None, True, 0.1, 0, 0.0, None, torch.empty(shape, dtype=dt)) is None
+    t = torch.empty(1, 8, 17, 17)
+    assert "head dim 256" in cuda_supports(_q(256), _q(256), _q(256), None, True, 0.1, 0, 0.0, None, t)
+    assert "bias dtype float64" in cuda_supports(q, q, q, None, True, 0.1, 0, 0.0, None, t.double())
+    assert "broadcastable" in cuda_supports(q, q, q, None, True, 0.1, 0, 0.0, None, torch.empty(1, 3, 17, 17))
+    assert "bias on meta" in cuda_supports(q, q, q, None, True, 0.1, 0, 0.0, None, t.to("meta"))
+    z = torch.zeros(8)
+    assert cuda_supports(q, q, q, None, True, 0.1, 0, 0.0, z) is None
+    assert cuda_supports(q, q, q, None, True, 0.1, 0, 0.0, z, t) is None
+    for bad in (z.half(), torch.zeros(4), torch.zeros(16)[::2], z.to("meta")):
+        assert "sinks must be (8,) contiguous float32" in cuda_supports(q, q, q, None, True, 0.1, 0, 0.0, bad)
+    assert "sinks must be" in cuda_supports(q, q, q, None, True, 0.1, 0, 0.0, z.half(), t)
+
+
+def test_bias_head_dims_match_the_traits():
+    # BIAS_HEAD_DIMS = the head dims whose FlashFwdBiasTraits (and the Hopper ones) keep kBias.
+    text = open(os.path.join(ROOT, "csrc", "attention", "flash_traits.h")).read()
+    off = {int(d) for d in re.findall(r"struct FlashFwdBiasTraits(?:Sm90)?<(\d+)>[^{;]*\{\s*static constexpr bool "
+                                       r"kBias = false;", text)}
+    assert off == {256} and set(BIAS_HEAD_DIMS) == set(HEAD_DIMS) - off
+
+
 def test_varlen_supports():
     t = torch.empty(40, 8, 64, dtype=torch.float16)
     cu = torch.tensor([0, 17, 40], dtype=torch.int32)
@@ -288,8 +375,8 @@ def test_varlen_passes_the_strides_it_checked(monkeypatch):
     cu = torch.tensor([0, 17, 40], dtype=torch.int32)
     assert cuda_varlen_supports(q, kv, kv, cu, cu, 23, 23, True, 0.1, 0, 0.0) is None
     ac.flash_attention_varlen_cuda(q, kv, kv, cu, cu, 23, 23, True, 0.1, 0, 0.0)
-    strides = seen["args"][17:23]  # q head, q row, k head, k row, v head, v row
-    assert seen["args"][10:12] == (40, 40)  # total_q, total_k
+    strides = seen["args"][18:24]  # q head, q row, k head, k row, v head, v row
+    assert seen["args"][11:13] == (40, 40)  # total_q, total_k
     assert strides == (64, 8 * 64, 0, 64, 0, 64)
 
 

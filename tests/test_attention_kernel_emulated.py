@@ -69,7 +69,7 @@ import torch
 
 from fastllm.ops._attention_cuda import (HEAD_DIMS, _mask_view, _strides, cuda_supports,
                                          cuda_varlen_supports)
-from fastllm.ref.attention import allowed_keys
+from fastllm.ref.attention import SCORE_FLOOR, allowed_keys
 from fastllm.ref.attention import flash_attention as ref_attention
 from fastllm.ref.attention import flash_attention_varlen as ref_varlen
 from helpers import assert_mirrored
@@ -407,13 +407,19 @@ def set_common(p, batch, heads_q, heads_kv, seqlen_q, seqlen_kv, scale, window, 
     p.scale_log2 = scale * LOG2E
     p.softcap_in = scale / softcap if p.has_softcap else 0.0
     p.softcap_out = softcap * LOG2E if p.has_softcap else 0.0
+    p.scale, p.softcap = scale, softcap
 
 
-def dense_params(q, k, v, mask, causal, scale, window, softcap):
+def dense_params(q, k, v, mask, causal, scale, window, softcap, sinks=None, bias=None):
     """FlashFwdParams as flash_attention_cuda + flash_attention_fwd build them."""
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
-    p = SimpleNamespace(q=flat(q), k=flat(k), v=flat(v), cu_q=None, cu_k=None, mask=None, mask_align=0)
+    p = SimpleNamespace(q=flat(q), k=flat(k), v=flat(v), cu_q=None, cu_k=None, mask=None, mask_align=0,
+                        sinks=None if sinks is None else sinks.double().numpy(), bias=None)
+    if bias is not None:
+        b = torch.broadcast_to(bias, (B, Hq, Sq, Skv))
+        p.bias = flat(b)
+        (p.bias_batch_stride, p.bias_head_stride, p.bias_row_stride, p.bias_col_stride) = _strides(b, 4)
     if mask is not None:
         m = _mask_view(mask, B, Sq, Skv)
         p.mask = flat(m).view(np.uint8)
@@ -436,12 +442,14 @@ def dense_params(q, k, v, mask, causal, scale, window, softcap):
     return p
 
 
-def varlen_params(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, window_cap=INT_MAX // 2):
+def varlen_params(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, window_cap=INT_MAX // 2,
+                  sinks=None):
     """FlashFwdParams as flash_attention_varlen_cuda + flash_attention_varlen_fwd build them."""
     total_q, Hq, D = q.shape
     p = SimpleNamespace(q=flat(q), k=flat(k), v=flat(v), cu_q=cu_q.numpy().astype(np.int64),
                         cu_k=cu_k.numpy().astype(np.int64), mask=None, mask_align=0,
-                        mask_batch_stride=0, mask_row_stride=0, mask_col_stride=0)
+                        mask_batch_stride=0, mask_row_stride=0, mask_col_stride=0,
+                        sinks=None if sinks is None else sinks.double().numpy(), bias=None)
     hs = [tuple(t.stride(i) if t.size(i) > 1 else 0 for i in (1, 0)) for t in (q, k, v)]  # (head, row)
     p.q_batch_stride, p.q_head_stride, p.q_row_stride = 0, *hs[0]
     p.k_batch_stride, p.k_head_stride, p.k_row_stride = 0, *hs[1]
@@ -535,7 +543,8 @@ def cta(p, t, bx, head, batch, grid_x, ws, stats, mutant=None):
         idx = (out_base + (m0 + r[ok]) * out_row_stride + c[ok] * 8)[:, None] + np.arange(8)
         write_once(ws.out, idx, 0.0)
         r = np.arange(kBM)
-        write_once(ws.lse, lse_base + m0 + r[m0 + r < Sq], 0.0 if mutant == "early_exit_lse" else -np.inf)
+        lse_empty = p.sinks[head] if p.sinks is not None else -np.inf
+        write_once(ws.lse, lse_base + m0 + r[m0 + r < Sq], 0.0 if mutant == "early_exit_lse" else lse_empty)
         return
     nb_first = n_lo // kBN
     nb_last = (n_hi + kBN - 1) // kBN - 1
@@ -561,16 +570,27 @@ def cta(p, t, bx, head, batch, grid_x, ws, stats, mutant=None):
     row_max = np.full(kBM, -np.inf)
     row_sum = np.zeros((kBM, 4))
     acc_o = np.zeros((kBM, kD))
-    mult = 1.0 if p.has_softcap else p.scale_log2
+    kBias = p.bias is not None                           # the bias kernel
+    mult = 1.0 if p.has_softcap or kBias else p.scale_log2
     rows = m0 + np.arange(kBM)                           # warp_row0 + g + 8 r, warp by warp
     for it in range(n_tiles):
         nb = nb_last - it
         Kt = load_tile(p.k, gK + nb * kBN * p.k_row_stride, p.k_row_stride, Skv - nb * kBN, kBN)
         Vt = load_tile(p.v, gV + nb * kBN * p.v_row_stride, p.v_row_stride, Skv - nb * kBN, kBN)
         s = mm(Qt, Kt.T)
-        if p.has_softcap:
-            s = np.tanh(s * p.softcap_in) * p.softcap_out
         n0 = nb * kBN
+        if kBias:                                        # bias_scores + add_bias_log2
+            sc = p.softcap_in if p.has_softcap else p.scale
+            s = np.tanh(s * sc) * p.softcap if p.has_softcap else s * sc
+            col = n0 + np.arange(kBN)
+            read = (rows < Sq)[:, None] & (col < Skv)[None, :]
+            idx = (batch * p.bias_batch_stride + head * p.bias_head_stride + rows * p.bias_row_stride)[:, None] \
+                + col[None, :] * p.bias_col_stride
+            s = s + np.where(read, gather(p.bias, np.where(read, idx, 0)), 0.0)
+            s = np.where(s == -np.inf, s, np.maximum(s, SCORE_FLOOR)) * LOG2E   # (float64: the floor's
+            # fp32 overflow cannot show here; tests/simt/mutations.py drops it on the real kernel)
+        elif p.has_softcap:
+            s = np.tanh(s * p.softcap_in) * p.softcap_out
         if mutant == "need_mask_causal":                 # the diagonal judged by the last row
             causal_term = p.causal and n0 + kBN - 1 > row_last + offset
         else:
@@ -612,14 +632,31 @@ def cta(p, t, bx, head, batch, grid_x, ws, stats, mutant=None):
 
     # ---- epilogue: l over the quad, lse, O / l, rows < Sq.
     lsum = row_sum.sum(1)
-    pos_l = lsum > 0
-    inv = np.where(pos_l, 1.0 / np.where(pos_l, lsum, 1.0), 0.0)
-    lse = np.where(pos_l, (row_max * mult + np.log2(np.where(pos_l, lsum, 1.0))) * LN2, -np.inf)
+    pos_l = lsum > 0                                     # any_key
+    z_nat = p.sinks[head] if p.sinks is not None else -np.inf
+    m = np.where(pos_l, row_max * mult, -np.inf)
+    m, lsum, alpha = fold_sink(m, lsum, z_nat * LOG2E, mutant)
+    inv = np.where(pos_l, alpha / np.where(pos_l, lsum, 1.0), 0.0)
+    lse = np.where(pos_l, (m + np.log2(np.where(pos_l, lsum, 1.0))) * LN2, z_nat)
     if mutant == "lse_log2":
-        lse = np.where(pos_l, row_max * mult + np.log2(np.where(pos_l, lsum, 1.0)), -np.inf)
+        lse = np.where(pos_l, m + np.log2(np.where(pos_l, lsum, 1.0)), z_nat)
     valid = rows < Sq
     write_once(ws.lse, lse_base + rows[valid], lse[valid])
     write_once(ws.out, (out_base + rows[valid] * out_row_stride)[:, None] + d, (acc_o * inv[:, None])[valid])
+
+
+def fold_sink(m, l, z, mutant=None):
+    """flash_fwd_kernel.cuh fold_sink on every row at once: (m, l, alpha) with the sink z (log2
+    domain, one value for the CTA's head; -inf: none) folded into the rows' state."""
+    if z == -np.inf:
+        return m, l, np.ones_like(l)
+    new_max = z > m
+    with np.errstate(invalid="ignore", over="ignore"):
+        alpha = np.where(new_max, np.exp2(m - z), 1.0)
+        l = np.where(new_max, l * alpha + 1.0, l + np.exp2(z - m))
+    if mutant == "sink_no_rescale":
+        alpha = np.ones_like(alpha)
+    return np.where(new_max, z, m), l, alpha
 
 
 def emulate(p, D, stats, mutant=None):
@@ -632,7 +669,8 @@ def emulate(p, D, stats, mutant=None):
     if p.seqlen_kv == 0 and p.cu_q is None:              # launch_no_keys
         stats["no_keys_fill"] += 1
         ws.out[:] = 0.0
-        ws.lse[:] = -np.inf
+        i = np.arange(p.lse_len)
+        ws.lse[:] = p.sinks[(i // p.seqlen_q) % p.heads_q] if p.sinks is not None else -np.inf
         return ws.out, ws.lse
     grid_x = (p.seqlen_q + t.kBlockM - 1) // t.kBlockM
     for batch in range(p.batch):
@@ -661,12 +699,13 @@ def compare(out, lse, ref_out, ref_lse, row_dims):
     torch.testing.assert_close(lse[~empty], ref_lse[~empty], rtol=1e-9, atol=1e-9)
 
 
-def run_dense(q, k, v, mask, causal, scale, window, softcap, stats, mutant=None):
-    assert cuda_supports(q, k, v, mask, causal, scale, window, softcap) is None
+def run_dense(q, k, v, mask, causal, scale, window, softcap, stats, mutant=None, sinks=None, bias=None):
+    assert cuda_supports(q, k, v, mask, causal, scale, window, softcap, sinks, bias) is None
     B, Hq, Sq, D = q.shape
     ref_out, ref_lse = ref_attention(q.double(), k.double(), v.double(), causal=causal, scale=scale, mask=mask,
-                                     window=window if window > 0 else None, softcap=softcap if softcap > 0 else None)
-    p = dense_params(q, k, v, mask, causal, scale, window, softcap)
+                                     window=window if window > 0 else None, softcap=softcap if softcap > 0 else None,
+                                     sinks=sinks, bias=bias)
+    p = dense_params(q, k, v, mask, causal, scale, window, softcap, sinks, bias)
     out, lse = emulate(p, D, stats, mutant)
     stats["empty_rows"] += int(torch.isneginf(ref_lse).sum())
     compare(torch.from_numpy(out.reshape(B, Sq, Hq, D)), torch.from_numpy(lse.reshape(B, Hq, Sq)),
@@ -674,12 +713,13 @@ def run_dense(q, k, v, mask, causal, scale, window, softcap, stats, mutant=None)
 
 
 def run_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, stats, mutant=None,
-               window_cap=INT_MAX // 2, wrapper_init=False):
-    assert cuda_varlen_supports(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap) is None
+               window_cap=INT_MAX // 2, wrapper_init=False, sinks=None):
+    assert cuda_varlen_supports(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, sinks) is None
     total_q, Hq, D = q.shape
     ref_out, ref_lse = ref_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, causal=causal, scale=scale,
-                                  window=window if window > 0 else None, softcap=softcap if softcap > 0 else None)
-    p = varlen_params(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, window_cap)
+                                  window=window if window > 0 else None, softcap=softcap if softcap > 0 else None,
+                                  sinks=sinks)
+    p = varlen_params(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, window_cap, sinks)
     out, lse = emulate(p, D, stats, mutant)
     if wrapper_init:  # flash_attention_varlen_cuda allocates out zeroed and lse -inf
         out[np.isnan(out)], lse[np.isnan(lse)] = 0.0, -np.inf
@@ -837,6 +877,45 @@ def test_algorithm_matches_reference(focus):
         assert stats["no_keys_fill"] == CASES_PER_FOCUS, stats
 
 
+@pytest.mark.parametrize("D", [64, 80, 96, 128])
+def test_bias_and_sinks_match_reference(D):
+    """The bias kernel's score path (natural units, bias through 4 strides, floor, log2 domain)
+    and the sinks of the epilogue, the early exit and the no-keys fill, on random cases: every
+    bias shape (full, per head, per key, per row, a transposed view), masking values (-inf rows,
+    dtype-minimum rows: the floor), with masks / windows / softcap; then varlen sinks."""
+    t = CFG[D]
+    for i in range(4):
+        B, Hkv, group = rint(1, 2), rint(1, 2), rint(1, 2)
+        Hq, Sq = Hkv * group, rint(1, t.kBlockM + 9)
+        Skv = rint(Sq + 1, 3 * t.kBlockN) if i == 3 else rint(1, 3 * t.kBlockN)
+        q, k, v = qkv(B, Hq, Hkv, Sq, Skv, D)
+        shape = [(B, Hq, Sq, Skv), (1, Hq, Sq, Skv), (B, 1, 1, Skv), (1, 1, Sq, 1)][i]
+        bias = torch.randn(shape) * 3
+        if i == 1:
+            bias = (torch.randn(1, Hq, Skv, Sq) * 3).transpose(2, 3)
+            bias[..., 0, :] = float("-inf")                                 # a row without keys
+            bias[..., Sq // 2, :] = torch.finfo(torch.float16).min          # the floor: uniform row
+        bias = bias.to([torch.float16, torch.bfloat16, torch.float32][i % 3])
+        sinks = torch.randn(Hq) * 4 if i != 2 else None
+        if sinks is not None and Hq > 1:
+            sinks[-1] = float("-inf")
+        mask = random_mask(B, Sq, Skv, t.kBlockN, "mask") if i == 2 and Skv > 1 else None
+        softcap = 20.0 if i == 3 else 0.0
+        stats = new_stats()
+        run_dense(q, k, v, mask, i % 2 == 0, 0.2, rint(1, Skv) if i == 3 else 0, softcap, stats,
+                  sinks=sinks, bias=bias)
+        run_dense(q, k, v, mask, True, 0.2, 0, softcap, stats, sinks=sinks)   # sinks alone
+    q, k, v = qkv(1, 2, 1, 2 * t.kBlockM + 3, 20, D)                       # Sq > Skv + kBM: early exits
+    stats = new_stats()
+    run_dense(q, k, v, None, True, 0.2, 0, 0.0, stats, sinks=torch.tensor([1.5, -2.0]))
+    assert stats["early_exits"] > 0, stats
+    run_dense(*qkv(2, 2, 1, 5, 0, D), None, True, 0.2, 0, 0.0, stats, sinks=torch.tensor([1.5, -2.0]))
+    assert stats["no_keys_fill"] == 1, stats
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap = random_varlen_case(D)
+    run_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, new_stats(), wrapper_init=True,
+               sinks=torch.randn(q.shape[1]) * 3)
+
+
 def test_mask_scan_paths():
     """Both mask_key_range paths feed the kernel: a 16-byte aligned contiguous mask (vector
     path) and broadcast / unaligned ones (byte path), with a key range in the middle."""
@@ -911,15 +990,17 @@ MUTANT_CASES = {
     "no_rescale": lambda: _dense_fixed(128, 50, 250, False),
     "lse_log2": lambda: _dense_fixed(96, 20, 30, False),
     "early_exit_lse": lambda: _dense_fixed(64, 200, 20, True),
+    "sink_no_rescale": lambda: _dense_fixed(64, 20, 30, False) + (torch.tensor([4.0, 6.0]), None),
 }
 
 
 @pytest.mark.parametrize("mutant", sorted(MUTANT_CASES))
 def test_algorithm_mutants_detected(mutant):
     case = MUTANT_CASES[mutant]()
-    run_dense(*case, new_stats())                        # the real algorithm passes
+    args, extra = case[:8], dict(zip(("sinks", "bias"), case[8:]))
+    run_dense(*args, new_stats(), **extra)               # the real algorithm passes
     with pytest.raises(AssertionError):
-        run_dense(*case, new_stats(), mutant=mutant)
+        run_dense(*args, new_stats(), mutant=mutant, **extra)
 
 
 def test_varlen_bad_offsets_stay_in_bounds():
@@ -1001,7 +1082,8 @@ MIRRORED_KERNEL_LINES = [
     "for (int i = tid; i < kBM * kChunks; i += kThreads) {",
     "const int r = i / kChunks, c = i % kChunks;",
     "*reinterpret_cast<uint4*>(out_base + (m0 + r) * out_row_stride + c * 8) = make_uint4(0, 0, 0, 0);",
-    "if (m0 + r < Sq) lse_base[m0 + r] = -INFINITY;",
+    "const float lse_empty = p.sinks != nullptr ? p.sinks[head] : -INFINITY;",
+    "if (m0 + r < Sq) lse_base[m0 + r] = lse_empty;",
     "const int nb_first = n_lo / kBN;",
     "const int nb_last = (n_hi + kBN - 1) / kBN - 1;",
     "const int n_tiles = nb_last - nb_first + 1;",
@@ -1024,7 +1106,7 @@ MIRRORED_KERNEL_LINES = [
     "v_x = KVTile::lane_xor(q_r, q_cl);",
     "Mma mma(sQ_u32, sK_u32, sV_u32, warp, lane);",
     "for (int kk = 0; kk < kKS; ++kk) ldmatrix_x4(q_frag[kk], QTile::addr(q_lane, q_x, warp * 16, kk * 2));",
-    "const float mult = p.has_softcap ? 1.f : p.scale_log2;",
+    "const float mult = p.has_softcap || kBias ? 1.f : p.scale_log2;",
     "const int warp_row0 = m0 + warp * 16;",
     # main loop
     "for (int it = 0; it < n_tiles; ++it) {",
@@ -1044,6 +1126,16 @@ MIRRORED_KERNEL_LINES = [
     "mma_16816<T>(s[2 * np], a, b[0], b[1]);",
     "mma_16816<T>(s[2 * np + 1], a, b[2], b[3]);",
     "for (int e = 0; e < 4; ++e) s[i][e] = tanhf(s[i][e] * p.softcap_in) * p.softcap_out;",
+    # bias (bias_scores, add_bias_log2)
+    "bias_scores(s, p, batch, head, warp_row0 + g, n0 + 2 * c4, Sq, Skv);",
+    "const float sc = p.has_softcap ? p.softcap_in : p.scale;",
+    "for (int e = 0; e < 4; ++e) s[i][e] = p.has_softcap ? tanhf(s[i][e] * sc) * p.softcap : s[i][e] * sc;",
+    "const B* brow = static_cast<const B*>(p.bias) + batch * p.bias_batch_stride + head * p.bias_head_stride +",
+    "row * p.bias_row_stride;",
+    "const int col = col0 + nt * 8 + j;",
+    "if (row < Sq && col < Skv) x += static_cast<float>(brow[col * p.bias_col_stride]);",
+    "s[nt][2 * r + j] = (x == -INFINITY ? x : fmaxf(x, kScoreFloor)) * kLog2eF;",
+    "constexpr float kScoreFloor = -8.5070591730234616e37f;  // -2^126",
     "const int n0 = nb * kBN;",
     "const bool need_mask = p.mask != nullptr || n0 + kBN > Skv ||",
     "(p.causal && n0 + kBN - 1 > m0 + offset) ||",
@@ -1080,8 +1172,17 @@ MIRRORED_KERNEL_LINES = [
     # epilogue
     "l += __shfl_xor_sync(0xffffffffu, l, 1);",
     "l += __shfl_xor_sync(0xffffffffu, l, 2);",
-    "inv[r] = l > 0.f ? 1.f / l : 0.f;",
-    "const float lse = l > 0.f ? (row_max[r] * mult + log2f(l)) * kLn2 : -INFINITY;",
+    "const float z_nat = p.sinks != nullptr ? p.sinks[head] : -INFINITY;",
+    "const bool any_key = l > 0.f;",
+    "float m = any_key ? row_max[r] * mult : -INFINITY;",
+    "const float alpha = fold_sink(m, l, z_nat * kLog2eF);",
+    "inv[r] = any_key ? alpha / l : 0.f;",
+    "const float lse = any_key ? (m + log2f(l)) * kLn2 : z_nat;",
+    # fold_sink
+    "if (z > m) {",
+    "const float alpha = exp2f(m - z);",
+    "l = fmaf(l, alpha, 1.f);",
+    "if (z != -INFINITY) l += exp2f(z - m);",
     "if (c4 == 0 && row < Sq) lse_base[row] = lse;",
     "const int row = warp * 16 + g + 8 * r;",
     "*reinterpret_cast<uint32_t*>(sQ + QTile::offset(row, dt) + 2 * c4) =",
@@ -1114,6 +1215,9 @@ MIRRORED_LAUNCHER_LINES = [
     "p.scale_log2 = static_cast<float>(scale * kLog2e);",
     "p.softcap_in = p.has_softcap ? static_cast<float>(scale / softcap) : 0.f;",
     "p.softcap_out = p.has_softcap ? static_cast<float>(softcap * kLog2e) : 0.f;",
+    "p.scale = static_cast<float>(scale);",
+    "p.softcap = static_cast<float>(softcap);",
+    "lse[i] = sinks != nullptr ? sinks[(i / seqlen_q) % heads_q] : -INFINITY;",
     "p.out_batch_stride = seqlen_q * heads_q * head_dim;",
     "p.lse_batch_stride = heads_q * seqlen_q;",
     "p.lse_head_stride = seqlen_q;",
@@ -1124,9 +1228,11 @@ MIRRORED_LAUNCHER_LINES = [
 ]
 
 MIRRORED_GLUE_LINES = [         # python/fastllm/ops/_attention_cuda.py
-    "return tuple(t.stride(i) if t.size(i) > 1 else 0 for i in range(3))",
+    "return broadcast_strides(t, range(n))",
     "m = torch.broadcast_to(mask, (B, 1, Sq, Skv))[:, 0]",
-    "m_strides = tuple(m.stride(i) if m.size(i) > 1 else 0 for i in range(3))",
+    "m_ptr, m_strides = m.data_ptr(), _strides(m)",
+    "b = torch.broadcast_to(bias, (B, Hq, Sq, Skv))",
+    "b_ptr, b_dtype, b_strides = b.data_ptr(), _ext.DTYPE_CODES[b.dtype], _strides(b, 4)",
     "hs = [_strides(t.transpose(0, 1)[None])[1:] for t in (q, k, v)]",
     "int(max_q), int(max_k), D, *hs[0], *hs[1], *hs[2],",
 ]

@@ -556,7 +556,7 @@ MIRRORED = {
         "float(&d)[kD / 2] = reinterpret_cast<float(&)[kD / 2]>(o);",
         "for (int ks = 0; ks < kBN / 16; ++ks) p_fragment<T>(a[ks], s, ks);",
         "for (int ks = 0; ks < kBN / 16; ++ks) wgmma_pv<T, kD>(d, a[ks], at(v_desc, stage + ks * 16 * kRowBytes));",
-        "return launch_flash_fwd<Sm90Mma<FlashFwdTraitsSm90<D>, T>>(p, stream);",
+        "return launch_plain_or_bias<Sm90Mma, FlashFwdTraitsSm90<D>, FlashFwdBiasTraitsSm90<D>, T>(p, stream);",
     ],
     KERNEL_SRC: [
         "constexpr uint32_t kKVStageBytes = Traits::kSmemKVElems * 2;",

@@ -1124,9 +1124,10 @@ MIRRORED_KERNEL_LINES = [   # int8_gemm_kernel.cuh (+ int8_epilogue.cuh, where s
 MIRRORED_PTX_LINES = [      # int8_ptx.cuh
     '"mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "',
     'asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\\n"',
-    "case kFloat16: return __half2float(static_cast<const __half*>(bias)[i]);",
-    "case kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(bias)[i]);",
-    "default: return static_cast<const float*>(bias)[i];",
+    "return bias == nullptr ? 0.f : load_float(bias, dtype, i);",
+    "case kFloat16: return __half2float(static_cast<const __half*>(p)[i]);",          # common/load_float.cuh
+    "case kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);",
+    "default: return static_cast<const float*>(p)[i];",
     "const int m = g + 8 * t;",
     "t_ok[t] = m < M;",
     "x_t[t] = static_cast<const T*>(x) + (t_ok[t] ? static_cast<int64_t>(m) * ldx : 0) + 16 * c;",
@@ -1256,8 +1257,9 @@ MIRRORED_GLUE_LINES = [     # python/fastllm/ops/_int8_cuda.py (W8A16 scale stri
 
 
 def test_kernel_source_matches_mirror():
+    ptx_srcs = (INT8_DIR / "int8_ptx.cuh", ROOT / "csrc" / "common" / "load_float.cuh")
     assert_mirrored((((KERNEL_SRC, INT8_DIR / "int8_epilogue.cuh"), MIRRORED_KERNEL_LINES),
-                     (INT8_DIR / "int8_ptx.cuh", MIRRORED_PTX_LINES), (TRAITS_SRC, MIRRORED_TRAITS_LINES),
+                     (ptx_srcs, MIRRORED_PTX_LINES), (TRAITS_SRC, MIRRORED_TRAITS_LINES),
                      (COMMON_SRC, MIRRORED_COMMON_LINES), (LAUNCHER_SRC, MIRRORED_LAUNCHER_LINES),
                      (W8A16_SRC, MIRRORED_W8A16_LINES),
                      (ROOT / "python" / "fastllm" / "ops" / "_int8_cuda.py", MIRRORED_GLUE_LINES)))

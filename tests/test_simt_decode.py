@@ -17,7 +17,8 @@ shared memory) x fp16 / bf16; 1..16 queries; MHA / GQA / MQA with several 16-row
 head; per-sequence lengths including 0 and < Sq; paged caches (page sizes 1, 7, 16, 256; a
 sliced block table; pages as views of a fused KV buffer); bool masks (16-byte scan with several
 rows and a byte tail, strided and broadcast masks); window (1, mid, larger than the cache) and
-softcap; 1..256 splits (empty splits, > 32 per row for the combine kernel's lane loop);
+softcap; attention sinks (one split: the split kernel's epilogue; several: the combine kernel);
+1..256 splits (empty splits, > 32 per row for the combine kernel's lane loop);
 NaN / inf in every slot the kernel must not read; no read or write outside the tensors (inputs
 against an inaccessible page; in every test, guard bytes around out / lse / the partials, which
 must be fully written); the emulated sm80 / sm86 / sm89 / sm90
@@ -411,6 +412,9 @@ TD_CALLS = (
        ("mask_reads_only_the_attended_range[3]", td.test_mask_reads_only_the_attended_range, (3,)),
        ("window_softcap[bf16-paged]", td.test_window_softcap, (torch.bfloat16, True)),
        ("window_softcap[fp16-dense]", td.test_window_softcap, (torch.float16, False)),
+       ("sinks[dense-3]", td.test_sinks, (False, 3)),
+       ("sinks[paged-3]", td.test_sinks, (True, 3)),
+       ("sinks[dense-1]", td.test_sinks, (False, 1)),
        ("no_lengths_means_full_cache_and_empty_rows", td.test_no_lengths_means_full_cache_and_empty_rows, ()),
        ("strided_static_cache", td.test_strided_static_cache, ()),
        ("kernels_clamp_bad_metadata", td.test_kernels_clamp_bad_metadata, ()),

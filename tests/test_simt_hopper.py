@@ -5,7 +5,8 @@ on an H100-like device (sm_90, 132 SMs, 227 KB of opt-in shared memory):
 
   * flash_fwd_wgmma.cuh: prefill attention, head dims 64 / 128 / 256, fp16 / bf16, against the
     float64 reference with the GPU tests' check (tests/test_attention_cuda.py), causal / masks /
-    window / softcap / GQA / varlen (bit-identical to the dense kernel per sequence);
+    window / softcap / GQA / varlen (bit-identical to the dense kernel per sequence), the bias
+    kernel (D 64 / 128) and attention sinks;
   * int8_wgmma_kernel.cuh (cp.async ring) and int8_wgmma_tma_kernel.cuh (TMA producer warp,
     FASTLLM_INT8_WGMMA=tma): W8A8 int32 accumulators exact, both tile configs, M / N / K tails,
     strided rows, the split-K path, every output dtype within test_int8.assert_epilogue_close;
@@ -86,6 +87,28 @@ def test_attention_masks_window_softcap(attention, D, causal):
     attention(q, k, v, causal=causal, mask=m.expand(B, 1, Sq, Skv))
     attention(q, k, v, causal=causal, window=16)
     attention(q, k, v, causal=causal, softcap=5.0, scale=0.3)
+
+
+@pytest.mark.parametrize("D", (64, 128))
+def test_attention_bias_and_sinks(attention, D):
+    # The wgmma bias kernel (flash_fwd_kernel<Sm90Mma, true>): every bias case of the GPU test,
+    # a masking bias, and bias + mask + window + softcap + sinks.
+    B, Hq, Sq, Skv = 2, 2, 37, 150
+    q, k, v = qkv(B, Hq, 1, Sq, Skv, D, torch.float16)
+    for i, bias in enumerate(gpu_tests.bias_cases(B, Hq, Sq, Skv, torch.float16, device="cpu")):
+        attention(q, k, v, causal=i % 2 == 1, bias=bias)
+    attention(q, k, v, causal=False, bias=gpu_tests.masking_bias(Hq, Sq, Skv, torch.float16, device="cpu"))
+    keep = torch.rand(B, 1, 1, Skv) > 0.2
+    attention(q, k, v, causal=True, bias=gpu_tests.bias_cases(B, Hq, Sq, Skv, torch.float16, device="cpu")[1],
+              mask=keep, window=50, softcap=20.0, sinks=torch.tensor([1.0, -0.5]))
+
+
+@pytest.mark.parametrize("D", (64, 256))
+def test_attention_sinks(attention, D):
+    # Sq > Skv under causal: the first rows see nothing (lse = the sink), a whole 128-row CTA too.
+    sinks = torch.tensor([-30.0, 12.0, float("-inf"), 0.5])
+    for (Sq, Skv), causal in (((300, 150), True), ((37, 150), False)):
+        attention(*qkv(2, 4, 2, Sq, Skv, D, torch.bfloat16), causal=causal, sinks=sinks)
 
 
 def test_attention_large_scores_no_overflow(attention):

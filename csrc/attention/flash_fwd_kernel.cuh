@@ -3,9 +3,11 @@
 // Computes, per batch b and query head h (kv head h / group, GQA/MQA without copies):
 //   s[i, j]  = scale * <q_i, k_j>                      fp16/bf16 inputs, fp32 accumulation
 //   s        = softcap * tanh(s / softcap)             if softcap
+//   s        = max(s + bias[b, h, i, j], -2^126)       if bias (-inf stays -inf: masks the key)
 //   allowed  = j < Skv & mask[b, i, j] & (j <= p_i if causal) & (j > p_i - W if window W)
 //              with p_i = i + Skv - Sq (bottom-right aligned causal)
-//   lse[i]   = log sum_{allowed j} exp(s[i, j])        (-inf if nothing is allowed)
+//   lse[i]   = log (sum_{allowed j} exp(s[i, j]) + exp(z_h))   (-inf if nothing is allowed and
+//              there is no sink; z_h = sinks[h], the attention sink, or -inf without sinks)
 //   out[i]   = sum_{allowed j} exp(s[i, j] - lse[i]) v_j   (0 if nothing is allowed)
 // out is (B, Sq, Hq, D) contiguous, lse (B, Hq, Sq) fp32; varlen (packed sequences, see
 // flash_params.h) is the same kernel reading per-sequence offsets. The reference is
@@ -24,8 +26,10 @@
 //      and row sum l, exp2 with scale * log2(e) folded into one FMA, O rescaled by
 //      2^(m_old - m_new). P (fp32 -> fp16/bf16) is reused in registers as the A operand of
 //      O += P V, V fragments by ldmatrix.trans.
-//   3. O / l is staged through shared memory (the Q tile's space) and written with 16-byte
-//      coalesced stores; lse = (m + log2 l) * ln 2.
+//      With a bias, S is moved into the log2 domain right after Q K^T (bias loads per element:
+//      biases are small tables or broadcast views, read through L1/L2 like the mask).
+//   3. A sink joins l (and m), O / l is staged through shared memory (the Q tile's space) and
+//      written with 16-byte coalesced stores; lse = (m + log2 l) * ln 2.
 // Tile sizes per head dim: flash_traits.h. Instantiations: flash_fwd_hdim*_{fp16,bf16}.cu.
 // Launcher (argument checks, dispatch by arch/dtype/head dim): flash_fwd_launcher.cu.
 //
@@ -43,12 +47,18 @@
 #include "attention/flash_ptx.cuh"
 #include "attention/flash_traits.h"
 #include "common/common.h"
+#include "common/load_float.cuh"
 #include "common/mask_range.cuh"
 
 namespace fastllm {
 namespace attention {
 
 constexpr float kLn2 = 0.69314718055994531f;
+constexpr float kLog2eF = 1.44269504088896341f;
+// Floor of finite biased scores (fastllm/ref/attention.py SCORE_FLOOR): the dtype minimum that
+// transformers writes for "masked" would overflow to -inf times log2(e), and a row of nothing but
+// such keys must average them uniformly, as eager attention does.
+constexpr float kScoreFloor = -8.5070591730234616e37f;  // -2^126
 
 // Shared-memory tile of kRows rows x kChunks 16-byte chunks, XOR-swizzled so that the 8 row
 // addresses of one ldmatrix 8x8 matrix (8 consecutive rows, same logical chunk) fall in 8
@@ -217,10 +227,69 @@ struct Sm80Mma {
   }
 };
 
+// Attention sink (gpt-oss): one more score z without a value (log2 domain; -inf: none) joined
+// to a row's final softmax state, m (log2-domain max, -inf: no key) and l (sum of 2^(s - m)).
+// Returns the factor the row's O accumulator takes (1 unless the sink is the new max). A row
+// with no key but a sink ends with m = z, l = 1: lse = z, out = 0.
+__device__ __forceinline__ float fold_sink(float& m, float& l, float z) {
+  if (z > m) {
+    const float alpha = exp2f(m - z);  // 0 when m = -inf
+    l = fmaf(l, alpha, 1.f);
+    m = z;
+    return alpha;
+  }
+  if (z != -INFINITY) l += exp2f(z - m);
+  return 1.f;
+}
+
+// Additive score bias, per element type B of the bias: s (this thread's scores in natural units;
+// accumulator layout: s[nt][2r + j] is row row0 + 8r, key col0 + 8nt + j) becomes the log2-domain
+// s + bias, finite sums floored at kScoreFloor. The bias is read for rows < Sq and keys < Skv only
+// (other positions are never stored, or masked later).
+template <typename B, int kNT>
+__device__ __forceinline__ void add_bias_log2(float (&s)[kNT][4], const FlashFwdParams& p, int batch, int head,
+                                              int row0, int col0, int Sq, int Skv) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + 8 * r;
+    const B* brow = static_cast<const B*>(p.bias) + batch * p.bias_batch_stride + head * p.bias_head_stride +
+                    row * p.bias_row_stride;
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int col = col0 + nt * 8 + j;
+        float x = s[nt][2 * r + j];
+        if (row < Sq && col < Skv) x += static_cast<float>(brow[col * p.bias_col_stride]);
+        s[nt][2 * r + j] = (x == -INFINITY ? x : fmaxf(x, kScoreFloor)) * kLog2eF;
+      }
+    }
+  }
+}
+
+// Raw q.k -> log2-domain scores of softcap(scale q.k) + bias (the bias is in natural units, so
+// the scores are formed there first).
+template <int kNT>
+__device__ __forceinline__ void bias_scores(float (&s)[kNT][4], const FlashFwdParams& p, int batch, int head,
+                                            int row0, int col0, int Sq, int Skv) {
+  const float sc = p.has_softcap ? p.softcap_in : p.scale;
+#pragma unroll
+  for (int i = 0; i < kNT; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[i][e] = p.has_softcap ? tanhf(s[i][e] * sc) * p.softcap : s[i][e] * sc;
+  switch (p.bias_dtype) {
+    case kFloat16: add_bias_log2<__half>(s, p, batch, head, row0, col0, Sq, Skv); break;
+    case kBFloat16: add_bias_log2<__nv_bfloat16>(s, p, batch, head, row0, col0, Sq, Skv); break;
+    default: add_bias_log2<float>(s, p, batch, head, row0, col0, Sq, Skv);
+  }
+}
+
 // The kernel skeleton: everything but the two matrix products, which the policy `Mma` computes
 // (Sm80Mma above; Sm90Mma in flash_fwd_wgmma.cuh). Both policies hold a warp's S and O in the
 // mma.sync m16n8 accumulator layout, so masking, softmax and the epilogue are shared.
-template <typename Mma>
+// kBias: the kernel with the additive score bias path (a separate instantiation, so the bias
+// loads cost the plain kernel no registers).
+template <typename Mma, bool kBias>
 __global__ void __launch_bounds__(Mma::Traits::kThreads, Mma::Traits::kMinBlocksPerSM)
     flash_fwd_kernel(const FlashFwdParams p) {
   using Traits = typename Mma::Traits;
@@ -292,8 +361,9 @@ __global__ void __launch_bounds__(Mma::Traits::kThreads, Mma::Traits::kMinBlocks
       if (m0 + r < Sq)
         *reinterpret_cast<uint4*>(out_base + (m0 + r) * out_row_stride + c * 8) = make_uint4(0, 0, 0, 0);
     }
+    const float lse_empty = p.sinks != nullptr ? p.sinks[head] : -INFINITY;  // a sink alone: lse = z
     for (int r = tid; r < kBM; r += kThreads)
-      if (m0 + r < Sq) lse_base[m0 + r] = -INFINITY;
+      if (m0 + r < Sq) lse_base[m0 + r] = lse_empty;
     return;
   }
   const int nb_first = n_lo / kBN;                 // lowest key tile
@@ -330,9 +400,9 @@ __global__ void __launch_bounds__(Mma::Traits::kThreads, Mma::Traits::kMinBlocks
   for (int i = 0; i < kDT; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY};  // running max, in the units of s below
   float row_sum[2] = {0.f, 0.f};              // this thread's partial sum (quad-reduced at the end)
-  // Multiplier from s to log2-domain scores. With softcap, s is transformed in place into the
-  // log2 domain, so the multiplier is 1. scale > 0 (launcher-checked) keeps max(s) = max(mult*s).
-  const float mult = p.has_softcap ? 1.f : p.scale_log2;
+  // Multiplier from s to log2-domain scores. With softcap or bias, s is transformed in place into
+  // the log2 domain, so the multiplier is 1. scale > 0 (launcher-checked) keeps max(s) = max(mult*s).
+  const float mult = p.has_softcap || kBias ? 1.f : p.scale_log2;
   const int warp_row0 = m0 + warp * 16;  // first query row of this warp
 
   for (int it = 0; it < n_tiles; ++it) {
@@ -357,8 +427,11 @@ __global__ void __launch_bounds__(Mma::Traits::kThreads, Mma::Traits::kMinBlocks
     float s[kNT][4];
     mma.qk(s, stage * kKVStageBytes);
 
-    // ---- softcap: s <- tanh(s * scale / cap) * cap * log2(e) (log2 domain, so mult = 1).
-    if (p.has_softcap) {
+    const int n0 = nb * kBN;
+    // ---- bias, or softcap alone: s <- tanh(s * scale / cap) * cap * log2(e) (log2 domain, so mult = 1).
+    if constexpr (kBias) {
+      bias_scores(s, p, batch, head, warp_row0 + g, n0 + 2 * c4, Sq, Skv);
+    } else if (p.has_softcap) {
 #pragma unroll
       for (int i = 0; i < kNT; ++i)
 #pragma unroll
@@ -367,7 +440,6 @@ __global__ void __launch_bounds__(Mma::Traits::kThreads, Mma::Traits::kMinBlocks
 
     // ---- masking, only for tiles that need it (the condition is uniform over the CTA).
     // s[nt][2r + j] is row warp_row0 + g + 8r, key n0 + nt * 8 + 2 * c4 + j.
-    const int n0 = nb * kBN;
     const bool need_mask = p.mask != nullptr || n0 + kBN > Skv ||
                            (p.causal && n0 + kBN - 1 > m0 + offset) ||
                            (p.window > 0 && n0 <= m0 + kBM - 1 + offset - p.window);
@@ -429,18 +501,22 @@ __global__ void __launch_bounds__(Mma::Traits::kThreads, Mma::Traits::kMinBlocks
     __syncthreads();  // every warp is done with this stage before the next prefetch overwrites it
   }
 
-  // ---- epilogue: l over the quad, lse, O / l staged in smem (own 16 rows of the Q tile, which
-  // only this warp ever read), then 16-byte coalesced stores.
+  // ---- epilogue: l over the quad, the sink, lse, O / l staged in smem (own 16 rows of the Q
+  // tile, which only this warp ever read), then 16-byte coalesced stores.
   T* out_base = out_ptr();
   float* lse_base = lse_ptr();
+  const float z_nat = p.sinks != nullptr ? p.sinks[head] : -INFINITY;  // the sink (-inf: none)
   float inv[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float l = row_sum[r];
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv[r] = l > 0.f ? 1.f / l : 0.f;
-    const float lse = l > 0.f ? (row_max[r] * mult + log2f(l)) * kLn2 : -INFINITY;
+    const bool any_key = l > 0.f;
+    float m = any_key ? row_max[r] * mult : -INFINITY;
+    const float alpha = fold_sink(m, l, z_nat * kLog2eF);
+    inv[r] = any_key ? alpha / l : 0.f;
+    const float lse = any_key ? (m + log2f(l)) * kLn2 : z_nat;  // no key: the sink alone, exactly
     const int row = warp_row0 + g + 8 * r;
     if (c4 == 0 && row < Sq) lse_base[row] = lse;
   }
@@ -469,21 +545,33 @@ __global__ void __launch_bounds__(Mma::Traits::kThreads, Mma::Traits::kMinBlocks
   }
 }
 
-// Launch for element type T and head dim D (explicitly instantiated once per .cu file).
 // Launch the skeleton with policy Mma (one CTA per kBlockM query rows of one (head, batch)).
-template <typename Mma>
+template <typename Mma, bool kBias>
 int launch_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
   using Traits = typename Mma::Traits;
   constexpr int kSmem = Traits::kSmemBytes;
-  if (const int e = opt_in_dynamic_smem<flash_fwd_kernel<Mma>>(kSmem)) return e;
+  if (const int e = opt_in_dynamic_smem<flash_fwd_kernel<Mma, kBias>>(kSmem)) return e;
   const dim3 grid((p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, p.heads_q, p.batch);
-  flash_fwd_kernel<Mma><<<grid, Traits::kThreads, kSmem, stream>>>(p);
+  flash_fwd_kernel<Mma, kBias><<<grid, Traits::kThreads, kSmem, stream>>>(p);
   return launch_status();
 }
 
+// The plain kernel on tile Traits, or for a call with a bias the bias kernel on tile BiasTraits
+// (flash_traits.h; kBias false there: no bias kernel, the Python glue declines those calls).
+template <template <typename, typename> class Mma, typename Traits, typename BiasTraits, typename T>
+int launch_plain_or_bias(const FlashFwdParams& p, cudaStream_t stream) {
+  if (p.bias == nullptr) return launch_flash_fwd<Mma<Traits, T>, false>(p, stream);
+  if constexpr (BiasTraits::kBias) {
+    return launch_flash_fwd<Mma<BiasTraits, T>, true>(p, stream);
+  } else {
+    return kErrBadShape;
+  }
+}
+
+// Launch for element type T and head dim D (explicitly instantiated once per .cu file).
 template <typename T, int D>
 int run_flash_fwd_sm80(const FlashFwdParams& p, cudaStream_t stream) {
-  return launch_flash_fwd<Sm80Mma<FlashFwdTraits<D>, T>>(p, stream);
+  return launch_plain_or_bias<Sm80Mma, FlashFwdTraits<D>, FlashFwdBiasTraits<D>, T>(p, stream);
 }
 
 }  // namespace attention

@@ -22,17 +22,19 @@ namespace {
 
 constexpr double kLog2e = 1.4426950408889634;
 
-// Skv == 0: every row is empty, so out = 0 and lse = -inf; a plain fill, instead of launching
-// the attention kernel (and its shared-memory opt-in) for nothing. Grid-stride over 16-byte
-// chunks of out (D * 2 bytes is a multiple of 16) and over lse.
+// Skv == 0: every row is empty, so out = 0 and lse = -inf (or the head's sink); a plain fill,
+// instead of launching the attention kernel (and its shared-memory opt-in) for nothing.
+// Grid-stride over 16-byte chunks of out (D * 2 bytes is a multiple of 16) and over lse
+// (B, Hq, Sq): element i is head (i / Sq) % Hq.
 constexpr int kFillThreads = 256;
 __global__ void __launch_bounds__(kFillThreads) flash_fwd_no_keys_kernel(uint4* out, int64_t out_chunks, float* lse,
-                                                                         int64_t lse_len) {
+                                                                         int64_t lse_len, const float* sinks,
+                                                                         int heads_q, int seqlen_q) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kFillThreads;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(kFillThreads) + threadIdx.x; i < out_chunks; i += stride)
     out[i] = make_uint4(0, 0, 0, 0);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(kFillThreads) + threadIdx.x; i < lse_len; i += stride)
-    lse[i] = -INFINITY;
+    lse[i] = sinks != nullptr ? sinks[(i / seqlen_q) % heads_q] : -INFINITY;
 }
 
 int launch_no_keys(const FlashFwdParams& p, int head_dim, cudaStream_t stream) {
@@ -40,7 +42,8 @@ int launch_no_keys(const FlashFwdParams& p, int head_dim, cudaStream_t stream) {
   const int64_t chunks = rows * head_dim / 8;
   const int64_t blocks = (chunks + kFillThreads - 1) / kFillThreads;
   const unsigned grid = static_cast<unsigned>(blocks < 1024 ? blocks : 1024);
-  flash_fwd_no_keys_kernel<<<grid, kFillThreads, 0, stream>>>(static_cast<uint4*>(p.out), chunks, p.lse, rows);
+  flash_fwd_no_keys_kernel<<<grid, kFillThreads, 0, stream>>>(static_cast<uint4*>(p.out), chunks, p.lse, rows,
+                                                              p.sinks, p.heads_q, p.seqlen_q);
   return launch_status();
 }
 
@@ -141,6 +144,13 @@ void set_common(FlashFwdParams& p, int64_t batch, int64_t heads_q, int64_t heads
   p.scale_log2 = static_cast<float>(scale * kLog2e);
   p.softcap_in = p.has_softcap ? static_cast<float>(scale / softcap) : 0.f;
   p.softcap_out = p.has_softcap ? static_cast<float>(softcap * kLog2e) : 0.f;
+  p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(softcap);
+}
+
+// Element size of a float bias dtype code, 0 for any other code.
+int bias_elem_size(int dtype) {
+  return dtype == kFloat32 ? 4 : (dtype == kFloat16 || dtype == kBFloat16 ? 2 : 0);
 }
 
 }  // namespace
@@ -152,14 +162,18 @@ int flash_attention_fwd(int device, int dtype, uintptr_t q, uintptr_t k, uintptr
                         int64_t q_head_stride, int64_t q_row_stride, int64_t k_batch_stride,
                         int64_t k_head_stride, int64_t k_row_stride, int64_t v_batch_stride,
                         int64_t v_head_stride, int64_t v_row_stride, int64_t mask_batch_stride,
-                        int64_t mask_row_stride, int64_t mask_col_stride, double scale, int64_t window,
+                        int64_t mask_row_stride, int64_t mask_col_stride, uintptr_t sinks, uintptr_t bias,
+                        int bias_dtype, int64_t bias_batch_stride, int64_t bias_head_stride,
+                        int64_t bias_row_stride, int64_t bias_col_stride, double scale, int64_t window,
                         double softcap, bool causal, uintptr_t stream) {
   using namespace attention;
   const int st = check_common(dtype, batch, heads_q, heads_kv, seqlen_q, seqlen_kv, head_dim, scale, softcap);
   if (st != kOk) return st;
+  if (bias != 0 && bias_elem_size(bias_dtype) == 0) return kErrUnsupportedDtype;
   if (batch == 0 || heads_q == 0 || seqlen_q == 0) return kOk;
-  if (!aligned16(q) || !aligned16(k) || !aligned16(v) || !aligned16(out) || lse % 4 != 0)
+  if (!aligned16(q) || !aligned16(k) || !aligned16(v) || !aligned16(out) || lse % 4 != 0 || sinks % 4 != 0)
     return kErrMisaligned;
+  if (bias != 0 && bias % bias_elem_size(bias_dtype) != 0) return kErrMisaligned;
   if (!strides_ok(q_batch_stride, q_head_stride, q_row_stride) ||
       !strides_ok(k_batch_stride, k_head_stride, k_row_stride) ||
       !strides_ok(v_batch_stride, v_head_stride, v_row_stride))
@@ -177,6 +191,11 @@ int flash_attention_fwd(int device, int dtype, uintptr_t q, uintptr_t k, uintptr
   p.v_batch_stride = v_batch_stride, p.v_head_stride = v_head_stride, p.v_row_stride = v_row_stride;
   p.mask_batch_stride = mask_batch_stride, p.mask_row_stride = mask_row_stride;
   p.mask_col_stride = mask_col_stride;
+  p.sinks = reinterpret_cast<const float*>(sinks);
+  p.bias = reinterpret_cast<const void*>(bias);
+  p.bias_dtype = bias_dtype;
+  p.bias_batch_stride = bias_batch_stride, p.bias_head_stride = bias_head_stride;
+  p.bias_row_stride = bias_row_stride, p.bias_col_stride = bias_col_stride;
   p.out_batch_stride = seqlen_q * heads_q * head_dim;
   p.lse_batch_stride = heads_q * seqlen_q;
   p.lse_head_stride = seqlen_q;
@@ -187,20 +206,20 @@ int flash_attention_fwd(int device, int dtype, uintptr_t q, uintptr_t k, uintptr
 }
 
 int flash_attention_varlen_fwd(int device, int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
-                               uintptr_t lse, uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k, int64_t batch,
-                               int64_t total_q, int64_t total_k, int64_t heads_q, int64_t heads_kv,
+                               uintptr_t lse, uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k, uintptr_t sinks,
+                               int64_t batch, int64_t total_q, int64_t total_k, int64_t heads_q, int64_t heads_kv,
                                int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t head_dim, int64_t q_head_stride,
-                               int64_t q_row_stride,
-                               int64_t k_head_stride, int64_t k_row_stride, int64_t v_head_stride,
-                               int64_t v_row_stride, double scale, int64_t window, double softcap, bool causal,
-                               uintptr_t stream) {
+                               int64_t q_row_stride, int64_t k_head_stride, int64_t k_row_stride,
+                               int64_t v_head_stride, int64_t v_row_stride, double scale, int64_t window,
+                               double softcap, bool causal, uintptr_t stream) {
   using namespace attention;
   const int st = check_common(dtype, batch, heads_q, heads_kv, max_seqlen_q, max_seqlen_k, head_dim, scale, softcap);
   if (st != kOk) return st;
   if (total_q < 0 || total_q > INT_MAX / 2 || total_k < 0 || total_k > INT_MAX / 2) return kErrBadShape;
   if (batch == 0 || heads_q == 0 || max_seqlen_q == 0 || total_q == 0) return kOk;
   if (cu_seqlens_q == 0 || cu_seqlens_k == 0 || cu_seqlens_q % 4 != 0 || cu_seqlens_k % 4 != 0) return kErrMisaligned;
-  if (!aligned16(q) || !aligned16(k) || !aligned16(v) || !aligned16(out) || lse % 4 != 0) return kErrMisaligned;
+  if (!aligned16(q) || !aligned16(k) || !aligned16(v) || !aligned16(out) || lse % 4 != 0 || sinks % 4 != 0)
+    return kErrMisaligned;
   if (!strides_ok(0, q_head_stride, q_row_stride) || !strides_ok(0, k_head_stride, k_row_stride) ||
       !strides_ok(0, v_head_stride, v_row_stride))
     return kErrMisaligned;
@@ -213,6 +232,7 @@ int flash_attention_varlen_fwd(int device, int dtype, uintptr_t q, uintptr_t k, 
   p.lse = reinterpret_cast<float*>(lse);
   p.cu_seqlens_q = reinterpret_cast<const int*>(cu_seqlens_q);
   p.cu_seqlens_k = reinterpret_cast<const int*>(cu_seqlens_k);
+  p.sinks = reinterpret_cast<const float*>(sinks);
   p.q_head_stride = q_head_stride, p.q_row_stride = q_row_stride;
   p.k_head_stride = k_head_stride, p.k_row_stride = k_row_stride;
   p.v_head_stride = v_head_stride, p.v_row_stride = v_row_stride;

@@ -129,7 +129,7 @@ struct Sm90Mma {
 
 template <typename T, int D>
 int run_flash_fwd_sm90(const FlashFwdParams& p, cudaStream_t stream) {
-  return launch_flash_fwd<Sm90Mma<FlashFwdTraitsSm90<D>, T>>(p, stream);
+  return launch_plain_or_bias<Sm90Mma, FlashFwdTraitsSm90<D>, FlashFwdBiasTraitsSm90<D>, T>(p, stream);
 }
 
 }  // namespace attention

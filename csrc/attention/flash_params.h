@@ -15,6 +15,9 @@ namespace attention {
 //   out (B, Sq, Hq, D)    contiguous (written by the kernel, layout fixed)
 //   lse (B, Hq, Sq)       contiguous fp32
 //   mask (B, Sq, Skv)     optional uint8/bool, any strides (0 where broadcast), nonzero = attend
+//   bias (B, Hq, Sq, Skv) optional fp16/bf16/fp32 (bias_dtype), any strides (0 where broadcast),
+//                         added to the (softcapped) scaled scores; dense calls only
+//   sinks (Hq)            optional fp32 logits, one per query head (attention sinks)
 // Varlen (cu_seqlens_q != nullptr, flash-attn's packed layout): sequence b is rows
 // [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q / out and [cu_seqlens_k[b], ..) of k / v; batch
 // strides are then 0, seqlen_q / seqlen_kv are only the maxima that size the grid, and each
@@ -28,6 +31,8 @@ struct FlashFwdParams {
   void* out;
   float* lse;
   const uint8_t* mask;  // nullptr: no mask
+  const void* bias;     // nullptr: no bias
+  const float* sinks;   // nullptr: no sinks
   const int* cu_seqlens_q;  // nullptr: dense batch
   const int* cu_seqlens_k;
 
@@ -35,6 +40,8 @@ struct FlashFwdParams {
   int64_t k_batch_stride, k_head_stride, k_row_stride;
   int64_t v_batch_stride, v_head_stride, v_row_stride;
   int64_t mask_batch_stride, mask_row_stride, mask_col_stride;
+  int64_t bias_batch_stride, bias_head_stride, bias_row_stride, bias_col_stride;
+  int bias_dtype;  // common.h DType: kFloat16, kBFloat16 or kFloat32
   int64_t out_batch_stride;                   // out row stride is always heads_q * D
   int64_t lse_batch_stride, lse_head_stride;  // lse row stride is 1
 
@@ -49,6 +56,10 @@ struct FlashFwdParams {
   float scale_log2;     // no softcap: s_log2 = (q.k) * scale * log2(e)
   float softcap_in;     // softcap:    s_log2 = tanh((q.k) * softcap_in) * softcap_out
   float softcap_out;    //             softcap_in = scale / softcap, softcap_out = softcap * log2(e)
+  // With a bias the scores are first formed in natural units (the bias's), then moved into the
+  // log2 domain: s = (tanh((q.k) * softcap_in) * softcap or (q.k) * scale) + bias.
+  float scale;
+  float softcap;
 };
 
 // One per instantiation unit: runs the sm80 (mma.sync) kernel for element type T and head

@@ -35,6 +35,8 @@ struct FlashFwdTile {
   // __launch_bounds__ min blocks per SM: 2 caps registers at 65536 / (2 * kThreads) so two
   // CTAs fit an SM (only where their shared memory fits too); 1 lets ptxas use up to 255.
   static constexpr int kMinBlocksPerSM = kMinBlocksPerSM_;
+  // As a BiasTraits (below): whether a kernel with the additive score bias path exists.
+  static constexpr bool kBias = true;
 
   static_assert(kBlockM == 16 * kNWarps, "one 16-row mma tile per warp");
   static_assert(kHeadDim % 16 == 0, "head dim must be a multiple of the mma K (16)");
@@ -68,6 +70,18 @@ template <> struct FlashFwdTraits<128> : FlashFwdTile<128, 128, 64, 8, true> {};
 // each k-step): with Q in registers too (64 more) ptxas spills at the 255-register cap.
 template <> struct FlashFwdTraits<256> : FlashFwdTile<256, 64, 32, 4, false> {};
 
+// Tiles of the kernels with the additive score bias (flash_attention's bias=; a separate
+// instantiation, flash_fwd_kernel<Mma, true>): the plain tile unless its per-element bias loads
+// spill. kBias = false: no bias kernel for that head dim; the Python glue
+// (fastllm/ops/_attention_cuda.py BIAS_HEAD_DIMS) declines those calls, Triton serves them.
+template <int D> struct FlashFwdBiasTraits : FlashFwdTraits<D> {};
+// D=128: Q read from shared memory per k-step (resident in registers it spilled on sm_80).
+template <> struct FlashFwdBiasTraits<128> : FlashFwdTile<128, 128, 64, 8, false> {};
+// D=256: none (the plain config is already at the 255-register cap; the bias kernel spilled).
+template <> struct FlashFwdBiasTraits<256> : FlashFwdTraits<256> {
+  static constexpr bool kBias = false;
+};
+
 // Hopper (sm_90a) tiles of the wgmma kernel (flash_fwd_wgmma.cuh): two warpgroups, each owning
 // 64 query rows (one m64 MMA), so kBlockM = 128 and 8 warps as above (a warp still owns 16 rows:
 // the wgmma accumulator layout per warp is mma.sync's). Q stays in shared memory (wgmma reads A
@@ -87,6 +101,12 @@ template <> struct FlashFwdTraitsSm90<64> : FlashFwdTileSm90<64, 128> {};
 template <> struct FlashFwdTraitsSm90<128> : FlashFwdTileSm90<128, 128> {};
 // D=256: O alone is 128 registers per thread: 64-key tiles keep S at 32; 194 KB smem.
 template <> struct FlashFwdTraitsSm90<256> : FlashFwdTileSm90<256, 64> {};
+// Bias kernels (see FlashFwdBiasTraits): the plain tiles; none at D=256, as for sm80 (one rule
+// for the glue).
+template <int D> struct FlashFwdBiasTraitsSm90 : FlashFwdTraitsSm90<D> {};
+template <> struct FlashFwdBiasTraitsSm90<256> : FlashFwdTraitsSm90<256> {
+  static constexpr bool kBias = false;
+};
 
 }  // namespace attention
 }  // namespace fastllm

@@ -6,7 +6,8 @@
 namespace fastllm {
 // out = attention of Sq (1..16) queries per sequence against a KV cache, split over the key
 // range (num_splits pieces, merged exactly). Layouts: csrc/decode/decode_params.h. Strides in
-// elements (mask: bytes; a bool mask). cache_seqlens / block_table / mask: 0 for none.
+// elements (mask: bytes; a bool mask). cache_seqlens / block_table / mask / sinks ((Hq,) fp32
+// attention-sink logits): 0 for none.
 // out_partial / lse_partial: fp32 workspaces of B*Hq*Sq*num_splits*(D | 1) elements, needed
 // (non-zero) only when num_splits > 1. Returns 0 or an error code (common.h Status or a
 // cudaError_t).
@@ -17,6 +18,7 @@ int decode_attention_fwd(int device, int dtype, uintptr_t q, uintptr_t k, uintpt
                          int64_t block_table_stride, int64_t q_batch_stride, int64_t q_head_stride,
                          int64_t q_row_stride, int64_t k_batch_stride, int64_t k_head_stride, int64_t k_row_stride,
                          int64_t v_batch_stride, int64_t v_head_stride, int64_t v_row_stride,
-                         int64_t mask_batch_stride, int64_t mask_row_stride, int64_t mask_col_stride, double scale,
-                         int64_t window, double softcap, int64_t num_splits, uintptr_t stream);
+                         int64_t mask_batch_stride, int64_t mask_row_stride, int64_t mask_col_stride,
+                         uintptr_t sinks, double scale, int64_t window, double softcap, int64_t num_splits,
+                         uintptr_t stream);
 }  // namespace fastllm

@@ -7,8 +7,9 @@
 //   allowed  = mask[b, i, j]                            if a mask is given, else
 //              j <= p_i & (j > p_i - W if window W)     p_i = L - Sq + i (bottom-right causal)
 //   s[i, j]  = scale * <q_i, k_j>  (softcap c: c * tanh(s / c));  fp16/bf16 in, fp32 accumulate
-//   lse[i]   = log sum_allowed exp(s[i, j]);  out[i] = sum_allowed exp(s[i, j] - lse[i]) v_j
-// with 0 / -inf for a row with nothing allowed; out (B, Sq, Hq, D), lse (B, Hq, Sq).
+//   lse[i]   = log (sum_allowed exp(s[i, j]) + exp(z_h));  out[i] = sum_allowed exp(s[i, j] - lse[i]) v_j
+// with z_h = sinks[h] (attention sinks) or -inf without; out 0 / lse -inf for a row with nothing
+// allowed and no sink; out (B, Sq, Hq, D), lse (B, Hq, Sq).
 //
 // Algorithm. Grid (B * Hkv, num_splits, ceil(group * Sq / 16)); a CTA owns one kv head of one
 // sequence, one piece of its key range and 16 packed query rows (GQA heads x queries, row
@@ -25,6 +26,7 @@
 //   4. One piece: out and lse are written directly (16-byte chunks of 4 elements per thread).
 //      Several: fp32 partials (out_s normalised, lse_s) go to the workspace and the combine
 //      kernel merges them exactly: lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse) out_s.
+//      A sink joins the one piece's softmax state, or the combine as one more empty partial.
 // Tile configs: decode_traits.h. Launcher (argument checks, dispatch): decode_launcher.cu.
 // Instantiations: decode_hdim*_{fp16,bf16}.cu (generate_instantiations.py).
 //
@@ -361,10 +363,15 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_split_kernel(const De
       const float4 x = *reinterpret_cast<const float4*>(red_o + (w * 16 + lr) * Traits::kRedStride + 4 * c);
       o.x += x.x, o.y += x.y, o.z += x.z, o.w += x.w;
     }
-    const float total = fin[lr * 2 + 1];
-    const float inv = total > 0.f ? 1.f / total : 0.f;
-    const float lse = total > 0.f ? (fin[lr * 2] + log2f(total)) * kLn2f : -INFINITY;
     const int h = hk * p.group + R / Sq, qi = R % Sq;
+    // One piece: the sink joins here (several: in the combine kernel).
+    const float z_nat = p.num_splits == 1 && p.sinks != nullptr ? p.sinks[h] : -INFINITY;
+    float total = fin[lr * 2 + 1];
+    const bool any_key = total > 0.f;
+    float m = any_key ? fin[lr * 2] : -INFINITY;
+    const float alpha = attention::fold_sink(m, total, z_nat * attention::kLog2eF);
+    const float inv = any_key ? alpha / total : 0.f;
+    const float lse = any_key ? (m + log2f(total)) * kLn2f : z_nat;  // no key: the sink alone, exactly
     if (p.num_splits == 1) {
       T* out = static_cast<T*>(p.out) + ((static_cast<int64_t>(b) * Sq + qi) * p.heads_q + h) * kD + 4 * c;
       *reinterpret_cast<uint2*>(out) = pack4<T>(o.x * inv, o.y * inv, o.z * inv, o.w * inv);
@@ -380,7 +387,8 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_split_kernel(const De
 
 // Merge of the num_splits partials of each output row (one warp per row, rows ordered
 // (b, h, i) like lse): lse = M + log sum_s exp(lse_s - M), out = sum_s exp(lse_s - lse) out_s.
-// All splits empty (every lse_s = -inf): out 0, lse -inf.
+// A sink z_h is one more partial with lse z_h and out 0. All splits empty (every lse_s = -inf)
+// and no sink: out 0, lse -inf.
 constexpr int kCombineWarps = 4;
 
 template <typename T, int head_dim>
@@ -391,19 +399,22 @@ __global__ void __launch_bounds__(kCombineWarps * 32) decode_combine_kernel(cons
   if (row >= total_rows) return;
   const int S = p.num_splits;
   const float* lp = p.lse_partial + row * S;
+  const int Sq = p.seqlen_q;
+  const int64_t b = row / (static_cast<int64_t>(p.heads_q) * Sq);
+  const int h = static_cast<int>((row / Sq) % p.heads_q), qi = static_cast<int>(row % Sq);
+  const float z = p.sinks != nullptr ? p.sinks[h] : -INFINITY;
   float M = -INFINITY;
   for (int s = lane; s < S; s += 32) M = fmaxf(M, lp[s]);
 #pragma unroll
   for (int o = 16; o > 0; o /= 2) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+  M = fmaxf(M, z);
   const float m_safe = M == -INFINITY ? 0.f : M;
   float sum = 0.f;
   for (int s = lane; s < S; s += 32) sum += expf(lp[s] - m_safe);
 #pragma unroll
   for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  sum += expf(z - m_safe);  // 0 without a sink
   const float inv = sum > 0.f ? 1.f / sum : 0.f;
-  const int Sq = p.seqlen_q;
-  const int64_t b = row / (static_cast<int64_t>(p.heads_q) * Sq);
-  const int h = static_cast<int>((row / Sq) % p.heads_q), qi = static_cast<int>(row % Sq);
   T* out = static_cast<T*>(p.out) + ((b * Sq + qi) * p.heads_q + h) * head_dim;
   const float* op = p.out_partial + row * S * head_dim;
   for (int c = lane; c < head_dim / 4; c += 32) {

@@ -62,8 +62,9 @@ int decode_attention_fwd(int device, int dtype, uintptr_t q, uintptr_t k, uintpt
                          int64_t block_table_stride, int64_t q_batch_stride, int64_t q_head_stride,
                          int64_t q_row_stride, int64_t k_batch_stride, int64_t k_head_stride, int64_t k_row_stride,
                          int64_t v_batch_stride, int64_t v_head_stride, int64_t v_row_stride,
-                         int64_t mask_batch_stride, int64_t mask_row_stride, int64_t mask_col_stride, double scale,
-                         int64_t window, double softcap, int64_t num_splits, uintptr_t stream) {
+                         int64_t mask_batch_stride, int64_t mask_row_stride, int64_t mask_col_stride,
+                         uintptr_t sinks, double scale, int64_t window, double softcap, int64_t num_splits,
+                         uintptr_t stream) {
   using namespace decode;
   if (dtype != kFloat16 && dtype != kBFloat16) return kErrUnsupportedDtype;
   if (head_dim != 64 && head_dim != 80 && head_dim != 96 && head_dim != 128 && head_dim != 256) return kErrBadShape;
@@ -87,7 +88,7 @@ int decode_attention_fwd(int device, int dtype, uintptr_t q, uintptr_t k, uintpt
     return kErrBadShape;
   if (!aligned(q, 16) || !aligned(k, 16) || !aligned(v, 16) || !aligned(out, 16) || !aligned(lse, 4))
     return kErrMisaligned;
-  if (!aligned(cache_seqlens, 4) || !aligned(block_table, 4)) return kErrMisaligned;
+  if (!aligned(cache_seqlens, 4) || !aligned(block_table, 4) || !aligned(sinks, 4)) return kErrMisaligned;
   if (num_splits > 1 && (out_partial == 0 || lse_partial == 0 || !aligned(out_partial, 16) || !aligned(lse_partial, 4)))
     return kErrMisaligned;
   if (!strides_ok(q_batch_stride, q_head_stride, q_row_stride) ||
@@ -106,6 +107,7 @@ int decode_attention_fwd(int device, int dtype, uintptr_t q, uintptr_t k, uintpt
   p.cache_seqlens = reinterpret_cast<const int*>(cache_seqlens);
   p.block_table = reinterpret_cast<const int*>(block_table);
   p.mask = reinterpret_cast<const uint8_t*>(mask);
+  p.sinks = reinterpret_cast<const float*>(sinks);
   p.q_batch_stride = q_batch_stride, p.q_head_stride = q_head_stride, p.q_row_stride = q_row_stride;
   p.k_batch_stride = k_batch_stride, p.k_head_stride = k_head_stride, p.k_row_stride = k_row_stride;
   p.v_batch_stride = v_batch_stride, p.v_head_stride = v_head_stride, p.v_row_stride = v_row_stride;

@@ -31,6 +31,7 @@ struct DecodeParams {
   const int* cache_seqlens;  // nullptr: every sequence has `capacity` keys
   const int* block_table;    // nullptr: contiguous cache
   const uint8_t* mask;       // nullptr: none (then causal among the Sq queries, bottom-right)
+  const float* sinks;        // nullptr: none; else (Hq,) fp32 attention-sink logits
 
   int64_t q_batch_stride, q_head_stride, q_row_stride;
   int64_t k_batch_stride, k_head_stride, k_row_stride;

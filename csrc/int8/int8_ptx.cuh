@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "common/common.h"
+#include "common/load_float.cuh"
 #include "common/ptx.cuh"
 
 namespace fastllm {
@@ -45,12 +46,7 @@ __device__ __forceinline__ uint4 ld_stream_16(const void* p) {
 
 // bias[i] as fp32 for a bias of dtype code `dtype` (common.h), 0 when there is no bias.
 __device__ __forceinline__ float bias_at(const void* bias, int dtype, int i) {
-  if (bias == nullptr) return 0.f;
-  switch (dtype) {
-    case kFloat16: return __half2float(static_cast<const __half*>(bias)[i]);
-    case kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(bias)[i]);
-    default: return static_cast<const float*>(bias)[i];
-  }
+  return bias == nullptr ? 0.f : load_float(bias, dtype, i);
 }
 
 // The swap-AB decode kernels (W8A16, fused W8A8): lane (g, c)'s token rows g + 8t at column 16c.

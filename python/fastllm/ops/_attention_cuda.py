@@ -2,15 +2,16 @@
 
 Imported lazily by python/fastllm/ops/attention.py (the "cuda" backend). Functions:
 
-    cuda_supports(q, k, v, mask, causal, scale, window, softcap) -> None or a reason string
-    flash_attention_cuda(q, k, v, mask, causal, scale, window, softcap) -> (out, lse)
+    cuda_supports(q, k, v, mask, causal, scale, window, softcap, sinks, bias) -> None or a reason
+    flash_attention_cuda(q, k, v, mask, causal, scale, window, softcap, sinks, bias) -> (out, lse)
 
 Arguments arrive normalized by the op layer (scale a float, window an int <= 0 for none,
-softcap a float 0.0 for none, mask None or a bool tensor broadcastable to (B, 1, Sq, Skv));
+softcap a float 0.0 for none, mask None or a bool tensor broadcastable to (B, 1, Sq, Skv), sinks
+None or (Hq,) float32, bias None or a float tensor broadcastable to (B, Hq, Sq, Skv));
 the backend registry has already checked that the tensors are on CUDA and that the extension
 has code for this GPU. q (B, Hq, Sq, D) and k, v (B, Hkv, Skv, D) are read in place through
-their strides (typically transposed views of (B, S, H, D) buffers), never copied; the mask is
-read through its (possibly zero, i.e. broadcast) strides. out is (B, Sq, Hq, D) contiguous,
+their strides (typically transposed views of (B, S, H, D) buffers), never copied; the mask and
+the bias are read through their (possibly zero, i.e. broadcast) strides. out is (B, Sq, Hq, D) contiguous,
 lse (B, Hq, Sq) float32. The kernel's tile sizes live in C++ only (csrc/attention/flash_traits.h).
 """
 import math
@@ -19,12 +20,17 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from ._checks import GRID_YZ_MAX, exp2_scalars_reason, misaligned16
+from ._checks import GRID_YZ_MAX, broadcast_strides, exp2_scalars_reason, misaligned16
+from ._sinks import sinks_reason
 
 # Head dims with a compiled instantiation (csrc/attention/generate_instantiations.py
 # HEAD_DIMS; the launcher rejects any other with a status code).
 HEAD_DIMS = (64, 80, 96, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16)
+# Head dims with a bias kernel (csrc/attention/flash_traits.h FlashFwdBiasTraits: none at 256,
+# where the plain kernel is already at the register cap).
+BIAS_HEAD_DIMS = (64, 80, 96, 128)
+BIAS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SEQ_MAX = (2 ** 31 - 1) // 2  # positions are int32 in the kernel
 
 
@@ -32,9 +38,8 @@ def _dt(dtype):
     return str(dtype).replace("torch.", "")
 
 
-def _strides(t):
-    """(batch, head, seq) strides in elements, 0 for a dim of size 1 (never stepped over)."""
-    return tuple(t.stride(i) if t.size(i) > 1 else 0 for i in range(3))
+def _strides(t, n=3):
+    return broadcast_strides(t, range(n))
 
 
 def _mask_view(mask, B, Sq, Skv):
@@ -43,7 +48,23 @@ def _mask_view(mask, B, Sq, Skv):
     return m
 
 
-def cuda_supports(q, k, v, mask, causal, scale, window, softcap) -> Optional[str]:
+def _bias_reason(bias, q, B, Hq, Sq, Skv) -> Optional[str]:
+    D = q.shape[-1]
+    if D not in BIAS_HEAD_DIMS:
+        return (f"an additive score bias at head dim {D} (the CUDA bias kernels have "
+                f"{', '.join(str(d) for d in BIAS_HEAD_DIMS)}; the Triton kernel adds it)")
+    if bias.dtype not in BIAS_DTYPES:
+        return f"bias dtype {_dt(bias.dtype)} (the CUDA kernel reads fp16 / bf16 / fp32 biases)"
+    if bias.device != q.device:
+        return f"bias on {bias.device}, q on {q.device}"
+    try:
+        torch.broadcast_to(bias, (B, Hq, Sq, Skv))
+    except RuntimeError:
+        return f"bias shape {tuple(bias.shape)} not broadcastable to ({B}, {Hq}, {Sq}, {Skv})"
+    return None
+
+
+def cuda_supports(q, k, v, mask, causal, scale, window, softcap, sinks=None, bias=None) -> Optional[str]:
     """None if the CUDA kernel can serve this call, else a short reason (metadata only: works
     on meta and CPU tensors)."""
     if q.dtype not in DTYPES:
@@ -88,17 +109,17 @@ def cuda_supports(q, k, v, mask, causal, scale, window, softcap) -> Optional[str
             _mask_view(mask, B, Sq, Skv)
         except RuntimeError:
             return f"mask shape {tuple(mask.shape)} not broadcastable to ({B}, 1, {Sq}, {Skv})"
-    return None
+    return (_bias_reason(bias, q, B, Hq, Sq, Skv) if bias is not None else None) or sinks_reason(sinks, q, Hq)
 
 
-def flash_attention_cuda(q, k, v, mask, causal, scale, window, softcap):
+def flash_attention_cuda(q, k, v, mask, causal, scale, window, softcap, sinks=None, bias=None):
     """(out (B, Sq, Hq, D) contiguous q.dtype, lse (B, Hq, Sq) float32) from the CUDA kernel."""
     B, Hq, Sq, D = q.shape
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     window = int(window) if window is not None and window > 0 else 0
     softcap = float(softcap) if softcap is not None and softcap > 0 else 0.0
-    reason = cuda_supports(q, k, v, mask, causal, scale, window, softcap)
+    reason = cuda_supports(q, k, v, mask, causal, scale, window, softcap, sinks, bias)
     if reason is not None:
         raise ValueError(f"flash_attention (cuda backend): {reason}")
     Hkv, Skv = k.shape[1], k.shape[2]
@@ -106,29 +127,32 @@ def flash_attention_cuda(q, k, v, mask, causal, scale, window, softcap):
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
+    m_ptr, m_strides = 0, (0, 0, 0)
     if mask is not None:
         m = _mask_view(mask, B, Sq, Skv)
-        # A dim of size 1 is never stepped over; its stride may be anything.
-        m_ptr = m.data_ptr()
-        m_strides = tuple(m.stride(i) if m.size(i) > 1 else 0 for i in range(3))
-    else:
-        m_ptr, m_strides = 0, (0, 0, 0)
+        m_ptr, m_strides = m.data_ptr(), _strides(m)
+    b_ptr, b_dtype, b_strides = 0, 0, (0, 0, 0, 0)
+    if bias is not None:
+        b = torch.broadcast_to(bias, (B, Hq, Sq, Skv))
+        b_ptr, b_dtype, b_strides = b.data_ptr(), _ext.DTYPE_CODES[b.dtype], _strides(b, 4)
     qs, ks, vs = _strides(q), _strides(k), _strides(v)
+    z_ptr = 0 if sinks is None else sinks.data_ptr()
     code = _ext.lib().flash_attention_fwd(
         q.device.index, _ext.DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(),
         out.data_ptr(), lse.data_ptr(), m_ptr, B, Hq, Hkv, Sq, Skv, D, *qs, *ks, *vs, *m_strides,
-        float(scale), window, softcap, bool(causal), _ext.stream_of(q))
+        z_ptr, b_ptr, b_dtype, *b_strides, float(scale), window, softcap, bool(causal), _ext.stream_of(q))
     _ext.check(code, "flash_attention")
     return out, lse
 
 
-def cuda_varlen_supports(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap) -> Optional[str]:
+def cuda_varlen_supports(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap,
+                         sinks=None) -> Optional[str]:
     """None if the CUDA kernel can serve this packed (varlen) call, else a short reason."""
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         return "q, k, v must be 3-D (total, H, D) for varlen"
     # The (total, H, D) tensors seen as (1, H, total, D) views: the dense checks apply.
     as4 = [t.transpose(0, 1)[None] for t in (q, k, v)]
-    reason = cuda_supports(*as4, None, causal, scale, window, softcap)
+    reason = cuda_supports(*as4, None, causal, scale, window, softcap, sinks)
     if reason is not None:
         return reason
     B = cu_q.shape[0] - 1
@@ -142,15 +166,16 @@ def cuda_varlen_supports(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, windo
     return None
 
 
-def flash_attention_varlen_cuda(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap):
+def flash_attention_varlen_cuda(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, sinks=None):
     """(out (total_q, Hq, D) contiguous, lse (Hq, total_q) float32) from the CUDA kernel."""
     total_q, Hq, D = q.shape
     window = int(window) if window is not None and window > 0 else 0
     softcap = float(softcap) if softcap is not None and softcap > 0 else 0.0
-    reason = cuda_varlen_supports(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap)
+    reason = cuda_varlen_supports(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, sinks)
     if reason is not None:
         raise ValueError(f"flash_attention_varlen (cuda backend): {reason}")
-    # Rows no sequence covers (past cu_q[-1]) stay out 0 / lse -inf, as in the reference.
+    # Rows no sequence covers (past cu_q[-1]) stay out 0 / lse -inf, as in the reference (sinks
+    # or not: the sink joins the rows of a sequence).
     out = torch.zeros((total_q, Hq, D), dtype=q.dtype, device=q.device)
     lse = torch.full((Hq, total_q), float("-inf"), dtype=torch.float32, device=q.device)
     B = cu_q.shape[0] - 1
@@ -160,8 +185,8 @@ def flash_attention_varlen_cuda(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale
     hs = [_strides(t.transpose(0, 1)[None])[1:] for t in (q, k, v)]
     code = _ext.lib().flash_attention_varlen_fwd(
         q.device.index, _ext.DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(),
-        out.data_ptr(), lse.data_ptr(), cu_q.data_ptr(), cu_k.data_ptr(), B, total_q, k.shape[0], Hq, k.shape[1],
-        int(max_q), int(max_k), D, *hs[0], *hs[1], *hs[2],
+        out.data_ptr(), lse.data_ptr(), cu_q.data_ptr(), cu_k.data_ptr(), 0 if sinks is None else sinks.data_ptr(),
+        B, total_q, k.shape[0], Hq, k.shape[1], int(max_q), int(max_k), D, *hs[0], *hs[1], *hs[2],
         float(scale), window, softcap, bool(causal), _ext.stream_of(q))
     _ext.check(code, "flash_attention_varlen")
     return out, lse

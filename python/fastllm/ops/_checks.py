@@ -87,6 +87,12 @@ def attended_key_slice(mask, n_keys):
     return slice(lo, hi) if hi - lo < n_keys else None
 
 
+def broadcast_strides(t: torch.Tensor, dims) -> tuple:
+    """t's strides (elements) in `dims`, 0 for a dim of size 1: a kernel never steps over a
+    broadcast dim, whatever stride it reports, so the launchers see one convention."""
+    return tuple(t.stride(i) if t.size(i) > 1 else 0 for i in dims)
+
+
 def misaligned16(t: torch.Tensor) -> bool:
     """True if t's data pointer is not 16-byte aligned (the kernels' vector loads). False while
     torch.compile traces, or for a tensor without storage (torch.func's wrappers under jvp / vmap,

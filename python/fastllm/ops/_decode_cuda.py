@@ -5,12 +5,12 @@ UNVERIFIED: the kernel has been compiled (sm_80, sm_90a, 0 spills) but never run
 Imported lazily by python/fastllm/ops/decode.py (the "cuda" backend):
 
     cuda_supports(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window, softcap,
-                  num_splits) -> None or a reason string (metadata only: CPU / meta tensors work)
+                  num_splits, sinks) -> None or a reason string (metadata only: CPU / meta tensors work)
     decode_attention_cuda(same arguments, num_splits >= 1) -> (out, lse)
 
 Arguments arrive normalized by the op (scale float, window int <= 0 for none, softcap 0.0 for
-none). Tensors are read in place through their strides (unit stride in D); the mask through
-its (possibly zero) strides. The fp32 partials of the splits (B, Hq, Sq, splits, D) and
+none, sinks None or (Hq,) float32: the kernels fold them into their softmax). Tensors are read in
+place through their strides (unit stride in D); the mask through its (possibly zero) strides. The fp32 partials of the splits (B, Hq, Sq, splits, D) and
 (B, Hq, Sq, splits) are allocated here (the extension allocates nothing). Tile sizes live in
 C++ only (csrc/decode/decode_traits.h); the split count comes from ops/decode.py.
 """
@@ -19,7 +19,8 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from ._checks import GRID_YZ_MAX, exp2_scalars_reason, misaligned16
+from ._checks import GRID_YZ_MAX, broadcast_strides, exp2_scalars_reason, misaligned16
+from ._sinks import sinks_reason
 from .decode import capacity_of, kv_heads_of
 
 # Head dims with a compiled instantiation (csrc/decode/generate_instantiations.py HEAD_DIMS).
@@ -35,16 +36,15 @@ def _dt(dtype):
 
 def _kv_strides(t, paged):
     """(batch or page, head, seq or slot) strides in elements, 0 for a dim of size 1."""
-    dims = (0, 2, 1) if paged else (0, 1, 2)
-    return tuple(t.stride(i) if t.size(i) > 1 else 0 for i in dims)
+    return broadcast_strides(t, (0, 2, 1) if paged else (0, 1, 2))
 
 
 def _q_strides(q):
-    return tuple(q.stride(i) if q.size(i) > 1 else 0 for i in range(3))
+    return broadcast_strides(q, range(3))
 
 
 def cuda_supports(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window, softcap,
-                  num_splits) -> Optional[str]:
+                  num_splits, sinks=None) -> Optional[str]:
     """None if the CUDA decode kernel can serve this call, else a short reason."""
     if q.dtype not in DTYPES:
         return f"dtype {_dt(q.dtype)} not supported by the CUDA kernel (fp16/bf16)"
@@ -83,14 +83,14 @@ def cuda_supports(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, 
             return f"'{name}' needs unit stride in its last dim"
     if mask is not None and mask.dtype != torch.bool:
         return f"mask dtype {_dt(mask.dtype)} (the CUDA kernel reads bool masks)"
-    return None
+    return sinks_reason(sinks, q, Hq)
 
 
 def decode_attention_cuda(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window, softcap,
-                          num_splits):
+                          num_splits, sinks=None):
     """(out (B, Sq, Hq, D) contiguous q.dtype, lse (B, Hq, Sq) float32) from the CUDA kernel."""
     reason = cuda_supports(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window, softcap,
-                           num_splits)
+                           num_splits, sinks)
     if reason is not None:
         raise ValueError(f"decode_attention (cuda backend): {reason}")
     B, Hq, Sq, D = q.shape
@@ -114,7 +114,7 @@ def decode_attention_cuda(q, k_cache, v_cache, cache_seqlens, block_table, mask,
         part_ptrs = (0, 0)
     if mask is not None:
         m = torch.broadcast_to(mask, (B, 1, Sq, capacity))[:, 0]
-        m_ptr, m_strides = m.data_ptr(), tuple(m.stride(i) if m.size(i) > 1 else 0 for i in range(3))
+        m_ptr, m_strides = m.data_ptr(), broadcast_strides(m, range(3))
     else:
         m_ptr, m_strides = 0, (0, 0, 0)
     code = _ext.lib().decode_attention_fwd(
@@ -124,6 +124,6 @@ def decode_attention_cuda(q, k_cache, v_cache, cache_seqlens, block_table, mask,
         block_table.data_ptr() if paged else 0, m_ptr,
         B, Hq, Hkv, Sq, D, capacity, page_size, num_pages, block_table.stride(0) if paged else 0,
         *_q_strides(q), *_kv_strides(k_cache, paged), *_kv_strides(v_cache, paged), *m_strides,
-        float(scale), int(window), float(softcap), splits, _ext.stream_of(q))
+        0 if sinks is None else sinks.data_ptr(), float(scale), int(window), float(softcap), splits, _ext.stream_of(q))
     _ext.check(code, "decode_attention")
     return out, lse

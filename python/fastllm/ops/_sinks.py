@@ -5,11 +5,10 @@ softmax as an extra key without a value. With sink z_h for query head h:
     out_i = sum_j exp(s_ij - L_i) v_j  =  out'_i * sigmoid(lse_i - z_h)
 
 where (out', lse) is attention without the sink. The reference adds the sink as a score
-column; the Triton kernels fold it into their softmax epilogue (softmax_finish_sinks in
-triton_kernels/flash_attention.py); the CUDA kernels do not take sinks yet, and their
-(out', lse) gets this epilogue: out' rescaled, L returned as the lse. Exact up to one rounding
-of out (the factor is fp32), at the price of one more elementwise pass over out. A row with no
-allowed key keeps out = 0 and gets L = z_h; z_h = -inf is "no sink" for that head.
+column; the kernels fold it into their softmax epilogue (Triton: softmax_finish_sinks in
+triton_kernels/flash_attention.py; CUDA: fold_sink in csrc/attention/flash_fwd_kernel.cuh, and
+the decode combine kernel as one more partial). A row with no allowed key keeps out = 0 and
+gets L = z_h; z_h = -inf is "no sink" for that head. This module validates the argument.
 """
 from typing import Optional
 
@@ -33,12 +32,12 @@ def check_sinks(op: str, sinks: Optional[torch.Tensor], q: torch.Tensor, Hq: int
     return sinks.float().contiguous()
 
 
-def apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor, head_dim: int):
-    """(out, lse) without sinks -> with them (see the module docstring). lse's heads are on
-    dim `head_dim` (1: (B, Hq, Sq) with out (B, Sq, Hq, D); 0: varlen (Hq, total_q) with out
-    (total_q, Hq, D)). sinks: (Hq,), or lse-shaped (a sink per row; -inf: none)."""
-    z = sinks if sinks.dim() == lse.dim() else sinks.view(-1, *([1] * (lse.dim() - 1 - head_dim)))
-    factor = torch.where(lse == float("-inf"), 0.0, torch.sigmoid(lse - z))   # empty row: stays 0
-    new_lse = torch.logaddexp(lse, z)
-    f = factor.transpose(0, 1) if head_dim == 0 else factor.transpose(1, 2)  # out's (..., Hq) order
-    return (out.float() * f.unsqueeze(-1)).to(out.dtype), new_lse
+def sinks_reason(sinks: Optional[torch.Tensor], q: torch.Tensor, Hq: int) -> Optional[str]:
+    """Why a CUDA kernel cannot read these (normalized) sinks, or None: it takes (Hq,)
+    contiguous float32 on q's device, what check_sinks returns."""
+    if sinks is None:
+        return None
+    if (sinks.dtype != torch.float32 or tuple(sinks.shape) != (Hq,) or sinks.device != q.device
+            or (Hq > 1 and sinks.stride(0) != 1)):
+        return f"sinks must be ({Hq},) contiguous float32 on q's device (the op layer converts them)"
+    return None

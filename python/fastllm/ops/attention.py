@@ -28,15 +28,15 @@ flash_attention(q, k, v, *, causal, scale=None, mask=None, window=None, softcap=
      causal=False it restricts only the left side.
   softcap=c (float > 0, Gemma 2): s = c * tanh(s / c) on the scaled scores, before masking.
   sinks: optional (Hq,) float tensor, attention sinks (gpt-oss's s_aux): one extra logit per
-     query head in every row's softmax, with no value; lse then includes it. The reference and
-     the Triton kernels fold it into the softmax; the CUDA kernels do not take it yet: their
-     output gets the exact epilogue of fastllm/ops/_sinks.py (out *= sigmoid(lse - sink)).
+     query head in every row's softmax, with no value; lse then includes it. Every backend folds
+     it into its softmax (the CUDA kernels into their epilogue).
   bias: optional float tensor (float16 / bfloat16 / float32, any strides) broadcastable to
      (B, Hq, Sq, Skv) (each dim full or 1): an additive score bias (relative position biases:
      Swin, BEiT, Parakeet; ALiBi), s = s + bias after softcap and before masking. -inf masks a
      key; finite sums are floored at -2^126 (fastllm/ref/attention.py), so a row whose keys all
      carry the dtype's minimum averages them uniformly, as eager attention does. The CUDA kernels
-     do not take it (auto picks Triton on a GPU); NaN / +inf in it give NaN rows.
+     take it at head dims 64 / 80 / 96 / 128 (auto picks Triton at 256); NaN / +inf in it give
+     NaN rows.
   scale: defaults to 1 / sqrt(D).
   Returns out (B, Sq, Hq, D) contiguous in q.dtype (the layout transformers' attention
   interface returns) and, with return_lse=True, also lse (B, Hq, Sq) float32: the natural-log
@@ -77,7 +77,7 @@ import torch
 from .. import ref
 from ._autocast import to_autocast_dtype
 from ._checks import FLOAT_DTYPES, GRID_YZ_MAX, as_bool, attended_key_slice, check_tensor
-from ._sinks import apply_sinks, check_sinks
+from ._sinks import check_sinks
 from .registry import new_op
 
 OP = new_op("flash_attention")
@@ -103,9 +103,8 @@ OP_VARLEN.example = lambda: ("packed 4096 tokens, 32/8 heads, D 128 bf16, causal
 
 
 # ----------------------------------------------------------------------------------------------
-# Backends. Every impl takes the normalized arguments and returns (out, lse). Sinks: the
-# reference and the Triton kernels fold them into the softmax; the CUDA kernels do not take them
-# yet, so their (out, lse) gets the exact epilogue of _sinks.py (one more pass over out).
+# Backends. Every impl takes the normalized arguments and returns (out, lse); each folds sinks
+# into its softmax.
 
 @OP.register("torch")
 def _torch(q, k, v, mask, causal, scale, window, softcap, sinks, bias):
@@ -139,17 +138,14 @@ def _triton(q, k, v, mask, causal, scale, window, softcap, sinks, bias):
 
 
 def _cuda_supports(q, k, v, mask, causal, scale, window, softcap, sinks=None, bias=None):
-    if bias is not None:
-        return "an additive score bias (bias=) is not supported by the CUDA kernels (the Triton kernel adds it)"
     from ._attention_cuda import cuda_supports
-    return cuda_supports(q, k, v, mask, causal, scale, window, softcap)
+    return cuda_supports(q, k, v, mask, causal, scale, window, softcap, sinks, bias)
 
 
 @OP.register("cuda", supports=_cuda_supports)
 def _cuda(q, k, v, mask, causal, scale, window, softcap, sinks, bias):
     from ._attention_cuda import flash_attention_cuda
-    out, lse = flash_attention_cuda(q, k, v, mask, causal, scale, window, softcap)
-    return (out, lse) if sinks is None else apply_sinks(out, lse, sinks, head_dim=1)
+    return flash_attention_cuda(q, k, v, mask, causal, scale, window, softcap, sinks, bias)
 
 
 @OP_VARLEN.register("torch")
@@ -167,19 +163,13 @@ def _triton_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, sof
 
 def _cuda_varlen_supports(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, sinks=None):
     from ._attention_cuda import cuda_varlen_supports
-    return cuda_varlen_supports(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap)
+    return cuda_varlen_supports(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, sinks)
 
 
 @OP_VARLEN.register("cuda", supports=_cuda_varlen_supports)
 def _cuda_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, sinks):
     from ._attention_cuda import flash_attention_varlen_cuda
-    out, lse = flash_attention_varlen_cuda(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap)
-    if sinks is None:
-        return out, lse
-    # Rows no sequence covers keep lse -inf (as the reference and the Triton kernel leave them).
-    rows = torch.arange(q.shape[0], device=q.device)
-    covered = (rows >= cu_q[0]) & (rows < cu_q[-1])
-    return apply_sinks(out, lse, torch.where(covered[None, :], sinks[:, None], float("-inf")), head_dim=0)
+    return flash_attention_varlen_cuda(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, sinks)
 
 
 # ----------------------------------------------------------------------------------------------

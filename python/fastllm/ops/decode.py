@@ -59,7 +59,7 @@ import torch
 from ..ref import decode as ref_decode
 from ._autocast import to_autocast_dtype
 from ._checks import FLOAT_DTYPES, GRID_YZ_MAX, attended_key_slice, check_tensor
-from ._sinks import apply_sinks, check_sinks
+from ._sinks import check_sinks
 from .attention import _normalize
 from .registry import new_op
 
@@ -144,8 +144,8 @@ OP.example = _example
 
 
 # ----------------------------------------------------------------------------------------------
-# Backends: each takes the normalized arguments and returns (out, lse). Sinks: folded into the
-# softmax by the reference and the Triton kernels, an epilogue after the CUDA kernel (_sinks.py).
+# Backends: each takes the normalized arguments and returns (out, lse), with sinks folded into its
+# softmax.
 
 @OP.register("torch")
 def _torch(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window, softcap, num_splits, sinks):
@@ -181,16 +181,15 @@ def _triton(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window
 
 def _cuda_supports(*args):
     from ._decode_cuda import cuda_supports
-    return cuda_supports(*args[:10])   # the kernel's arguments: sinks are an epilogue here
+    return cuda_supports(*args)
 
 
 @OP.register("cuda", supports=_cuda_supports)
 def _cuda(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window, softcap, num_splits, sinks):
     from ._decode_cuda import decode_attention_cuda
     splits = choose_splits(q, k_cache, block_table, window, num_splits)
-    out, lse = decode_attention_cuda(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window,
-                                     softcap, splits)
-    return (out, lse) if sinks is None else apply_sinks(out, lse, sinks, head_dim=1)
+    return decode_attention_cuda(q, k_cache, v_cache, cache_seqlens, block_table, mask, scale, window,
+                                 softcap, splits, sinks)
 
 
 # ----------------------------------------------------------------------------------------------

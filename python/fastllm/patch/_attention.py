@@ -29,8 +29,8 @@ What the mask means when it is None (`sdpa_mask` skips building it, exactly as f
   * not causal (encoders: module.is_causal False; is_causal=False kwarg): attend to all.
 A float mask that is exactly a mask (every value 0 or hugely negative) becomes a bool mask;
 any other float mask is an additive bias (per head allowed), passed as flash_attention's
-`bias` (calls with a bias always go to flash_attention; the CUDA kernels do not take one, so
-auto serves them with Triton on a GPU). A bool mask whose heads differ becomes such a bias too.
+`bias` (calls with a bias always go to flash_attention; on a GPU the CUDA kernels take one up to
+head dim 128, Triton above). A bool mask whose heads differ becomes such a bias too.
 When a mask is given it already holds causality, padding and the sliding window, in absolute
 cache positions, so the op gets causal=False and no window: its bottom-right aligned `window`
 would be wrong against a StaticCache (Skv = max_cache_len, not the number of tokens seen).

@@ -71,7 +71,7 @@ def attention_entry(model, attn, backend, device, dtype) -> OpEntry:
         note += f"; FASTLLM_BACKEND={resolve_request(backend)}"
     make_args = _identity
     src = score_bias_source(model, attn)
-    if src:   # probed with a bias (the CUDA kernels take none): the backend these calls get
+    if src:   # probed with a bias (no CUDA bias kernel at head dim 256): the backend these calls get
         note += f"; its scores get an additive bias ({src}), which flash_attention adds"
         make_args = _with_bias
     return _per_head_dim(OPS["flash_attention"], model, attn, backend, device, dtype, make_args, note)
