@@ -48,7 +48,8 @@ python -m fastllm.info | head -5
 
 phase "tests (CPU: the SIMT-emulated and interpreter tests included)"
 status=0
-python -m pytest -q -p no:cacheprovider tests -n "${WORKERS:-2}" -rs > tests.log 2>&1 || status=$?
+python -m pytest -q -p no:cacheprovider tests -n "${WORKERS:-2}" -rfEs > tests.log 2>&1 || status=$?
+grep -E "^(FAILED|ERROR) " tests.log || true
 grep -v "needs a CUDA GPU" tests.log | tail -40
 phase "done (pytest status $status)"
 exit $status

@@ -329,6 +329,26 @@ def test_attention_cpu_lists_gpu_peers_missing(monkeypatch):
         assert "needs a CUDA GPU" in missing[peer]
 
 
+def test_attention_bias_presets(monkeypatch):
+    """The bias presets time flash_attention(bias=) against SDPA with the bias as a float attn_mask
+    (causal merged into it), checked against the reference with the bias: a kernel that ignored
+    the bias is WRONG. On a GPU their table stops at 4k (the bias is H * S^2 elements)."""
+    from fastllm.bench.suites import attention
+    ctx = light_ctx(monkeypatch, "--shapes", "bias-d64,fa2")
+    ctx.device = torch.device("cuda")                       # (only _shapes reads it here)
+    lens = {name: [s for n, *_, s in attention._shapes(ctx) if n == name] for name in ("bias-d64", "fa2")}
+    assert lens["bias-d64"] == [512, 1024, 2048, 4096] and max(lens["fa2"]) == 16384
+    monkeypatch.setattr(attention, "_shapes", lambda ctx: [("bias-d64", 2, 2, 16, 40)])
+    rows = attention.run(light_ctx(monkeypatch))
+    assert {r["impl"] for r in rows} == {"fastllm-torch", "sdpa-math-cpu"} and len(rows) == 4
+    assert all(r["ok"] == "yes" for r in rows), rows
+    orig = fastllm.ops.flash_attention
+    monkeypatch.setattr(fastllm.ops, "flash_attention", lambda q, k, v, bias=None, **kw: orig(q, k, v, **kw))
+    rows = attention.run(light_ctx(monkeypatch))
+    assert_wrong_not_timed(by_impl(rows, "fastllm-torch"))
+    assert all(r["ok"] == "yes" for r in by_impl(rows, "sdpa-math-cpu"))
+
+
 # ---------------------------------------------------------------------------------------------
 # 10: attention / decode presets (GQA heads) run on CPU too.
 
