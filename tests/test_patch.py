@@ -670,7 +670,7 @@ def test_indexed_attention_model():
         qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
         first_k_dense_replace=1, n_group=1, topk_group=1, index_topk=4, index_head_dim=16, index_n_heads=2,
         pad_token_id=0)).eval()
-    assert set(model.config.layer_types) == {"indexed_attention"}
+    assert set(model.config.layer_types) in ({"indexed_attention"}, {"deepseek_sparse_attention"})   # 5.23 / 5.17
     _patched_decoder_matches(model)
 
 

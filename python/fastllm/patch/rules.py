@@ -53,8 +53,10 @@ ATTENTION_SUBLAYER_NAMES: Tuple[str, ...] = ("self_attn",)
 #: keep their own modules); one that does is refused (see _layer_types).
 #: indexed_attention (DeepSeek-V3.2's sparse attention, GLM-MoE-DSA, ...): a causal mask always
 #: materialized, plus the indexer's top-k keys per query as `indices=`, which fastllm applies as
-#: a mask (exactly what transformers' eager / sdpa paths do).
-SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "indexed_attention")
+#: a mask (exactly what transformers' eager / sdpa paths do); transformers 5.17 (the GPU image) names
+#: the same layers deepseek_sparse_attention.
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "indexed_attention",
+                         "deepseek_sparse_attention")
 
 #: Model methods that hand some layers fewer queries than keys, slicing a mask that may be None
 #: along (a combination transformers turns off for its own sdpa, not for a registered function;
