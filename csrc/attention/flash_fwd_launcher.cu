@@ -148,11 +148,6 @@ void set_common(FlashFwdParams& p, int64_t batch, int64_t heads_q, int64_t heads
   p.softcap = static_cast<float>(softcap);
 }
 
-// Element size of a float bias dtype code, 0 for any other code.
-int bias_elem_size(int dtype) {
-  return dtype == kFloat32 ? 4 : (dtype == kFloat16 || dtype == kBFloat16 ? 2 : 0);
-}
-
 }  // namespace
 }  // namespace attention
 
@@ -169,11 +164,11 @@ int flash_attention_fwd(int device, int dtype, uintptr_t q, uintptr_t k, uintptr
   using namespace attention;
   const int st = check_common(dtype, batch, heads_q, heads_kv, seqlen_q, seqlen_kv, head_dim, scale, softcap);
   if (st != kOk) return st;
-  if (bias != 0 && bias_elem_size(bias_dtype) == 0) return kErrUnsupportedDtype;
+  if (bias != 0 && !float_dtype(bias_dtype)) return kErrUnsupportedDtype;
   if (batch == 0 || heads_q == 0 || seqlen_q == 0) return kOk;
   if (!aligned16(q) || !aligned16(k) || !aligned16(v) || !aligned16(out) || lse % 4 != 0 || sinks % 4 != 0)
     return kErrMisaligned;
-  if (bias != 0 && bias % bias_elem_size(bias_dtype) != 0) return kErrMisaligned;
+  if (bias != 0 && bias % dtype_bytes(bias_dtype) != 0) return kErrMisaligned;
   if (!strides_ok(q_batch_stride, q_head_stride, q_row_stride) ||
       !strides_ok(k_batch_stride, k_head_stride, k_row_stride) ||
       !strides_ok(v_batch_stride, v_head_stride, v_row_stride))

@@ -29,6 +29,10 @@ enum Status : int {
 
 // Must match python/fastllm/_ext.py DTYPE_CODES.
 enum DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kInt8 = 3, kInt32 = 4 };
+// The float codes (inputs, outputs and biases the launchers accept in any float dtype) and their
+// element size.
+inline bool float_dtype(int d) { return d == kFloat16 || d == kBFloat16 || d == kFloat32; }
+inline int dtype_bytes(int d) { return d == kFloat32 ? 4 : 2; }
 
 inline const char* status_string(int code) {
   switch (code) {

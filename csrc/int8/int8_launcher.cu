@@ -26,8 +26,6 @@ constexpr int64_t kMaxK = (static_cast<int64_t>(INT_MAX)) / (128 * 128);
 constexpr int64_t kMaxDim = INT_MAX - 1024;
 
 bool aligned(uintptr_t p, int bytes) { return p % bytes == 0; }
-bool float_dtype(int d) { return d == kFloat16 || d == kBFloat16 || d == kFloat32; }
-int dtype_bytes(int d) { return d == kFloat32 ? 4 : 2; }
 
 int sm_info(int device, int* major, int* sms, int* minor = nullptr) {
   cudaError_t e = cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, device);

@@ -76,7 +76,7 @@ int sparse24_gemm(int device, int dtype, uintptr_t x, uintptr_t values, uintptr_
   } else if (out_dtype != dtype || a_scale != 0 || w_scale != 0) {
     return kErrUnsupportedDtype;
   }
-  if (bias != 0 && bias_dtype != kFloat16 && bias_dtype != kBFloat16 && bias_dtype != kFloat32)
+  if (bias != 0 && !float_dtype(bias_dtype))
     return kErrUnsupportedDtype;
   const int64_t elt = s8 ? 1 : 2;
   // cp.async moves 16-byte chunks: every row start and base pointer must be 16-byte aligned.

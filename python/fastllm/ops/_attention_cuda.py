@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from ._checks import GRID_YZ_MAX, broadcast_strides, exp2_scalars_reason, misaligned16
+from ._checks import FLOAT_DTYPES, GRID_YZ_MAX, broadcast_strides, exp2_scalars_reason, misaligned16
 from ._sinks import sinks_reason
 
 # Head dims with a compiled instantiation (csrc/attention/generate_instantiations.py
@@ -30,7 +30,6 @@ DTYPES = (torch.float16, torch.bfloat16)
 # Head dims with a bias kernel (csrc/attention/flash_traits.h FlashFwdBiasTraits: none at 256,
 # where the plain kernel is already at the register cap).
 BIAS_HEAD_DIMS = (64, 80, 96, 128)
-BIAS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SEQ_MAX = (2 ** 31 - 1) // 2  # positions are int32 in the kernel
 
 
@@ -53,7 +52,7 @@ def _bias_reason(bias, q, B, Hq, Sq, Skv) -> Optional[str]:
     if D not in BIAS_HEAD_DIMS:
         return (f"an additive score bias at head dim {D} (the CUDA bias kernels have "
                 f"{', '.join(str(d) for d in BIAS_HEAD_DIMS)}; the Triton kernel adds it)")
-    if bias.dtype not in BIAS_DTYPES:
+    if bias.dtype not in FLOAT_DTYPES:
         return f"bias dtype {_dt(bias.dtype)} (the CUDA kernel reads fp16 / bf16 / fp32 biases)"
     if bias.device != q.device:
         return f"bias on {bias.device}, q on {q.device}"

@@ -10,9 +10,10 @@ Imported lazily by python/fastllm/ops/decode.py (the "cuda" backend):
 
 Arguments arrive normalized by the op (scale float, window int <= 0 for none, softcap 0.0 for
 none, sinks None or (Hq,) float32: the kernels fold them into their softmax). Tensors are read in
-place through their strides (unit stride in D); the mask through its (possibly zero) strides. The fp32 partials of the splits (B, Hq, Sq, splits, D) and
-(B, Hq, Sq, splits) are allocated here (the extension allocates nothing). Tile sizes live in
-C++ only (csrc/decode/decode_traits.h); the split count comes from ops/decode.py.
+place through their strides (unit stride in D); the mask through its (possibly zero) strides. The
+fp32 partials of the splits (B, Hq, Sq, splits, D) and (B, Hq, Sq, splits) are allocated here
+(the extension allocates nothing). Tile sizes live in C++ only (csrc/decode/decode_traits.h); the
+split count comes from ops/decode.py.
 """
 from typing import Optional
 
