@@ -9,10 +9,13 @@
 #                                                         ~8 minutes). A phase that needs fastllm._C
 #                                                         and finds it missing (a fresh machine)
 #                                                         builds it first.
+#   PHASES="env presets" bash bench/gpu_suite.sh          a third call if device time is left: the
+#                                                         attention / decode presets `all` leaves
+#                                                         out (score bias, gpt-oss sinks + window).
 #
 # Budget: within 9 minutes on an H100 (each phase has its own timeout). Files written (flat,
 # few, so they come back from the device tool): suite.log env.json build_info.json tests.xml
-# sanitizer.log bench.json bench.md. A phase that runs out of time is interrupted (SIGINT: pytest still
+# sanitizer.log bench.json bench.md (presets: bench-presets*.json / .md). A phase that runs out of time is interrupted (SIGINT: pytest still
 # writes its summary and tests.xml for what ran) and the suite goes on to the next phase.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -144,6 +147,15 @@ if $PY -c "import fastllm.bench" 2>/dev/null; then
 else
   echo "fastllm.bench does not import: no benchmarks run"; status=1
 fi
+fi
+
+if want presets; then
+phase "benchmark presets (bias, gpt-oss)"
+ensure_built
+timeout -s INT -k 20 $(cap 300) $PY -m fastllm.bench attention --quick --shapes bias-d64,bias-d128,gpt-oss \
+  --json "$OUT_DIR/bench-presets.json" --markdown "$OUT_DIR/bench-presets.md" || status=1
+timeout -s INT -k 20 $(cap 200) $PY -m fastllm.bench decode --quick --shapes gpt-oss \
+  --json "$OUT_DIR/bench-presets-decode.json" --markdown "$OUT_DIR/bench-presets-decode.md" || status=1
 fi
 
 phase "done (status $status)"

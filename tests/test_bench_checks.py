@@ -1,6 +1,8 @@
 """The benchmark harness's correctness checks: a wrong kernel is reported WRONG and not timed,
 wherever in its output it is wrong (in-process, tiny shapes, a one-rep timer: CPU seconds)."""
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -35,7 +37,7 @@ def assert_wrong_not_timed(rows):
 
 def _attention(monkeypatch, bad):
     from fastllm.bench.suites import attention
-    monkeypatch.setattr(attention, "_shapes", lambda ctx: [("fa2", 4, 2, 32, 64)])   # GQA 4 / 2, S 64
+    monkeypatch.setattr(attention, "_shapes", lambda ctx: [("fa2", 4, 2, 32, 64, 0)])   # GQA 4 / 2, S 64
     orig = fastllm.ops.flash_attention
     monkeypatch.setattr(fastllm.ops, "flash_attention", lambda q, k, v, **kw: bad(orig(q, k, v, **kw)))
     return attention.run(light_ctx(monkeypatch))
@@ -321,7 +323,7 @@ def test_backends_list_missing_and_skip_torch_on_cuda(monkeypatch):
 
 def test_attention_cpu_lists_gpu_peers_missing(monkeypatch):
     from fastllm.bench.suites import attention
-    monkeypatch.setattr(attention, "_shapes", lambda ctx: [("fa2", 2, 2, 16, 32)])
+    monkeypatch.setattr(attention, "_shapes", lambda ctx: [("fa2", 2, 2, 16, 32, 0)])
     ctx = light_ctx(monkeypatch)
     attention.run(ctx)
     missing = dict(ctx.missing)
@@ -336,9 +338,9 @@ def test_attention_bias_presets(monkeypatch):
     from fastllm.bench.suites import attention
     ctx = light_ctx(monkeypatch, "--shapes", "bias-d64,fa2")
     ctx.device = torch.device("cuda")                       # (only _shapes reads it here)
-    lens = {name: [s for n, *_, s in attention._shapes(ctx) if n == name] for name in ("bias-d64", "fa2")}
+    lens = {name: [s for n, *_, s, w in attention._shapes(ctx) if n == name] for name in ("bias-d64", "fa2")}
     assert lens["bias-d64"] == [512, 1024, 2048, 4096] and max(lens["fa2"]) == 16384
-    monkeypatch.setattr(attention, "_shapes", lambda ctx: [("bias-d64", 2, 2, 16, 40)])
+    monkeypatch.setattr(attention, "_shapes", lambda ctx: [("bias-d64", 2, 2, 16, 40, 0)])
     rows = attention.run(light_ctx(monkeypatch))
     assert {r["impl"] for r in rows} == {"fastllm-torch", "sdpa-math-cpu"} and len(rows) == 4
     assert all(r["ok"] == "yes" for r in rows), rows
@@ -349,13 +351,117 @@ def test_attention_bias_presets(monkeypatch):
     assert all(r["ok"] == "yes" for r in by_impl(rows, "sdpa-math-cpu"))
 
 
+def test_attention_sink_presets(monkeypatch):
+    """gpt-oss times both its layer kinds (full and a 128-key window), causal only, with sinks;
+    SDPA gets them as an extra key's mask column and must agree with the reference. A kernel
+    dropping the sinks or the window is WRONG. FLOPs count only the pairs the window keeps."""
+    from fastllm.bench.suites import attention
+    from fastllm.ref.attention import allowed_keys
+    ctx = light_ctx(monkeypatch, "--shapes", "gpt-oss")
+    ctx.device = torch.device("cuda")                       # (only _shapes reads it here)
+    assert {(w, s) for *_, s, w in attention._shapes(ctx)} == {(w, s) for w in (0, 128) for s in attention.SEQLENS}
+    for S, W in ((5, 2), (300, 128), (100, 128)):
+        assert attention.pairs(S, True, W) == allowed_keys(S, S, causal=True, window=W).sum().item()
+    sdpa = attention._sdpa_backends([])
+    q = torch.zeros(1, 1, attention.BIAS_MAX_S + 1, 8)
+    assert "no attn_mask" in sdpa["sdpa-flash"](q, q, q, True, None, 0, torch.zeros(1))
+    assert "float mask" in sdpa["sdpa-efficient"](q, q, q, True, None, 128, torch.zeros(1))
+    monkeypatch.setattr(attention, "_shapes", lambda ctx: [("gpt-oss", 4, 2, 16, 37, w) for w in (0, 9)])
+    rows = attention.run(light_ctx(monkeypatch))
+    assert {(r["impl"], r["causal"], r["window"]) for r in rows} == {
+        (i, True, w) for i in ("fastllm-torch", "sdpa-math-cpu") for w in (None, 9)}
+    assert all(r["ok"] == "yes" for r in rows), rows
+    orig = fastllm.ops.flash_attention
+    for drop in ("sinks", "window"):
+        monkeypatch.setattr(fastllm.ops, "flash_attention",
+                            lambda q, k, v, drop=drop, **kw: orig(q, k, v, **dict(kw, **{drop: None})))
+        rows = attention.run(light_ctx(monkeypatch))
+        bad = [r for r in by_impl(rows, "fastllm-torch") if drop == "sinks" or r["window"]]
+        assert_wrong_not_timed(bad)
+        assert all(r["ok"] == "yes" for r in by_impl(rows, "sdpa-math-cpu"))
+
+
+def test_decode_sink_preset(monkeypatch):
+    """gpt-oss decode passes its sinks to every implementation (SDPA: an extra key's mask column)
+    and checks them: a kernel dropping them is WRONG."""
+    from fastllm.bench.suites import decode
+    monkeypatch.setattr(decode, "PRESETS", dict(decode.PRESETS, **{"gpt-oss": (8, 2, 16)}))
+    rows = decode.run(light_ctx(monkeypatch, "--shapes", "gpt-oss"))
+    assert {(r["impl"], r["layout"]) for r in rows} == {
+        ("fastllm-torch", "dense"), ("fastllm-torch", "paged16"), ("sdpa-math-cpu", "dense")}
+    assert all(r["ok"] == "yes" for r in rows), rows
+    orig = fastllm.ops.decode_attention
+    monkeypatch.setattr(fastllm.ops, "decode_attention", lambda q, k, v, sinks=None, **kw: orig(q, k, v, **kw))
+    rows = decode.run(light_ctx(monkeypatch, "--shapes", "gpt-oss"))
+    assert_wrong_not_timed(by_impl(rows, "fastllm-torch"))
+    assert all(r["ok"] == "yes" for r in by_impl(rows, "sdpa-math-cpu"))
+
+
+def _fake_flash_attn(causal_window_keys):
+    """A stand-in flash_attn module on CPU, written from flash-attn's documented semantics
+    (window_size=(left, right): query i sees keys i + Sk - Sq - left .. i + Sk - Sq + right;
+    return_attn_probs / return_softmax_lse also return lse (B, H, Sq)); for the peers' glue."""
+    def attend(q, k, v, causal, window_size=(-1, -1)):
+        B, Sq, H, D = q.shape
+        Sk = k.shape[1]
+        k, v = (t.repeat_interleave(H // t.shape[2], dim=2) for t in (k, v))
+        s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / D ** 0.5
+        i = torch.arange(Sq)[:, None] + Sk - Sq
+        j = torch.arange(Sk)[None, :]
+        left, right = window_size
+        hi = i if causal else (i + right if right >= 0 else Sk)
+        lo = i - left if left >= 0 else torch.full_like(i, -1)
+        ok = (j <= hi) & (j >= lo)
+        causal_window_keys.append(int(ok.sum()))
+        s = s.masked_fill(~ok, float("-inf"))
+        lse = s.logsumexp(-1)
+        out = torch.einsum("bhqk,bkhd->bqhd", (s - lse[..., None]).exp(), v.float()).to(q.dtype)
+        return out, lse
+
+    mod = types.ModuleType("flash_attn")
+
+    def flash_attn_func(q, k, v, causal=False, window_size=(-1, -1), return_attn_probs=False):
+        out, lse = attend(q, k, v, causal, window_size)
+        return (out, lse, None) if return_attn_probs else out
+
+    def flash_attn_with_kvcache(q, k, v, cache_seqlens=None, return_softmax_lse=False):
+        out, lse = attend(q, k, v, False)
+        return (out, lse) if return_softmax_lse else out
+    mod.flash_attn_func, mod.flash_attn_with_kvcache = flash_attn_func, flash_attn_with_kvcache
+    return mod
+
+
+def test_flash_attn_peer_glue_sinks_window(monkeypatch):
+    """The flash-attn peers' glue (window -> window_size, sinks from the lse: out * sigmoid(lse -
+    sink)) against the reference, through a CPU stand-in for flash_attn."""
+    from fastllm.bench.suites import attention, decode
+    keys = []
+    monkeypatch.setitem(sys.modules, "flash_attn", _fake_flash_attn(keys))
+    q = torch.randn(2, 8, 21, 16).transpose(1, 2).contiguous().transpose(1, 2)
+    k, v = (torch.randn(2, 2, 21, 16) for _ in range(2))
+    sinks = torch.randn(8) * 2
+    prepare = attention._flash_attn([])["flash-attn"]
+    for W, z in ((0, None), (5, None), (0, sinks), (5, sinks)):
+        got = prepare(q, k, v, True, None, W, z)()
+        want = check.attention_reference(q, k, v, True, window=W, sinks=z)
+        torch.testing.assert_close(got.float(), want, atol=1e-5, rtol=1e-5)
+    assert keys[:2] == [attention.pairs(21, True, 0) + 21 / 2, attention.pairs(21, True, 5)]
+    assert isinstance(prepare(q, k, v, True, torch.zeros(1, 8, 21, 21), 0, None), str)   # takes no bias
+    qd = torch.randn(3, 8, 1, 16)
+    kc, vc = (torch.randn(3, 2, 30, 16) for _ in range(2))
+    lens = torch.full((3,), 30, dtype=torch.int32)
+    peers = decode._peers(torch.device("cuda"), [])
+    layout, call = peers["flash-attn"](qd, kc, vc, lens, sinks)
+    torch.testing.assert_close(call().float(), decode._reference(qd, kc, vc, lens, sinks), atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # 10: attention / decode presets (GQA heads) run on CPU too.
 
 def test_attention_and_decode_presets(monkeypatch):
     from fastllm.bench.suites import attention, decode
     ctx = light_ctx(monkeypatch, "--shapes", "qwen2.5-7b")
-    assert attention._shapes(ctx) == [("qwen2.5-7b", 28, 4, 128, 256)]
+    assert attention._shapes(ctx) == [("qwen2.5-7b", 28, 4, 128, 256, 0)]
     # Same GQA ratio, smaller heads (CPU seconds).
     monkeypatch.setattr(decode, "PRESETS", dict(decode.PRESETS, **{"qwen2.5-7b": (7, 1, 32)}))
     rows = decode.run(ctx)

@@ -41,12 +41,13 @@ def verdict(err, bar):
     return True, "yes"
 
 
-def attention_reference(q, k, v, causal, bias=None):
+def attention_reference(q, k, v, causal, bias=None, window=0, sinks=None):
     """fp32 reference of flash_attention over the whole output (B, Sq, Hq, D): fastllm's
     reference, run on query-row pieces so the (B, Hq, rows, Skv) score block stays under
     CHUNK_ELEMS. Causal is bottom-right aligned; with Sq == Skv a piece of rows r0:r1 sees keys
     :r1, which is what ref.flash_attention computes for (q[r0:r1], k[:r1]) (its queries are the
-    last rows of the keys). bias: an additive (B | 1, Hq | 1, Sq, Skv) score bias, cut alike."""
+    last rows of the keys), and a (bottom-right aligned) window stays aligned too. bias: an additive
+    (B | 1, Hq | 1, Sq, Skv) score bias, cut alike; sinks: (Hq,) sink logits."""
     B, Hq, Sq, D = q.shape
     Skv = k.shape[2]
     if causal and Sq != Skv:
@@ -57,7 +58,8 @@ def attention_reference(q, k, v, causal, bias=None):
         r1 = min(Sq, r0 + rows)
         kk, vv = (k[:, :, :r1], v[:, :, :r1]) if causal else (k, v)
         b = None if bias is None else bias[:, :, r0:r1, :kk.shape[2]].float()
-        out[:, r0:r1] = ref.flash_attention(q[:, :, r0:r1].float(), kk.float(), vv.float(), causal=causal, bias=b)[0]
+        out[:, r0:r1] = ref.flash_attention(q[:, :, r0:r1].float(), kk.float(), vv.float(), causal=causal, bias=b,
+                                            window=window, sinks=sinks)[0]
     return out
 
 

@@ -22,7 +22,7 @@ Computed the plain way, with the whole (Sq, Skv) score matrix materialized, in f
     lse_i = log sum_{allowed j} exp(s[i, j])           (-inf when nothing is allowed)
     out_i = sum_{allowed j} exp(s[i, j] - lse_i) v_j   (0 when nothing is allowed)
     sinks (Hq,) given (gpt-oss): one more score z_h per row, with no value; computed here as
-    an extra column of the score matrix (the kernels rescale instead: fastllm/ops/_sinks.py)
+    an extra column of the score matrix (the kernels fold it into their epilogue instead)
     lse_i = log(sum_{allowed j} exp(s[i, j]) + exp(z_h)),  out_i as above with that lse
 
 Query head h reads kv head h // (Hq // Hkv).

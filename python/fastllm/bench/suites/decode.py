@@ -3,16 +3,20 @@ flash-attn's flash_attn_with_kvcache (if importable), in the same run.
 
 One new query per sequence (Sq = 1) against a full cache of S keys, the heads of a model preset
 (--shapes: llama3-8b (default) / mistral-7b 32 query / 8 kv heads, llama3-70b 64 / 8, qwen2.5-7b
-28 / 4; D 128), S 1k..128k, batch 1..64; contiguous (B, Hkv, S, D) caches (the
+28 / 4; D 128; gpt-oss 64 / 8, D 64, with a sink logit per head: its full-attention layers, the
+sliding ones keep 128 keys), S 1k..128k, batch 1..64; contiguous (B, Hkv, S, D) caches (the
 layout transformers' caches hold) and, for fastllm, the same cache in pages of 16 keys.
 Bytes = the K and V bytes a decode step must read (2 * B * Hkv * S * D * element size);
 GB/s = bytes / time; frac_copy = GB/s over the device-to-device copy bandwidth measured at the
 start of the run (copy_gbs: bytes read + written per second, the practical HBM ceiling).
-Shapes whose K/V would exceed MAX_KV_BYTES are skipped. Every implementation is checked
-against the float32 reference on every sequence (the reference built one sequence at a time)
-before it is timed: its max error must be finite and within 3x the best implementation's
-(+ 2e-3); a wrong one is reported WRONG, not timed. On CPU, tiny shapes (B 2, S 300; 4 / 2
-heads, D 64 unless --shapes names a preset) smoke-test the harness only.
+Shapes whose K/V would exceed MAX_KV_BYTES are skipped. The peers take sinks the way they can:
+SDPA as one extra zero key whose float attn_mask column holds the sink (the padded cache and the
+mask built once per shape, not timed), flash-attn from its returned lse (out * sigmoid(lse -
+sink)). Every implementation is checked against the float32 reference on every sequence (the
+reference built one sequence at a time) before it is timed: its max error must be finite and
+within 3x the best implementation's (+ 2e-3); a wrong one is reported WRONG, not timed. On CPU,
+tiny shapes (B 2, S 300; 4 / 2 heads, D 64 unless --shapes names a preset) smoke-test the
+harness only.
 """
 import math
 
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 import fastllm
 from fastllm import ref
 from fastllm.bench import check
+from fastllm.bench.suites.attention import SINK_PAD, fold_sinks
 
 COLUMNS = ["impl", "dtype", "shape", "layout", "B", "S", "Hq", "Hkv", "D", "ms", "GB/s", "frac_copy", "ok"]
 PLOT = dict(x="S", y="GB/s", series=("impl", "layout", "dtype", "shape", "B"))
@@ -32,36 +37,52 @@ QUICK_SEQLENS = [1024, 16384, 131072]
 QUICK_BATCHES = [1, 16, 64]
 #: --shapes name -> (query heads, kv heads, head dim)
 PRESETS = {"llama3-8b": (32, 8, 128), "llama3-70b": (64, 8, 128), "mistral-7b": (32, 8, 128),
-           "qwen2.5-7b": (28, 4, 128)}
+           "qwen2.5-7b": (28, 4, 128), "gpt-oss": (64, 8, 64)}
+#: Presets with attention sinks (gpt-oss: a learned logit per query head).
+SINK_PRESETS = ("gpt-oss",)
 PAGE = 16
 MAX_KV_BYTES = 12 * 2 ** 30
 
 
 def _peers(dev, missing):
-    peers = {}
-
-    def sdpa(q, k, v, lens):
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2)
-    peers["sdpa" if dev.type == "cuda" else "sdpa-math-cpu"] = sdpa
+    """name -> prepare(q, k, v, lens, sinks) -> (layout, timed no-argument call); prepare runs
+    once per shape, outside the timing."""
+    def sdpa(q, k, v, lens, sinks):
+        mask = None
+        if sinks is not None:   # one zero key whose mask column holds the sink; the padding masked out
+            k, v = (F.pad(t, (0, 0, 0, SINK_PAD)) for t in (k, v))
+            mask = torch.zeros(1, q.shape[1], 1, k.shape[2], device=q.device, dtype=q.dtype)
+            mask[..., -SINK_PAD + 1:] = float("-inf")
+            mask[..., -SINK_PAD] = sinks.to(q.dtype).view(1, -1, 1)
+        return "dense", lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                               enable_gqa=True).transpose(1, 2)
+    peers = {"sdpa" if dev.type == "cuda" else "sdpa-math-cpu": sdpa}
     if dev.type != "cuda":
         missing.append(("flash-attn flash_attn_with_kvcache", "needs a CUDA GPU"))
-    else:
-        try:
-            from flash_attn import flash_attn_with_kvcache
-        except ImportError as e:
-            missing.append(("flash-attn flash_attn_with_kvcache", f"not importable ({e.__class__.__name__})"))
-        else:
-            # flash-attn wants (B, S, H, D) caches: its own copy, made once per shape (untimed).
-            peers["flash-attn"] = ("bshd", lambda q, kb, vb, lens: flash_attn_with_kvcache(
-                q.transpose(1, 2), kb, vb, cache_seqlens=lens))
+        return peers
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except ImportError as e:
+        missing.append(("flash-attn flash_attn_with_kvcache", f"not importable ({e.__class__.__name__})"))
+        return peers
+
+    def flash(q, k, v, lens, sinks):
+        # flash-attn wants (B, S, H, D) caches: its own copy, made once per shape.
+        qt, kb, vb = q.transpose(1, 2), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+        if sinks is None:
+            return "bshd", lambda: flash_attn_with_kvcache(qt, kb, vb, cache_seqlens=lens)
+        def call():
+            return fold_sinks(*flash_attn_with_kvcache(qt, kb, vb, cache_seqlens=lens, return_softmax_lse=True), sinks)
+        return "bshd", call
+    peers["flash-attn"] = flash
     return peers
 
 
-def _reference(q, k, v, lens):
+def _reference(q, k, v, lens, sinks=None):
     """fp32 reference of every sequence, built one sequence at a time (a 128k-key fp32 copy of
     one sequence's K/V, not of the whole batch)."""
     return torch.cat([ref.decode_attention(q[b:b + 1].float(), k[b:b + 1].float(), v[b:b + 1].float(),
-                                           cache_seqlens=lens[b:b + 1])[0] for b in range(q.shape[0])])
+                                           cache_seqlens=lens[b:b + 1], sinks=sinks)[0] for b in range(q.shape[0])])
 
 
 def run(ctx):
@@ -96,7 +117,13 @@ def _one(ctx, op, peers, dtype, esize, shape, hq, hkv, d, B, S, copy_gbs):
     k = torch.randn(B, hkv, S, d, device=dev, dtype=dtype)
     v = torch.randn(B, hkv, S, d, device=dev, dtype=dtype)
     lens = torch.full((B,), S, dtype=torch.int32, device=dev)
-    want = _reference(q, k, v, lens)
+    # Sinks around ln(S), so they hold about half of each row's weight (against S random keys a
+    # small sink is lost in rounding: dropping it would pass the check); exact in the dtype, so
+    # SDPA (which takes them through a 16-bit mask) gets the same ones.
+    sinks = None
+    if shape in SINK_PRESETS:
+        sinks = (torch.randn(hq, device=dev) + math.log(S)).to(dtype).float()
+    want = _reference(q, k, v, lens, sinks)
     # Paged copy for fastllm: pages of PAGE keys, in a shuffled order.
     n_pages = B * (-(-S // PAGE))
     perm = torch.randperm(n_pages, device=dev)
@@ -109,21 +136,22 @@ def _one(ctx, op, peers, dtype, esize, shape, hq, hkv, d, B, S, copy_gbs):
         return out
 
     impls = {}
-    for b in ctx.backends(op, dev, q, k, v, lens, None, None, 1 / math.sqrt(d), 0, 0.0, 0):
+    for b in ctx.backends(op, dev, q, k, v, lens, None, None, 1 / math.sqrt(d), 0, 0.0, 0, sinks):
         impls[(f"fastllm-{b}", "dense")] = (lambda b=b: fastllm.ops.decode_attention(
-            q, k, v, cache_seqlens=lens, backend=b))
+            q, k, v, cache_seqlens=lens, sinks=sinks, backend=b))
     kp = vp = None
     if impls:
         kp, vp = paged(k), paged(v)
-        for b in ctx.backends(op, dev, q, kp, vp, lens, table, None, 1 / math.sqrt(d), 0, 0.0, 0):
+        for b in ctx.backends(op, dev, q, kp, vp, lens, table, None, 1 / math.sqrt(d), 0, 0.0, 0, sinks):
             impls[(f"fastllm-{b}", f"paged{PAGE}")] = (lambda b=b: fastllm.ops.decode_attention(
-                q, kp, vp, cache_seqlens=lens, block_table=table, backend=b))
-    for name, fn in peers.items():
-        if isinstance(fn, tuple):    # flash-attn: (B, S, H, D) caches
-            kb, vb = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
-            impls[(name, "bshd")] = (lambda fn=fn[1], kb=kb, vb=vb: fn(q, kb, vb, lens))
-        else:
-            impls[(name, "dense")] = (lambda fn=fn: fn(q, k, v, lens))
+                q, kp, vp, cache_seqlens=lens, block_table=table, sinks=sinks, backend=b))
+    for name, prepare in peers.items():
+        try:
+            layout, fn = prepare(q, k, v, lens, sinks)
+        except Exception as e:  # noqa: BLE001 - a peer that cannot be set up is listed, the run goes on
+            ctx.impl_raised(name, f"{shape} B={B} S={S} {dtype}", e)
+            continue
+        impls[(name, layout)] = fn
     errs = {}
     for key, fn in impls.items():
         try:
