@@ -70,7 +70,7 @@ def test_decode_wrong_second_sequence_is_wrong(monkeypatch):
     monkeypatch.setattr(fastllm.ops, "decode_attention", bad)
     rows = decode.run(light_ctx(monkeypatch))
     assert_wrong_not_timed(by_impl(rows, "fastllm-torch"))
-    assert {r["layout"] for r in by_impl(rows, "fastllm-torch")} == {"dense", "paged16"}
+    assert {r["layout"] for r in by_impl(rows, "fastllm-torch")} == {"dense", "paged16", "paged256"}
     assert all(r["ok"] == "yes" for r in by_impl(rows, "sdpa-math-cpu"))
 
 
@@ -388,7 +388,8 @@ def test_decode_sink_preset(monkeypatch):
     monkeypatch.setattr(decode, "PRESETS", dict(decode.PRESETS, **{"gpt-oss": (8, 2, 16)}))
     rows = decode.run(light_ctx(monkeypatch, "--shapes", "gpt-oss"))
     assert {(r["impl"], r["layout"]) for r in rows} == {
-        ("fastllm-torch", "dense"), ("fastllm-torch", "paged16"), ("sdpa-math-cpu", "dense")}
+        ("fastllm-torch", "dense"), ("fastllm-torch", "paged16"), ("fastllm-torch", "paged256"),
+        ("sdpa-math-cpu", "dense")}
     assert all(r["ok"] == "yes" for r in rows), rows
     orig = fastllm.ops.decode_attention
     monkeypatch.setattr(fastllm.ops, "decode_attention", lambda q, k, v, sinks=None, **kw: orig(q, k, v, **kw))
@@ -424,8 +425,12 @@ def _fake_flash_attn(causal_window_keys):
         out, lse = attend(q, k, v, causal, window_size)
         return (out, lse, None) if return_attn_probs else out
 
-    def flash_attn_with_kvcache(q, k, v, cache_seqlens=None, return_softmax_lse=False):
-        out, lse = attend(q, k, v, False)
+    def flash_attn_with_kvcache(q, k, v, cache_seqlens=None, block_table=None, return_softmax_lse=False):
+        if block_table is not None:   # pages (num_pages, page, Hkv, D) -> (B, pages x page, Hkv, D)
+            k, v = (t[block_table.long()].flatten(1, 2) for t in (k, v))
+        n = int(cache_seqlens.max())
+        assert (cache_seqlens == n).all()             # (the benchmark's caches are all full)
+        out, lse = attend(q, k[:, :n], v[:, :n], False)
         return (out, lse) if return_softmax_lse else out
     mod.flash_attn_func, mod.flash_attn_with_kvcache = flash_attn_func, flash_attn_with_kvcache
     return mod
@@ -451,8 +456,12 @@ def test_flash_attn_peer_glue_sinks_window(monkeypatch):
     kc, vc = (torch.randn(3, 2, 30, 16) for _ in range(2))
     lens = torch.full((3,), 30, dtype=torch.int32)
     peers = decode._peers(torch.device("cuda"), [])
-    layout, call = peers["flash-attn"](qd, kc, vc, lens, sinks)
-    torch.testing.assert_close(call().float(), decode._reference(qd, kc, vc, lens, sinks), atol=1e-5, rtol=1e-5)
+    want = decode._reference(qd, kc, vc, lens, sinks)
+    paged = {page: decode._paged(kc, vc, page) for page in (16, 256)}
+    calls = peers["flash-attn"](qd, kc, vc, lens, sinks, paged)
+    assert set(calls) == {"bshd", "paged256"}      # flash-attn's pages are multiples of 256 keys
+    for call in calls.values():
+        torch.testing.assert_close(call().float(), want, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

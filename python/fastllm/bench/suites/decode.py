@@ -5,7 +5,8 @@ One new query per sequence (Sq = 1) against a full cache of S keys, the heads of
 (--shapes: llama3-8b (default) / mistral-7b 32 query / 8 kv heads, llama3-70b 64 / 8, qwen2.5-7b
 28 / 4; D 128; gpt-oss 64 / 8, D 64, with a sink logit per head: its full-attention layers, the
 sliding ones keep 128 keys), S 1k..128k, batch 1..64; contiguous (B, Hkv, S, D) caches (the
-layout transformers' caches hold) and, for fastllm, the same cache in pages of 16 keys.
+layout transformers' caches hold) and the same cache in shuffled pages of 16 keys (fastllm takes
+any page size) and of 256 (flash-attn's smallest page: both are timed on those pages).
 Bytes = the K and V bytes a decode step must read (2 * B * Hkv * S * D * element size);
 GB/s = bytes / time; frac_copy = GB/s over the device-to-device copy bandwidth measured at the
 start of the run (copy_gbs: bytes read + written per second, the practical HBM ceiling).
@@ -40,22 +41,23 @@ PRESETS = {"llama3-8b": (32, 8, 128), "llama3-70b": (64, 8, 128), "mistral-7b": 
            "qwen2.5-7b": (28, 4, 128), "gpt-oss": (64, 8, 64)}
 #: Presets with attention sinks (gpt-oss: a learned logit per query head).
 SINK_PRESETS = ("gpt-oss",)
-PAGE = 16
+#: Page sizes of the paged copies (fastllm: any size; flash-attn: multiples of 256).
+PAGES = (16, 256)
 MAX_KV_BYTES = 12 * 2 ** 30
 
 
 def _peers(dev, missing):
-    """name -> prepare(q, k, v, lens, sinks) -> (layout, timed no-argument call); prepare runs
-    once per shape, outside the timing."""
-    def sdpa(q, k, v, lens, sinks):
+    """name -> prepare(q, k, v, lens, sinks, paged) -> {layout: timed no-argument call}; paged:
+    page size -> (k pages, v pages, block table). prepare runs once per shape, not timed."""
+    def sdpa(q, k, v, lens, sinks, paged):
         mask = None
         if sinks is not None:   # one zero key whose mask column holds the sink; the padding masked out
             k, v = (F.pad(t, (0, 0, 0, SINK_PAD)) for t in (k, v))
             mask = torch.zeros(1, q.shape[1], 1, k.shape[2], device=q.device, dtype=q.dtype)
             mask[..., -SINK_PAD + 1:] = float("-inf")
             mask[..., -SINK_PAD] = sinks.to(q.dtype).view(1, -1, 1)
-        return "dense", lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                               enable_gqa=True).transpose(1, 2)
+        return {"dense": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                                enable_gqa=True).transpose(1, 2)}
     peers = {"sdpa" if dev.type == "cuda" else "sdpa-math-cpu": sdpa}
     if dev.type != "cuda":
         missing.append(("flash-attn flash_attn_with_kvcache", "needs a CUDA GPU"))
@@ -66,14 +68,21 @@ def _peers(dev, missing):
         missing.append(("flash-attn flash_attn_with_kvcache", f"not importable ({e.__class__.__name__})"))
         return peers
 
-    def flash(q, k, v, lens, sinks):
-        # flash-attn wants (B, S, H, D) caches: its own copy, made once per shape.
-        qt, kb, vb = q.transpose(1, 2), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
-        if sinks is None:
-            return "bshd", lambda: flash_attn_with_kvcache(qt, kb, vb, cache_seqlens=lens)
-        def call():
-            return fold_sinks(*flash_attn_with_kvcache(qt, kb, vb, cache_seqlens=lens, return_softmax_lse=True), sinks)
-        return "bshd", call
+    def flash(q, k, v, lens, sinks, paged):
+        # flash-attn wants (B, S, H, D) caches (its own copy, made once per shape) or pages of a
+        # multiple of 256 keys in the layout fastllm's paged caches have.
+        qt = q.transpose(1, 2)
+
+        def call(kc, vc, **kw):
+            if sinks is None:
+                return lambda: flash_attn_with_kvcache(qt, kc, vc, cache_seqlens=lens, **kw)
+            return lambda: fold_sinks(*flash_attn_with_kvcache(qt, kc, vc, cache_seqlens=lens,
+                                                               return_softmax_lse=True, **kw), sinks)
+        out = {"bshd": call(k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous())}
+        for page, (kp, vp, table) in paged.items():
+            if page % 256 == 0:
+                out[f"paged{page}"] = call(kp, vp, block_table=table)
+        return out
     peers["flash-attn"] = flash
     return peers
 
@@ -106,6 +115,21 @@ def run(ctx):
     return rows
 
 
+def _paged(k, v, page):
+    """(k pages, v pages, block table): the (B, Hkv, S, D) caches cut into pages of `page` keys
+    (the last one zero-padded) stored in a shuffled order, as a paged allocator leaves them."""
+    B, hkv, S, d = k.shape
+    n_pages = B * (-(-S // page))
+    perm = torch.randperm(n_pages, device=k.device)
+
+    def cut(t):
+        pages = F.pad(t.transpose(1, 2), (0, 0, 0, 0, 0, -S % page)).reshape(n_pages, page, hkv, d)
+        out = torch.empty_like(pages)
+        out[perm] = pages
+        return out
+    return cut(k), cut(v), perm.reshape(B, -1).to(torch.int32)
+
+
 def _one(ctx, op, peers, dtype, esize, shape, hq, hkv, d, B, S, copy_gbs):
     dev = ctx.device
     nbytes = 2 * B * hkv * S * d * esize
@@ -124,34 +148,20 @@ def _one(ctx, op, peers, dtype, esize, shape, hq, hkv, d, B, S, copy_gbs):
     if shape in SINK_PRESETS:
         sinks = (torch.randn(hq, device=dev) + math.log(S)).to(dtype).float()
     want = _reference(q, k, v, lens, sinks)
-    # Paged copy for fastllm: pages of PAGE keys, in a shuffled order.
-    n_pages = B * (-(-S // PAGE))
-    perm = torch.randperm(n_pages, device=dev)
-    table = perm.reshape(B, -1).to(torch.int32)
-
-    def paged(t):
-        pages = F.pad(t.transpose(1, 2), (0, 0, 0, 0, 0, -S % PAGE)).reshape(n_pages, PAGE, hkv, d)
-        out = torch.empty_like(pages)
-        out[perm] = pages
-        return out
-
+    paged = {page: _paged(k, v, page) for page in PAGES}
+    scale = 1 / math.sqrt(d)
     impls = {}
-    for b in ctx.backends(op, dev, q, k, v, lens, None, None, 1 / math.sqrt(d), 0, 0.0, 0, sinks):
-        impls[(f"fastllm-{b}", "dense")] = (lambda b=b: fastllm.ops.decode_attention(
-            q, k, v, cache_seqlens=lens, sinks=sinks, backend=b))
-    kp = vp = None
-    if impls:
-        kp, vp = paged(k), paged(v)
-        for b in ctx.backends(op, dev, q, kp, vp, lens, table, None, 1 / math.sqrt(d), 0, 0.0, 0, sinks):
-            impls[(f"fastllm-{b}", f"paged{PAGE}")] = (lambda b=b: fastllm.ops.decode_attention(
-                q, kp, vp, cache_seqlens=lens, block_table=table, sinks=sinks, backend=b))
+    for layout, (kc, vc, table) in [("dense", (k, v, None))] + [(f"paged{n}", p) for n, p in paged.items()]:
+        for b in ctx.backends(op, dev, q, kc, vc, lens, table, None, scale, 0, 0.0, 0, sinks):
+            impls[(f"fastllm-{b}", layout)] = (lambda b=b, kc=kc, vc=vc, table=table: fastllm.ops.decode_attention(
+                q, kc, vc, cache_seqlens=lens, block_table=table, sinks=sinks, backend=b))
     for name, prepare in peers.items():
         try:
-            layout, fn = prepare(q, k, v, lens, sinks)
+            calls = prepare(q, k, v, lens, sinks, paged)
         except Exception as e:  # noqa: BLE001 - a peer that cannot be set up is listed, the run goes on
             ctx.impl_raised(name, f"{shape} B={B} S={S} {dtype}", e)
             continue
-        impls[(name, layout)] = fn
+        impls.update({(name, layout): fn for layout, fn in calls.items()})
     errs = {}
     for key, fn in impls.items():
         try:
