@@ -160,6 +160,7 @@ def _flash_attn(missing):
         win = (window - 1, 0) if window else (-1, -1)
         if sinks is None:
             return lambda: flash_attn_func(qt, kt, vt, causal=causal, window_size=win)
+
         def call():
             out, lse, _ = flash_attn_func(qt, kt, vt, causal=causal, window_size=win, return_attn_probs=True)
             return fold_sinks(out, lse, sinks)
