@@ -381,6 +381,30 @@ def test_attention_sink_presets(monkeypatch):
         assert all(r["ok"] == "yes" for r in by_impl(rows, "sdpa-math-cpu"))
 
 
+def test_sdpa_peers_inputs(monkeypatch):
+    """What each SDPA peer is handed (the kernels themselves need a GPU: SDPA's math backend
+    stands in): sinks and the window through the mask and one padded key, K/V repeated per
+    query head for the efficient backend only (it takes no GQA); the results match the reference."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from fastllm.bench.suites import attention
+    seen = {}
+    orig = attention._sdpa
+
+    def math_sdpa(q, k, v, mask, causal):
+        seen.setdefault("kv_heads", []).append(k.shape[1])
+        with sdpa_kernel([SDPBackend.MATH]):
+            return orig(q, k, v, mask, causal)
+    monkeypatch.setattr(attention, "_sdpa", math_sdpa)
+    q = torch.randn(2, 8, 19, 16)
+    k, v = (torch.randn(2, 2, 19, 16) for _ in range(2))
+    sinks = torch.randn(8)
+    want = check.attention_reference(q, k, v, True, window=5, sinks=sinks)
+    for name, prepare in attention._sdpa_backends([]).items():
+        if name != "sdpa-flash":
+            torch.testing.assert_close(prepare(q, k, v, True, None, 5, sinks)().float(), want, atol=1e-5, rtol=1e-5)
+    assert seen["kv_heads"] == [8, 2]      # efficient: repeated; cuDNN: GQA as is
+
+
 def test_decode_sink_preset(monkeypatch):
     """gpt-oss decode passes its sinks to every implementation (SDPA: an extra key's mask column)
     and checks them: a kernel dropping them is WRONG."""

@@ -12,14 +12,14 @@ heads, D 64) times its two layer kinds, causal only: full attention and a 128-ke
 both with a learned sink logit per head. Its peers get the sinks the way they can: SDPA efficient
 / cuDNN as one extra zero key whose float attn_mask column holds the sink (causal and window
 merged into that mask; S up to 4k), flash-attn (window_size) with its returned lse and the
-epilogue out * sigmoid(lse - sink). Peer inputs (masks, padded K/V) are built once per shape,
-outside the timed call. Causal and not, bf16 / fp16. On CPU: one tiny shape each (S 256..512,
-batch 1). FLOPs = 4 * B * Hq * D * (query, key) pairs computed: Sq * Skv, halved for causal (the
-work a causal kernel must do), the sum of min(i + 1, W) over the rows with a window. Every
-implementation is checked on the same inputs against a float32 reference of the whole output
-(fastllm's reference, computed on query-row pieces) before it is timed: its max error must be
-finite and within 3x the best implementation's (+ 2e-3); a wrong one is reported WRONG, not
-timed.
+epilogue out * sigmoid(lse - sink). Peer inputs (masks, padded K/V; for SDPA efficient, which
+takes no GQA, K/V repeated per query head) are built once per shape, outside the timed call.
+Causal and not, bf16 / fp16. On CPU: one tiny shape each (S 256..512, batch 1). FLOPs = 4 * B *
+Hq * D * (query, key) pairs computed: Sq * Skv, halved for causal (the work a causal kernel must
+do), the sum of min(i + 1, W) over the rows with a window. Every implementation is checked on
+the same inputs against a float32 reference of the whole output (fastllm's reference, computed on
+query-row pieces) before it is timed: its max error must be finite and within 3x the best
+implementation's (+ 2e-3); a wrong one is reported WRONG, not timed.
 On an sm_90 GPU with a 90a build, "fastllm-cuda" is the wgmma kernel and "fastllm-cuda-sm80" the
 same call on the mma.sync kernel it replaces there (FASTLLM_ATTN_WGMMA=0).
 """
@@ -126,6 +126,10 @@ def _sdpa_backends(missing):
             if name != "sdpa-flash" and (sinks is not None or window) and q.shape[2] > BIAS_MAX_S:
                 return f"its float mask (H x S^2 elements) is built up to S = {BIAS_MAX_S}"
             args = _sdpa_inputs(q, k, v, causal, bias, window, sinks)
+            if name == "sdpa-efficient" and q.shape[1] != k.shape[1]:
+                # Its kernel takes no GQA (it would fall to math): K/V repeated per query head, once.
+                group = q.shape[1] // k.shape[1]
+                args = (args[0], *(t.repeat_interleave(group, dim=1) for t in args[1:3]), *args[3:])
 
             def call():
                 with sdpa_kernel([be]):
