@@ -47,7 +47,6 @@
 #include "attention/flash_ptx.cuh"
 #include "attention/flash_traits.h"
 #include "common/common.h"
-#include "common/load_float.cuh"
 #include "common/mask_range.cuh"
 
 namespace fastllm {

@@ -1,6 +1,7 @@
 // One element of a float tensor whose dtype is only known at run time (a common.h dtype code),
-// read as fp32: the GEMM epilogue biases and attention's score bias take float16, bfloat16 or
-// float32 without a conversion pass in Python. The switch is uniform across a launch.
+// read as fp32: the GEMM epilogue biases take float16, bfloat16 or float32 without a conversion
+// pass in Python. The switch is uniform across a launch. (Attention's score bias switches once per
+// tile instead and reads through a typed pointer: add_bias_log2 in flash_fwd_kernel.cuh.)
 #pragma once
 
 #include <cuda_bf16.h>

@@ -79,7 +79,7 @@ _UNSUPPORTED_SOURCE = (
 #: additive score bias, not a padding / causal mask (relative positions: Swin's combined_mask,
 #: Parakeet's matrix_bd, T5-style position_bias, SAM's attention_similarity, ...). Served:
 #: flash_attention adds it (bias=); listed so that the report probes the op with a bias (the
-#: CUDA kernels take none: on a GPU these calls run on Triton).
+#: CUDA kernels take one up to head dim 128: at 256 these calls run on Triton).
 BIAS_MASK_ARGUMENTS: Tuple[str, ...] = ("combined_mask", "matrix_bd", "attention_bias", "position_bias",
                                         "attention_similarity")
 #: Parameters (leaf names) of models that add a learned relative position bias to the scores

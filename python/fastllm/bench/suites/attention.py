@@ -82,7 +82,7 @@ def pairs(S, causal, window):
 SINK_PAD = 8
 
 
-def _sdpa_inputs(q, k, v, causal, bias=None, window=0, sinks=None):
+def sdpa_inputs(q, k, v, causal, bias=None, window=0, sinks=None):
     """(q, k, v, attn_mask, is_causal) for SDPA, built once per shape (not timed). A bias, window
     or sinks go in as a float attn_mask in q's dtype with causality merged in (SDPA takes
     is_causal or a mask, not both); sinks as one extra zero key whose mask column holds the sink
@@ -125,7 +125,7 @@ def _sdpa_backends(missing):
                 return "SDPA's flash backend takes no attn_mask (bias, window, sinks)"
             if name != "sdpa-flash" and (sinks is not None or window) and q.shape[2] > BIAS_MAX_S:
                 return f"its float mask (H x S^2 elements) is built up to S = {BIAS_MAX_S}"
-            args = _sdpa_inputs(q, k, v, causal, bias, window, sinks)
+            args = sdpa_inputs(q, k, v, causal, bias, window, sinks)
             if name == "sdpa-efficient" and q.shape[1] != k.shape[1]:
                 # Its kernel takes no GQA (it would fall to math): K/V repeated per query head, once.
                 group = q.shape[1] // k.shape[1]
@@ -140,7 +140,7 @@ def _sdpa_backends(missing):
 
 
 def _cpu_sdpa(q, k, v, causal, bias, window, sinks):
-    args = _sdpa_inputs(q, k, v, causal, bias, window, sinks)
+    args = sdpa_inputs(q, k, v, causal, bias, window, sinks)
     return lambda: _sdpa(*args)
 
 

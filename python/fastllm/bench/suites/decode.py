@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import fastllm
 from fastllm import ref
 from fastllm.bench import check
-from fastllm.bench.suites.attention import SINK_PAD, fold_sinks
+from fastllm.bench.suites.attention import fold_sinks, sdpa_inputs
 
 COLUMNS = ["impl", "dtype", "shape", "layout", "B", "S", "Hq", "Hkv", "D", "ms", "GB/s", "frac_copy", "ok"]
 PLOT = dict(x="S", y="GB/s", series=("impl", "layout", "dtype", "shape", "B"))
@@ -50,12 +50,7 @@ def _peers(dev, missing):
     """name -> prepare(q, k, v, lens, sinks, paged) -> {layout: timed no-argument call}; paged:
     page size -> (k pages, v pages, block table). prepare runs once per shape, not timed."""
     def sdpa(q, k, v, lens, sinks, paged):
-        mask = None
-        if sinks is not None:   # one zero key whose mask column holds the sink; the padding masked out
-            k, v = (F.pad(t, (0, 0, 0, SINK_PAD)) for t in (k, v))
-            mask = torch.zeros(1, q.shape[1], 1, k.shape[2], device=q.device, dtype=q.dtype)
-            mask[..., -SINK_PAD + 1:] = float("-inf")
-            mask[..., -SINK_PAD] = sinks.to(q.dtype).view(1, -1, 1)
+        q, k, v, mask, _ = sdpa_inputs(q, k, v, False, sinks=sinks)   # sinks: one more key, its mask column
         return {"dense": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                                 enable_gqa=True).transpose(1, 2)}
     peers = {"sdpa" if dev.type == "cuda" else "sdpa-math-cpu": sdpa}
