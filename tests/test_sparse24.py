@@ -13,7 +13,8 @@ import torch
 import fastllm
 from fastllm import ref
 from fastllm.ops import sparse24_int8_matmul, sparse24_int8_matmul_int32, sparse24_matmul
-from fastllm.sparse import NotSparse24Error, check_24, collect_act_norms, compress, decompress, is_24, mask_24, prune_24
+from fastllm.sparse import (NotSparse24Error, check_24, collect_act_norms, compress, convert_meta, decompress, is_24,
+                            mask_24, prune_24)
 from fastllm.sparse.format import VALID_NIBBLES, nibble_map, unpack_meta, valid_meta
 from fastllm.sparse.mma_sp import emulate_gemm
 from helpers import poison_  # noqa: F401  (outputs are allocated by the ops; see test_triton_poisoned_out)
@@ -161,8 +162,38 @@ def test_mma_sp_emulation_catches_wrong_layout(dtype):
         assert not torch.equal(got, want)
 
 
+def test_convert_meta_when_casting_compressed_values():
+    # Quantizing compressed fp16 values is quantizing the dense weight, but int8 values read
+    # their metadata in the m16n8k64 layout: unconverted, every nibble is still valid and the
+    # product silently wrong; convert_meta makes it right, both ways.
+    w = sparse_weight(32, 128, torch.float16, "cpu")
+    values, meta = compress(w)
+    scale = w.float().abs().amax(1, keepdim=True) / 127
+    q_values = (values.float() / scale).round().to(torch.int8)
+    q_dense = (w.float() / scale).round().to(torch.int8)
+    assert not torch.equal(decompress(q_values, meta), q_dense)          # the trap
+    q_meta = convert_meta(meta, torch.float16, torch.int8)
+    assert torch.equal(decompress(q_values, q_meta), q_dense)
+    assert torch.equal(q_meta, compress(q_dense)[1])
+    assert torch.equal(convert_meta(q_meta, torch.int8, torch.bfloat16), meta)
+    assert convert_meta(meta, torch.float16, torch.bfloat16) is meta   # one 16-bit layout
+    with pytest.raises(TypeError, match="convert_meta: argument 'meta' must be a 2-D int32 tensor"):
+        convert_meta(meta.long(), torch.float16, torch.int8)
+    with pytest.raises(TypeError, match="argument 'to_dtype' must be a torch.dtype"):
+        convert_meta(meta, torch.float16, "int8")
+    with pytest.raises(ValueError, match="K = 96 must be a multiple of 64"):
+        convert_meta(meta[:, :48], torch.float16, torch.int8)
+
+
 # ----------------------------------------------------------------------------------------------
 # Pruning
+
+def test_prune_int8_keeps_minus_128():
+    # |-128| is the largest int8 magnitude (abs in int8 wraps it to -128: it was pruned first).
+    w = torch.tensor([[-128, 1, 2, 0], [127, -128, 3, -1]], dtype=torch.int8)
+    w24, _ = prune_24(w)
+    assert torch.equal(w24, torch.tensor([[-128, 0, 2, 0], [127, -128, 0, 0]], dtype=torch.int8))
+
 
 def test_prune_magnitude_keeps_two_largest_and_reports_norm():
     w = torch.randn(64, 256)
@@ -233,6 +264,34 @@ def test_sparse24_matmul(backend, dtype, K, N):
         bias = torch.randn(N, device=DEVICE).to(dtype) if i % 2 else None
         out = sparse24_matmul(x, values, meta, bias, backend=backend)
         check_close(out, x, w, bias, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+def test_triton_k_tail_and_split_k(dtype):
+    # The configs the interpreter picks for the grid above never leave a K tail or split K
+    # (split_k needs a single (M, N) tile and >= 4 K tiles): force both here. K = 192 against
+    # BLOCK_K 128 / 256 is a masked tail (whole 64-column metadata blocks); SPLIT_K = 2 runs the
+    # partial sums, then bias / int8 scale epilogue once on the sum.
+    from fastllm.triton_kernels.sparse24_gemm import Config
+    from fastllm.triton_kernels.sparse24_gemm import sparse24_matmul as triton_sparse24
+    N, K, M = 48, 192, 5
+    w = sparse_weight(N, K, dtype)
+    values, meta = compress(w)
+    s8 = dtype == torch.int8
+    x = (torch.randint(-128, 128, (M, K), dtype=dtype, device=DEVICE) if s8
+         else torch.randn(M, K, device=DEVICE).to(dtype))
+    bias = torch.randn(N, device=DEVICE)
+    a_s, w_s = torch.rand(M, device=DEVICE) + 0.01, torch.rand(N, device=DEVICE) + 0.01
+    for block_k, split in ((128, 1), (256, 1), (64, 2), (128, 2)):
+        cfg = Config(16, 32, block_k, SPLIT_K=split, GROUP_M=1, num_stages=1)
+        if s8:
+            acc = triton_sparse24(x, values, meta, out_dtype=torch.int32, config=cfg)
+            assert torch.equal(acc.cpu().long(), x.cpu().long() @ w.cpu().long().t()), (block_k, split)
+            out = triton_sparse24(x, values, meta, bias, a_s, w_s, torch.float32, config=cfg)
+            assert_epilogue_close(out, acc, a_s, w_s, bias, torch.float32)
+        else:
+            b = bias.to(dtype)
+            check_close(triton_sparse24(x, values, meta, b, config=cfg), x, w, b, dtype)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

@@ -51,7 +51,8 @@ def pick_config(M: int, N: int, K: int, *, s8: bool, sms: int = 132, interpret: 
     """Tile config for this (M bucket, N, K). Decode sizes (M <= 16): BLOCK_M = 16 (tl.dot's
     minimum), wide K steps and split-K until the grid covers the SMs (weights are the cost);
     larger M: the usual 16-bit / int8 GEMM tiles. The interpreter gets fixed small tiles
-    (below the test shapes, so partial tiles, K tails and split-K all run)."""
+    (below the test shapes, so partial M / N tiles run; K tails and split-K need a config
+    passed in: tests/test_sparse24.py::test_triton_k_tail_and_split_k)."""
     if interpret:
         cfg = Config(16 if M <= 16 else 32, 32, 64, GROUP_M=2, num_stages=1)
     elif M <= 16:   # 3 stages: fits the ~99 KB of shared memory of sm_86 / sm_89

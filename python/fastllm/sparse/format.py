@@ -27,8 +27,10 @@ for .f16/.bf16" and ".m16n8k64 metadata layout for .u8/.s8"):
       r = g + 8 * (t % 2),    c = 8 * (t // 2) + q
 
 So the format needs N % 16 == 0 and K % 64 == 0 (BLOCK_K below); pruning / check_24 need only
-K % 4 == 0. The int8 and 16-bit layouts differ: compress picks by the values' dtype and
-decompress must get the same dtype (it does: the values carry it). mma_sp.py models the
+K % 4 == 0. The int8 and 16-bit layouts differ: compress picks by the values' dtype, and
+decompress and the ops read meta in the layout of the values' dtype. Casting values across that
+line (quantizing compressed fp16 values to int8, or back) needs `convert_meta` on the metadata:
+every nibble is valid in both layouts, so no check can tell, and the product would be wrong. mma_sp.py models the
 instruction from the ISA text and the tests prove compress -> emulated mma.sp == dense matmul.
 """
 from typing import Tuple
@@ -145,6 +147,24 @@ def unpack_meta(meta: torch.Tensor, N: int, K: int, kind: str) -> torch.Tensor:
     out = torch.empty(N // TILE_N, K // BLOCK_K, TILE_N, BLOCK_K // GROUP, dtype=torch.int64, device=meta.device)
     out[:, :, r, c] = nibs
     return out.permute(0, 2, 1, 3).reshape(N, K // GROUP)
+
+
+def convert_meta(meta: torch.Tensor, from_dtype: torch.dtype, to_dtype: torch.dtype) -> torch.Tensor:
+    """`meta` packed for values of `from_dtype`, repacked for values of `to_dtype` (the int8 and
+    16-bit layouts differ; module docstring). Use it when casting compressed values between int8
+    and a float dtype. Returns meta itself when both dtypes use the same layout."""
+    if not isinstance(meta, torch.Tensor) or meta.dtype != torch.int32 or meta.dim() != 2:
+        got = f"{meta.dtype} {tuple(meta.shape)}" if isinstance(meta, torch.Tensor) else type(meta).__name__
+        raise TypeError(f"convert_meta: argument 'meta' must be a 2-D int32 tensor (N // 16, K // 2), got {got}")
+    for name, dt in (("from_dtype", from_dtype), ("to_dtype", to_dtype)):
+        if not isinstance(dt, torch.dtype):
+            raise TypeError(f"convert_meta: argument '{name}' must be a torch.dtype, got {type(dt).__name__}")
+    src, dst = layout_kind(from_dtype), layout_kind(to_dtype)
+    N, K = meta.shape[0] * TILE_N, meta.shape[1] * 2
+    _check_format_shape("convert_meta", N, K, "meta")
+    if src == dst:
+        return meta
+    return _pack_meta(unpack_meta(meta, N, K, src), N, K, dst)
 
 
 def check_compressed(op: str, values: torch.Tensor, meta: torch.Tensor, K: int = None) -> Tuple[int, int]:

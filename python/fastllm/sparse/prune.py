@@ -63,7 +63,7 @@ def prune_24(w: torch.Tensor, method: str = "magnitude", act_norm: Optional[torc
         raise ValueError(f"prune_24: argument 'w': K = {K} is not a multiple of {GROUP} (2:4 groups along K)")
     if method not in METHODS:
         raise ValueError(f"prune_24: argument 'method' must be one of {', '.join(METHODS)}, got {method!r}")
-    score = w.detach().abs().float()
+    score = w.detach().float().abs()   # float first: int8's abs(-128) wraps to -128
     if method == "wanda":
         if act_norm is None:
             raise ValueError("prune_24: method 'wanda' needs act_norm (K,) (fastllm.sparse.collect_act_norms)")
