@@ -268,6 +268,25 @@ def test_sinks(backend, paged, splits):
     assert (out[1] == 0).all() and torch.equal(lse[1], sinks.float()[:, None].expand(4, 2))
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's tile config; a GPU runs its own")
+@pytest.mark.parametrize("block_n,block_m_max", [(16, 64), (32, 16)])
+def test_triton_gpu_tile_sizes_under_the_interpreter(block_n, block_m_max, monkeypatch):
+    # The interpreter otherwise reads 64-key blocks; a GPU reads 32 (D 256, 64 rows x D 128) or
+    # 16 (fp32, D 256): split boundaries, page crossings and window starts at those sizes. A
+    # smaller BLOCK_M_MAX cuts the packed (GQA group x Sq) rows over several programs.
+    import fastllm.triton_kernels.decode_attention as da
+    monkeypatch.setattr(da, "_INTERPRET_BLOCK_N", block_n)
+    monkeypatch.setattr(da, "BLOCK_M_MAX", block_m_max)
+    lens = [90, 1, 57]
+    q = rand(3, 8, 5, 64, dtype=torch.float16, scale=2.0)     # 4 x 5 packed rows: two 16-row programs
+    k, v = make_cache(3, 2, 90, 64, torch.float16, lens)
+    kw = dict(cache_seqlens=lens_t(lens), window=37, softcap=10.0, num_splits=3,
+              sinks=torch.randn(8, device=DEVICE))
+    run_and_check("triton", q, k, v, **kw)
+    k, v, kw["block_table"] = to_pages(k, v, 7, lens)
+    run_and_check("triton", q, k, v, **kw)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_lengths_means_full_cache_and_empty_rows(backend):
     q = rand(2, 4, 3, 64, dtype=torch.float16)
@@ -351,10 +370,12 @@ def test_triton_predicate_refuses_what_overflows_its_int32_math():
 # Equivalence with prefill
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("step", [1, 3])
-def test_token_by_token_equals_prefill(backend, step):
+@pytest.mark.parametrize("step,layout", [(1, "lens"), (3, "lens"), (3, "mask"), (1, "paged")])
+def test_token_by_token_equals_prefill(backend, step, layout):
     """Decoding a sequence `step` tokens at a time against a growing StaticCache gives the
-    prefill flash_attention over the whole sequence (within the tolerance rule)."""
+    prefill flash_attention over the whole sequence (within the tolerance rule): with lengths,
+    with the causal mask in cache positions transformers hands over (what fastllm.patch
+    passes), and from a paged cache (3-key pages, shuffled)."""
     B, Hq, Hkv, T, S_max, D, dtype = 2, 8, 2, 13, 20, 64, torch.float16
     q, k, v = rand(B, Hq, T, D, dtype=dtype), rand(B, Hkv, T, D, dtype=dtype), rand(B, Hkv, T, D, dtype=dtype)
     prefill, prefill_lse = flash_attention(q, k, v, causal=True, backend=backend, return_lse=True)
@@ -364,8 +385,13 @@ def test_token_by_token_equals_prefill(backend, step):
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
         k_cache[:, :, t0:t1], v_cache[:, :, t0:t1] = k[:, :, t0:t1], v[:, :, t0:t1]
-        o, l = decode_attention(q[:, :, t0:t1], k_cache, v_cache, cache_seqlens=lens_t([t1] * B), num_splits=2,
-                                backend=backend, return_lse=True)
+        kc, vc, kw = k_cache, v_cache, dict(cache_seqlens=lens_t([t1] * B))
+        if layout == "mask":   # query t0 + i attends keys 0 .. t0 + i; nothing past the filled part
+            rows = torch.arange(t0, t1, device=DEVICE)[:, None]
+            kw = dict(mask=(torch.arange(S_max, device=DEVICE)[None, :] <= rows).expand(B, 1, t1 - t0, S_max))
+        elif layout == "paged":
+            kc, vc, kw["block_table"] = to_pages(k_cache, v_cache, 3, [t1] * B)
+        o, l = decode_attention(q[:, :, t0:t1], kc, vc, num_splits=2, backend=backend, return_lse=True, **kw)
         outs.append(o)
         lses.append(l)
     out, lse = torch.cat(outs, 1), torch.cat(lses, 2)
@@ -404,6 +430,11 @@ def test_bad_inputs():
         decode_attention(q, k[:1], v[:1])
     with pytest.raises(ValueError, match="argument 'v_cache' must have unit stride in the head dim"):
         decode_attention(q, k, v.transpose(2, 3).contiguous().transpose(2, 3))
+    for name, kw in (("k_cache", {}), ("cache_seqlens", dict(cache_seqlens=lens.to("meta"))),
+                     ("mask", dict(mask=torch.ones(2, 1, 1, 10, dtype=torch.bool, device="meta")))):
+        kc, vc = (k.to("meta"), v.to("meta")) if name == "k_cache" else (k, v)
+        with pytest.raises(ValueError, match=f"argument '{name}' must be on the device of 'q'"):
+            decode_attention(q, kc, vc, **kw)
     with pytest.raises(TypeError, match=r"argument 'cache_seqlens' must have dtype in \(int32\)"):
         decode_attention(q, k, v, cache_seqlens=lens.long())
     with pytest.raises(ValueError, match="argument 'cache_seqlens' must have 2 entries"):
@@ -438,6 +469,8 @@ def test_bad_inputs():
         decode_attention(q, kp, vp, block_table=table.long())
     with pytest.raises(ValueError, match="argument 'block_table' must have the batch size of 'q'"):
         decode_attention(q, kp, vp, block_table=table[:1])
+    with pytest.raises(ValueError, match="argument 'block_table' must be on the device of 'q'"):
+        decode_attention(q, kp, vp, block_table=table.to("meta"))
     with pytest.raises(ValueError, match=r"argument 'cache_seqlens' must be in \[0, 12\]"):
         decode_attention(q, kp, vp, block_table=table, cache_seqlens=lens_t([3, 13]), validate=DEVICE != "cpu")
     bad = table.clone()

@@ -358,6 +358,26 @@ def test_torch_compile_fullgraph():
     assert torch.allclose(got_unpadded, out(model, ids[1:2]), rtol=1e-6, atol=1e-6)
 
 
+def test_compiled_generate_static_then_dynamic_cache():
+    # A sliding-window model's compiled forward, generating with a StaticCache, then a DynamicCache
+    # (recompiled with symbolic sizes): decode_attention refused its valid mask under Dynamo
+    # ("must be broadcastable as (3 or 1, 1, 1, 5) ..., got shape (3, 1, 1, 5)") as the size
+    # checks were written `n not in (1, full)`; they compare with == now (ops._checks.broadcasts_to).
+    model = build("mistral")
+    ids, mask = batch()
+    fastllm.patch(model, backend="torch")
+    want = [greedy(model, ids, mask, cache_implementation="static"), greedy(model, ids, mask)]
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="eager", fullgraph=True)
+    try:
+        got = [greedy(model, ids, mask, cache_implementation="static"), greedy(model, ids, mask)]
+    finally:
+        del model.forward
+        torch._dynamo.reset()
+    for (t, lg), (rt, rlg) in zip(got, want):
+        assert_same_tokens(rt, rlg, t, "compiled generate")
+
+
 def _triton_attention_available():
     try:
         import fastllm.triton_kernels.flash_attention  # noqa: F401
@@ -992,6 +1012,7 @@ def test_save_and_load(tmp_path):
 
 def test_demo_runs(capsys):
     from fastllm import demo
-    demo.main(["--tokens", "3", "--batch", "2", "--prompt-len", "8", "--skip-attention", "1", "--size", "small"])
+    assert demo.main(["--tokens", "3", "--batch", "2", "--prompt-len", "8", "--skip-attention", "1",
+                      "--size", "small"]) == 0
     text = capsys.readouterr().out
     assert "max |logit difference|" in text and "tokens/s" in text and "skip_attention=1" in text

@@ -801,7 +801,7 @@ MIRRORED_GLUE_PER_TOKEN_LINES = [
 
 MIRRORED_GLUE_STATIC_LINES = [
     "if K > 1 and x.stride(1) != 1:",
-    "if in_mul.dtype != torch.float32 or in_mul.numel() not in (1, K):",
+    "if in_mul.dtype != torch.float32 or not (in_mul.numel() == 1 or in_mul.numel() == K):",
     "q = torch.empty((M, K), dtype=torch.int8, device=x.device)",
     "if M == 0 or K == 0:",
     "in_mul = in_mul.reshape(-1).contiguous()",

@@ -1,6 +1,8 @@
 """Backend registry: auto selection, forcing (argument and FASTLLM_BACKEND), no silent
 fallback, arch messages."""
 import os
+import warnings
+
 import pytest
 import torch
 
@@ -130,6 +132,21 @@ def test_first_auto_selection_inside_torch_compile(monkeypatch):
     torch._dynamo.reset()
     y = torch.compile(m, fullgraph=True, backend="eager")(x)
     assert torch.equal(y, m(x))
+
+
+def test_auto_falling_back_to_the_reference_on_a_gpu_warns_once(monkeypatch):
+    # D 300: no CUDA or Triton kernel; on a GPU auto runs the reference (correct, slow, out of
+    # memory at long sequences). It said so only at log level info: now a RuntimeWarning, once.
+    from fastllm.ops.attention import OP
+    monkeypatch.setattr(OP, "_announced", set())
+    q, k = torch.randn(1, 2, 3, 300).half(), torch.randn(1, 2, 5, 300).half()
+    args = (q, k, k, None, True, 0.125, 0, 0.0, None, None)
+    with pytest.warns(RuntimeWarning, match=r"flash_attention: no GPU kernel serves this call .*300"):
+        assert OP.select("auto", torch.device("cuda"), *args) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert OP.select("auto", torch.device("cuda"), *args) == "torch"   # once
+        assert OP.select("auto", torch.device("cpu"), *args) == "torch"    # CPU: the reference is the backend
 
 
 def test_launcher_validates_shapes():

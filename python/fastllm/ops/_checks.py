@@ -87,6 +87,13 @@ def attended_key_slice(mask, n_keys):
     return slice(lo, hi) if hi - lo < n_keys else None
 
 
+def broadcasts_to(shape, full) -> bool:
+    """Every dim of `shape` is 1 or the matching dim of `full` (same length). Written as ==, not
+    `n in (1, f)`: Dynamo (torch 2.13) got the tuple membership of symbolic sizes wrong under
+    torch.compile(fullgraph=True) and a valid mask was refused mid-generate."""
+    return len(shape) == len(full) and all(n == 1 or n == f for n, f in zip(shape, full))
+
+
 def broadcast_strides(t: torch.Tensor, dims) -> tuple:
     """t's strides (elements) in `dims`, 0 for a dim of size 1: a kernel never steps over a
     broadcast dim, whatever stride it reports, so the launchers see one convention."""

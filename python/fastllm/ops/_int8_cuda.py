@@ -85,7 +85,7 @@ def gemm_supports(a, b, out_dtype, a_scale=None, w_scale=None, bias=None) -> Opt
             return "scaled output needs a_scale and w_scale"
         if a_scale.dtype != torch.float32 or w_scale.dtype != torch.float32:
             return "a_scale and w_scale must be float32"
-        if a_scale.numel() not in (1, M):
+        if not (a_scale.numel() == 1 or a_scale.numel() == M):
             return f"a_scale must have 1 or M = {M} elements, got {a_scale.numel()}"
         if w_scale.numel() != N:
             return f"w_scale must have N = {N} elements, got {w_scale.numel()}"
@@ -184,7 +184,7 @@ def quantize_static_supports(x, in_mul) -> Optional[str]:
         return f"'x' needs unit stride along K (strides {tuple(x.stride())})"
     if M > 1 and x.stride(0) < 0:
         return f"'x' has a negative row stride ({x.stride(0)})"
-    if in_mul.dtype != torch.float32 or in_mul.numel() not in (1, K):
+    if in_mul.dtype != torch.float32 or not (in_mul.numel() == 1 or in_mul.numel() == K):
         return f"in_mul must be float32 with 1 or K = {K} elements"
     return None
 
@@ -228,7 +228,7 @@ def fused_supports(x, b, in_mul, w_scale, bias, dynamic) -> Optional[str]:
         if why:
             return why
     if in_mul is not None:
-        if in_mul.dtype != torch.float32 or in_mul.numel() not in ((K,) if dynamic else (1, K)):
+        if in_mul.dtype != torch.float32 or not (in_mul.numel() == K or (not dynamic and in_mul.numel() == 1)):
             return "in_mul must be float32 with K elements (or one, static)"
         if in_mul.numel() > 1 and (not in_mul.is_contiguous() or misaligned16(in_mul)):
             return "per-channel in_mul must be contiguous and 16-byte aligned (float4 loads)"

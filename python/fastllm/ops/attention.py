@@ -76,7 +76,7 @@ import torch
 
 from .. import ref
 from ._autocast import to_autocast_dtype
-from ._checks import FLOAT_DTYPES, GRID_YZ_MAX, as_bool, attended_key_slice, check_tensor
+from ._checks import FLOAT_DTYPES, GRID_YZ_MAX, as_bool, attended_key_slice, broadcasts_to, check_tensor
 from ._sinks import check_sinks
 from .registry import new_op
 
@@ -294,8 +294,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         if mask.device != q.device:
             raise ValueError(f"{name}: argument 'mask' must be on the device of 'q' ({q.device}), got {mask.device}")
         ms = tuple(mask.shape)
-        if (mask.dim() != 4 or ms[0] not in (1, B) or ms[1] != 1 or ms[2] not in (1, Sq)
-                or ms[3] not in (1, Skv)):
+        if mask.dim() != 4 or ms[1] != 1 or not broadcasts_to(ms, (B, 1, Sq, Skv)):
             raise ValueError(f"{name}: argument 'mask' must be broadcastable as ({B} or 1, 1, {Sq}, {Skv}) "
                              f"(B, 1, Sq, Skv), got shape {ms}")
     causal, scale, window, softcap = _normalize(name, D, causal, scale, window, softcap)
@@ -313,7 +312,7 @@ def _check_bias(name, bias, q, B, Hq, Sq, Skv):
     if bias.device != q.device:
         raise ValueError(f"{name}: argument 'bias' must be on the device of 'q' ({q.device}), got {bias.device}")
     bs = tuple(bias.shape)
-    if bias.dim() != 4 or any(n not in (1, full) for n, full in zip(bs, (B, Hq, Sq, Skv))):
+    if not broadcasts_to(bs, (B, Hq, Sq, Skv)):
         raise ValueError(f"{name}: argument 'bias' must be broadcastable as ({B} or 1, {Hq} or 1, {Sq} or 1, "
                          f"{Skv} or 1) (B, Hq, Sq, Skv), got shape {bs}")
 

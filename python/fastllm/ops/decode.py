@@ -58,7 +58,7 @@ import torch
 
 from ..ref import decode as ref_decode
 from ._autocast import to_autocast_dtype
-from ._checks import FLOAT_DTYPES, GRID_YZ_MAX, attended_key_slice, check_tensor
+from ._checks import FLOAT_DTYPES, GRID_YZ_MAX, attended_key_slice, broadcasts_to, check_tensor
 from ._sinks import check_sinks
 from .attention import _normalize
 from .registry import new_op
@@ -320,7 +320,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             raise TypeError(f"{NAME}: argument 'mask' must have dtype bool (True = attend), got {_dt(mask)}")
         _same_device("mask", mask, q)
         ms = tuple(mask.shape)
-        if mask.dim() != 4 or ms[0] not in (1, B) or ms[1] != 1 or ms[2] not in (1, Sq) or ms[3] not in (1, capacity):
+        if mask.dim() != 4 or ms[1] != 1 or not broadcasts_to(ms, (B, 1, Sq, capacity)):
             raise ValueError(f"{NAME}: argument 'mask' must be broadcastable as ({B} or 1, 1, {Sq}, {capacity}) "
                              f"(B, 1, Sq, cache capacity), got shape {ms}")
         if cache_seqlens is not None:

@@ -11,6 +11,7 @@ the call raises BackendUnavailableError with the reason: never a silent fallback
 """
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
@@ -134,6 +135,12 @@ class Op:
                     self._announced.add((b, device.type))
                     log.info("%s: backend '%s' on %s (%s)", self.name, b, device.type,
                              "; ".join(tried) or "first choice")
+                    if b == "torch" and device.type == "cuda":
+                        # Correct but slow (attention materializes every score), and at long
+                        # sequences out of memory: say so once rather than let it pass unseen.
+                        warnings.warn(f"{self.name}: no GPU kernel serves this call ({'; '.join(tried)}); it runs on "
+                                      "fastllm's pure-PyTorch reference (slow; attention materializes the scores). "
+                                      "Further such calls are not reported.", RuntimeWarning, stacklevel=3)
                 return b
             tried.append(f"{b}: {why}")
         raise BackendUnavailableError(f"{self.name}: no backend can serve this call: " + "; ".join(tried))
