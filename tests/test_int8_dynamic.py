@@ -45,6 +45,8 @@ def test_quantization_bits(backend, dtype, M):
     x[2, 7] = -float("inf")
     x[3] = 0                                  # all zero: scale 1, q 0
     x[4, :3] = torch.tensor([1e30, -1e30, 3.0])
+    x[5] = 0                                  # amax < 127 / FLT_MAX (fp16: flushed to a zero row):
+    x[5, :2] = torch.tensor([2e-37, -3e-38])  # 127 / amax is inf, its zeros 0 * inf, still q 0
     x = x.to(dtype).to(DEVICE)
     eye = torch.eye(K, dtype=torch.int8, device=DEVICE)
     ones = torch.ones(K, device=DEVICE)

@@ -19,6 +19,7 @@ from torch import nn
 
 from fastllm import ref
 from fastllm.nn import Int8Linear
+from fastllm.sparse import collect_act_norms
 from fastllm.quant import (calibrate, load_quantized, quantize_linears, quantize_weight_per_channel,
                            quantize_weight_per_group, save_quantized, smooth_norm_linears, smooth_scales)
 
@@ -134,6 +135,24 @@ def test_smoothquant_folded_into_norm():
     assert e_smooth < 0.5 * e_plain, (e_smooth, e_plain)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_smoothquant_fold_is_exact_in_low_precision(dtype):
+    # The folded factors are powers of two: norm weight / s and linear weight * s round nowhere
+    # (but in fp16's subnormal range), so the bf16 model computes bit for bit what it did, the
+    # fp16 one nearly (with s itself, the rounded products moved the model by about its own
+    # error: 0.4% in bf16, 0.05% in fp16).
+    model = Block().to(DEVICE, dtype)
+    x = torch.randn(3, 20, K, device=DEVICE).to(dtype)
+    with torch.no_grad():
+        yref = model(x)
+    amax = calibrate(model, [torch.randn(4, 16, K, device=DEVICE).to(dtype)], layers=["q"])["q"]
+    s = smooth_norm_linears(model.norm, [model.q, model.k], amax, alpha=0.5)
+    assert torch.equal(s, torch.exp2(torch.log2(s).round())) and not torch.equal(s, torch.ones_like(s))
+    with torch.no_grad():
+        y = model(x)
+    assert torch.equal(y, yref) if dtype == torch.bfloat16 else rel_err(y, yref) < 1e-5
+
+
 # ----------------------------------------------------------------------------------------------
 # Backends and dtypes.
 
@@ -193,9 +212,10 @@ def test_state_dict_and_buffers():
     assert sd["weight_int8"].dtype == torch.int8 and sd["weight_scale"].dtype == torch.float32
     assert "smooth=True" in repr(q) and "w8a8-static" in repr(q)
     assert not list(q.parameters())
-    # A loaded act_scale / smooth of 0 or NaN is refused (on any device): the ops check values on
-    # CPU only, and on CUDA it zeroed or poisoned channels silently.
-    for key, bad in (("act_scale", torch.zeros(1)), ("smooth", torch.full((K,), float("nan")))):
+    # A loaded act_scale / smooth / weight_scale of 0 or NaN is refused (on any device): the ops
+    # check values on CPU only, and on CUDA it zeroed or poisoned channels silently.
+    for key, bad in (("act_scale", torch.zeros(1)), ("smooth", torch.full((K,), float("nan"))),
+                     ("weight_scale", torch.zeros(N))):
         broken = {k: v.clone() for k, v in sd.items()}
         broken[key] = bad.to(DEVICE)
         with pytest.raises(ValueError, match=f"Int8Linear load \\({key}\\): argument '{key}' must be positive"):
@@ -267,6 +287,28 @@ def test_calibrate_records_per_channel_max_and_removes_hooks():
     lin = nn.Linear(32, 16).to(DEVICE)
     amax = calibrate(lin, [{"input": batches[0]}])
     torch.testing.assert_close(amax[""], batches[0].abs().amax(0), rtol=0, atol=0)
+
+
+def test_calibrate_runs_in_eval_mode_and_restores_modes():
+    # A model built in code starts in training mode: dropout scaled and zeroed the inputs the
+    # statistics saw (up to 2x amax). Calibration runs in eval mode and gives each module its
+    # own mode back (a frozen part in eval stays so), also when the model raises.
+    model = nn.Sequential(nn.Linear(32, 32), nn.Dropout(0.5), nn.Linear(32, 16)).to(DEVICE)
+    model[1].eval()
+    model[0].train()
+    batches = [torch.randn(7, 32, device=DEVICE) for _ in range(2)]
+    got = calibrate(model, batches)
+    with torch.no_grad():
+        want = torch.cat([model[0](b) for b in batches]).abs().amax(0)
+    torch.testing.assert_close(got["2"], want, rtol=0, atol=0)
+    assert [m.training for m in model] == [True, False, True] and model.training
+    norms = collect_act_norms(model, batches)
+    with torch.no_grad():
+        want = torch.cat([model[0](b) for b in batches]).norm(dim=0)
+    torch.testing.assert_close(norms["2"], want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError):
+        calibrate(model, [torch.randn(2, 31, device=DEVICE)])
+    assert [m.training for m in model] == [True, False, True] and model.training
 
 
 def test_calibrate_errors_and_cleanup_on_exception():
@@ -342,6 +384,9 @@ def test_quantize_linears_report():
     model = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 32))
     report = quantize_linears(model, "w8a16", group_size=128)
     assert report["quantized"] == ["0"] and "group_size=128" in report["skipped"]["2"]
+    model = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 32))
+    report = quantize_linears(model, "w8a16", group_size=np.int64(128))   # numpy ints too (it raised)
+    assert report["quantized"] == ["0"] and "group_size=128" in report["skipped"]["2"]
     model = nn.Sequential(nn.Linear(256, 64), nn.Linear(64, 32, dtype=torch.float64))
     with pytest.raises(TypeError, match="float64"):
         quantize_linears(model, "w8a16", group_size=32)
@@ -383,6 +428,9 @@ def test_bad_inputs():
             Int8Linear.from_linear(lin, "w8a8-static", act_scale=bad)
     with pytest.raises(ValueError, match="pass act_scale or act_amax for mode 'w8a8-static', not both"):
         Int8Linear.from_linear(lin, "w8a8-static", act_scale=0.1, act_amax=torch.ones(64))
+    # With SmoothQuant a step calibrated on x would be applied to x / s: refused too.
+    with pytest.raises(ValueError, match="not both .with smooth_alpha the step of the smoothed input"):
+        Int8Linear.from_linear(lin, "w8a8-static", act_scale=0.1, act_amax=torch.ones(64), smooth_alpha=0.5)
     # Calibration data the mode never reads: refused, not silently dropped.
     for mode in ("w8a8-dynamic", "w8a16"):
         with pytest.raises(ValueError, match=f"act_amax is read by .*mode '{mode}' without smooth_alpha would ignore"):

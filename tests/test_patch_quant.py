@@ -310,6 +310,24 @@ def test_moe_routers_left_alone_and_weight_readers_work():
         assert (model(ids).logits - base).abs().max() < 0.05 * base.abs().max()
 
 
+def test_output_heads_left_alone_by_default():
+    # The vocabulary projection is left whatever it is called: RoBERTa's lm_head is a module
+    # (lm_head.dense, lm_head.decoder), BERT's is cls.predictions.decoder (both were quantized).
+    T = transformers
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                  max_position_embeddings=64, pad_token_id=0, tie_word_embeddings=False)
+    roberta = T.RobertaForMaskedLM(T.RobertaConfig(**common)).eval()
+    fastllm.patch(roberta, quantize="w8a16", backend="torch")
+    assert not [n for n in swapped(roberta) if n.startswith("lm_head")] and swapped(roberta)
+    bert = T.BertForMaskedLM(T.BertConfig(**common)).eval()
+    fastllm.patch(bert, quantize="w8a16", backend="torch")
+    why = {m.name: m.detail for m in fastllm.patch_report(bert).modules if m.action == "left"}
+    assert "cls.predictions.decoder" not in swapped(bert) and "default" in why["cls.predictions.decoder"]
+    bert = T.BertForMaskedLM(T.BertConfig(**common)).eval()
+    fastllm.patch(bert, quantize="w8a16", include="cls.predictions.decoder", backend="torch")
+    assert list(swapped(bert)) == ["cls.predictions.decoder"]
+
+
 def test_include_names_lm_head_explicitly():
     model = build("llama")
     fastllm.patch(model, quantize="w8a8", include=["lm_head", "*.o_proj"], backend="torch")
@@ -320,6 +338,32 @@ def test_include_names_lm_head_explicitly():
     assert swapped(tied) == {}
     assert "quantize='w8a8' swapped no layer" in str(fastllm.patch_report(tied))
     assert any(m.name == "lm_head" and "tied" in m.detail for m in fastllm.patch_report(tied).modules)
+
+
+def test_failure_while_reporting_rolls_back(monkeypatch):
+    # patch() warns when quantize= swapped nothing. With warnings as errors (-W error) that
+    # raised after the model was changed, before its patch state was set: attention stayed on
+    # fastllm's private config and unpatch said "not patched". Anything raising there (the
+    # warning, or the report itself after swaps) now undoes the whole patch.
+    import warnings
+
+    from fastllm.patch import core
+    model = build("llama")
+    cfg, sd = model.config, state_snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="swapped no layer"):
+            fastllm.patch(model, quantize="w8a16", include="nothing*", backend="torch")
+    assert_untouched(model, cfg, "sdpa", sd)
+
+    def broken(*a, **k):
+        raise RuntimeError("report failed")
+    monkeypatch.setattr(core, "_build_report", broken)
+    modules = dict(model.named_modules())
+    with pytest.raises(RuntimeError, match="report failed"):
+        fastllm.patch(model, quantize="w8a8-static", calibration=calib(), smooth_alpha=0.5, backend="torch")
+    assert_untouched(model, cfg, "sdpa", sd)
+    assert all(dict(model.named_modules())[n] is m for n, m in modules.items())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -612,7 +656,7 @@ def test_model_bench_cpu_smoke():
     from fastllm.bench.timing import Timer
     ctx = types.SimpleNamespace(device=torch.device("cpu"), quick=True, dtypes=[torch.float32], shapes=None,
                                 timer=Timer("cpu", warmup=1, reps=2), missing=[],
-                                progress=lambda items, desc: items, presets=None)
+                                progress=lambda items, desc: items, presets=None, rows=list)
     rows = suite.run(ctx)
     modes = {r["mode"] for r in rows}
     assert {"unpatched", "exact", "w8a16", "w8a8", "skip_attention"} <= modes

@@ -44,6 +44,19 @@ def test_reload_keeps_the_whole_report(tmp_path):
     assert key(_report_lines(fastllm.from_pretrained(tmp_path / "again"))[0]) == key(mods)
 
 
+def test_auto_model_class_reloads_a_quantized_checkpoint(tmp_path):
+    # model_class=AutoModelForCausalLM worked for plain checkpoints and raised AttributeError
+    # (_from_config) for quantized ones; it now resolves to the concrete class.
+    model = build("llama")
+    ids, mask = batch()
+    fastllm.patch(model, quantize="w8a16", backend="torch")
+    fastllm.save_pretrained(model, tmp_path)
+    loaded = fastllm.from_pretrained(tmp_path, model_class=transformers.AutoModelForCausalLM)
+    assert type(loaded) is type(model) and torch.equal(out(loaded, ids, mask), out(model, ids, mask))
+    with pytest.raises(ValueError, match="AutoModelForImageClassification has no model for LlamaConfig"):
+        fastllm.from_pretrained(tmp_path, model_class=transformers.AutoModelForImageClassification)
+
+
 def test_swap_options_that_swapped_nothing_reload_without_calibration(tmp_path):
     # Regression: w8a8-static / smooth_alpha / wanda matching no layer saved a plain checkpoint
     # that from_pretrained could not reload (it asked for calibration data).

@@ -46,13 +46,17 @@ def test_strided_rows(backend):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["torch"])
 def test_edge_rows(backend):
-    x = torch.randn(5, 19, device=DEVICE)
+    x = torch.randn(6, 19, device=DEVICE)
     x[1] = 0.0                      # all-zero row: scale 1, q 0
     x[2, 3] = float("nan")          # NaN row: scale NaN, q 0
     x[3, 0] = float("inf")          # inf row: likewise
     x[4] = 1e-30                    # tiny but non-zero: still maps to 127
+    x[5] = 0.0                      # amax < 127 / FLT_MAX: 127 / amax is inf and 0 * inf NaN,
+    x[5, :3] = torch.tensor([2e-37, -3e-38, 1e-40])   # which must still quantize to 0
     q, s = quantize_per_token(x, backend=backend)
     q, s = q.cpu(), s.cpu()
+    rq, rs = ref.quantize_per_token(x.cpu())
+    assert torch.equal(q[5], rq[5]) and (q[5, 3:] == 0).all() and torch.equal(s[5], rs[5])
     assert s[1] == 1.0 and (q[1] == 0).all()
     assert torch.isnan(s[2]) and (q[2] == 0).all()
     assert torch.isnan(s[3]) and (q[3] == 0).all()

@@ -241,6 +241,7 @@ def _quantize_rows(x, mul, inv, row_bad, HAS_MUL: tl.constexpr, INTERPRET: tl.co
         y = (y * inv[:, None] + _RNE_MAGIC) - _RNE_MAGIC
     else:
         y = libdevice.rint(libdevice.mul_rn(y, inv[:, None]))
+    y = tl.where(y == y, y, 0.0)   # 0 * inf (inv of an amax < 127 / FLT_MAX): 0, as the reference
     y = tl.where(row_bad[:, None], 0.0, tl.minimum(tl.maximum(y, -127.0), 127.0))
     return y.to(tl.int8)
 

@@ -44,6 +44,9 @@ def quantize_per_token_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x,
             y = (v * inv + _RNE_MAGIC) - _RNE_MAGIC
         else:
             y = libdevice.rint(libdevice.mul_rn(v, inv))
+        # amax < 127 / FLT_MAX makes inv inf and a zero's product NaN, which the GPU's
+        # tl.maximum (maxnum) would turn into -127 (the interpreter's np.maximum keeps NaN -> 0).
+        y = tl.where(y == y, y, 0.0)
         y = tl.where(row_bad, 0.0, tl.minimum(tl.maximum(y, -127.0), 127.0))
         tl.store(q_row + k + offs, y.to(tl.int8), mask=m)
 

@@ -124,9 +124,13 @@ class Int8Linear(KeepsFp32Scales):
         if mode == "w8a8-static" and act_scale is None and act_amax is None:
             raise ValueError("Int8Linear.from_linear: mode 'w8a8-static' needs act_scale (or act_amax from "
                              "fastllm.quant.calibrate)")
-        if mode == "w8a8-static" and act_scale is not None and act_amax is not None and smooth_alpha is None:
-            raise ValueError("Int8Linear.from_linear: pass act_scale or act_amax for mode 'w8a8-static', not both "
-                             "(act_amax would be ignored)")
+        if mode == "w8a8-static" and act_scale is not None and act_amax is not None:
+            # With smooth_alpha the step must be that of x / s, which only act_amax gives: a step
+            # calibrated on x would be applied to the smoothed input (several times the error).
+            why = ("with smooth_alpha the step of the smoothed input comes from act_amax / s"
+                   if smooth_alpha is not None else "act_amax would be ignored")
+            raise ValueError(f"Int8Linear.from_linear: pass act_scale or act_amax for mode 'w8a8-static', not both "
+                             f"({why})")
         if mode == "w8a8-static" and act_scale is None and not bool((act_amax > 0).any()):
             raise ValueError("Int8Linear.from_linear: argument 'act_amax' is all zero (calibration saw only zero "
                              "inputs): it gives no activation scale for mode 'w8a8-static'")
@@ -168,9 +172,9 @@ class Int8Linear(KeepsFp32Scales):
         return m
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The ops check act_scale / smooth values on CPU only (a per-call check would sync CUDA);
+        # The ops check scale / smooth values on CPU only (a per-call check would sync CUDA);
         # a loaded 0 or NaN there zeroes or poisons channels without a word: checked once here.
-        for key in ("act_scale", "smooth"):
+        for key in ("act_scale", "smooth", "weight_scale"):
             t = state_dict.get(prefix + key)
             if isinstance(t, torch.Tensor):
                 check_positive_finite(f"Int8Linear load ({prefix}{key})", key, t.detach(), any_device=True)

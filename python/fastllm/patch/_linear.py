@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .._layer_io import peft_reasons
+from ..quant.calibrate import eval_mode, restore_modes
 from .report import ModuleEntry
 from .rules import DEFAULT_EXCLUDED, RULES, as_linear, is_linear
 
@@ -81,6 +82,15 @@ def _matches(name, patterns):
     return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
 
 
+def _output_head(model):
+    """The model's vocabulary projection (get_output_embeddings()), None if it has none."""
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
+
+
 def select(model, options) -> Tuple[List[Tuple[str, nn.Module, object]], List[ModuleEntry]]:
     """[(name, linear, rule)] to swap, and report entries for the linears left alone."""
     rules = swap_rules(options)
@@ -92,6 +102,7 @@ def select(model, options) -> Tuple[List[Tuple[str, nn.Module, object]], List[Mo
             if p is not None:
                 owners.setdefault(id(p), []).append(f"{n}.{pn}" if n else pn)
     in_adapter = peft_reasons(named, [n for n, m in named.items() if is_linear(n, m)], "patch")
+    head = _output_head(model)
     chosen, left = [], []
     for n, m in named.items():
         if not is_linear(n, m):
@@ -105,7 +116,7 @@ def select(model, options) -> Tuple[List[Tuple[str, nn.Module, object]], List[Mo
             why = "matches exclude"
         elif include is not None and not _matches(n, include):
             why = "not matched by include"
-        elif _matches(n, rule.default_exclude) and not (include and _matches(n, include)):
+        elif (_matches(n, rule.default_exclude) or m is head) and not (include and _matches(n, include)):
             why = f"excluded from linear swaps by default ({DEFAULT_EXCLUDED}; include it to swap it)"
         elif len(owners.get(id(m.weight), ())) > 1:
             others = [o for o in owners[id(m.weight)] if o != f"{n}.weight"]
@@ -192,8 +203,7 @@ def collect(model, batches, linears: Dict[str, nn.Module], needs, device, find_c
 
     handles = [m.register_forward_pre_hook(pre_hook(n)) for n, m in linears.items()]
     handles += [m.register_forward_hook(norm_hook(n)) for n, m in norms.items()]
-    was_training = model.training
-    model.eval()
+    modes = eval_mode(model)
     try:
         for b in batches:
             run_batch(model, b, device)
@@ -202,7 +212,7 @@ def collect(model, batches, linears: Dict[str, nn.Module], needs, device, find_c
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        restore_modes(modes)
     for st in stats.values():
         if "sumsq" in st:
             st["l2"] = st.pop("sumsq").sqrt()
@@ -331,15 +341,14 @@ def plan(model, options, batches, device, chosen, left) -> Plan:
 @torch.no_grad()
 def _fold(out: Plan, norm_name, norm, lins: Dict[str, nn.Linear], layer, alpha):
     """SmoothQuant scales for a norm and its linears; returns {linear name: smoothed fp32 copy}."""
-    from ..quant.smoothquant import smooth_scales
+    from ..quant.smoothquant import divide_norm_weight, smooth_scales
     amax = layer[next(iter(lins))]["amax"] if "amax" in layer[next(iter(lins))] else None
     if amax is None:
         raise AssertionError("SmoothQuant folding without activation statistics")
     w = norm.weight
     s = smooth_scales(amax, [m.weight for m in lins.values()], alpha).to(w.device)
-    new_w = (w.float() / s).to(w.dtype)
     # The norm weight is rounded to its dtype: scale the linears by the s it really applies.
-    s_eff = torch.where((new_w != 0) & (w != 0), w.float() / new_w.float(), s)
+    new_w, s_eff = divide_norm_weight(w, s)
     new = {"weight": nn.Parameter(new_w, requires_grad=w.requires_grad)}
     b = norm._parameters.get("bias")
     if b is not None:

@@ -186,6 +186,13 @@ def load(directory, saved, model_class, options, kwargs, transformers):
         options[k] = tuple(options[k]) if options[k] is not None else None
     options["keep_original"] = False
     config = transformers.AutoConfig.from_pretrained(directory)
+    mapping = getattr(model_class, "_model_mapping", None)   # an Auto class: the concrete one for this config
+    if mapping is not None:
+        try:
+            model_class = mapping[type(config)]
+        except KeyError:
+            raise ValueError(f"fastllm.from_pretrained: {model_class.__name__} has no model for "
+                             f"{type(config).__name__} (saved from {config.architectures})") from None
     with torch.device(device):
         model = model_class._from_config(config, dtype=dtype)
     model.eval()

@@ -264,6 +264,10 @@ def _patch(model, options, batches, loaded=None):
             installed.append(m)
         _linear.commit(model, plan)
         committed = True
+        # Inside the rollback: it may warn, and a warning turned into an error (-W error) left
+        # the model patched with no patch state (unpatch could not undo it).
+        report = _build_report(model, options, attn, skips, op_entry, device, dtype, transformers, plan,
+                               lin_ops, loaded, carried)
     except BaseException:
         if committed:
             _linear.restore(model, plan.swaps, plan.folds, dtype)
@@ -273,8 +277,6 @@ def _patch(model, options, batches, loaded=None):
         restore(refs)
         raise
 
-    report = _build_report(model, options, attn, skips, op_entry, device, dtype, transformers, plan,
-                           lin_ops, loaded, carried)
     report.modules[len(attn):len(attn)] = other_layers   # after the attention rows
     keep = options["keep_original"] and not loaded
     if keep:

@@ -32,11 +32,13 @@ from torch import nn
 #: Left alone by linear swaps unless `include` names them: output head and embeddings hold
 #: most of the accuracy risk and little of the time; so do MoE routers (`*.gate`, HunYuan's
 #: `gate.wg`, `*.router`: tiny, and a rounding error there changes which experts run). Not
-#: `*gate_proj` (the gated MLP's projection).
-LINEAR_DEFAULT_EXCLUDE: Tuple[str, ...] = ("lm_head", "*.lm_head", "*embed*", "*.gate", "*.gate.*", "*.router",
-                                           "*.router.*")
+#: `*gate_proj` (the gated MLP's projection). `lm_head.*`: heads that are modules (RoBERTa's
+#: lm_head.dense / lm_head.decoder); the model's get_output_embeddings() is also left whatever
+#: its name (BERT's cls.predictions.decoder): _linear.select.
+LINEAR_DEFAULT_EXCLUDE: Tuple[str, ...] = ("lm_head", "*.lm_head", "lm_head.*", "*.lm_head.*", "*embed*", "*.gate",
+                                           "*.gate.*", "*.router", "*.router.*")
 #: What LINEAR_DEFAULT_EXCLUDE covers, in the report's words.
-DEFAULT_EXCLUDED = "lm_head / embeddings / MoE routers"
+DEFAULT_EXCLUDED = "lm_head / output embeddings / embeddings / MoE routers"
 
 #: Children of a decoder layer that are the attention sub-layer proper: they return
 #: (attn_output, attn_weights) and the layer adds attn_output to the residual stream itself,

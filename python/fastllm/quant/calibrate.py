@@ -46,11 +46,25 @@ def _select(model: nn.Module, layers, who: str) -> Dict[str, nn.Linear]:
     return chosen
 
 
+def eval_mode(model: nn.Module) -> Dict[nn.Module, bool]:
+    """Put every submodule in eval mode; returns their modes for restore_modes (per module: a
+    model whose parts were in different modes gets exactly those back)."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    return modes
+
+
+def restore_modes(modes: Dict[nn.Module, bool]) -> None:
+    for m, training in modes.items():
+        m.training = training
+
+
 def observe_inputs(model: nn.Module, batches: Iterable, layers, stat: Callable[[torch.Tensor], torch.Tensor],
                    merge: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], who: str) -> Dict[str, torch.Tensor]:
     """Run the batches through the model and fold stat(x) of each chosen Linear's input x
     (flattened to (tokens, K)) into {name: merge(previous, new)}. Shared by calibrate and
-    fastllm.sparse.collect_act_norms; the hooks are removed afterwards, also on error."""
+    fastllm.sparse.collect_act_norms. Runs in eval mode; the hooks are removed and every module's
+    training mode restored afterwards, also on error."""
     if not isinstance(batches, Iterable) or isinstance(batches, (str, torch.Tensor)):
         raise TypeError(f"{who}: argument 'batches' must be an iterable of model inputs (a list of input_ids "
                         f"tensors, of kwargs dicts, ...), got {type(batches).__name__}")
@@ -68,6 +82,8 @@ def observe_inputs(model: nn.Module, batches: Iterable, layers, stat: Callable[[
 
     handles = [mod.register_forward_pre_hook(hook_for(name), with_kwargs=True) for name, mod in chosen.items()]
     n = 0
+    # Statistics of inference: dropout in training mode would inflate and randomise them.
+    modes = eval_mode(model)
     try:
         with torch.no_grad():
             for batch in batches:
@@ -81,6 +97,7 @@ def observe_inputs(model: nn.Module, batches: Iterable, layers, stat: Callable[[
     finally:
         for h in handles:
             h.remove()
+        restore_modes(modes)
     if n == 0:
         raise ValueError(f"{who}: argument 'batches' yielded no batch; calibration needs at least one")
     missing = [name for name in chosen if name not in acc]

@@ -9,6 +9,7 @@ so norms that SmoothQuant folded into come back smoothed), with metadata
 "fastllm.int8" = JSON {version, layers: {name: {mode, in_features, out_features, bias, group_size,
 smooth, bias_dtype}}} describing which modules to rebuild as Int8Linear before loading.
 """
+import numbers
 from typing import Dict, Iterable, Optional, Union
 
 import torch
@@ -52,7 +53,7 @@ def quantize_linears(model: nn.Module, mode: str = "w8a8-dynamic", *,
         elif lin.in_features % 16 or lin.out_features % 16:
             report["skipped"][n] = (f"in_features={lin.in_features}, out_features={lin.out_features}: "
                                     "not multiples of 16")
-        elif isinstance(group_size, int) and group_size > 0 and lin.in_features % group_size:
+        elif isinstance(group_size, numbers.Integral) and group_size > 0 and lin.in_features % group_size:
             report["skipped"][n] = f"in_features={lin.in_features} is not a multiple of group_size={group_size}"
         elif needs_amax and (act_amax is None or n not in act_amax):
             report["skipped"][n] = "no calibration data (act_amax) for this layer"

@@ -60,8 +60,9 @@ def smooth_norm_linears(norm: nn.Module, linears: Iterable[nn.Linear], act_amax:
                         alpha: float = 0.5) -> torch.Tensor:
     """Fold SmoothQuant into `norm` (weight /= s, bias /= s) and `linears` (weight[:, j] *= s_j),
     in place; the float model computes the same function (up to rounding). `act_amax` is the
-    calibrated max |input| per channel of the linears (all read the norm's output). Returns s;
-    the smoothed activations' maxima are act_amax / s (for static activation scales)."""
+    calibrated max |input| per channel of the linears (all read the norm's output). Returns the
+    s applied (the norm weight's rounding folded in: divide_norm_weight); the smoothed
+    activations' maxima are act_amax / s (for static activation scales)."""
     linears = list(linears)
     if not linears or not all(isinstance(m, nn.Linear) for m in linears):
         raise TypeError("smooth_norm_linears: argument 'linears' must be a non-empty list of nn.Linear")
@@ -73,11 +74,23 @@ def smooth_norm_linears(norm: nn.Module, linears: Iterable[nn.Linear], act_amax:
     if weight.shape[0] != s.shape[0]:
         raise ValueError(f"smooth_norm_linears: norm.weight has {weight.shape[0]} channels, the linears take "
                          f"{s.shape[0]}")
-    s = s.to(weight.device)
-    weight.copy_((weight.float() / s).to(weight.dtype))
+    new_w, s = divide_norm_weight(weight, s.to(weight.device))
+    weight.copy_(new_w)
     bias = getattr(norm, "bias", None)
     if isinstance(bias, torch.Tensor):
         bias.copy_((bias.float() / s).to(bias.dtype))
     for m in linears:
         m.weight.copy_((m.weight.float() * s.to(m.weight.device)).to(m.weight.dtype))
     return s
+
+
+def divide_norm_weight(weight: torch.Tensor, s: torch.Tensor):
+    """(weight / s' in weight's dtype, s') for folding smoothing factors s into a norm: s' is s
+    rounded to the nearest power of two, so dividing the norm and multiplying the linears by it
+    are exact in any float dtype (bf16 / fp16 models too, where a rounded weight * s moved the
+    float model by about its own error). Within sqrt(2) of s: the smoothing is as good. Where
+    the division still rounds (a subnormal result), s' is the factor really applied."""
+    s = torch.exp2(torch.round(torch.log2(s)))
+    new_w = (weight.float() / s).to(weight.dtype)
+    s_eff = torch.where((new_w != 0) & (weight != 0), weight.float() / new_w.float(), s)
+    return new_w, s_eff
