@@ -111,6 +111,9 @@ def resolve_archs(nvcc):
 
 
 def git_commit():
+    # A copy without .git (a GPU machine handed the working tree): the caller names the commit.
+    if os.environ.get("FASTLLM_COMMIT"):
+        return os.environ["FASTLLM_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                              text=True, check=True).stdout.strip()

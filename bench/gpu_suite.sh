@@ -12,6 +12,8 @@
 #   PHASES="env presets" bash bench/gpu_suite.sh          a third call if device time is left: the
 #                                                         attention / decode presets `all` leaves
 #                                                         out (score bias, gpt-oss sinks + window).
+#   The device tool copies the working tree without .git: prefix each call with
+#   FASTLLM_COMMIT=<git rev-parse HEAD, run here> so env.json, the build and bench.json name it.
 #
 # Budget: within 9 minutes on an H100 (each phase has its own timeout). Files written (flat,
 # few, so they come back from the device tool): suite.log env.json build_info.json tests.xml
@@ -51,16 +53,22 @@ import json, subprocess, platform, torch
 def v(m):
     try: return __import__(m).__version__
     except Exception: return None
-try:
-    sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-except OSError:   # no git on the machine: the commit stays unknown, the rest is still recorded
-    sha = None
+import os
+# The device machine gets a copy of the working tree without .git: the run command passes
+# FASTLLM_COMMIT=<sha>; git is the fallback, else the commit stays unknown (the rest is recorded).
+sha = os.environ.get("FASTLLM_COMMIT")
+if not sha:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        sha = None
 p = torch.cuda.get_device_properties(0)
 print(json.dumps({"gpu": p.name, "sm": f"{p.major}{p.minor}", "sms": p.multi_processor_count,
   "driver": subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                            capture_output=True, text=True).stdout.strip(),
   "torch": torch.__version__, "torch_cuda": torch.version.cuda, "triton": v("triton"),
-  "transformers": v("transformers"), "python": platform.python_version(), "commit": sha or None}, indent=1))
+  "transformers": v("transformers"), "python": platform.python_version(), "commit": sha or None,
+  "cudnn": torch.backends.cudnn.version(), "flash_attn": v("flash_attn")}, indent=1))
 PYEOF
 cat "$OUT_DIR/env.json"
 fi

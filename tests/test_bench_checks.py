@@ -83,13 +83,23 @@ def test_attention_reference_pieces_match_whole(monkeypatch):
         assert torch.allclose(check.attention_reference(q, k, v, causal), want, atol=1e-6)
 
 
-def test_peer_bar_and_verdict():
-    errs = {"a": math.nan, "b": 1e-3, "c": math.inf}
-    bar = check.peer_bar(errs)
-    assert bar == pytest.approx(5e-3)
-    assert check.verdict(errs["a"], bar)[0] is False and check.verdict(errs["c"], bar)[0] is False
-    assert check.verdict(errs["b"], bar) == (True, "yes")
-    assert check.peer_bar({"a": math.nan}) is None and check.verdict(math.nan, None)[0] is False
+def test_peer_bars_and_verdict():
+    errs = {"a": math.nan, "b": 1e-3, "c": math.inf, "d": 0.5}
+    bars = check.peer_bars(errs, round_err=1e-4)
+    assert bars["a"] == bars["c"] == bars["d"] == pytest.approx(5e-3)     # b, the best other, sets them
+    assert bars["b"] == pytest.approx(1.502)                                # d is the only other finite
+    assert check.verdict(errs["a"], bars["a"])[0] is False and check.verdict(errs["c"], bars["c"])[0] is False
+    assert check.verdict(errs["b"], bars["b"]) == (True, "yes") and check.verdict(errs["d"], bars["d"])[0] is False
+    # Alone (no peer installed, or the others failed), a result is held to the dtype's rounding
+    # of the reference: it once passed against its own error, whatever it was.
+    alone = check.peer_bars({"x": 0.7, "y": math.nan}, round_err=4e-3)
+    assert alone["x"] == pytest.approx(check.ALONE_FACTOR * 4e-3 + 2e-3) and check.verdict(0.7, alone["x"])[0] is False
+    assert check.verdict(0.03, alone["x"])[0] is True
+    # One kernel in two layouts (decode) does not vouch for itself.
+    paged = check.peer_bars({("k", "dense"): 0.7, ("k", "paged"): 0.7}, 1e-3, impl_of=lambda key: key[0])
+    assert all(check.verdict(0.7, b)[0] is False for b in paged.values())
+    want = torch.tensor([1.0, 1.0 + 2 ** -10, 3.0])
+    assert check.rounding_err(want, torch.bfloat16) == 2 ** -10 and check.rounding_err(want, torch.float32) == 0
     g = torch.zeros(10)
     g[7] = math.nan
     assert math.isnan(check.max_abs_err(g, torch.zeros(10)))
@@ -285,6 +295,29 @@ def test_model_garbage_sparse_kernel_is_wrong(monkeypatch):
     rows = model.run(ctx)
     assert_wrong_not_timed([r for r in rows if r["mode"] in ("2:4", "2:4+int8")])
     assert all(r["config"] == "tiny-llama (CPU)" for r in rows)
+
+
+def test_a_raising_mode_or_backend_costs_only_its_rows(monkeypatch):
+    # A patched forward that raises (a Triton OutOfResources in one mode) lost every mode's
+    # rows, unpatched included; a raising quantize backend lost the suite. Now it is an error
+    # of the run (exit 1) and the rest is kept.
+    from fastllm.bench.suites import model, quantize
+    monkeypatch.setattr(model, "MODES", {m: model.MODES[m] for m in ("unpatched", "w8a16", "exact")})
+    ctx = light_ctx(monkeypatch, "--quick")
+
+    class OutOfResources(Exception):
+        pass
+
+    def broken(*a, **k):
+        raise OutOfResources("shared memory")
+    monkeypatch.setattr(fastllm.ops, "w8a16_matmul", broken)
+    rows = model.run(ctx)
+    assert {r["mode"] for r in rows} == {"unpatched", "exact"} and all(r["ok"] != "WRONG" for r in rows)
+    assert any("w8a16" in what and "shared memory" in why for what, why in ctx.errors)
+    monkeypatch.setattr(quantize, "CPU_SHAPES", [(3, 64)])
+    monkeypatch.setattr(fastllm.ops, "quantize_per_token", broken)
+    ctx = light_ctx(monkeypatch)
+    assert quantize.run(ctx) == [] and any("quantize M=3" in what for what, _ in ctx.errors)
 
 
 def test_model_cpu_notes_fixed_dtype(monkeypatch):

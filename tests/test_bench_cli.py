@@ -133,7 +133,15 @@ def test_a_failing_suite_does_not_cost_the_others(tiny_quantize, monkeypatch, tm
 
 def test_commit_falls_back_to_build_info(monkeypatch):
     from fastllm import _ext
+    # The device machine gets the tree without .git: FASTLLM_COMMIT names it; without it the
+    # build's commit counts unless setup.py could not tell it either ("unknown": None, not a sha).
+    monkeypatch.setenv("FASTLLM_COMMIT", "feed42")
+    assert bench.commit_of_run() == ("feed42", "FASTLLM_COMMIT")
+    monkeypatch.delenv("FASTLLM_COMMIT")
     monkeypatch.setattr(bench, "_git_commit", lambda: None)
+    for built, want in (("unknown", (None, None)), ("f00d-dirty", ("f00d-dirty", "build_info"))):
+        monkeypatch.setattr(_ext, "build_info", lambda built=built: {"commit": built})
+        assert bench.commit_of_run() == want
     monkeypatch.setattr(_ext, "build_info", lambda: {"commit": "abc123"})
     env = bench.environment(bench.parser().parse_args(["quantize"]), ["quantize"])
     assert (env["commit"], env["commit_source"]) == ("abc123", "build_info")
@@ -151,6 +159,27 @@ def test_interrupt_during_peaks_keeps_a_report(monkeypatch, tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["interrupted"] == "peaks" and data["results"] == {} and data["peaks"] is None
     assert "INTERRUPTED during peaks" in md.read_text()
+
+
+def test_interrupt_inside_a_suite_keeps_its_rows(tiny_quantize, monkeypatch, tmp_path, capsys):
+    # gpu_suite.sh's timeout interrupts `all` where it is: the finished suites and the rows the
+    # running one measured so far are saved (it lost the whole suite before).
+    from fastllm.bench.suites import decode
+
+    def cut_short(ctx):
+        rows = ctx.rows()
+        rows.append(dict(impl="fastllm-torch", S=128, ok="yes"))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(decode, "run", cut_short)
+    monkeypatch.setattr(bench, "SUITES", ["quantize", "decode"])
+    out, md = tmp_path / "b.json", tmp_path / "b.md"
+    assert bench.main(["all", "--device", "cpu", "--quick", "--no-progress", "--json", str(out),
+                       "--markdown", str(md)]) == 130
+    data = json.loads(out.read_text())
+    assert data["interrupted"] == "decode" and data["results"]["quantize"][0]["ok"] == "yes"
+    assert data["results"]["decode"] == [dict(impl="fastllm-torch", S=128, ok="yes")]
+    assert any("decode INTERRUPTED" in n for n in data["notes"])
+    assert "decode (interrupted: partial)" in md.read_text()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ that mode only smoke-tests the harness.
 """
 import argparse
 import importlib
+import os
 import platform
 import subprocess
 import sys
@@ -35,6 +36,8 @@ class Context:
 
     def __init__(self, args):
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)   # peers and streams that take the current device
         self.quick = args.quick
         # dtype_given: suites with a fixed default (int8, model) follow --dtype only when given.
         self.dtype_given = bool(args.dtype)
@@ -45,6 +48,7 @@ class Context:
         self.missing = []
         self.errors = []     # fastllm implementations that raised: the run fails
         self.notes = []
+        self.partial = []    # the running suite's rows (rows())
         self.verbose = not args.no_progress
         self.timer = Timer(self.device, warmup=3 if args.quick else 10, reps=10 if args.quick else 30)
         self.peaks = measure_peaks(self.device, quick=args.quick)
@@ -62,6 +66,12 @@ class Context:
         fails the run (exit 1), not a row quietly left out."""
         entry = (f"{name} {where}", check.error_line(e))
         (self.errors if name.startswith("fastllm") else self.missing).append(entry)
+
+    def rows(self):
+        """The list a suite collects its rows in: kept by the context, so a run interrupted in
+        the middle of a suite (a timeout's SIGINT) still saves the rows measured so far."""
+        self.partial = []
+        return self.partial
 
     def note(self, text):
         if text not in self.notes:
@@ -159,7 +169,8 @@ def _validate(ap, args, suites):
 
 
 def _git_commit():
-    """HEAD of the git checkout holding this package (None when it is not tracked by one)."""
+    """HEAD of the git checkout holding this package, "-dirty" when tracked files differ from it
+    (None when it is not tracked by one)."""
     pkg = Path(__file__).resolve().parent.parent
     try:
         tracked = subprocess.run(["git", "-C", str(pkg), "ls-files", "--error-unmatch", "__init__.py"],
@@ -168,9 +179,36 @@ def _git_commit():
             return None
         head = subprocess.run(["git", "-C", str(pkg), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=20)
+        dirty = subprocess.run(["git", "-C", str(pkg), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return head.stdout.strip() or None if head.returncode == 0 else None
+    sha = head.stdout.strip() if head.returncode == 0 else ""
+    return (sha + ("-dirty" if dirty.stdout.strip() else "")) or None
+
+
+def commit_of_run():
+    """(commit, where it came from): $FASTLLM_COMMIT (set by whoever copied the tree to a
+    machine without .git), else git, else the commit the extension was built from."""
+    from fastllm import _ext
+    if os.environ.get("FASTLLM_COMMIT"):
+        return os.environ["FASTLLM_COMMIT"], "FASTLLM_COMMIT"
+    commit = _git_commit()
+    if commit:
+        return commit, "git"
+    built = _ext.build_info().get("commit")
+    return (built, "build_info") if built and built != "unknown" else (None, None)
+
+
+def _driver_version():
+    if not torch.cuda.is_available():
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
 def environment(args, argv):
@@ -183,12 +221,14 @@ def environment(args, argv):
             return importlib.import_module(mod).__version__
         except ImportError:
             return None
-    commit, source = _git_commit(), "git"
-    if commit is None:
-        commit, source = _ext.build_info().get("commit"), "build_info"
-    return {"commit": commit, "commit_source": source if commit else None, "fastllm": fastllm.__version__,
+    commit, source = commit_of_run()
+    built = _ext.build_info().get("commit")
+    return {"commit": commit, "commit_source": source, "fastllm": fastllm.__version__,
+            "fastllm_build_commit": built if built != "unknown" else None,
             "python": platform.python_version(), "torch": torch.__version__, "triton": version("triton"),
             "transformers": version("transformers"), "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+            "flash_attn": version("flash_attn"), "driver": _driver_version(),
             "fastllm_build_cuda": _ext.build_info().get("cuda_version"),
             "argv": list(sys.argv[1:] if argv is None else argv), "args": vars(args)}
 
@@ -258,6 +298,7 @@ def main(argv=None):
         for name in suites:
             suite = importlib.import_module(f"fastllm.bench.suites.{name}")
             t0 = time.time()
+            ctx.partial = []
             try:
                 rows = suite.run(ctx)
             except Exception as e:   # noqa: BLE001 - one broken suite must not cost the others
@@ -284,7 +325,12 @@ def main(argv=None):
                     ctx.note(f"plot for {name} not written: {e}")
                     save()
     except KeyboardInterrupt:
-        print(f"\ninterrupted during {name}: results of the finished suites are kept", file=sys.stderr)
+        print(f"\ninterrupted during {name}: results of the finished suites and {name}'s rows so far are kept",
+              file=sys.stderr)
+        if ctx is not None and ctx.partial and name not in results:
+            results[name] = list(ctx.partial)
+            ctx.note(f"suite {name} INTERRUPTED: its rows are those measured before the interrupt")
+            md += ["", f"## {name} (interrupted: partial)", "", report.markdown(results[name], suite.COLUMNS)]
         save(interrupted=name)
         return 130
     if ctx.errors:

@@ -25,18 +25,40 @@ def max_abs_err(got, want):
     return worst
 
 
-def peer_bar(errs, floor=2e-3):
-    """The bar a result must meet: 3x the best finite error of all implementations (the best
-    peer's own rounding in this dtype) plus a floor. NaN / inf errors never set it."""
-    finite = [e for e in errs.values() if math.isfinite(e)]
-    return 3 * min(finite) + floor if finite else None
+#: With no other implementation to compare with, a result may be this many times the error of
+#: the fp32 reference rounded to the output dtype (the least any result in that dtype can have).
+ALONE_FACTOR = 16
+
+
+def peer_bars(errs, round_err, floor=2e-3, impl_of=lambda key: key):
+    """{key: the bar its error must meet}: 3x the best finite error of the OTHER implementations
+    (the best peer's own rounding in this dtype) plus a floor; an implementation never sets its
+    own bar (impl_of(key) names it: decode's (impl, layout) keys of one kernel are one). With no
+    other finite error (no peer installed, the others declined or failed), ALONE_FACTOR x
+    `round_err` (max |reference - reference rounded to the dtype|) plus the floor. NaN / inf
+    errors never set a bar."""
+    bars = {}
+    for name in errs:
+        others = [e for n, e in errs.items() if impl_of(n) != impl_of(name) and math.isfinite(e)]
+        bars[name] = 3 * min(others) + floor if others else ALONE_FACTOR * round_err + floor
+    return bars
+
+
+def rounding_err(want, dtype):
+    """max |want - want rounded to dtype|: the error of a perfect result stored in dtype."""
+    err = 0.0
+    w = want.reshape(-1)
+    for i in range(0, w.numel(), CHUNK_ELEMS):
+        piece = w[i:i + CHUNK_ELEMS].float()
+        err = max(err, (piece.to(dtype).float() - piece).abs().max().item() if piece.numel() else 0.0)
+    return err
 
 
 def verdict(err, bar):
     """(ok, text for the ok column): a non-finite error or one over the bar is WRONG."""
     if not math.isfinite(err):
         return False, f"WRONG (err {err})"
-    if err > bar:      # bar is set whenever some error is finite
+    if err > bar:
         return False, f"WRONG (err {err:.3g} > {bar:.3g})"
     return True, "yes"
 

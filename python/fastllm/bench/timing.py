@@ -41,17 +41,20 @@ class Timer:
                 fn()
                 times.append(time.perf_counter() - t0)
             return statistics.median(times)
-        torch.cuda.synchronize(self.device)
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
-        for s, e in zip(starts, ends):
-            self._flush.zero_()
-            if not host and _sleep is not None:
-                _sleep(SLEEP_CYCLES)
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize(self.device)
+        # The events and the sleep go to the current device's stream: make that the timed one
+        # (--device cuda:1 timed an idle cuda:0 stream), as the ops' launches are.
+        with torch.cuda.device(self.device):
+            torch.cuda.synchronize()
+            starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
+            ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
+            for s, e in zip(starts, ends):
+                self._flush.zero_()
+                if not host and _sleep is not None:
+                    _sleep(SLEEP_CYCLES)
+                s.record()
+                fn()
+                e.record()
+            torch.cuda.synchronize()
         return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3
 
 

@@ -313,7 +313,7 @@ def run_w8a16(ctx, rows):
 def run(ctx):
     if ctx.device.type == "cpu" and ctx.shapes:
         ctx.note("int8: on CPU the suite runs its fixed tiny shapes; --shapes is not used")
-    rows = []
+    rows = ctx.rows()   # kept by ctx: an interrupted run saves them
     run_gemm(ctx, rows)
     run_linear(ctx, rows)
     run_w8a16(ctx, rows)

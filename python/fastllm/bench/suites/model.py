@@ -151,7 +151,7 @@ def run(ctx):
         specs = [("tiny-llama (CPU)", CPU_CONFIG)]
         prefill, decode = ([CPU_PREFILL[0]], [CPU_DECODE[0]]) if ctx.quick else (CPU_PREFILL, CPU_DECODE)
         context = CPU_CONTEXT
-    rows = []
+    rows = ctx.rows()   # kept by ctx: an interrupted run saves them
     for cfg_name, spec in specs:
         for dtype in dtypes:
             rows += _run_config(ctx, cfg_name, spec, dtype, prefill, decode, context)
@@ -163,81 +163,94 @@ def _run_config(ctx, cfg_name, spec, dtype, prefill, decode, context):
     on_gpu = dev.type == "cuda"
     base = build(spec, dev, dtype)
     vocab = base.config.vocab_size
-    n_layers = base.config.num_hidden_layers
     check_ids = torch.randint(3, vocab, (1, min(256, prefill[0])), device=dev)
     ref = _logits(base, check_ids)
     base_tps = {}
     rows = []
     for mode in ctx.progress(list(MODES), f"model {cfg_name} {dtype}"):
-        kw = MODES[mode]
-        if kw is not None and kw.get("skip_attention") == "quarter":
-            kw = {"skip_attention": max(1, n_layers // 4)}
-        model, want, vs_unpatched = base, ref, None
-        if kw is not None:
-            if on_gpu and next(base.parameters()).device.type != "cpu":
-                base.to("cpu")     # only the mode's own model on the GPU from here on
-                torch.cuda.empty_cache()
-            model = copy.deepcopy(base).to(dev)
-            try:
-                fastllm.patch(model, **kw)
-            except (NotImplementedError, fastllm.BackendUnavailableError, ValueError) as e:
-                ctx.missing.append((f"model mode {mode}", check.error_line(e, 160)))
-                del model
-                continue
-            if mode in SPARSE_MODES:
-                vs_unpatched = _cmp(_logits(model, check_ids), ref)[1]
-                r = _pruned_reference(base, model, dev)
-                want = _logits(r, check_ids)
-                del r
-        if on_gpu:
-            torch.cuda.synchronize(dev)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(dev)
-        diff, rel = _cmp(_logits(model, check_ids), want)
-        if mode == "unpatched":
-            bound = None
-        elif mode in ("exact", "2:4"):
-            bound = EXACT_BOUND[dtype]
-        else:
-            bound = LOSSY_BOUND.get(mode)
-        ok = math.isfinite(rel) and (bound is None or rel <= bound)
-        status = ("yes" if bound is not None else "reference" if mode == "unpatched" else "lossy (unchecked)") \
-            if ok else \
-            f"WRONG (rel err {rel:.3g} > {bound})"
-        common = dict(mode=mode, config=cfg_name, dtype=str(dtype).replace("torch.", ""),
-                      weights_MiB=_bytes(model) / 2 ** 20, rel_err=rel, max_logit_diff=diff, ok=status,
-                      checked_against="unpatched, same pruned weights" if mode in SPARSE_MODES else
-                      "unpatched" if bound is not None else None,
-                      rel_err_unpatched=rel if vs_unpatched is None else vs_unpatched)
-        mode_rows = []
-        for S in prefill:
-            ids = torch.randint(3, vocab, (1, S), device=dev)
-            t = None
-            if ok:
-                with torch.no_grad():
-                    t = ctx.timer(lambda: model(ids, use_cache=False, logits_to_keep=1), host=True)
-            mode_rows.append(dict(common, phase="prefill", B=1, S=S, n=S, t=t, tokens=S))
-        for B in decode:
-            t = None
-            if ok:
-                step = _decode_step_fn(model, B, context, vocab, dev)
-                with torch.no_grad():
-                    t = ctx.timer(step, host=True)
-                del step
-            mode_rows.append(dict(common, phase="decode", B=B, S=context, n=B, t=t, tokens=B))
-        peak = torch.cuda.max_memory_allocated(dev) / 2 ** 20 if on_gpu else None
-        for r in mode_rows:
-            t, tokens = r.pop("t"), r.pop("tokens")
-            tps = t and tokens / t
-            key = (r["phase"], r["B"], r["S"])
+        try:
+            rows += _run_mode(ctx, mode, base, ref, check_ids, base_tps, cfg_name, dtype, prefill, decode, context)
+        except Exception as e:  # noqa: BLE001 - one mode failing (a kernel raising) costs that mode's rows only
             if mode == "unpatched":
-                base_tps[key] = tps
-            r.update({"ms": t and t * 1e3, "tokens/s": tps, "peak_MiB": peak,
-                      "speedup": tps and base_tps.get(key) and tps / base_tps[key]})
-            rows.append(r)
-        if model is not base:
-            del model
+                raise
+            ctx.impl_raised(f"fastllm model mode {mode}", f"{cfg_name} {dtype}", e)
         if on_gpu:
             torch.cuda.empty_cache()
     del base
+    return rows
+
+
+def _run_mode(ctx, mode, base, ref, check_ids, base_tps, cfg_name, dtype, prefill, decode, context):
+    """Rows of one mode: patch a copy of base, check its logits, time prefill and decode."""
+    dev = ctx.device
+    on_gpu = dev.type == "cuda"
+    vocab = base.config.vocab_size
+    n_layers = base.config.num_hidden_layers
+    rows = []
+    kw = MODES[mode]
+    if kw is not None and kw.get("skip_attention") == "quarter":
+        kw = {"skip_attention": max(1, n_layers // 4)}
+    model, want, vs_unpatched = base, ref, None
+    if kw is not None:
+        if on_gpu and next(base.parameters()).device.type != "cpu":
+            base.to("cpu")     # only the mode's own model on the GPU from here on
+            torch.cuda.empty_cache()
+        model = copy.deepcopy(base).to(dev)
+        try:
+            fastllm.patch(model, **kw)
+        except (NotImplementedError, fastllm.BackendUnavailableError, ValueError) as e:
+            ctx.missing.append((f"model mode {mode}", check.error_line(e, 160)))
+            del model
+            return []
+        if mode in SPARSE_MODES:
+            vs_unpatched = _cmp(_logits(model, check_ids), ref)[1]
+            r = _pruned_reference(base, model, dev)
+            want = _logits(r, check_ids)
+            del r
+    if on_gpu:
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+    diff, rel = _cmp(_logits(model, check_ids), want)
+    if mode == "unpatched":
+        bound = None
+    elif mode in ("exact", "2:4"):
+        bound = EXACT_BOUND[dtype]
+    else:
+        bound = LOSSY_BOUND.get(mode)
+    ok = math.isfinite(rel) and (bound is None or rel <= bound)
+    status = ("yes" if bound is not None else "reference" if mode == "unpatched" else "lossy (unchecked)") \
+        if ok else \
+        f"WRONG (rel err {rel:.3g} > {bound})"
+    common = dict(mode=mode, config=cfg_name, dtype=str(dtype).replace("torch.", ""),
+                  weights_MiB=_bytes(model) / 2 ** 20, rel_err=rel, max_logit_diff=diff, ok=status,
+                  checked_against="unpatched, same pruned weights" if mode in SPARSE_MODES else
+                  "unpatched" if bound is not None else None,
+                  rel_err_unpatched=rel if vs_unpatched is None else vs_unpatched)
+    mode_rows = []
+    for S in prefill:
+        ids = torch.randint(3, vocab, (1, S), device=dev)
+        t = None
+        if ok:
+            with torch.no_grad():
+                t = ctx.timer(lambda: model(ids, use_cache=False, logits_to_keep=1), host=True)
+        mode_rows.append(dict(common, phase="prefill", B=1, S=S, n=S, t=t, tokens=S))
+    for B in decode:
+        t = None
+        if ok:
+            step = _decode_step_fn(model, B, context, vocab, dev)
+            with torch.no_grad():
+                t = ctx.timer(step, host=True)
+            del step
+        mode_rows.append(dict(common, phase="decode", B=B, S=context, n=B, t=t, tokens=B))
+    peak = torch.cuda.max_memory_allocated(dev) / 2 ** 20 if on_gpu else None
+    for r in mode_rows:
+        t, tokens = r.pop("t"), r.pop("tokens")
+        tps = t and tokens / t
+        key = (r["phase"], r["B"], r["S"])
+        if mode == "unpatched":
+            base_tps[key] = tps
+        r.update({"ms": t and t * 1e3, "tokens/s": tps, "peak_MiB": peak,
+                  "speedup": tps and base_tps.get(key) and tps / base_tps[key]})
+        rows.append(r)
     return rows

@@ -33,7 +33,7 @@ def run(ctx):
         for m in (QUICK_TOKENS if ctx.quick else TOKENS)))
     if dev.type == "cpu" and ctx.shapes:
         ctx.note("quantize: on CPU the suite runs its fixed tiny shapes; --shapes is not used")
-    rows = []
+    rows = ctx.rows()   # kept by ctx: an interrupted run saves them
     for dtype in dtypes:
         for M, K in ctx.progress(shapes, f"quantize {dtype}"):
             x = torch.randn(M, K, device=dev, dtype=dtype) * 3
@@ -41,7 +41,11 @@ def run(ctx):
             nbytes = x.numel() * x.element_size() + M * K + 4 * M
             for impl in ctx.backends(fastllm.ops.OPS["quantize_per_token"], x.device, x):
                 fn = lambda: fastllm.ops.quantize_per_token(x, backend=impl)  # noqa: E731
-                got = fn()
+                try:
+                    got = fn()
+                except Exception as e:  # noqa: BLE001 - Triton errors are not RuntimeErrors; the others go on
+                    ctx.impl_raised(f"fastllm-{impl}", f"quantize M={M} K={K} {dtype}", e)
+                    continue
                 ok = torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
                 t = ctx.timer(fn) if ok else None
                 rows.append(dict(impl=f"fastllm-{impl}", dtype=str(dtype).replace("torch.", ""), M=M, K=K,

@@ -90,7 +90,7 @@ def run(ctx):
     if not cuda:
         ctx.missing.append(("torch-2:4 (semi-structured)", "needs a CUDA GPU"))
     op = fastllm.ops.OPS["sparse24_matmul"]
-    rows = []
+    rows = ctx.rows()   # kept by ctx: an interrupted run saves them
     for dtype in ctx.dtypes:
         peak = ctx.matmul_peak(dtype)
         dname = str(dtype).replace("torch.", "")
