@@ -54,6 +54,7 @@ def _peers(dev, missing):
         return {"dense": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                                 enable_gqa=True).transpose(1, 2)}
     peers = {"sdpa" if dev.type == "cuda" else "sdpa-math-cpu": sdpa}
+    missing.append(("sdpa (paged layouts)", "SDPA takes no paged cache: timed on the dense one only"))
     if dev.type != "cuda":
         missing.append(("flash-attn flash_attn_with_kvcache", "needs a CUDA GPU"))
         return peers
@@ -79,6 +80,8 @@ def _peers(dev, missing):
                 out[f"paged{page}"] = call(kp, vp, block_table=table)
         return out
     peers["flash-attn"] = flash
+    missing += [(f"flash-attn (paged{p})", "flash_attn_with_kvcache takes pages of a multiple of 256 keys")
+                for p in PAGES if p % 256]
     return peers
 
 
