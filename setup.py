@@ -80,7 +80,7 @@ def detect_gpu_archs():
             if int(a) < 80:   # a T4 / V100 build host: fastllm has no code for it, build the rest
                 print(f"fastllm: nvidia-smi lists an sm_{a} GPU, older than sm_80: not a build target")
                 continue
-            a = a + "a" if a in ("90", "100", "120") else a
+            a = a + "a" if a == "90" else a   # only sm_90a has kernels of its own (wgmma / TMA)
             if a not in archs:
                 archs.append(a)
     return ";".join(sorted(archs, key=lambda a: int(a.rstrip("a")))) or None
@@ -98,7 +98,9 @@ def resolve_archs(nvcc):
     supported = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True).stdout
     for a in archs:
         if not re.fullmatch(r"\d+a?", a):
-            sys.exit(f"fastllm: FASTLLM_CUDA_ARCHS entry {a!r} is not an arch like 80, 89 or 90a")
+            hint = (f" (write {a.replace('.', '')}, not PyTorch's {a})" if re.fullmatch(r"\d+\.\da?", a) else
+                    " (unset FASTLLM_CUDA_ARCHS to build for the GPUs found here)" if a in ("native", "all") else "")
+            sys.exit(f"fastllm: FASTLLM_CUDA_ARCHS entry {a!r} is not an arch like 80, 89 or 90a{hint}")
         if int(a.rstrip("a")) < 80:
             sys.exit(f"fastllm: arch {a} is too old: fastllm needs sm_80 or newer "
                      f"(cp.async, bf16 mma.sync, mma.sp). Got {spec!r} from {source}")
@@ -106,8 +108,32 @@ def resolve_archs(nvcc):
             sys.exit(f"fastllm: unknown arch {a!r}; known: {' '.join(sorted(KNOWN_ARCHS))}")
         if supported and f"compute_{a.rstrip('a')}" not in supported:
             sys.exit(f"fastllm: this nvcc ({nvcc}) cannot target {a}; it lists: {supported.split()}")
+    if not archs:
+        sys.exit(f"fastllm: FASTLLM_CUDA_ARCHS={spec!r} names no arch (like 80;90a); unset it to build for "
+                 "the GPUs found here")
     archs = sorted(set(archs), key=lambda a: (int(a.rstrip("a")), a))
+    if "90" in archs and "90a" not in archs:
+        print("fastllm: WARNING: arch 90 without 90a builds none of the Hopper kernels (wgmma attention, "
+              "int8 and 2:4 GEMMs): H100 / H200 would run the sm_80 code. List 90a for them.")
     return archs, source
+
+
+#: Flags that change fp32 rounding: the kernels' numerics (the quantization's exact div_rn /
+#: mul_rn, the tests' bit-exactness) assume IEEE division, square root and no flush to zero.
+UNSAFE_FLAGS = re.compile(r"use_fast_math|ftz=true|prec-div=false|prec-sqrt=false|prec_div=false|prec_sqrt=false")
+
+
+def cuda_flags_env():
+    """(environment for cmake / nvcc, the extra flags it carries): CMake reads CUDAFLAGS and nvcc
+    NVCC_PREPEND_FLAGS / NVCC_APPEND_FLAGS behind the build's back; they are recorded in
+    _build_info.json, and ones that change fp32 rounding are refused."""
+    env = dict(os.environ)
+    extra = {k: env[k] for k in ("CUDAFLAGS", "NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS") if env.get(k, "").strip()}
+    bad = {k: v for k, v in extra.items() if UNSAFE_FLAGS.search(v)}
+    if bad:
+        sys.exit(f"fastllm: {bad} change fp32 rounding (fast math / flush to zero), which the kernels' exact "
+                 "numerics do not allow; unset them")
+    return env, extra
 
 
 def git_commit():
@@ -174,9 +200,10 @@ class CMakeBuild(build_ext):
             # /tmp/pip-build-env-*) would fail the next configure.
             f"-DCMAKE_MAKE_PROGRAM={find_tool('ninja')}",
         ]
+        env, extra = cuda_flags_env()
         t0 = datetime.datetime.now()
-        subprocess.run(configure, check=True)
-        subprocess.run([cmake, "--build", build_dir, "-j", jobs], check=True)
+        subprocess.run(configure, check=True, env=env)
+        subprocess.run([cmake, "--build", build_dir, "-j", jobs], check=True, env=env)
         seconds = (datetime.datetime.now() - t0).total_seconds()
 
         kernels, units = helpers.collect(build_dir, cfg["archs"], ROOT)
@@ -189,6 +216,7 @@ class CMakeBuild(build_ext):
             "cuda_version": f"{cfg['cuda'][0]}.{cfg['cuda'][1]}",
             "nvcc": cfg["cuda"][2],
             "flags": "-O3 -lineinfo --expt-relaxed-constexpr -Xptxas=-v,--warn-on-spills",
+            "extra_flags": extra,   # from CUDAFLAGS / NVCC_PREPEND_FLAGS / NVCC_APPEND_FLAGS
             "commit": git_commit(),
             "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "build_seconds": round(seconds, 1),
@@ -235,6 +263,7 @@ def cuda_config():
         return None
     cuda = nvcc_version(nvcc)
     archs, source = resolve_archs(nvcc)
+    cuda_flags_env()    # refuse fast math before anything is built
     print(f"fastllm: building the CUDA extension with {nvcc} (CUDA {cuda[0]}.{cuda[1]}) "
           f"for {';'.join(archs)} ({source})")
     return {"nvcc": nvcc, "cuda": cuda, "archs": archs, "archs_source": source}

@@ -70,11 +70,33 @@ def test_wheel_version_names_cuda_and_archs():
 
 
 @pytest.mark.parametrize("spec,msg", [("75", "too old"), ("sm_70;80", "too old"), ("foo", "not an arch"),
-                                      ("91", "unknown arch")])
+                                      ("91", "unknown arch"), (";", "names no arch"), (" , ", "names no arch"),
+                                      ("8.0;9.0a", "write 80, not PyTorch's 8.0"),
+                                      ("native", "unset FASTLLM_CUDA_ARCHS")])
 @pytest.mark.skipif(shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"), reason="no nvcc")
 def test_bad_archs_rejected(spec, msg):
     r = _setup_version(FASTLLM_CUDA_ARCHS=spec)
     assert r.returncode != 0 and msg in (r.stderr + r.stdout)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"), reason="no nvcc")
+def test_arch_90_without_90a_warns():
+    # "80;90" is the natural spelling for an H100 and builds none of its wgmma kernels.
+    r = _setup_version(FASTLLM_CUDA_ARCHS="80;90")
+    assert r.returncode == 0 and "arch 90 without 90a builds none of the Hopper kernels" in r.stdout
+    assert "without 90a" not in _setup_version(FASTLLM_CUDA_ARCHS="80;90a").stdout
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"), reason="no nvcc")
+def test_cuda_flags_that_change_rounding_are_refused():
+    # CMake reads CUDAFLAGS, nvcc NVCC_*_FLAGS: a build host's fast math changed the kernels'
+    # rounding while _build_info.json listed the clean flags. Refused; other flags are recorded
+    # there ("extra_flags").
+    for var, flags in (("CUDAFLAGS", "--use_fast_math"), ("NVCC_APPEND_FLAGS", "-ftz=true"),
+                       ("NVCC_PREPEND_FLAGS", "-prec-div=false")):
+        r = _setup_version(FASTLLM_CUDA_ARCHS="80", **{var: flags})
+        assert r.returncode != 0 and "change fp32 rounding" in r.stdout + r.stderr, (var, r.stdout, r.stderr)
+    assert _setup_version(FASTLLM_CUDA_ARCHS="80", NVCC_APPEND_FLAGS="-Xptxas=-O3").returncode == 0
 
 
 @pytest.mark.parametrize("value, ok", [("no", True), ("off", True), ("maybe", False)])

@@ -82,6 +82,15 @@ def test_unbuilt_arch_message_names_archs_and_fix(monkeypatch):
         _ext.arch_reason.cache_clear()
     assert "sm_86" in msg and "built for: sm_90a" in msg and 'FASTLLM_CUDA_ARCHS="86"' in msg
     assert "Triton" in msg and str(rec[0].message) == msg
+    # No rebuild helps a pre-sm_80 GPU (the build refuses 75): say so instead of suggesting one.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (7, 5))
+    _ext.arch_reason.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning):
+            msg = _ext.arch_reason(0)
+    finally:
+        _ext.arch_reason.cache_clear()
+    assert "older than sm_80" in msg and "FASTLLM_CUDA_ARCHS" not in msg
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="checks the no-driver path")

@@ -118,10 +118,15 @@ def arch_reason(device_index):
     if any(_runs_on(a, major, minor) for a in archs):
         return None
     name = torch.cuda.get_device_name(device_index)
-    msg = (f"GPU {device_index} ({name}, sm_{major}{minor}) has no native code in this build of "
-           f"fastllm._C (built for: {', '.join('sm_' + a for a in archs)}); rebuild with "
-           f"FASTLLM_CUDA_ARCHS=\"{major}{minor}{'a' if (major, minor) == (9, 0) else ''}\" "
-           f"pip install --no-build-isolation . ; the Triton backend serves it meanwhile")
+    if major < 8:
+        msg = (f"GPU {device_index} ({name}, sm_{major}{minor}) is older than sm_80, which fastllm's CUDA "
+               "kernels need (cp.async, bf16 mma, mma.sp); the Triton or torch backend serves it")
+    else:
+        # The PTX in the build is not JIT-compiled for newer GPUs: fastllm runs native code only.
+        msg = (f"GPU {device_index} ({name}, sm_{major}{minor}) has no native code in this build of "
+               f"fastllm._C (built for: {', '.join('sm_' + a for a in archs)}); rebuild with "
+               f"FASTLLM_CUDA_ARCHS=\"{major}{minor}{'a' if (major, minor) == (9, 0) else ''}\" "
+               f"pip install --no-build-isolation . ; the Triton backend serves it meanwhile")
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
     return msg
 
