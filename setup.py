@@ -263,7 +263,7 @@ def cuda_config():
         return None
     cuda = nvcc_version(nvcc)
     archs, source = resolve_archs(nvcc)
-    cuda_flags_env()    # refuse fast math before anything is built
+    cuda_flags_env()    # refuse rounding-changing flags before anything is built
     print(f"fastllm: building the CUDA extension with {nvcc} (CUDA {cuda[0]}.{cuda[1]}) "
           f"for {';'.join(archs)} ({source})")
     return {"nvcc": nvcc, "cuda": cuda, "archs": archs, "archs_source": source}
