@@ -123,17 +123,17 @@ def resolve_archs(nvcc):
 UNSAFE_FLAGS = re.compile(r"use_fast_math|ftz=true|prec-div=false|prec-sqrt=false|prec_div=false|prec_sqrt=false")
 
 
-def cuda_flags_env():
-    """(environment for cmake / nvcc, the extra flags it carries): CMake reads CUDAFLAGS and nvcc
-    NVCC_PREPEND_FLAGS / NVCC_APPEND_FLAGS behind the build's back; they are recorded in
-    _build_info.json, and ones that change fp32 rounding are refused."""
-    env = dict(os.environ)
-    extra = {k: env[k] for k in ("CUDAFLAGS", "NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS") if env.get(k, "").strip()}
+def extra_cuda_flags():
+    """The flags the environment adds behind the build's back (CMake reads CUDAFLAGS, nvcc
+    NVCC_PREPEND_FLAGS / NVCC_APPEND_FLAGS), for _build_info.json; ones that change fp32 rounding
+    are refused."""
+    extra = {k: os.environ[k] for k in ("CUDAFLAGS", "NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS")
+             if os.environ.get(k, "").strip()}
     bad = {k: v for k, v in extra.items() if UNSAFE_FLAGS.search(v)}
     if bad:
         sys.exit(f"fastllm: {bad} change fp32 rounding (fast math / flush to zero), which the kernels' exact "
                  "numerics do not allow; unset them")
-    return env, extra
+    return extra
 
 
 def git_commit():
@@ -200,10 +200,9 @@ class CMakeBuild(build_ext):
             # /tmp/pip-build-env-*) would fail the next configure.
             f"-DCMAKE_MAKE_PROGRAM={find_tool('ninja')}",
         ]
-        env, extra = cuda_flags_env()
         t0 = datetime.datetime.now()
-        subprocess.run(configure, check=True, env=env)
-        subprocess.run([cmake, "--build", build_dir, "-j", jobs], check=True, env=env)
+        subprocess.run(configure, check=True)
+        subprocess.run([cmake, "--build", build_dir, "-j", jobs], check=True)
         seconds = (datetime.datetime.now() - t0).total_seconds()
 
         kernels, units = helpers.collect(build_dir, cfg["archs"], ROOT)
@@ -216,7 +215,7 @@ class CMakeBuild(build_ext):
             "cuda_version": f"{cfg['cuda'][0]}.{cfg['cuda'][1]}",
             "nvcc": cfg["cuda"][2],
             "flags": "-O3 -lineinfo --expt-relaxed-constexpr -Xptxas=-v,--warn-on-spills",
-            "extra_flags": extra,   # from CUDAFLAGS / NVCC_PREPEND_FLAGS / NVCC_APPEND_FLAGS
+            "extra_flags": cfg["extra_flags"],   # CUDAFLAGS / NVCC_PREPEND_FLAGS / NVCC_APPEND_FLAGS
             "commit": git_commit(),
             "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "build_seconds": round(seconds, 1),
@@ -263,10 +262,10 @@ def cuda_config():
         return None
     cuda = nvcc_version(nvcc)
     archs, source = resolve_archs(nvcc)
-    cuda_flags_env()    # refuse rounding-changing flags before anything is built
+    extra = extra_cuda_flags()    # rounding-changing flags refused before anything is built
     print(f"fastllm: building the CUDA extension with {nvcc} (CUDA {cuda[0]}.{cuda[1]}) "
           f"for {';'.join(archs)} ({source})")
-    return {"nvcc": nvcc, "cuda": cuda, "archs": archs, "archs_source": source}
+    return {"nvcc": nvcc, "cuda": cuda, "archs": archs, "archs_source": source, "extra_flags": extra}
 
 
 cfg = cuda_config()

@@ -17,8 +17,9 @@
 #
 # Budget: within 9 minutes on an H100 (each phase has its own timeout). Files written (flat,
 # few, so they come back from the device tool): suite.log env.json build_info.json tests.xml
-# sanitizer.log bench.json bench.md (presets: bench-presets*.json / .md). A phase that runs out of time is interrupted (SIGINT: pytest still
-# writes its summary and tests.xml for what ran) and the suite goes on to the next phase.
+# sanitizer.log bench.json bench.md (presets: bench-presets*.json / .md). A phase that runs out
+# of time is interrupted (SIGINT: pytest still writes its summary and tests.xml for what ran) and
+# the suite goes on to the next phase.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-bench/results/run-$(date -u +%Y%m%dT%H%M%S)}}

@@ -294,7 +294,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         if mask.device != q.device:
             raise ValueError(f"{name}: argument 'mask' must be on the device of 'q' ({q.device}), got {mask.device}")
         ms = tuple(mask.shape)
-        if mask.dim() != 4 or ms[1] != 1 or not broadcasts_to(ms, (B, 1, Sq, Skv)):
+        if not broadcasts_to(ms, (B, 1, Sq, Skv)):
             raise ValueError(f"{name}: argument 'mask' must be broadcastable as ({B} or 1, 1, {Sq}, {Skv}) "
                              f"(B, 1, Sq, Skv), got shape {ms}")
     causal, scale, window, softcap = _normalize(name, D, causal, scale, window, softcap)

@@ -320,7 +320,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             raise TypeError(f"{NAME}: argument 'mask' must have dtype bool (True = attend), got {_dt(mask)}")
         _same_device("mask", mask, q)
         ms = tuple(mask.shape)
-        if mask.dim() != 4 or ms[1] != 1 or not broadcasts_to(ms, (B, 1, Sq, capacity)):
+        if not broadcasts_to(ms, (B, 1, Sq, capacity)):
             raise ValueError(f"{NAME}: argument 'mask' must be broadcastable as ({B} or 1, 1, {Sq}, {capacity}) "
                              f"(B, 1, Sq, cache capacity), got shape {ms}")
         if cache_seqlens is not None:

@@ -18,8 +18,9 @@ Causal and not, bf16 / fp16. On CPU: one tiny shape each (S 256..512, batch 1). 
 Hq * D * (query, key) pairs computed: Sq * Skv, halved for causal (the work a causal kernel must
 do), the sum of min(i + 1, W) over the rows with a window. Every implementation is checked on
 the same inputs against a float32 reference of the whole output (fastllm's reference, computed on
-query-row pieces) before it is timed: its max error must be finite and within 3x the best
-implementation's (+ 2e-3); a wrong one is reported WRONG, not timed.
+query-row pieces) before it is timed: its max error must be finite and within 3x the best other
+implementation's (+ 2e-3; alone, 16x the reference's rounding to the dtype: check.peer_bars); a
+wrong one is reported WRONG, not timed.
 On an sm_90 GPU with a 90a build, "fastllm-cuda" is the wgmma kernel and "fastllm-cuda-sm80" the
 same call on the mma.sync kernel it replaces there (FASTLLM_ATTN_WGMMA=0).
 """
@@ -139,7 +140,9 @@ def _sdpa_backends(missing):
     return out
 
 
-def _cpu_sdpa(q, k, v, causal, bias, window, sinks):
+def sdpa_peer(q, k, v, causal, bias, window, sinks):
+    """SDPA with its own dispatch (the CPU peer; decode's peer on every device): inputs built now,
+    the returned call timed."""
     args = sdpa_inputs(q, k, v, causal, bias, window, sinks)
     return lambda: _sdpa(*args)
 
@@ -181,7 +184,7 @@ def run(ctx):
     else:
         for name in ("sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flash-attn"):
             ctx.missing.append((name, "needs a CUDA GPU (CPU run: sdpa-math-cpu is the PyTorch peer)"))
-        peers["sdpa-math-cpu"] = _cpu_sdpa
+        peers["sdpa-math-cpu"] = sdpa_peer
     rows = ctx.rows()   # kept by ctx: an interrupted run saves them
     op = fastllm.ops.OPS["flash_attention"]
     for dtype in ctx.dtypes:
