@@ -1,9 +1,10 @@
 // 2:4 sparse GEMM for Hopper (sm_90a): wgmma.mma_async.sp on the compressed weights, cp.async
 // ring. UNVERIFIED: compiled for sm_90a (0 spills), never run on a GPU. The per-warp metadata
-// layout is assumed to be mma.sp's (the PTX ISA gives wgmma.sp's only as figures); the GPU
-// tests (tests/test_sparse24.py, M > 64 on an H100) are what will settle it. This source runs on
-// CPU in the SIMT emulator (tests/test_simt_hopper.py), whose wgmma.sp model makes the same
-// per-warp assumption (CUTLASS's metadata layout agrees with it).
+// layout is taken to be mma.sp's (the PTX ISA gives wgmma.sp's only as figures; CuTe's wgmma.sp
+// metadata layouts, ELayout_64x32 / 64x64, say the same: each warp's 16 rows as in mma.sp); the
+// GPU tests (tests/test_sparse24.py, M > 64 on an H100) are what will settle it. This source
+// runs on CPU in the SIMT emulator (tests/test_simt_hopper.py), whose wgmma.sp model makes the
+// same per-warp reading.
 //
 // Computes what sparse24_gemm_kernel.cuh computes (same Params, same compressed format, same
 // finish() epilogue): out[m, n] = sum_k x[m, k] W[n, k] (+ bias; int8: raw int32 or the int8
