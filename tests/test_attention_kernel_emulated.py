@@ -155,7 +155,7 @@ def load_tile_async(smem, smem_base, kRows, kChunks, kThreads, gmem, g0, row_str
     kTPR = kThreads // kRows if kThreads >= kRows else 0
     if kThreads % kRows == 0 and kChunks % kTPR == 0:
         for tid in range(kThreads):
-            row, cb = tid // kTPR, tid % kTPR
+            row, cb = Tile.fill_row(kTPR, tid // kTPR), tid % kTPR
             valid = row < rows_valid
             src = g0 + row * row_stride + cb * 8 if valid else g0
             for k in range(kChunks // kTPR):
@@ -167,7 +167,7 @@ def load_tile_async(smem, smem_base, kRows, kChunks, kThreads, gmem, g0, row_str
         for tid in range(kThreads):
             i = i0 + tid
             if kTotal % kThreads == 0 or i < kTotal:
-                row, chunk = i // kChunks, i % kChunks
+                row, chunk = Tile.storage_row(i), Tile.storage_chunk(i)
                 valid = row < rows_valid
                 src = g0 + row * row_stride + chunk * 8 if valid else g0
                 cp_async_16(smem, smem_base + Tile.offset(row, chunk) * 2, gmem, src, valid, reads)
@@ -1042,17 +1042,23 @@ MIRRORED_KERNEL_LINES = [
     "__device__ static __forceinline__ uint32_t lane_base(int r) { return r * kRowBytes; }",
     "__device__ static __forceinline__ int lane_xor(int r, int cl) { return cl ^ ((r / kRowsPerPhase) % kGroup); }",
     "return tile_lane_base + ((chunk0 / kGroup) * kRows + row0) * kRowBytes + (((chunk0 % kGroup) ^ lane_x) << 4);",
+    "if constexpr (kTPR > kGroup || 8 % kTPR != 0) {",
+    "constexpr int kSlots = 8 / kTPR;",
+    "const int j = q % 8, phase = j / kSlots, w = j % kSlots;",
+    "return q - j + w % kRowsPerPhase + kRowsPerPhase * (phase + kTPR * (w / kRowsPerPhase));",
+    "__device__ static __forceinline__ int storage_row(int i) { return i / kGroup % kRows; }",
+    "__device__ static __forceinline__ int storage_chunk(int i) { return i / (kGroup * kRows) * kGroup + i % kGroup; }",
     # load_tile_async
     "constexpr int kTPR = kThreads / kRows;",
     "if constexpr (kThreads % kRows == 0 && kChunks % kTPR == 0) {",
-    "const int row = tid / kTPR, cb = tid % kTPR;",
+    "const int row = Tile::template fill_row<kTPR>(tid / kTPR), cb = tid % kTPR;",
     "const T* src = valid ? gmem + row * row_stride + cb * 8 : gmem;",
     "for (int k = 0; k < kChunks / kTPR; ++k)",
     "cp_async_16(smem_base + Tile::offset(row, cb + k * kTPR) * 2, valid ? src + k * kTPR * 8 : src, valid);",
     "constexpr int kTotal = kRows * kChunks;",
     "for (int i0 = 0; i0 < kTotal; i0 += kThreads) {",
     "if (kTotal % kThreads == 0 || i < kTotal) {",
-    "const int row = i / kChunks, chunk = i % kChunks;",
+    "const int row = Tile::storage_row(i), chunk = Tile::storage_chunk(i);",
     "const T* src = valid ? gmem + row * row_stride + chunk * 8 : gmem;",
     "cp_async_16(smem_base + Tile::offset(row, chunk) * 2, src, valid);",
     # kernel: smem carve-up, grid, varlen, range

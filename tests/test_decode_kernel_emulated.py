@@ -124,6 +124,20 @@ class SmemTile:
         return (tile_lane_base + ((chunk0 // self.kGroup) * self.kRows + row0) * self.kRowBytes
                 + (((chunk0 % self.kGroup) ^ lane_x) << 4))
 
+    def fill_row(self, kTPR, q):
+        if kTPR > self.kGroup or 8 % kTPR != 0:
+            return q
+        kSlots = 8 // kTPR
+        j = q % 8
+        phase, w = j // kSlots, j % kSlots
+        return q - j + w % self.kRowsPerPhase + self.kRowsPerPhase * (phase + kTPR * (w // self.kRowsPerPhase))
+
+    def storage_row(self, i):
+        return i // self.kGroup % self.kRows
+
+    def storage_chunk(self, i):
+        return i // (self.kGroup * self.kRows) * self.kGroup + i % self.kGroup
+
 
 class Smem:
     """Dynamic shared memory in 2-byte elements (NaN = never written), with a write count."""
@@ -200,12 +214,12 @@ def fragment_path(D, mutant=None):
     V = fragment_values(kStages, kBN, kD)
     for tid in range(kThreads):                   # prologue: Q, 16 * kChunks chunks
         for i in range(tid, 16 * kChunks, kThreads):
-            r, c = i // kChunks, i % kChunks
+            r, c = QTile.storage_row(i), QTile.storage_chunk(i)
             smem.cp_async_16(sQ + QTile.offset(r, c) * 2, Q[r, 8 * c:8 * c + 8])
     for stage in range(kStages):                  # load_kv(stage, t0)
         ks, vs = sK + stage * kStageBytes, sV + stage * kStageBytes
         for tid in range(kThreads):
-            r, cb = tid // kTPR, tid % kTPR
+            r, cb = KVTile.fill_row(kTPR, tid // kTPR), tid % kTPR
             for c in range(kChunks // kTPR):
                 chunk = cb + c * kTPR
                 smem.cp_async_16(ks + KVTile.offset(r, chunk) * 2, K[stage, r, 8 * chunk:8 * chunk + 8])

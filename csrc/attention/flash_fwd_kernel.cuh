@@ -91,6 +91,31 @@ struct SmemTile {
     return tile_lane_base + ((chunk0 / kGroup) * kRows + row0) * kRowBytes +
            (((chunk0 % kGroup) ^ lane_x) << 4);
   }
+
+  // Conflict-free cp.async fills: 16-byte shared stores go in phases of 8 lanes, and a phase is
+  // served in one wavefront when its 8 chunks lie in 8 different 16-byte bank groups.
+  // fill_row<kTPR>(q): the row that row slot q (= tid / kTPR) fills when kTPR threads share a row
+  // and each instruction takes kTPR consecutive chunks of it (cb + k kTPR). A phase holds 8 / kTPR
+  // slots; taken in order they would be rows whose swizzle xor agrees above the kTPR chunks (2-way
+  // conflicts), so inside each 8-row group the slots of a phase get rows that differ in their
+  // place in the 128-byte line (r % kRowsPerPhase) or in that xor ((r / kRowsPerPhase) / kTPR).
+  // The rows a warp instruction reads from global memory stay the same (whole 8-row groups).
+  template <int kTPR>
+  __device__ static __forceinline__ int fill_row(int q) {
+    if constexpr (kTPR > kGroup || 8 % kTPR != 0) {
+      return q;  // no tile config here: kTPR chunks would span column blocks
+    } else {
+      constexpr int kSlots = 8 / kTPR;
+      const int j = q % 8, phase = j / kSlots, w = j % kSlots;
+      return q - j + w % kRowsPerPhase + kRowsPerPhase * (phase + kTPR * (w / kRowsPerPhase));
+    }
+  }
+  // Flattened fills: (row, chunk) of the i-th 16-byte chunk in storage order (column block, row,
+  // chunk in block), so consecutive lanes fill consecutive slots of one 128-byte line (the
+  // row-major order puts a row's column blocks, kRows * kRowBytes apart, in one phase); a warp
+  // still reads whole 32-byte sectors (kGroup >= 2 chunks of each row).
+  __device__ static __forceinline__ int storage_row(int i) { return i / kGroup % kRows; }
+  __device__ static __forceinline__ int storage_chunk(int i) { return i / (kGroup * kRows) * kGroup + i % kGroup; }
 };
 
 // cp.async a kRows x (kChunks * 8) tile from global (row stride `row_stride` elements, unit
@@ -100,14 +125,16 @@ struct SmemTile {
 // it (kTPR threads per row), so its global addresses are one pointer plus compile-time
 // offsets (few registers: the K/V prefetch runs inside the register-tight main loop); a warp
 // instruction still reads kTPR consecutive 16-byte chunks of 32 / kTPR rows (whole sectors).
-// Otherwise (D=80 K/V tiles) consecutive threads take consecutive chunks of the flattened tile.
+// Otherwise (D=80 K/V tiles) consecutive threads take consecutive chunks of the tile in storage
+// order. Both are free of shared-memory bank conflicts (SmemTile::fill_row / storage_row;
+// tests/test_simt_bank_conflicts.py counts them).
 template <int kRows, int kChunks, int kThreads, typename T>
 __device__ __forceinline__ void load_tile_async(uint32_t smem_base, const T* gmem, int64_t row_stride,
                                                 int rows_valid, int tid) {
   using Tile = SmemTile<kRows, kChunks>;
   constexpr int kTPR = kThreads / kRows;  // threads per row in the row-owned split
   if constexpr (kThreads % kRows == 0 && kChunks % kTPR == 0) {
-    const int row = tid / kTPR, cb = tid % kTPR;
+    const int row = Tile::template fill_row<kTPR>(tid / kTPR), cb = tid % kTPR;
     const bool valid = row < rows_valid;
     const T* src = valid ? gmem + row * row_stride + cb * 8 : gmem;
 #pragma unroll
@@ -119,7 +146,7 @@ __device__ __forceinline__ void load_tile_async(uint32_t smem_base, const T* gme
     for (int i0 = 0; i0 < kTotal; i0 += kThreads) {
       const int i = i0 + tid;
       if (kTotal % kThreads == 0 || i < kTotal) {
-        const int row = i / kChunks, chunk = i % kChunks;
+        const int row = Tile::storage_row(i), chunk = Tile::storage_chunk(i);
         const bool valid = row < rows_valid;
         const T* src = valid ? gmem + row * row_stride + chunk * 8 : gmem;
         cp_async_16(smem_base + Tile::offset(row, chunk) * 2, src, valid);

@@ -117,9 +117,10 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_split_kernel(const De
   const T* gV = static_cast<const T*>(p.v);
   // cp.async one kBN-key K and V tile (keys t0 .. t0 + kBN - 1) into `stage`; keys >= end are
   // zero-filled. Each thread owns one key row (kTPR threads per row) and kChunks / kTPR of its
-  // 16-byte chunks: one address (one page lookup) per thread per tile.
+  // 16-byte chunks: one address (one page lookup) per thread per tile. Rows are dealt to the
+  // threads by fill_row, which keeps the shared stores free of bank conflicts.
   auto load_kv = [&](int stage, int t0) {
-    const int r = tid / kTPR, cb = tid % kTPR;
+    const int r = KVTile::template fill_row<kTPR>(tid / kTPR), cb = tid % kTPR;
     const int j = t0 + r;
     const bool valid = j < end;
     const T* kp = gK;
@@ -153,7 +154,7 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_split_kernel(const De
   // ---- prologue: group 0 = Q (16 packed rows; rows past group * Sq zero-filled), then
   // groups for the first kStages - 1 tiles (committed even when empty: uniform counting).
   for (int i = tid; i < 16 * kChunks; i += kThreads) {
-    const int r = i / kChunks, c = i % kChunks;
+    const int r = QTile::storage_row(i), c = QTile::storage_chunk(i);  // conflict-free shared stores
     const int R = row0 + r;
     const bool valid = R < p.rows;
     const T* src = static_cast<const T*>(p.q);

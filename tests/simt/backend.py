@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from simt.build import load, unavailable_reason  # noqa: E402
 
-__all__ = ["emulated_cuda", "guarded", "hopper_counts", "load", "unavailable_reason"]
+__all__ = ["bank_counts", "emulated_cuda", "guarded", "hopper_counts", "load", "reset_bank_counts",
+           "unavailable_reason"]
 
 
 class _Lib:
@@ -69,6 +70,24 @@ def hopper_counts():
     w, t = ctypes.c_longlong(), ctypes.c_longlong()
     lib.simt_hopper_counts(ctypes.byref(w), ctypes.byref(t))
     return w.value, t.value
+
+
+def bank_counts(cdll=None):
+    """Shared-memory bank-conflict totals of the emulated module (or of `cdll`, another library
+    built with the runtime: the selftest's) since it was loaded or reset_bank_counts: {instruction:
+    (phases, wavefronts, ideal wavefronts, the first conflicting phase as text or "")}. A phase is
+    8 lanes' 16-byte accesses; wavefronts > ideal means bank conflicts (simt_runtime.cpp)."""
+    lib = cdll or load()._cdll
+    out, i = {}, 0
+    tag, example, counts = ctypes.c_char_p(), ctypes.c_char_p(), (ctypes.c_longlong * 3)()
+    while lib.simt_bank_stat(i, ctypes.byref(tag), counts, ctypes.byref(example)):
+        out[tag.value.decode()] = (*counts, example.value.decode())
+        i += 1
+    return out
+
+
+def reset_bank_counts(cdll=None):
+    (cdll or load()._cdll).simt_bank_reset()
 
 
 def _guarded_empty(empty):

@@ -134,6 +134,28 @@ __global__ void wgmma_kernel(const __half* a, const __half* bt, float* d, int mo
     for (int r = 0; r < 4; ++r) d[(16 * w + g + 8 * (r / 2)) * 64 + 8 * j + 2 * c + (r & 1)] = acc[4 * j + r];
 }
 
+// One warp, a 16-bit tile of 8 rows x 128 bytes: cp.async writes it column by column (lane l: row
+// l % 8, chunks l / 8 and l / 8 + 4), ldmatrix.x4 reads chunks 0-3 of rows 0-7. Row-major, each
+// phase's 8 rows share one 16-byte bank group (8 wavefronts); with chunk c of row r stored at
+// c ^ r (swizzle), they hit 8 different groups (1 wavefront, simt_bank_stat).
+__global__ void bank_kernel(const uint4* src, uint32_t* out, bool swizzle) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int lane = threadIdx.x, r = lane % 8;
+  auto at = [&](int row, int chunk) { return smem_u32(smem + row * 128 + 16 * (swizzle ? chunk ^ row : chunk)); };
+  for (int i = 0; i < 2; ++i) {
+    const int c = lane / 8 + 4 * i;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(at(r, c)), "l"(src + 8 * r + c), "r"(16));
+  }
+  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(0));
+  __syncthreads();
+  uint32_t x[4];
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3])
+               : "r"(at(r, lane / 8)));
+  for (int j = 0; j < 4; ++j) out[4 * lane + j] = x[j];
+}
+
 __global__ void big_smem_kernel(float* out) {
   extern __shared__ __align__(128) unsigned char smem[];
   out[threadIdx.x] = smem[0];
@@ -152,6 +174,10 @@ int selftest_cp_async(const float* src, float* dst, int wait) {
 }
 int selftest_fault(int which, float* out) {
   fault_kernel<<<1, 64, 256, 0>>>(which, out);
+  return cudaGetLastError();
+}
+int selftest_bank(const void* src, uint32_t* out, int swizzle) {
+  bank_kernel<<<1, 32, 1024, 0>>>(static_cast<const uint4*>(src), out, swizzle != 0);
   return cudaGetLastError();
 }
 int selftest_big_smem(float* out, int opt_in) {

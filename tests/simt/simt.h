@@ -20,6 +20,8 @@
 // reading its own copy after the wait without a barrier, legal on hardware, would read NaN too:
 // no kernel here does.) The Hopper instructions (wgmma, mbarrier, TMA: simt_hopper.cpp) are
 // asynchronous in the same spirit: see that file's header.
+// Counted: the shared-memory wavefronts of ldmatrix and of each warp's cp.async against the
+// conflict-free ideal (bank conflicts: simt_runtime.cpp bank_phase, backend.bank_counts).
 // Not modelled: memory-model reordering, timing, registers; global-memory bounds only for
 // buffers placed against an inaccessible page (backend.guarded, the glue's outputs).
 #pragma once

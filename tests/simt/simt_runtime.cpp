@@ -1,10 +1,12 @@
 // SIMT emulator runtime (see simt.h): the fiber scheduler, barriers, warp-wide exchange,
 // cp.async groups, the PTX instruction models, and the CUDA runtime calls the launchers make,
-// answered for one emulated GPU (configurable through simt_configure).
+// answered for one emulated GPU (configurable through simt_configure). Also counts the
+// shared-memory wavefronts of the modelled warp-wide accesses (bank conflicts: simt_bank_stat).
 #include <signal.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cstdarg>
 #include <cstdio>
 #include <map>
@@ -41,6 +43,9 @@ struct Fiber {
   std::vector<std::vector<Copy>> groups;  // committed cp.async groups, oldest first
   std::vector<Copy> open;                 // issued, not yet committed
   std::vector<Copy> landed;               // waited for, not yet published by a barrier
+  // cp.async issued since the warp's last rendezvous: (call site, shared address), for the
+  // bank-conflict count of each warp-level instruction (flush_cp_log).
+  std::vector<std::pair<const void*, uint32_t>> cp_log;
 };
 
 struct WarpSync {
@@ -81,6 +86,83 @@ std::map<const void*, int> g_smem_optin;  // kernel -> cudaFuncAttributeMaxDynam
 // the writer's fence.proxy.async before the barrier that published it; wgmma must not read it.
 std::vector<unsigned char> g_generic_dirty;
 
+// ---- shared-memory bank conflicts ----------------------------------------------------------------
+// The hardware serves a shared access in wavefronts: 32 banks of 4 bytes, one word per bank per
+// wavefront, identical words broadcast. A 16-byte-per-lane access (ldmatrix row, cp.async) goes
+// in phases of 8 lanes; a phase needs as many wavefronts as the most distinct words any one bank
+// holds (1 = conflict-free, the ideal). Totals per instruction, since load or simt_bank_reset.
+struct BankStat {
+  const char* tag;
+  long long phases = 0, wavefronts = 0, ideal = 0;
+  std::string example;  // the first conflicting phase, for the report
+};
+std::vector<BankStat> g_bank;
+
+BankStat& bank_stat(const char* tag) {
+  for (BankStat& b : g_bank)
+    if (std::strcmp(b.tag, tag) == 0) return b;
+  g_bank.push_back(BankStat{tag});
+  return g_bank.back();
+}
+
+// One phase: the 16-byte shared rows of up to 8 lanes (n of them), from warp `warp`.
+void bank_phase(const char* tag, const uint32_t* addr, int n, int warp, int phase) {
+  if (n == 0) return;
+  uint32_t words[32];
+  int nw = 0;
+  for (int i = 0; i < n; ++i)
+    for (uint32_t w = addr[i] / 4; w < addr[i] / 4 + 4; ++w) words[nw++] = w;
+  std::sort(words, words + nw);
+  nw = static_cast<int>(std::unique(words, words + nw) - words);
+  int per_bank[32] = {}, waves = 0;
+  for (int i = 0; i < nw; ++i) waves = std::max(waves, ++per_bank[words[i] % 32]);
+  BankStat& b = bank_stat(tag);
+  ++b.phases;
+  ++b.ideal;
+  b.wavefronts += waves;
+  if (waves > 1 && b.example.empty()) {
+    char buf[128];
+    std::snprintf(buf, sizeof buf, "%d wavefronts, block (%u, %u, %u) warp %d phase %d, byte addresses:", waves,
+                  g_bid.x, g_bid.y, g_bid.z, warp, phase);
+    b.example = buf;
+    for (int i = 0; i < n; ++i) b.example += " " + std::to_string(addr[i]);
+  }
+}
+
+// cp.async is issued per thread, but the fibers of a warp run one after another between
+// rendezvous, so each lane's log holds its copies since the last one. The k-th copy a lane issued
+// from a call site (the kernel's inlined cp_async_16) belongs to the same warp instruction as the
+// k-th of the other lanes from that site: that is how the kernels here issue them (uniform loops;
+// invalid rows zero-filled, not skipped). Counted in phases of lanes 0-7, 8-15, ...
+void flush_cp_log(int warp) {
+  struct Inst {
+    uint32_t addr[32], lanes = 0;
+  };
+  std::map<std::pair<const void*, int>, Inst> insts;
+  for (int lane = 0; lane < 32; ++lane) {
+    auto& log = g_fibers[32 * warp + lane].cp_log;
+    if (log.empty()) continue;
+    std::map<const void*, int> seen;
+    for (const auto& e : log) {
+      auto& in = insts[{e.first, seen[e.first]++}];
+      in.addr[lane] = e.second;
+      in.lanes |= 1u << lane;
+    }
+    log.clear();
+  }
+  for (const auto& kv : insts)
+    for (int p = 0; p < 4; ++p) {
+      uint32_t addr[8];
+      int n = 0;
+      for (int l = 8 * p; l < 8 * p + 8; ++l)
+        if (kv.second.lanes >> l & 1) addr[n++] = kv.second.addr[l];
+      bank_phase("cp.async.cg", addr, n, warp, p);
+    }
+}
+void flush_cp_logs() {
+  for (size_t w = 0; w < g_warps.size(); ++w) flush_cp_log(static_cast<int>(w));
+}
+
 bool env_is_reverse() {
   const char* e = std::getenv("FASTLLM_SIMT_ORDER");
   return e != nullptr && std::strcmp(e, "reverse") == 0;
@@ -112,6 +194,7 @@ void thread_exit() {
   --g_live;
   // Exited threads count as arrived at __syncthreads (PTX bar.sync: "all non-exited threads").
   if (g_bar_arrived > 0 && g_bar_arrived == g_live) {
+    flush_cp_logs();
     g_or_res[g_bar_gen & 1] = g_or_acc;
     g_or_acc = 0;
     g_bar_arrived = 0;
@@ -146,6 +229,7 @@ void run_block(int nthreads) {
     f.groups.clear();
     f.open.clear();
     f.landed.clear();
+    f.cp_log.clear();
     f.st.tid = make_uint3(t % g_bdim.x, (t / g_bdim.x) % g_bdim.y, t / (g_bdim.x * g_bdim.y));
     f.st.lane = t % 32;
     f.st.warp = t / 32;
@@ -271,6 +355,7 @@ int syncthreads_or(int pred) {
   const uint64_t g = g_bar_gen;
   g_or_acc |= pred != 0;
   if (++g_bar_arrived == g_live) {
+    flush_cp_logs();
     g_or_res[g & 1] = g_or_acc;
     g_or_acc = 0;
     g_bar_arrived = 0;
@@ -300,6 +385,7 @@ void warp_exchange(const char* tag, const void* in, size_t in_bytes, void* out, 
   }
   std::memcpy(w.in[par][f.st.lane], in, in_bytes);
   if (++w.arrived == 32) {
+    flush_cp_log(f.st.warp);
     w.compute(w.in[par], w.out[par], w.ctx);
     w.arrived = 0;
     ++w.gen;
@@ -398,6 +484,7 @@ void launch_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const s
         g_generic_dirty.assign(g_smem.size() / 16 + 1, 0);
         hopper_block_begin(static_cast<int>(threads));
         run_block(static_cast<int>(threads));
+        flush_cp_logs();
         if (!g_failed) {
           const std::string left = hopper_block_end();
           if (!left.empty()) {
@@ -588,6 +675,7 @@ void ldmatrix_compute(const unsigned char (*ins)[64], unsigned char (*outs)[64],
   for (int l = 0; l < 32; ++l) std::memcpy(&addr[l], ins[l], 4);
   uint32_t r[32][4];
   for (int j = 0; j < 4; ++j) {
+    bank_phase(trans ? "ldmatrix.x4.trans" : "ldmatrix.x4", addr + 8 * j, 8, self().warp, j);
     const uint16_t* rows[8];
     for (int i = 0; i < 8; ++i) rows[i] = smem_at<const uint16_t>(addr[8 * j + i], 16, 16, "ldmatrix");
     for (int lane = 0; lane < 32; ++lane) {
@@ -617,6 +705,8 @@ void ldmatrix(const char* tag, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_
 void cp_async_cg_shared_global(uint32_t dst, const void* src, int cp_size, int src_size) {
   if (cp_size != 16 || (src_size != 0 && src_size != 16)) fail("cp.async.cg: sizes %d / %d not modelled", cp_size, src_size);
   cp_async_issue(dst, src, src_size == 16);
+  // The call site names the instruction (the kernels' cp_async_16 is force-inlined).
+  g_cur->cp_log.emplace_back(__builtin_return_address(0), dst);
 }
 void cp_async_commit_group() { cp_async_commit(); }
 void cp_async_wait_group(int n) { cp_async_wait(n); }
@@ -671,6 +761,18 @@ void mma_sp_ordered_metadata_sync_aligned_m16n8k64_row_col_s32_s8_s8_s32(
 
 // ---- the CUDA runtime calls of the launchers and bindings, for the emulated device -------------
 extern "C" {
+
+// Bank-conflict totals of instruction i (0, 1, ... while it returns 1): counts = phases,
+// wavefronts, ideal wavefronts; example = the first conflicting phase, or "".
+int simt_bank_stat(int i, const char** tag, long long* counts, const char** example) {
+  if (i < 0 || i >= static_cast<int>(simt::g_bank.size())) return 0;
+  const simt::BankStat& b = simt::g_bank[i];
+  *tag = b.tag;
+  counts[0] = b.phases, counts[1] = b.wavefronts, counts[2] = b.ideal;
+  *example = b.example.c_str();
+  return 1;
+}
+void simt_bank_reset() { simt::g_bank.clear(); }
 
 void simt_configure(int major, int minor, int sms, int smem_optin) {
   simt::g_dev = simt::Device{major, minor, sms, smem_optin};
