@@ -7,7 +7,10 @@ GPU nothing can time that, so the emulator counts it: per 8-lane phase of each l
 each warp's cp.async (16-byte shared writes), the wavefronts the hardware needs (32 banks of 4
 bytes; the most distinct words any one bank holds), against the ideal of 1 per phase
 (simt_runtime.cpp bank_phase; backend.bank_counts). Each representative config of every sm80
-family runs once on a small multi-tile shape; the tests assert wavefronts == ideal.
+family runs once on a small multi-tile shape; the tests assert wavefronts == ideal. The same
+runs check coalescing: each warp cp.async touches no more 32-byte global sectors than the
+contiguous runs of bytes it reads need (sector_count; the int8 shapes use 32-byte-aligned rows,
+K % 32 == 0, as models have: with K = 272 a row straddles sectors, 1748 / 1656 at config 0).
 
 When this test was written, the attention kernels' cp.async fills had 2-way conflicts (kTPR
 threads per row taking chunks cb + k kTPR: a phase's rows shared their swizzle xor above the kTPR
@@ -90,7 +93,7 @@ CASES = [
     ("decode-d96-paged", functools.partial(decode, 96, True), 2, 108),
     ("decode-d128-paged", functools.partial(decode, 128, True), 2, 108),
     ("decode-d256-contiguous", functools.partial(decode, 256, False), 2, 108),
-    *[(f"int8-config{c}-m{M}", functools.partial(int8_gemm, M, N, 272, c, sms), 1, sms)
+    *[(f"int8-config{c}-m{M}", functools.partial(int8_gemm, M, N, 288, c, sms), 1, sms)
       # config 4 (128 x 256 tiles) is taken where M > 128 tiles cover few SMs: a 4-SM device
       for c, (M, N, sms) in enumerate(((8, 144, 108), (20, 144, 108), (40, 272, 108), (130, 272, 108),
                                        (257, 272, 4)))],
@@ -102,7 +105,7 @@ CASES = [
 # FASTLLM_INT8_WGMMA unset: the cp.async int8 kernel (the TMA one writes through the async proxy).
 HOPPER = [
     *[(f"sm90-flash-d{D}", functools.partial(flash, D, BF16, causal=True), 0, 132) for D in (64, 128, 256)],
-    ("sm90-int8-m130", functools.partial(int8_gemm, 130, 272, 144, None, 132), 0, 132),
+    ("sm90-int8-m130", functools.partial(int8_gemm, 130, 272, 160, None, 132), 0, 132),
     *[(f"sm90-sparse24-{str(dt)[6:]}-m130", functools.partial(sparse24, dt, 130, None, True), 0, 132)
       for dt in (F16, torch.int8)],
 ]
@@ -143,6 +146,14 @@ def test_ldmatrix_conflict_free(case):
 def test_cp_async_conflict_free(case):
     cp = measured(case)["cp.async.cg"]
     assert cp[1] == cp[2], f"{case}: cp.async.cg: {cp[1]} / {cp[2]} wavefronts ({cp[3]})"
+
+
+@pytest.mark.parametrize("case", IDS)
+def test_cp_async_reads_whole_sectors(case):
+    # Coalescing: each warp cp.async touches no more 32-byte global sectors than its lanes'
+    # 16-byte reads need (zero-filled lanes read nothing).
+    sec = measured(case)["cp.async.cg global sectors"]
+    assert sec[1] == sec[2], f"{case}: {sec[1]} / {sec[2]} sectors in {sec[0]} warp cp.async ({sec[3]})"
 
 
 def test_decode_gemms_use_no_modelled_shared_access():

@@ -43,9 +43,14 @@ struct Fiber {
   std::vector<std::vector<Copy>> groups;  // committed cp.async groups, oldest first
   std::vector<Copy> open;                 // issued, not yet committed
   std::vector<Copy> landed;               // waited for, not yet published by a barrier
-  // cp.async issued since the warp's last rendezvous: (call site, shared address), for the
-  // bank-conflict count of each warp-level instruction (flush_cp_log).
-  std::vector<std::pair<const void*, uint32_t>> cp_log;
+  // cp.async issued since the warp's last rendezvous, for the bank-conflict and sector counts of
+  // each warp-level instruction (flush_cp_log).
+  struct CpLog {
+    const void* site;
+    uint32_t dst;
+    uintptr_t src;  // 0: zero-fill (src-size 0), nothing read
+  };
+  std::vector<CpLog> cp_log;
 };
 
 struct WarpSync {
@@ -134,9 +139,46 @@ void bank_phase(const char* tag, const uint32_t* addr, int n, int warp, int phas
 // from a call site (the kernel's inlined cp_async_16) belongs to the same warp instruction as the
 // k-th of the other lanes from that site: that is how the kernels here issue them (uniform loops;
 // invalid rows zero-filled, not skipped). Counted in phases of lanes 0-7, 8-15, ...
+// Global side of one warp cp.async (coalescing): the 32-byte sectors its reading lanes touch,
+// against the fewest the same bytes need: each maximal contiguous run of them, ceil(bytes / 32).
+// More means runs that start or end inside a sector (e.g. rows whose stride is not a multiple of
+// 32 bytes, or chunk pairs that straddle sectors). Isolated 16-byte reads are not flagged.
+void sector_count(const uintptr_t* src, int n, int warp) {
+  if (n == 0) return;
+  uintptr_t s[32], sec[64];
+  std::copy(src, src + n, s);
+  std::sort(s, s + n);
+  int ns = 0, ideal = 0;
+  uintptr_t run_lo = s[0], run_hi = s[0] + 16;  // current run [lo, hi)
+  for (int i = 0; i <= n; ++i) {
+    if (i < n && s[i] <= run_hi) {
+      run_hi = std::max(run_hi, s[i] + 16);
+      continue;
+    }
+    ideal += static_cast<int>((run_hi - run_lo + 31) / 32);
+    for (uintptr_t a = run_lo / 32; a <= (run_hi - 1) / 32; ++a) sec[ns++] = a;
+    if (i < n) run_lo = s[i], run_hi = s[i] + 16;
+  }
+  std::sort(sec, sec + ns);
+  ns = static_cast<int>(std::unique(sec, sec + ns) - sec);
+  BankStat& b = bank_stat("cp.async.cg global sectors");
+  ++b.phases;
+  b.wavefronts += ns;
+  b.ideal += ideal;
+  if (ns > ideal && b.example.empty()) {
+    char buf[128];
+    std::snprintf(buf, sizeof buf, "%d sectors for %d reads, block (%u, %u, %u) warp %d, byte offsets:", ns, n,
+                  g_bid.x, g_bid.y, g_bid.z, warp);
+    b.example = buf;
+    const uintptr_t lo = *std::min_element(src, src + n);
+    for (int i = 0; i < n; ++i) b.example += " " + std::to_string(src[i] - lo);
+  }
+}
+
 void flush_cp_log(int warp) {
   struct Inst {
     uint32_t addr[32], lanes = 0;
+    uintptr_t src[32];
   };
   std::map<std::pair<const void*, int>, Inst> insts;
   for (int lane = 0; lane < 32; ++lane) {
@@ -144,13 +186,14 @@ void flush_cp_log(int warp) {
     if (log.empty()) continue;
     std::map<const void*, int> seen;
     for (const auto& e : log) {
-      auto& in = insts[{e.first, seen[e.first]++}];
-      in.addr[lane] = e.second;
+      auto& in = insts[{e.site, seen[e.site]++}];
+      in.addr[lane] = e.dst;
+      in.src[lane] = e.src;
       in.lanes |= 1u << lane;
     }
     log.clear();
   }
-  for (const auto& kv : insts)
+  for (const auto& kv : insts) {
     for (int p = 0; p < 4; ++p) {
       uint32_t addr[8];
       int n = 0;
@@ -158,6 +201,12 @@ void flush_cp_log(int warp) {
         if (kv.second.lanes >> l & 1) addr[n++] = kv.second.addr[l];
       bank_phase("cp.async.cg", addr, n, warp, p);
     }
+    uintptr_t src[32];
+    int n = 0;
+    for (int l = 0; l < 32; ++l)
+      if ((kv.second.lanes >> l & 1) && kv.second.src[l] != 0) src[n++] = kv.second.src[l];
+    sector_count(src, n, warp);
+  }
 }
 void flush_cp_logs() {
   for (size_t w = 0; w < g_warps.size(); ++w) flush_cp_log(static_cast<int>(w));
@@ -706,7 +755,7 @@ void cp_async_cg_shared_global(uint32_t dst, const void* src, int cp_size, int s
   if (cp_size != 16 || (src_size != 0 && src_size != 16)) fail("cp.async.cg: sizes %d / %d not modelled", cp_size, src_size);
   cp_async_issue(dst, src, src_size == 16);
   // The call site names the instruction (the kernels' cp_async_16 is force-inlined).
-  g_cur->cp_log.emplace_back(__builtin_return_address(0), dst);
+  g_cur->cp_log.push_back({__builtin_return_address(0), dst, src_size ? reinterpret_cast<uintptr_t>(src) : 0});
 }
 void cp_async_commit_group() { cp_async_commit(); }
 void cp_async_wait_group(int n) { cp_async_wait(n); }
