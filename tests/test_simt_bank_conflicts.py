@@ -1,4 +1,4 @@
-"""Shared-memory bank conflicts of the sm80 kernels, counted by the SIMT emulator (tests/simt/).
+"""Shared-memory bank conflicts of the CUDA kernels, counted by the SIMT emulator (tests/simt/).
 
 The kernels' comments claim that their XOR-swizzled shared tiles make every ldmatrix
 conflict-free (csrc/attention/flash_fwd_kernel.cuh SmemTile, csrc/int8/int8_gemm_kernel.cuh
@@ -16,8 +16,10 @@ When this test was written, the attention kernels' cp.async fills had 2-way conf
 threads per row taking chunks cb + k kTPR: a phase's rows shared their swizzle xor above the kTPR
 chunks) and 4-way at D 80 (a flattened fill put one row's column blocks, kRows x 32 bytes apart,
 in one phase); SmemTile::fill_row / storage_row (flash_fwd_kernel.cuh) deal rows and chunks to
-the lanes so that each phase hits 8 bank groups. (Not counted: plain C++ shared loads and stores,
-e.g. the epilogues' and reductions', which run unmodelled, and the Hopper wgmma / TMA paths.)
+the lanes so that each phase hits 8 bank groups. The sm_90a kernels' cp.async fills are counted
+too (HOPPER below). Not counted: plain C++ shared loads and stores, e.g. the epilogues' and
+reductions', which run unmodelled, and the wgmma / TMA accesses (the hardware reads and writes
+those swizzled tiles whole).
 """
 import ctypes
 import functools

@@ -110,6 +110,24 @@ BankStat& bank_stat(const char* tag) {
   return g_bank.back();
 }
 
+// Adds one measurement (units used, ideal) to `tag`'s totals. Returns the stat when this is the
+// first one over its ideal (the caller then writes the example: formatting only then), else null.
+BankStat* record(const char* tag, long long used, long long ideal) {
+  BankStat& b = bank_stat(tag);
+  ++b.phases;
+  b.wavefronts += used;
+  b.ideal += ideal;
+  return used > ideal && b.example.empty() ? &b : nullptr;
+}
+// "<head> block (x, y, z) warp w<tail>:" then the n addresses less `base`.
+template <typename Addr>
+std::string example(const std::string& head, int warp, const std::string& tail, const Addr* addr, int n, Addr base) {
+  std::string e = head + ", block (" + std::to_string(g_bid.x) + ", " + std::to_string(g_bid.y) + ", " +
+                  std::to_string(g_bid.z) + ") warp " + std::to_string(warp) + tail + ":";
+  for (int i = 0; i < n; ++i) e += " " + std::to_string(addr[i] - base);
+  return e;
+}
+
 // One phase: the 16-byte shared rows of up to 8 lanes (n of them), from warp `warp`.
 void bank_phase(const char* tag, const uint32_t* addr, int n, int warp, int phase) {
   if (n == 0) return;
@@ -121,17 +139,36 @@ void bank_phase(const char* tag, const uint32_t* addr, int n, int warp, int phas
   nw = static_cast<int>(std::unique(words, words + nw) - words);
   int per_bank[32] = {}, waves = 0;
   for (int i = 0; i < nw; ++i) waves = std::max(waves, ++per_bank[words[i] % 32]);
-  BankStat& b = bank_stat(tag);
-  ++b.phases;
-  ++b.ideal;
-  b.wavefronts += waves;
-  if (waves > 1 && b.example.empty()) {
-    char buf[128];
-    std::snprintf(buf, sizeof buf, "%d wavefronts, block (%u, %u, %u) warp %d phase %d, byte addresses:", waves,
-                  g_bid.x, g_bid.y, g_bid.z, warp, phase);
-    b.example = buf;
-    for (int i = 0; i < n; ++i) b.example += " " + std::to_string(addr[i]);
+  if (BankStat* b = record(tag, waves, 1))
+    b->example = example(std::to_string(waves) + " wavefronts", warp,
+                         " phase " + std::to_string(phase) + ", byte addresses", addr, n, 0u);
+}
+
+// Global side of one warp cp.async (coalescing): the 32-byte sectors its reading lanes touch,
+// against the fewest the same bytes need: each maximal contiguous run of them, ceil(bytes / 32).
+// More means runs that start or end inside a sector (e.g. rows whose stride is not a multiple of
+// 32 bytes, or chunk pairs that straddle sectors). Isolated 16-byte reads are not flagged.
+void sector_count(const uintptr_t* src, int n, int warp) {
+  if (n == 0) return;
+  uintptr_t s[32];
+  std::copy(src, src + n, s);
+  std::sort(s, s + n);
+  int used = 0, ideal = 0;
+  uintptr_t run_lo = s[0], run_hi = s[0] + 16, last = ~uintptr_t{0};  // run [lo, hi); last sector counted
+  for (int i = 1; i <= n; ++i) {
+    if (i < n && s[i] <= run_hi) {
+      run_hi = std::max(run_hi, s[i] + 16);
+      continue;
+    }
+    ideal += static_cast<int>((run_hi - run_lo + 31) / 32);
+    const uintptr_t first = run_lo / 32 == last ? last + 1 : run_lo / 32;  // runs ascend: only the
+    last = (run_hi - 1) / 32;                                                 // previous one can share
+    used += static_cast<int>(last + 1 - first);
+    if (i < n) run_lo = s[i], run_hi = s[i] + 16;
   }
+  if (BankStat* b = record("cp.async.cg global sectors", used, ideal))
+    b->example = example(std::to_string(used) + " sectors for " + std::to_string(n) + " reads", warp,
+                         ", byte offsets", src, n, s[0]);
 }
 
 // cp.async is issued per thread, but the fibers of a warp run one after another between
@@ -139,42 +176,6 @@ void bank_phase(const char* tag, const uint32_t* addr, int n, int warp, int phas
 // from a call site (the kernel's inlined cp_async_16) belongs to the same warp instruction as the
 // k-th of the other lanes from that site: that is how the kernels here issue them (uniform loops;
 // invalid rows zero-filled, not skipped). Counted in phases of lanes 0-7, 8-15, ...
-// Global side of one warp cp.async (coalescing): the 32-byte sectors its reading lanes touch,
-// against the fewest the same bytes need: each maximal contiguous run of them, ceil(bytes / 32).
-// More means runs that start or end inside a sector (e.g. rows whose stride is not a multiple of
-// 32 bytes, or chunk pairs that straddle sectors). Isolated 16-byte reads are not flagged.
-void sector_count(const uintptr_t* src, int n, int warp) {
-  if (n == 0) return;
-  uintptr_t s[32], sec[64];
-  std::copy(src, src + n, s);
-  std::sort(s, s + n);
-  int ns = 0, ideal = 0;
-  uintptr_t run_lo = s[0], run_hi = s[0] + 16;  // current run [lo, hi)
-  for (int i = 0; i <= n; ++i) {
-    if (i < n && s[i] <= run_hi) {
-      run_hi = std::max(run_hi, s[i] + 16);
-      continue;
-    }
-    ideal += static_cast<int>((run_hi - run_lo + 31) / 32);
-    for (uintptr_t a = run_lo / 32; a <= (run_hi - 1) / 32; ++a) sec[ns++] = a;
-    if (i < n) run_lo = s[i], run_hi = s[i] + 16;
-  }
-  std::sort(sec, sec + ns);
-  ns = static_cast<int>(std::unique(sec, sec + ns) - sec);
-  BankStat& b = bank_stat("cp.async.cg global sectors");
-  ++b.phases;
-  b.wavefronts += ns;
-  b.ideal += ideal;
-  if (ns > ideal && b.example.empty()) {
-    char buf[128];
-    std::snprintf(buf, sizeof buf, "%d sectors for %d reads, block (%u, %u, %u) warp %d, byte offsets:", ns, n,
-                  g_bid.x, g_bid.y, g_bid.z, warp);
-    b.example = buf;
-    const uintptr_t lo = *std::min_element(src, src + n);
-    for (int i = 0; i < n; ++i) b.example += " " + std::to_string(src[i] - lo);
-  }
-}
-
 void flush_cp_log(int warp) {
   struct Inst {
     uint32_t addr[32], lanes = 0;
