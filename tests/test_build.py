@@ -50,10 +50,20 @@ def test_every_unit_compiled_for_every_arch(build):
 
 def test_no_register_spills(build):
     # Every kernel in csrc is on a hot path; a spill is a performance bug to fix, not to allow.
+    # So is a stack frame (a register array indexed at run time lives in local memory).
     assert build["kernels"], "no ptxas report collected"
-    spills = [k for k in build["kernels"] if k["spill_stores"] or k["spill_loads"]]
+    spills = [k for k in build["kernels"] if k["spill_stores"] or k["spill_loads"] or k["stack"]]
     assert not spills, "\n".join(f"{k['arch']} {k['kernel']}: {k['spill_stores']}B st / "
-                                 f"{k['spill_loads']}B ld" for k in spills)
+                                 f"{k['spill_loads']}B ld, {k['stack']}B stack" for k in spills)
+
+
+def test_no_ptxas_advisories(build):
+    # ptxas serializes a wgmma pipeline it cannot keep async (C7511 / C7515: accumulators
+    # defined by other instructions between issue and wait, too few registers) or fences it
+    # itself (C7519): correct, but the overlap the sm_90a kernels are written for is gone.
+    assert all("advisories" in k for k in build["kernels"]), "built before advisories were collected: rebuild"
+    adv = [f"{k['arch']} {k['kernel']}: {a}" for k in build["kernels"] for a in k["advisories"]]
+    assert not adv, "\n".join(adv)
 
 
 def _setup_version(**env):
@@ -160,6 +170,61 @@ def test_build_info_reports_only_this_builds_objects(tmp_path):
     assert units == {"csrc/attention/flash_fwd_launcher.cu": ["sm_80"]}
     assert [k["arch"] for k in kernels] == ["sm_80"]
     assert bi.build_dir_key("/usr/bin/nvcc", ["80"]) != bi.build_dir_key("/usr/bin/nvcc", ["80", "90a"])
+
+
+# A wgmma pipeline ptxas must serialize: an accumulator rewritten between issue and wait.
+_SERIALIZED_WGMMA = r"""
+#include <cstdint>
+#define MMA asm volatile("wgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16 {%0,%1,%2,%3}, %4, %5, 1, 1, 1, 0, 0;" \
+                         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "l"(da), "l"(db) : "memory")
+__global__ void clean(float* out) { out[threadIdx.x] = 1.f; }
+__global__ void serialized(float* out, uint64_t da, uint64_t db) {
+  float d[4] = {0, 0, 0, 0};
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+  MMA;
+  d[0] = out[threadIdx.x];
+  MMA;
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+  out[threadIdx.x] = d[0] + d[1] + d[2] + d[3];
+}
+"""
+
+
+def test_ptxas_advisories_attach_to_their_kernel():
+    # ptxas prints a run's advisories before all of its resource blocks.
+    bi = _load_build_info()
+    text = ("ptxas info    : (C7519) warpgroup.arrive is injected in around line 47 by compiler to allow use of "
+            "registers in GMMA in function '_Z1kv'\n"
+            "ptxas info    : (C7511) Potential Performance Loss: wgmma.mma_async instructions are serialized due "
+            "to insufficient register resources for the wgmma pipeline in the function '_Z1kv'\n"
+            "ptxas info    : (C7510) something in function '_Z6helperv'\n")
+    for name in ("_Z5cleanv", "_Z1kv"):
+        text += (f"ptxas info    : Compiling entry function '{name}' for 'sm_90a'\n"
+                 "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+                 "ptxas info    : Used 34 registers, used 0 barriers\n")
+    clean, k = bi.parse_ptxas(text, "u.cu")
+    assert clean["advisories"] == [] and clean["registers"] == 34
+    assert [a.split()[0] for a in k["advisories"]] == ["C7519", "C7511", "C7510"]
+    assert "serialized" in k["advisories"][1] and k["advisories"][2].endswith("(function _Z6helperv)")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc")
+def test_real_ptxas_advisory_reaches_the_report(tmp_path):
+    # The format above is this nvcc's: the build's launcher keeps the advisory on the console and
+    # in the report that _build_info.json (and test_no_ptxas_advisories) reads.
+    src = tmp_path / "k.cu"
+    src.write_text(_SERIALIZED_WGMMA)
+    obj = tmp_path / "k.cu.o"
+    r = subprocess.run([sys.executable, str(ROOT / "csrc" / "cmake" / "capture_ptxas.py"), "nvcc", "-c", "-O3",
+                        "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas=-v", str(src), "-o", str(obj)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "Potential Performance Loss" in r.stderr and "Used" not in r.stderr
+    rows = {k["kernel"].split("(")[0]: k for k in _load_build_info().parse_ptxas(obj.with_suffix(".o.ptxas")
+                                                                                 .read_text(), "k.cu")}
+    assert rows["clean"]["advisories"] == []
+    assert any("serialized" in a for a in rows["serialized"]["advisories"]), rows["serialized"]
 
 
 def _copy_source(dst):

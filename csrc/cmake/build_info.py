@@ -1,6 +1,7 @@
 """Build-time helpers of setup.py (kept here so tests can import them without running setup()).
 
-  parse_ptxas(text, unit)            per-kernel, per-arch rows of a `ptxas -v` report
+  parse_ptxas(text, unit)            per-kernel, per-arch rows of a `ptxas -v` report, with its
+                                     (Cnnnn) advisories (e.g. wgmma serialized) per kernel
   collect(build_dir, archs, root)    (kernels, units) of THIS build for _build_info.json
   build_dir_key(nvcc, archs)         the CMake build folder's name for a toolkit + arch list
 
@@ -18,13 +19,25 @@ import shutil
 import subprocess
 
 
+#: ptxas' numbered advisories, printed as "ptxas info" before the resource blocks of their
+#: arch, e.g. "(C7511) Potential Performance Loss: wgmma.mma_async instructions are serialized
+#: ... in the function '<mangled>'", "(C7519) warpgroup.arrive is injected ...": each one names a
+#: kernel whose wgmma pipeline ptxas had to serialize or fence itself.
+ADVISORY = re.compile(r"\((C\d{4})\)\s*(.*?)\s+in (?:the )?function '(\S+)'")
+
+
 def parse_ptxas(text, unit):
-    """Per-kernel, per-arch resource rows from a `ptxas -v` report."""
-    rows, cur = [], None
+    """Per-kernel, per-arch resource rows from a `ptxas -v` report; "advisories" lists the
+    kernel's (Cnnnn) lines (code and text) for that arch."""
+    rows, cur, pending = [], None, {}
     for line in text.splitlines():
+        m = ADVISORY.search(line)
+        if m:
+            pending.setdefault(m.group(3), []).append(f"{m.group(1)} {m.group(2)}")
+            continue
         m = re.search(r"Compiling entry function '(\S+)' for '(sm_\w+)'", line)
         if m:
-            cur = {"unit": unit, "kernel": m.group(1), "arch": m.group(2)}
+            cur = {"unit": unit, "kernel": m.group(1), "arch": m.group(2), "advisories": pending.pop(m.group(1), [])}
             rows.append(cur)
             continue
         if cur is None:
@@ -37,6 +50,11 @@ def parse_ptxas(text, unit):
             cur["registers"] = int(m.group(1))
             s = re.search(r"(\d+) bytes smem", line)
             cur["smem"] = int(s.group(1)) if s else 0
+    # A function that is not an entry (a noinline device function): its advisories go on the
+    # unit's last row, naming the function, so no report loses them.
+    for name, adv in pending.items():
+        if rows:
+            rows[-1]["advisories"] += [f"{a} (function {name})" for a in adv]
     names = [r["kernel"] for r in rows]
     if names and shutil.which("c++filt"):
         out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout
