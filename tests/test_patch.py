@@ -782,6 +782,18 @@ def test_gemma4_kv_shared_layers_get_the_right_query_positions():
     assert not any("_maybe_slice_kv_shared_inputs" in m.__dict__ for m in twin.modules())
 
 
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_slice_guard_reads_the_cache_under_either_name(name):
+    # transformers 5.24 renamed the methods' past_key_values to cache: read under the old name
+    # only, a static cache looked absent and the guard let an ambiguous slicing through.
+    class Static:
+        is_compileable = True
+    masks = {"full_attention": None, "sliding_attention": torch.ones(1, 1, 2, 2, dtype=torch.bool)}
+    assert _slicing._ambiguous(1, {"causal_mask_mapping": masks, name: Static()})
+    assert not _slicing._ambiguous(1, {"causal_mask_mapping": masks, name: object()})   # dynamic: exact
+    assert _slicing._ambiguous(3, {"causal_mask_mapping": masks, name: None})
+
+
 def test_backends_are_probed_at_every_head_dim_the_model_uses():
     # Regression: the probe read one head dim from the config. Gemma 4's full-attention layers use
     # global_head_dim (512 here) > every kernel's 256: backend="triton" patched, then every forward

@@ -1,6 +1,6 @@
 """The attention function fastllm registers with transformers' AttentionInterface.
 
-transformers (>= 5.0; checked against 5.17 and 5.23) calls, from every attention module that
+transformers (>= 5.0; checked against 5.17, 5.23 and 5.24) calls, from every attention module that
 dispatches through `ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, ...)`:
 
     out, weights = fn(module, query, key, value, attention_mask, dropout=p, scaling=s, **kwargs)

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ._model import cfg_get, text_config
-from .rules import ATTENTION_SUBLAYER_NAMES, KV_SHARING_ATTRIBUTE, SUPPORTED_LAYER_TYPES
+from .rules import ATTENTION_SUBLAYER_NAMES, KV_SHARING_ATTRIBUTE, SUPPORTED_LAYER_TYPES, cache_argument
 
 
 def _decoder_layers(model) -> Tuple[str, nn.ModuleList, str, List[int]]:
@@ -88,9 +88,7 @@ def _skipped_attention_forward(module, n_kv_heads, head_dim, *args, **kwargs):
     be measured on it (the paper reports small losses for the last layers of Llama 2).
     """
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    cache = kwargs.get("past_key_values")
-    if cache is None:
-        cache = kwargs.get("past_key_value")
+    cache = cache_argument(kwargs)
     if cache is not None and hasattr(cache, "update"):
         shape = (hidden.shape[0], n_kv_heads, hidden.shape[1], head_dim)
         cache.update(hidden.new_zeros(shape), hidden.new_zeros(shape), module.layer_idx)

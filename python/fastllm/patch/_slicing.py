@@ -19,7 +19,7 @@ cache with mask None, which attends to every key.
 import functools
 import inspect
 
-from .rules import QUERY_SLICING_METHODS
+from .rules import QUERY_SLICING_METHODS, cache_argument
 
 _KEEP_ALL = 0   # transformers' logits_to_keep convention: 0 keeps every position
 
@@ -64,7 +64,7 @@ def _ambiguous(keep, a) -> bool:
     masks = a.get("causal_mask_mapping")
     if not isinstance(masks, dict):
         return True
-    static = getattr(a.get("past_key_values"), "is_compileable", False)
+    static = getattr(cache_argument(a), "is_compileable", False)
     return (keep > 1 or bool(static)) and any(m is None for m in masks.values())
 
 

@@ -68,6 +68,16 @@ QUERY_SLICING_METHODS: Tuple[Tuple[str, str], ...] = (
     ("_maybe_slice_kv_shared_inputs", "logits_to_keep"),   # Gemma 4, Gemma 4 Unified
 )
 
+#: Names transformers gives the KV cache argument of a layer's forward (and of the model methods
+#: above): transformers 5.24 renamed past_key_values to cache; older code said past_key_value.
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
+
+
+def cache_argument(arguments):
+    """The KV cache among `arguments` (a layer's kwargs or bound arguments), else None."""
+    return next((arguments[n] for n in CACHE_ARGUMENTS if arguments.get(n) is not None), None)
+
+
 #: Config attribute (> 0) meaning some layers read the K/V another layer computed: their
 #: attention cannot be skipped (skip_attention) without breaking the readers.
 KV_SHARING_ATTRIBUTE = "num_kv_shared_layers"

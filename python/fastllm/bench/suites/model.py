@@ -33,6 +33,7 @@ with only that mode's model on the GPU (absolute, weights included; GPU only);
 weights_MiB: parameters + buffers of the patched model.
 """
 import copy
+import inspect
 import math
 
 import torch
@@ -99,13 +100,15 @@ def _decode_step_fn(model, B, context, vocab, device):
     prefilled with `context` random tokens; calling it again rewrites the same slot."""
     from transformers import StaticCache
     cache = StaticCache(config=model.config, max_cache_len=2 * context)
+    # transformers 5.24 renamed the forward's past_key_values to cache (the old name warns until 5.40).
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     prompt = torch.randint(3, vocab, (B, context), device=device)
-    model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1,
-          cache_position=torch.arange(context, device=device))
+    model(prompt, use_cache=True, logits_to_keep=1, cache_position=torch.arange(context, device=device),
+          **{kw: cache})
     tok = torch.randint(3, vocab, (B, 1), device=device)
     pos = torch.tensor([context], device=device)
     mask = torch.ones(B, context + 1, dtype=torch.long, device=device)
-    return lambda: model(tok, attention_mask=mask, past_key_values=cache, use_cache=True, cache_position=pos)
+    return lambda: model(tok, attention_mask=mask, use_cache=True, cache_position=pos, **{kw: cache})
 
 
 def _pruned_reference(base, patched, device):
