@@ -49,3 +49,15 @@ def test_devices_say_cpu_only_torch_first(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", "12.4")
     monkeypatch.setattr(_ext, "_load", lambda: (None, "not built"))
     assert info._devices() == "none (torch.cuda.is_available() is False with PyTorch's CUDA 12.4)"
+
+
+def test_kernels_listing_shows_ptxas_advisories():
+    from fastllm import info
+    inf = info.collect()
+    inf["kernels"] = [{"arch": "sm_90a", "kernel": "k", "registers": 168, "smem": 0, "spill_stores": 0,
+                       "spill_loads": 0, "advisories": ["C7511 Potential Performance Loss: wgmma serialized"]},
+                      {"arch": "sm_80", "kernel": "old_report"}]       # a build from before advisories
+    out = info.render(inf, kernels=True).splitlines()
+    i = next(i for i, line in enumerate(out) if line.endswith("  k"))
+    assert out[i + 1].strip() == "ptxas: C7511 Potential Performance Loss: wgmma serialized"
+    assert out[-1].endswith("old_report")

@@ -111,13 +111,16 @@ def render(info, kernels=False):
         for k in info["kernels"]:
             lines.append(f"{k['arch']:<7} {k.get('registers', '?'):>4} {k.get('smem', 0):>6} "
                          f"{k.get('spill_stores', 0) + k.get('spill_loads', 0):>6}  {k['kernel']}")
+            # ptxas' advisories (a wgmma pipeline it serialized): the build's tests allow none.
+            lines += [f"{'':<28}ptxas: {a}" for a in k.get("advisories", [])]
     return "\n".join(lines)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m fastllm.info", description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="machine-readable output")
-    ap.add_argument("--kernels", action="store_true", help="per-kernel registers/smem/spills from ptxas")
+    ap.add_argument("--kernels", action="store_true",
+                    help="per-kernel registers/smem/spills (and advisories) from ptxas")
     args = ap.parse_args(argv)
     info = collect()
     print(json.dumps(info, indent=1, default=str) if args.json else render(info, args.kernels))
