@@ -43,6 +43,16 @@ SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
+def _ptxas_for(arch):
+    """The ptxas Triton itself runs for `arch`: Triton 3.9 writes PTX 9.4 for sm_90 and assembles
+    it with its newer bundled ptxas (ptxas-blackwell), which the plain one (12.9) refuses."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return get_ptxas(arch).path
+    except (ImportError, AttributeError):
+        return PTXAS
+
+
 class _TargetDriver:
     """The few members of Triton's active driver that JITFunction.run touches before compiling."""
 
@@ -88,7 +98,8 @@ def _ptxas(ptx, arch):
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     try:
-        res = subprocess.run([PTXAS, f"-arch={sm}", "-v", "-o", os.devnull, f.name], capture_output=True, text=True)
+        res = subprocess.run([_ptxas_for(arch), f"-arch={sm}", "-v", "-o", os.devnull, f.name],
+                             capture_output=True, text=True)
     finally:
         os.unlink(f.name)
     if res.returncode != 0:
