@@ -238,18 +238,22 @@ void publish_landed() {
   g_cur->landed.clear();
 }
 
+// The last live thread reached __syncthreads (or the last one it waited for exited): the warps'
+// cp.async since the previous barrier are counted, the OR result published, the waiters freed.
+void release_block_barrier() {
+  flush_cp_logs();
+  g_or_res[g_bar_gen & 1] = g_or_acc;
+  g_or_acc = 0;
+  g_bar_arrived = 0;
+  ++g_bar_gen;
+}
+
 void thread_exit() {
   Fiber& f = *g_cur;
   f.done = true;
   --g_live;
   // Exited threads count as arrived at __syncthreads (PTX bar.sync: "all non-exited threads").
-  if (g_bar_arrived > 0 && g_bar_arrived == g_live) {
-    flush_cp_logs();
-    g_or_res[g_bar_gen & 1] = g_or_acc;
-    g_or_acc = 0;
-    g_bar_arrived = 0;
-    ++g_bar_gen;
-  }
+  if (g_bar_arrived > 0 && g_bar_arrived == g_live) release_block_barrier();
   WarpSync& w = g_warps[f.st.warp];
   --w.live;
   if (w.arrived > 0) fail("lane %d of warp %d exited while its warp waits in %s", f.st.lane, f.st.warp, w.tag[w.gen & 1]);
@@ -405,11 +409,7 @@ int syncthreads_or(int pred) {
   const uint64_t g = g_bar_gen;
   g_or_acc |= pred != 0;
   if (++g_bar_arrived == g_live) {
-    flush_cp_logs();
-    g_or_res[g & 1] = g_or_acc;
-    g_or_acc = 0;
-    g_bar_arrived = 0;
-    ++g_bar_gen;
+    release_block_barrier();
   } else {
     g_cur->wait = kBlockBar;
     g_cur->gen = g;
