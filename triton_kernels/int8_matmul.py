@@ -78,13 +78,17 @@ def _sm_count(index: int) -> int:
 
 
 def pick_config(kind: str, M: int, N: int, K: int, *, group_size: int = 0, sms: int = 132,
-                interpret: bool = False) -> Config:
+                arch: int = 90, interpret: bool = False) -> Config:
     """The tile config for kind "w8a8", "w8a8-static" or "w8a16" at this (M bucket, N, K).
 
     GPU configs are the usual Hopper/Ampere shapes for 8-bit operands: int8 tl.dot needs
     BLOCK_K >= 32 (one m16n8k32 MMA); 128 int8 = 128 bytes per row per stage, the same bytes
     as a 64-wide bf16 tile. Small M gets BLOCK_M = 16 (nothing is gained computing padding
     rows) and wider N/K per program; large M gets 128x128/128x256 tiles with 8 warps.
+    arch (capability, 80 / 86 / 89 / 90): the tiles below sm_90 are the ones that compile
+    without spills under every Triton from 3.6 to 3.9 (bench/triton_versions_check.sh): no
+    128x256 there (3.8+ spill 1.2 to 15.8 KB in the epilogue), 8 warps on 64x128x128 (4 warps
+    spill under 3.7 to 3.9), BLOCK_K 64 for 16-bit A tiles at M > 64.
     Under the interpreter the configs are fixed and small: tiles far below the test shapes so
     that partial tiles, masked K and split-K are all exercised, with few enough programs to
     keep the CPU run short.
@@ -97,17 +101,20 @@ def pick_config(kind: str, M: int, N: int, K: int, *, group_size: int = 0, sms: 
         elif M <= 32:
             cfg = Config(32, 64, 256, num_warps=4, num_stages=4)
         elif M <= 64:
-            cfg = Config(64, 128, 128, num_warps=4, num_stages=4)
+            cfg = Config(64, 128, 128, num_warps=4 if arch >= 90 else 8, num_stages=4)
         elif M <= 128:
             cfg = Config(128, 128, 128, num_warps=8, num_stages=3)
         else:
             # BLOCK_K 64, not 128: with 128 the raw-int32 variant spills on sm_80/86
             # (bench/triton_compile_check.py); one more stage keeps the same bytes in flight.
-            cfg = Config(128, 256, 64, num_warps=8, num_stages=4)
+            cfg = Config(128, 256 if arch >= 90 else 128, 64, num_warps=8, num_stages=4)
         if kind == "w8a8-static" and cfg.BLOCK_K > 128:
             # The A tile arrives in 16 bits (twice the int8 bytes) and is quantized in
             # registers: K 256 spills (sm_86 at M 32, sm_90 at M 16) and fills shared memory.
             cfg = cfg._replace(BLOCK_K=128)
+        if kind == "w8a8-static" and arch < 90 and M > 64 and cfg.BLOCK_K > 64:
+            # 128 x 128 x 128 with a 16-bit A tile spills 24-32 B below sm_90 (Triton 3.7+).
+            cfg = cfg._replace(BLOCK_K=64, num_stages=cfg.num_stages + 1)
         # Do not walk K in steps far larger than K itself (min 32: int8 MMA k-width).
         return cfg._replace(BLOCK_K=max(32, min(cfg.BLOCK_K, triton.next_power_of_2(K))))
 
@@ -126,7 +133,8 @@ def pick_config(kind: str, M: int, N: int, K: int, *, group_size: int = 0, sms: 
         # Per-group scales keep a second (partial) accumulator live: 128 x 256 spills.
         cfg = Config(128, 128, 64, num_warps=8, num_stages=3)
     else:
-        cfg = Config(128, 256, 64, num_warps=8, num_stages=3)
+        # 128 x 256 spills below sm_90 under Triton 3.8+ (8 B fp16, 72 B bf16 at sm_80).
+        cfg = Config(128, 256 if arch >= 90 else 128, 64, num_warps=8, num_stages=3)
     bk = max(16, min(cfg.BLOCK_K, triton.next_power_of_2(K)))
     if group_size:
         bk = min(bk, group_size & -group_size)  # a K tile must sit inside one group
@@ -379,6 +387,16 @@ def _sms(t: torch.Tensor) -> int:
         if t.device.type == "cuda" else 132
 
 
+def _arch(t: torch.Tensor) -> int:
+    """Compute capability as 80 / 86 / 90 ... of t's GPU (90 under the interpreter, where the
+    tiles do not depend on it). Asked even for a CPU tensor when compiling for a GPU:
+    bench/triton_compile_check.py answers for the arch it compiles."""
+    if _interp():
+        return 90
+    major, minor = torch.cuda.get_device_capability(t.device if t.is_cuda else None)
+    return 10 * major + minor
+
+
 def int8_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: Optional[torch.Tensor] = None,
                 w_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                 out_dtype: torch.dtype = torch.bfloat16, config: Optional[Config] = None,
@@ -408,7 +426,7 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: Optional[torch.Tensor
         return out
     quant_a = in_mul is not None or dynamic
     kind = "w8a8-static" if quant_a else "w8a8"     # (a 16-bit A tile either way)
-    cfg = config or pick_config(kind, M, N, K, sms=_sms(a), interpret=_interp())
+    cfg = config or pick_config(kind, M, N, K, sms=_sms(a), arch=_arch(a), interpret=_interp())
     grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
     per_row = scaled and not dynamic and a_scale.numel() > 1
     dummy = out  # never read when the matching flag is off
@@ -440,7 +458,8 @@ def w8a16_matmul(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: 
     if M == 0 or N == 0:
         return out
     interp = _interp()
-    cfg = config or pick_config("w8a16", M, N, K, group_size=group_size, sms=_sms(x), interpret=interp)
+    cfg = config or pick_config("w8a16", M, N, K, group_size=group_size, sms=_sms(x), arch=_arch(x),
+                                 interpret=interp)
     if group_size and group_size % cfg.BLOCK_K:
         raise ValueError(f"BLOCK_K {cfg.BLOCK_K} must divide group_size {group_size}")
     split = cfg.SPLIT_K
@@ -485,7 +504,7 @@ def _bench(sweep: bool = False):
         t_tr = do_bench(lambda: int8_matmul(a, b, sa, sw, None, torch.bfloat16))
         t_cb = do_bench(lambda: torch._int_mm(a, b.t())) if M > 16 else float("nan")
         t_bf = do_bench(lambda: xa @ xb.t())
-        print(f"  M={M:5d} N={N:5d} K={K:5d}  {pick_config('w8a8', M, N, K, sms=_sms(a))}\n"
+        print(f"  M={M:5d} N={N:5d} K={K:5d}  {pick_config('w8a8', M, N, K, sms=_sms(a), arch=_arch(a))}\n"
               f"{'':40s}{ops / t_tr * 1e-9:8.1f}  {ops / t_cb * 1e-9:8.1f}  {ops / t_bf * 1e-9:8.1f}")
         if sweep and N == 4096 and M in (1, 32, 128, 4096):
             best = []
@@ -514,7 +533,7 @@ def _bench(sweep: bool = False):
         t1 = do_bench(lambda: w8a16_matmul(x, w, s))
         t2 = do_bench(lambda: w8a16_matmul(x, w, sg, None, 128))
         t3 = do_bench(lambda: x @ wb.t())
-        print(f"  M={M:5d} N={N:5d} K={K:5d}  {pick_config('w8a16', M, N, K, sms=_sms(x))}\n"
+        print(f"  M={M:5d} N={N:5d} K={K:5d}  {pick_config('w8a16', M, N, K, sms=_sms(x), arch=_arch(x))}\n"
               f"{'':40s}{N * K / t1 * 1e-6:8.0f}  {N * K / t2 * 1e-6:8.0f}  {2 * N * K / t3 * 1e-6:8.0f}"
               f"   (time us: {t1 * 1e3:.1f} {t2 * 1e3:.1f} {t3 * 1e3:.1f})")
         if sweep and M in (1, 16) and N * K < 11008 * 4096 or (M, N) == (1, 11008):
