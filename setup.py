@@ -288,7 +288,7 @@ setup(
     packages=find_packages("python", include=["fastllm", "fastllm.*"]) + ["fastllm.triton_kernels"],
     package_dir={"fastllm": "python/fastllm", "fastllm.triton_kernels": "triton_kernels"},
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton>=3.0"], "hf": ["transformers>=5.0", "safetensors"],
+    extras_require={"triton": ["triton>=3.2"], "hf": ["transformers>=5.0", "safetensors"],
                     "test": ["pytest", "transformers>=5.0", "safetensors"]},
     ext_modules=[CMakeExtension("fastllm._C")] if cfg else [],
     cmdclass={"build_ext": CMakeBuild},

@@ -6,9 +6,10 @@ autotune tables, num_warps / num_stages, libdevice calls and the non-INTERPRET b
 only compiled on a GPU. This script runs each op's real Python wrapper on small CPU tensors
 with a stand-in Triton driver whose target is the chosen GPU: the wrapper picks its tile
 config for that arch (torch.cuda.get_device_capability answers for it) and calls the kernel;
-JITFunction._do_compile is replaced by a recorder of the exact (signature, constexprs,
-attributes, options) of that launch, which then is not compiled or run. Each capture is then compiled through Triton's NVIDIA backend to PTX and the PTX through
-Triton's bundled ptxas -v.
+the compile function JITFunction.run calls is replaced by a recorder of the exact source
+(signature, constexprs, attributes) and options of that launch, which then is not run. Each
+capture is then compiled through Triton's NVIDIA backend to PTX and the PTX through the ptxas
+Triton runs for that arch (-v). Works with Triton 3.2 to 3.9 (bench/triton_versions_check.sh).
 
     python bench/triton_compile_check.py [--arch 80 86 90] [--case NAME ...] [--json]
 
@@ -34,9 +35,7 @@ if os.environ.get("TRITON_INTERPRET"):
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime import driver  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
 
 # Largest dynamic shared memory per block (opt-in), bytes.
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -48,8 +47,13 @@ def _ptxas_for(arch):
     it with its newer bundled ptxas (ptxas-blackwell), which the plain one (12.9) refuses."""
     try:
         from triton.backends.nvidia.compiler import get_ptxas
+    except ImportError:
+        return PTXAS
+    try:
         return get_ptxas(arch).path
-    except (ImportError, AttributeError):
+    except TypeError:            # Triton 3.4 / 3.5: one ptxas for every arch
+        return get_ptxas().path
+    except AttributeError:
         return PTXAS
 
 
@@ -69,28 +73,44 @@ class _TargetDriver:
         return 0
 
 
+class _NoLaunch:
+    """Stands in for the compiled kernel JITFunction.run would launch: every attribute it reads
+    (function, packed_metadata, launch_metadata(), run(), result(), ...) is a no-op."""
+
+    def __getattr__(self, name):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return self
+
+
+_DRIVER_SLOT = "_active" if hasattr(driver, "_active") else "active"   # ("active" up to Triton 3.2)
+
+
 @contextlib.contextmanager
 def capturing(arch):
     """Inside: Triton kernel launches are recorded (not compiled, not run) as if on a GPU of
-    this arch: JITFunction.run binds and specializes the arguments for that target, then
-    calls _do_compile, which here records (function, signature, constexprs, attrs, options)
-    and returns None, which makes run return without launching."""
+    this arch: JITFunction.run binds and specializes the arguments for that target and calls
+    the compile function it took from triton.compiler, here a recorder of (function, ASTSource,
+    options) that returns a kernel whose launch does nothing. Only public names are replaced
+    (triton.compiler.compile, the active driver), so this works from Triton 3.2 to 3.9."""
     captured = []
 
-    def record(self, key, signature, device, constexprs, options, attrs, warmup):
-        captured.append((self, dict(signature=signature, constants=constexprs, attrs=attrs, options=options)))
-        return None
+    def record(src, target=None, options=None, **kwargs):
+        captured.append((src.fn, dict(src=src, options=dict(options or {}))))
+        return _NoLaunch()
 
-    old_compile, old_cap, old_driver = JITFunction._do_compile, torch.cuda.get_device_capability, driver._active
+    old_compile, old_cap = triton.compiler.compile, torch.cuda.get_device_capability
+    old_driver = getattr(driver, _DRIVER_SLOT)
     driver.set_active(_TargetDriver(arch))
-    JITFunction._do_compile = record
+    triton.compiler.compile = record    # JITFunction.create_binder imports it from here
     torch.cuda.get_device_capability = lambda device=None: (arch // 10, arch % 10)
     try:
         yield captured
     finally:
-        JITFunction._do_compile = old_compile
+        triton.compiler.compile = old_compile
         torch.cuda.get_device_capability = old_cap
-        driver._active = old_driver   # (reset_active() would look for a real GPU driver)
+        setattr(driver, _DRIVER_SLOT, old_driver)   # (reset_active() would look for a real GPU driver)
 
 
 def _ptxas(ptx, arch):
@@ -110,17 +130,23 @@ def _ptxas(ptx, arch):
             "spill_loads": num(r"(\d+) bytes spill loads"), "stack": num(r"(\d+) bytes stack frame")}
 
 
-def compile_captured(fn, compile_kwargs, arch):
-    """Compile one captured launch for `arch`; returns its resource report."""
-    target = GPUTarget("cuda", arch, 32)
-    c = dict(compile_kwargs)
-    src = ASTSource(fn, c.pop("signature"), c.pop("constants"), c.pop("attrs"))
-    options = c.pop("options")
-    ck = triton.compile(src, target=target, options=options.__dict__)
+def _arg_name(fn, key):
+    """A constexpr's parameter name: constants are keyed by name (Triton 3.2), by index or by
+    an index path (tuple, 3.3+)."""
+    if isinstance(key, str):
+        return key
+    return str(fn.arg_names[key[0] if isinstance(key, tuple) else key])
+
+
+def compile_captured(fn, captured, arch):
+    """Compile one captured launch for `arch` (through the real triton.compile); returns its
+    resource report."""
+    src, options = captured["src"], captured["options"]
+    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     report = _ptxas(ck.asm["ptx"], arch)
-    report.update(kernel=fn.__name__, shared=ck.metadata.shared, num_warps=options.num_warps,
-                  num_stages=options.num_stages,
-                  constexprs={str(fn.arg_names[k[0]]): v for k, v in ck.src.constants.items()
+    report.update(kernel=fn.__name__, shared=ck.metadata.shared, num_warps=options["num_warps"],
+                  num_stages=options["num_stages"],
+                  constexprs={_arg_name(fn, k): v for k, v in src.constants.items()
                               if isinstance(v, (int, bool, str))})
     return report
 
@@ -238,13 +264,14 @@ def run(archs, names):
             with capturing(arch) as captured:
                 CASES[name]()
             for fn, kw in captured:
-                key = (arch, fn.__name__, repr(sorted(kw["constants"].items())), kw["options"].num_warps,
-                       kw["options"].num_stages, str(kw["signature"]))
+                src, options = kw["src"], kw["options"]
+                key = (arch, fn.__name__, repr(sorted(src.constants.items(), key=repr)), options["num_warps"],
+                       options["num_stages"], str(src.signature))
                 if key in seen:
                     continue
                 seen.add(key)
                 r = compile_captured(fn, kw, arch)
-                r.update(case=name, arch=arch, smem_limit=SMEM_LIMIT[arch], dtype=_data_dtype(kw["signature"]))
+                r.update(case=name, arch=arch, smem_limit=SMEM_LIMIT[arch], dtype=_data_dtype(src.signature))
                 # float32 kernels (IEEE FMA dots) are correctness paths: spills are reported,
                 # not failed on; every kernel must fit the arch's shared memory.
                 spills = r["spill_stores"] + r["spill_loads"]

@@ -86,9 +86,9 @@ def pick_config(kind: str, M: int, N: int, K: int, *, group_size: int = 0, sms: 
     as a 64-wide bf16 tile. Small M gets BLOCK_M = 16 (nothing is gained computing padding
     rows) and wider N/K per program; large M gets 128x128/128x256 tiles with 8 warps.
     arch (capability, 80 / 86 / 89 / 90): the tiles below sm_90 are the ones that compile
-    without spills under every Triton from 3.6 to 3.9 (bench/triton_versions_check.sh): no
+    without spills under every Triton from 3.5 to 3.9 (bench/triton_versions_check.sh): no
     128x256 there (3.8+ spill 1.2 to 15.8 KB in the epilogue), 8 warps on 64x128x128 (4 warps
-    spill under 3.7 to 3.9), BLOCK_K 64 for 16-bit A tiles at M > 64.
+    spill under 3.7 to 3.9), BLOCK_K 64 for 16-bit A tiles at M > 32.
     Under the interpreter the configs are fixed and small: tiles far below the test shapes so
     that partial tiles, masked K and split-K are all exercised, with few enough programs to
     keep the CPU run short.
@@ -112,8 +112,9 @@ def pick_config(kind: str, M: int, N: int, K: int, *, group_size: int = 0, sms: 
             # The A tile arrives in 16 bits (twice the int8 bytes) and is quantized in
             # registers: K 256 spills (sm_86 at M 32, sm_90 at M 16) and fills shared memory.
             cfg = cfg._replace(BLOCK_K=128)
-        if kind == "w8a8-static" and arch < 90 and M > 64 and cfg.BLOCK_K > 64:
-            # 128 x 128 x 128 with a 16-bit A tile spills 24-32 B below sm_90 (Triton 3.7+).
+        if kind == "w8a8-static" and arch < 90 and M > 32 and cfg.BLOCK_K > 64:
+            # With a 16-bit A tile, 128 x 128 x 128 spills 24-32 B below sm_90 (Triton 3.7+) and
+            # 64 x 128 x 128 x 4 stages needs 104 KB of shared memory under Triton 3.2 (sm_86: 99).
             cfg = cfg._replace(BLOCK_K=64, num_stages=cfg.num_stages + 1)
         # Do not walk K in steps far larger than K itself (min 32: int8 MMA k-width).
         return cfg._replace(BLOCK_K=max(32, min(cfg.BLOCK_K, triton.next_power_of_2(K))))
