@@ -586,8 +586,22 @@ def _gemma3n_skip():
     return model
 
 
+def _glm_dsa_skip():
+    """GLM-MoE-DSA's attention returns (out, weights, top-k indices) and the next layers reuse the
+    indices: a skipped sub-layer could not produce them (the stand-in's two values failed the
+    layer's unpacking at the first forward)."""
+    model = T.GlmMoeDsaForCausalLM(T.GlmMoeDsaConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
+        moe_intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=256, n_routed_experts=4,
+        num_experts_per_tok=2, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, kv_lora_rank=32,
+        q_lora_rank=32))
+    model.skip_kw = dict(skip_attention=1, backend="torch")
+    return model
+
+
 @pytest.mark.parametrize("make, match", [
     (_gemma3n_skip, "num_kv_shared_layers = 2"),   # skipping a layer others read K/V from
+    (_glm_dsa_skip, r"GlmMoeDsaAttention.forward returns 3 values"),
     (lambda: build("llama").double(), "computes in float64"),   # the ops take 16/32-bit floats
     (lambda: T.MambaForCausalLM(T.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
                                               state_size=4, pad_token_id=0)), "AttentionInterface"),

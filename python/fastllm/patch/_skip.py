@@ -8,7 +8,8 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ._model import cfg_get, text_config
-from .rules import ATTENTION_SUBLAYER_NAMES, KV_SHARING_ATTRIBUTE, SUPPORTED_LAYER_TYPES, cache_argument
+from .rules import (ATTENTION_SUBLAYER_NAMES, KV_SHARING_ATTRIBUTE, SUPPORTED_LAYER_TYPES, cache_argument,
+                    forward_return_arities)
 
 
 def _decoder_layers(model) -> Tuple[str, nn.ModuleList, str, List[int]]:
@@ -67,6 +68,15 @@ def resolve_skip(model, skip) -> List[Tuple[str, nn.Module]]:
                                  f"the layers that have one: {have}")
             idx.append(i % n)
         idx = sorted(set(idx))
+    for i in idx:
+        cls = type(getattr(layers[i], child))
+        extra = [a for a in forward_return_arities(cls) if a != 2]
+        if extra:
+            # e.g. GLM-MoE-DSA: (out, weights, top-k indices), the indices read by later layers.
+            raise UnsupportedModelError(
+                f"skip_attention: {cls.__name__}.forward returns {extra[0]} values, not (output, weights): "
+                "the layer uses the others (state later layers read), which a skipped sub-layer cannot "
+                "produce. Model left unchanged.")
     return [(f"{list_name}.{i}.{child}", getattr(layers[i], child)) for i in idx]
 
 

@@ -131,6 +131,25 @@ def score_bias_source(model: nn.Module, attn) -> Optional[str]:
 
 
 @functools.lru_cache(None)
+def forward_return_arities(cls) -> Tuple[int, ...]:
+    """The lengths of the tuples cls.forward returns literally (`return out, weights` -> 2), in
+    the function itself, not in functions nested in it."""
+    try:
+        fn = ast.parse(textwrap.dedent(_forward_source(cls))).body[0]
+    except (SyntaxError, IndexError):
+        return ()
+    found, todo = set(), list(ast.iter_child_nodes(fn))
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            continue
+        if isinstance(node, ast.Return) and isinstance(node.value, ast.Tuple):
+            found.add(len(node.value.elts))
+        todo.extend(ast.iter_child_nodes(node))
+    return tuple(sorted(found))
+
+
+@functools.lru_cache(None)
 def _forward_source(cls) -> str:
     try:
         return inspect.getsource(cls.forward)
