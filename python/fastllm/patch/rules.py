@@ -103,12 +103,11 @@ BIAS_PARAMETERS: Tuple[str, ...] = ("relative_position_bias_table",)
 def _interface_mask_args(cls) -> Tuple[str, ...]:
     """The source text of the mask argument (5th positional, or attention_mask=) of every
     attention_interface(...) call in cls.forward."""
-    try:
-        nodes = ast.walk(ast.parse(textwrap.dedent(_forward_source(cls))))
-    except SyntaxError:
+    tree = _forward_tree(cls)
+    if tree is None:
         return ()
     out = []
-    for node in nodes:
+    for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "attention_interface":
             arg = next((kw.value for kw in node.keywords if kw.arg == "attention_mask"), None)
             if arg is None and len(node.args) >= 5:
@@ -134,11 +133,10 @@ def score_bias_source(model: nn.Module, attn) -> Optional[str]:
 def forward_return_arities(cls) -> Tuple[int, ...]:
     """The lengths of the tuples cls.forward returns literally (`return out, weights` -> 2), in
     the function itself, not in functions nested in it."""
-    try:
-        fn = ast.parse(textwrap.dedent(_forward_source(cls))).body[0]
-    except (SyntaxError, IndexError):
+    tree = _forward_tree(cls)
+    if tree is None or not tree.body:
         return ()
-    found, todo = set(), list(ast.iter_child_nodes(fn))
+    found, todo = set(), list(ast.iter_child_nodes(tree.body[0]))
     while todo:
         node = todo.pop()
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
@@ -147,6 +145,15 @@ def forward_return_arities(cls) -> Tuple[int, ...]:
             found.add(len(node.value.elts))
         todo.extend(ast.iter_child_nodes(node))
     return tuple(sorted(found))
+
+
+@functools.lru_cache(None)
+def _forward_tree(cls) -> Optional[ast.Module]:
+    """cls.forward's source parsed (a module holding the one def), or None when unparsable."""
+    try:
+        return ast.parse(textwrap.dedent(_forward_source(cls)))
+    except SyntaxError:
+        return None
 
 
 @functools.lru_cache(None)
