@@ -7,6 +7,7 @@ generations must agree token for token, except after a step where the unpatched 
 had a near-tie between the two tokens (random weights make ties possible).
 """
 import copy
+import inspect
 import subprocess
 import sys
 import textwrap
@@ -67,6 +68,11 @@ def build(kind, hidden=64, layers=2):
         model = T.MiniMaxForCausalLM(T.MiniMaxConfig(
             num_key_value_heads=2, head_dim=16, layer_types=["linear_attention", "full_attention"],
             num_local_experts=2, num_experts_per_tok=1, **common))
+    elif kind == "deepseek_v3":  # MLA: caches a latent (width kv_lora_rank) and a rope key, one "head"
+        model = T.DeepseekV3ForCausalLM(T.DeepseekV3Config(
+            num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
+            v_head_dim=16, moe_intermediate_size=hidden // 2, n_routed_experts=4, num_experts_per_tok=2,
+            n_group=1, topk_group=1, first_k_dense_replace=1, **common))
     elif kind == "bert":         # bidirectional encoder
         model = T.BertModel(T.BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
                                          num_attention_heads=4, intermediate_size=2 * hidden,
@@ -938,6 +944,80 @@ def test_skip_attention_is_zeroed_attention_and_reversible():
         assert_same_tokens(ref_tokens, ref_logits, tokens, f"skip {kw}")
     fastllm.unpatch(model)
     assert torch.equal(out(model, ids, mask), before)
+
+
+def with_cache(model, ids, cache, **kw):
+    """model(ids, ...) filling `cache` (transformers 5.24 renamed past_key_values to cache)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        return model(ids, use_cache=True, **{name: cache}, **kw)
+
+
+def zeroed_attention_reference(model, names):
+    """A deep copy whose attention modules `names` run their original forward (so they fill the
+    KV cache as unpatched) and return zeros in place of the output."""
+    ref = copy.deepcopy(model)
+    for name in names:
+        mod = ref.get_submodule(name)
+
+        def fwd(*a, _orig=mod.forward, **k):
+            o = _orig(*a, **k)
+            return (torch.zeros_like(o[0]), *o[1:])
+        mod.forward = fwd
+    return ref
+
+
+def test_skip_attention_on_mla_caches_stand_in_zeros():
+    """DeepSeek-V3 caches (B, 1, S, kv_lora_rank) latents and (B, 1, S, rope) keys, not
+    (B, Hkv, S, head_dim): the skipped layer's stand-in must not assume the layout. Its zeros
+    are (B, 1, S, 1): lengths right for the cache's bookkeeping, ~no memory."""
+    model = build("deepseek_v3")
+    ids, mask = batch()
+    ref = zeroed_attention_reference(model, ["model.layers.0.self_attn"])
+    fastllm.patch(model, backend="torch", skip_attention=[0])
+    valid = mask.bool()
+    assert torch.allclose(out(model, ids, mask)[valid], out(ref, ids, mask)[valid], rtol=1e-5, atol=1e-5)
+    for kw in ({}, {"cache_implementation": "static"}):
+        ref_tokens, ref_logits = greedy(ref, ids, mask, **kw)
+        assert_same_tokens(ref_tokens, ref_logits, greedy(model, ids, mask, **kw)[0], f"mla skip {kw}")
+    caches = []
+    for m in (model, ref):
+        caches.append(T.DynamicCache(config=model.config))
+        with_cache(m, ids, caches[-1], attention_mask=mask)
+    got, want = ([(tuple(layer.keys.shape), tuple(layer.values.shape)) for layer in c.layers] for c in caches)
+    B, S = ids.shape
+    assert got[0] == ((B, 1, S, 1), (B, 1, S, 1)) and want[0] == ((B, 1, S, 16), (B, 1, S, 8))
+    assert got[1:] == want[1:]
+
+
+@pytest.mark.parametrize("cache", ["dynamic, prefilled unskipped", "static, initialized early"])
+def test_skip_attention_keeps_an_allocated_cache_layout(cache):
+    """A cache that already holds the skipped layer's buffers (a prompt prefilled before patching,
+    a StaticCache initialized early as torch.export / chunked prefill do) gets zeros of their
+    shape, so its update works; the next step's logits equal the zeroed-attention reference's."""
+    model = build("llama")
+    ids, mask = batch()
+    B, S = ids.shape
+    if cache.startswith("dynamic"):
+        c = T.DynamicCache(config=model.config)
+        with_cache(model, ids, c, attention_mask=mask)
+        step, pos = torch.randint(3, VOCAB, (B, 1)), S
+        step_mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], 1)
+    else:
+        c = T.StaticCache(config=model.config, max_cache_len=S + 4)
+        c.early_initialization(batch_size=B, num_heads=2, head_dim=16, dtype=torch.float32, device="cpu")
+        step, pos, step_mask = ids, 0, mask
+    ref = zeroed_attention_reference(model, ["model.layers.0.self_attn"])
+    ref_cache = copy.deepcopy(c)
+    fastllm.patch(model, backend="torch", skip_attention=[0])
+    logits = []
+    for m, kv in ((model, c), (ref, ref_cache)):
+        logits.append(with_cache(m, step, kv, attention_mask=step_mask,
+                                 position_ids=torch.arange(pos, pos + step.shape[1]).expand(B, -1)).logits)
+    valid = step_mask[:, -step.shape[1]:].bool()
+    assert torch.allclose(logits[0][valid], logits[1][valid], rtol=1e-5, atol=1e-5)
+    assert c.layers[0].keys.shape == ref_cache.layers[0].keys.shape
+    assert c.get_seq_length() == ref_cache.get_seq_length() == pos + step.shape[1]
 
 
 def test_skip_attention_without_fastllm_attention():

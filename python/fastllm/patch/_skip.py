@@ -4,6 +4,7 @@ instance-level forward that replaces theirs."""
 import functools
 from typing import List, Tuple
 
+import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
@@ -80,14 +81,31 @@ def resolve_skip(model, skip) -> List[Tuple[str, nn.Module]]:
     return [(f"{list_name}.{i}.{child}", getattr(layers[i], child)) for i in idx]
 
 
-def _skipped_attention_forward(module, n_kv_heads, head_dim, *args, **kwargs):
+def _layer_buffers(cache, layer_idx):
+    """The (keys, values) buffers a cache already holds for one layer, each (B, H, S, D), or None
+    (not allocated yet: a DynamicLayer's first update, a lazily initialized StaticCache)."""
+    layers = getattr(cache, "layers", None)
+    if isinstance(layers, (list, tuple)) and 0 <= layer_idx < len(layers):
+        kv = getattr(layers[layer_idx], "keys", None), getattr(layers[layer_idx], "values", None)
+    else:   # hybrid caches (Jamba, Falcon-H1, LFM2, ...) keep per-layer lists
+        kv = tuple(getattr(cache, n, None) for n in ("key_cache", "value_cache"))
+        kv = tuple(t[layer_idx] if isinstance(t, (list, tuple)) and 0 <= layer_idx < len(t) else None for t in kv)
+    ok = all(isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[-1] > 0 for t in kv)
+    return kv if ok else None
+
+
+def _skipped_attention_forward(module, *args, **kwargs):
     """Instance-level forward of a skipped attention sub-layer: (zeros, None).
 
     The layer adds the output to the residual stream, so zeros remove this attention and
     nothing else (Gemma 2's post-attention RMSNorm maps zeros to zeros). The KV cache still
-    gets zero keys/values for this layer, so every layer's cached length, the mask sizes
-    computed from the cache and StaticCache positions stay what they would be unskipped
-    (skipping layer 0 included); the memory for this layer's cache is not saved.
+    gets this layer's tokens, as zeros, so every layer's cached length, the mask sizes computed
+    from the cache and StaticCache positions stay what they would be unskipped (skipping layer
+    0 included). Nothing reads those zeros (K/V-sharing models are refused), so they are
+    (B, 1, S, 1): the layer's cache costs ~nothing, and no guess at its layout is needed (MLA
+    layers cache a latent and a rope key of other widths, some sliding layers more heads).
+    Where the cache already holds buffers for the layer (a prompt prefilled unskipped, a
+    StaticCache initialized early), the zeros take their head count, widths and dtypes.
 
     Measured on the demo model (random Llama, hidden 256, 4 layers, fp32, CPU, 1 thread,
     torch reference attention, batch 4, medians of 4): skipping 1 / 2 of 4 layers cut prefill
@@ -100,26 +118,17 @@ def _skipped_attention_forward(module, n_kv_heads, head_dim, *args, **kwargs):
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     cache = cache_argument(kwargs)
     if cache is not None and hasattr(cache, "update"):
-        shape = (hidden.shape[0], n_kv_heads, hidden.shape[1], head_dim)
-        cache.update(hidden.new_zeros(shape), hidden.new_zeros(shape), module.layer_idx)
+        b, s = hidden.shape[:2]
+        have = _layer_buffers(cache, module.layer_idx)
+        k, v = ((hidden.new_zeros((b, t.shape[1], s, t.shape[3]), dtype=t.dtype) for t in have) if have
+                else (hidden.new_zeros((b, 1, s, 1)) for _ in range(2)))
+        cache.update(k, v, module.layer_idx)
     return hidden.new_zeros(hidden.shape), None
 
 
-def install_skip(module, cfg):
-    # The module's own sizes first: per-layer configs (Gemma 4) have no global ones.
-    mcfg = getattr(module, "config", None) or cfg
-    heads = cfg_get(mcfg, "num_attention_heads", None) or cfg_get(cfg, "num_attention_heads", None)
-    kv_heads = cfg_get(mcfg, "num_key_value_heads", None) or cfg_get(cfg, "num_key_value_heads", None)
-    groups = getattr(module, "num_key_value_groups", None)
-    if heads and not kv_heads:
-        kv_heads = heads // groups if groups else heads
-    head_dim = getattr(module, "head_dim", None) or cfg_get(mcfg, "head_dim", None) or (
-        heads and cfg_get(cfg, "hidden_size", 0) // heads)
-    if not (kv_heads and head_dim):
-        raise UnsupportedModelError(f"skip_attention: cannot tell the K/V shape of {type(module).__name__} "
-                                    "from its config (per-layer settings); model left unchanged")
+def install_skip(module):
     # functools.partial (not a bound method) so copy.deepcopy(model) keeps the skip.
-    module.__dict__["forward"] = functools.partial(_skipped_attention_forward, module, kv_heads, head_dim)
+    module.__dict__["forward"] = functools.partial(_skipped_attention_forward, module)
 
 
 def remove_skip(module):

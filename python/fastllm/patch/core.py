@@ -258,9 +258,8 @@ def _patch(model, options, batches, loaded=None):
                     f"{type(model).__name__}: set_attn_implementation({impl!r}) did not reach "
                     f"{wrong or ['the model config']}. Model left unchanged.")
             _slicing.install(model)
-        cfg = text_config(model)
         for _, m in skips:
-            install_skip(m, cfg)
+            install_skip(m)
             installed.append(m)
         _linear.commit(model, plan)
         committed = True
@@ -375,7 +374,7 @@ def _build_report(model, options, attn, skips, op_entry, device, dtype, transfor
     for n, m in skips:
         report.modules.append(ModuleEntry(
             n, type(m).__name__, "skipped",
-            "skip_attention: output replaced by zeros, KV cache fed zeros (lossy; arXiv 2404.05741)"))
+            "skip_attention: output replaced by zeros, its KV cache keeps only lengths (lossy; arXiv 2404.05741)"))
     if loaded:
         for n, m in loaded[1]:
             report.modules.append(ModuleEntry(n, "Linear", "replaced",
