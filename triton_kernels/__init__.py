@@ -4,6 +4,7 @@ ImportError here as "Triton backend unavailable"."""
 import functools
 import os
 
+import torch
 import triton  # noqa: F401  (fail here, not at first launch, when Triton is missing)
 
 
@@ -34,6 +35,29 @@ def mode_reason():
     return (f"TRITON_INTERPRET changed after triton was imported (triton's helpers are "
             f"{'interpreted' if theirs else 'compiled'}, fastllm's kernels {'interpreted' if ours else 'compiled'}): "
             "set it before `import fastllm` (which imports triton), in a fresh process")
+
+
+@functools.lru_cache(None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs of the GPU (the tile / split-K choices fill them); 132 (an H100) for the CPU under
+    the interpreter, where it only has to be a plausible number."""
+    if device.type != "cuda":
+        return 132
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def capability(device: torch.device) -> int:
+    """Compute capability as 80 / 86 / 90 ... of the GPU (90 under the interpreter, where the
+    tiles do not depend on it). Asked even for the CPU when compiling for a GPU:
+    bench/triton_compile_check.py answers for the arch it compiles."""
+    if interpreting():
+        return 90
+    major, minor = torch.cuda.get_device_capability(device if device.type == "cuda" else None)
+    return 10 * major + minor
 
 
 INTERPRET_ENV = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -45,6 +45,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from . import capability
+
 
 # Tile configs: (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim, per GPU
 # family. The one place these live. Shared memory per stage is (BLOCK_M + ...) tiles:
@@ -81,8 +83,8 @@ def tile_config(head_dim: int, dtype: torch.dtype, max_seqlen_q: int, device: to
     if interpret:
         bm, bn, warps, stages = _INTERPRET_CONFIG
     else:
-        major, minor = torch.cuda.get_device_capability(device)
-        family = "sm90" if major >= 9 else ("sm86" if (major, minor) in ((8, 6), (8, 7), (8, 9)) else "sm80")
+        cc = capability(device)
+        family = "sm90" if cc >= 90 else ("sm86" if cc in (86, 87, 89) else "sm80")
         table = (_CONFIGS_FP32 if dtype == torch.float32 else _CONFIGS)[family]
         bm, bn, warps, stages = table[min(d for d in table if d >= block_d)]
         if bias and block_d >= 256:   # the bias tile's registers: sm_90's 128-row D 256 tile spilled

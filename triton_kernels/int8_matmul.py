@@ -48,7 +48,6 @@ int8 tl.dot is exact in the interpreter and on GPUs.
 
 Tile configs live in ONE place, pick_config(); nothing else knows a tile size.
 """
-import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -56,7 +55,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from . import k_offsets_fit
+from . import capability, k_offsets_fit, sm_count
 
 # Rounds to nearest-even for |y| < 2**22 (the interpreter has no libdevice.rint).
 _RNE_MAGIC = tl.constexpr(12582912.0)
@@ -70,11 +69,6 @@ class Config(NamedTuple):
     GROUP_M: int = 8      # programs along M sharing the same N tiles, for L2 reuse of B
     num_warps: int = 4
     num_stages: int = 3
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def pick_config(kind: str, M: int, N: int, K: int, *, group_size: int = 0, sms: int = 132,
@@ -378,24 +372,14 @@ def w8a16_matmul_kernel(x_ptr, w_ptr, c_ptr, s_ptr, bias_ptr,
         tl.store(c_ptrs, acc, mask=c_mask)  # fp32 partial; the wrapper sums the splits
 
 
+def _on(t: torch.Tensor) -> dict:
+    """pick_config's device arguments for t's GPU."""
+    return dict(sms=sm_count(t.device), arch=capability(t.device))
+
+
 def _interp() -> bool:
     from . import interpreting
     return interpreting()
-
-
-def _sms(t: torch.Tensor) -> int:
-    return _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device()) \
-        if t.device.type == "cuda" else 132
-
-
-def _arch(t: torch.Tensor) -> int:
-    """Compute capability as 80 / 86 / 90 ... of t's GPU (90 under the interpreter, where the
-    tiles do not depend on it). Asked even for a CPU tensor when compiling for a GPU:
-    bench/triton_compile_check.py answers for the arch it compiles."""
-    if _interp():
-        return 90
-    major, minor = torch.cuda.get_device_capability(t.device if t.is_cuda else None)
-    return 10 * major + minor
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: Optional[torch.Tensor] = None,
@@ -427,7 +411,7 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: Optional[torch.Tensor
         return out
     quant_a = in_mul is not None or dynamic
     kind = "w8a8-static" if quant_a else "w8a8"     # (a 16-bit A tile either way)
-    cfg = config or pick_config(kind, M, N, K, sms=_sms(a), arch=_arch(a), interpret=_interp())
+    cfg = config or pick_config(kind, M, N, K, **_on(a), interpret=_interp())
     grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
     per_row = scaled and not dynamic and a_scale.numel() > 1
     dummy = out  # never read when the matching flag is off
@@ -459,8 +443,7 @@ def w8a16_matmul(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: 
     if M == 0 or N == 0:
         return out
     interp = _interp()
-    cfg = config or pick_config("w8a16", M, N, K, group_size=group_size, sms=_sms(x), arch=_arch(x),
-                                 interpret=interp)
+    cfg = config or pick_config("w8a16", M, N, K, group_size=group_size, **_on(x), interpret=interp)
     if group_size and group_size % cfg.BLOCK_K:
         raise ValueError(f"BLOCK_K {cfg.BLOCK_K} must divide group_size {group_size}")
     split = cfg.SPLIT_K
@@ -505,7 +488,7 @@ def _bench(sweep: bool = False):
         t_tr = do_bench(lambda: int8_matmul(a, b, sa, sw, None, torch.bfloat16))
         t_cb = do_bench(lambda: torch._int_mm(a, b.t())) if M > 16 else float("nan")
         t_bf = do_bench(lambda: xa @ xb.t())
-        print(f"  M={M:5d} N={N:5d} K={K:5d}  {pick_config('w8a8', M, N, K, sms=_sms(a), arch=_arch(a))}\n"
+        print(f"  M={M:5d} N={N:5d} K={K:5d}  {pick_config('w8a8', M, N, K, **_on(a))}\n"
               f"{'':40s}{ops / t_tr * 1e-9:8.1f}  {ops / t_cb * 1e-9:8.1f}  {ops / t_bf * 1e-9:8.1f}")
         if sweep and N == 4096 and M in (1, 32, 128, 4096):
             best = []
@@ -534,7 +517,7 @@ def _bench(sweep: bool = False):
         t1 = do_bench(lambda: w8a16_matmul(x, w, s))
         t2 = do_bench(lambda: w8a16_matmul(x, w, sg, None, 128))
         t3 = do_bench(lambda: x @ wb.t())
-        print(f"  M={M:5d} N={N:5d} K={K:5d}  {pick_config('w8a16', M, N, K, sms=_sms(x), arch=_arch(x))}\n"
+        print(f"  M={M:5d} N={N:5d} K={K:5d}  {pick_config('w8a16', M, N, K, **_on(x))}\n"
               f"{'':40s}{N * K / t1 * 1e-6:8.0f}  {N * K / t2 * 1e-6:8.0f}  {2 * N * K / t3 * 1e-6:8.0f}"
               f"   (time us: {t1 * 1e3:.1f} {t2 * 1e3:.1f} {t3 * 1e3:.1f})")
         if sweep and M in (1, 16) and N * K < 11008 * 4096 or (M, N) == (1, 11008):

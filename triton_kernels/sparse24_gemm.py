@@ -26,14 +26,13 @@ only when BLOCK_K does not divide K (EVEN_K).
 
 Tile configs live in one place, pick_config().
 """
-import functools
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from . import k_offsets_fit
+from . import k_offsets_fit, sm_count
 from .int8_matmul import _store_out, _tile_ids, split_k
 
 
@@ -178,16 +177,6 @@ def _interp() -> bool:
     return interpreting()
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _sms(t: torch.Tensor) -> int:
-    return _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device()) \
-        if t.device.type == "cuda" else 132
-
-
 def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor] = None,
                     a_scale: Optional[torch.Tensor] = None, w_scale: Optional[torch.Tensor] = None,
                     out_dtype: Optional[torch.dtype] = None, config: Optional[Config] = None,
@@ -207,7 +196,7 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
     if M == 0 or N == 0:
         return out
     interp = _interp()
-    cfg = config or pick_config(M, N, K, s8=s8, sms=_sms(x), interpret=interp)
+    cfg = config or pick_config(M, N, K, s8=s8, sms=sm_count(x.device), interpret=interp)
     split = cfg.SPLIT_K
     c = out if split == 1 else torch.empty((split, M, N), dtype=torch.int32 if s8 else torch.float32,
                                            device=x.device)
