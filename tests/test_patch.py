@@ -1020,6 +1020,44 @@ def test_skip_attention_keeps_an_allocated_cache_layout(cache):
     assert c.get_seq_length() == ref_cache.get_seq_length() == pos + step.shape[1]
 
 
+def test_skip_attention_on_longcat_skips_both_attention_modules():
+    """LongCat-Flash: a layer's self_attn is a ModuleList of two MLA modules called one by one
+    (cache slots 2i, 2i + 1). Both get the stand-in; on the list itself (never called) the skip
+    was a silent no-op that the report still listed."""
+    cfg = T.LongcatFlashConfig(
+        vocab_size=VOCAB, hidden_size=64, num_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        ffn_hidden_size=128, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        head_dim=8, v_head_dim=16, moe_topk=2, n_routed_experts=4, zero_expert_num=2, expert_ffn_hidden_size=64,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=256)
+    model = T.LongcatFlashForCausalLM(cfg).eval()
+    ids, mask = batch()
+    valid = mask.bool()
+    names = ["model.layers.1.self_attn.0", "model.layers.1.self_attn.1"]
+    ref = zeroed_attention_reference(model, names)
+    before = out(model, ids, mask)
+    fastllm.patch(model, backend="torch", skip_attention=1)
+    assert [m.name for m in fastllm.patch_report(model).skipped] == names
+    got = out(model, ids, mask)
+    assert (got - before)[valid].abs().max() > 1e-3
+    assert torch.allclose(got[valid], out(ref, ids, mask)[valid], rtol=1e-5, atol=1e-5)
+    ref_tokens, ref_logits = greedy(ref, ids, mask)
+    assert_same_tokens(ref_tokens, ref_logits, greedy(model, ids, mask)[0], "longcat skip")
+    fastllm.unpatch(model)
+    assert torch.equal(out(model, ids, mask), before)
+
+
+def test_skip_attention_refuses_a_sub_layer_without_a_cache_slot():
+    """The stand-in writes the layer's KV cache slot (layer_idx): without one, skipping could
+    not keep the cache consistent. Refused, model untouched."""
+    model = build("llama")
+    del model.model.layers[1].self_attn.layer_idx
+    cfg, sd = model.config, state_snapshot(model)
+    with pytest.raises(UnsupportedModelError, match=r"model.layers.1.self_attn \(LlamaAttention\) is not an "
+                                                    r"attention module with a layer_idx"):
+        fastllm.patch(model, skip_attention=1)
+    assert_untouched(model, cfg, "sdpa", sd)
+
+
 def test_skip_attention_without_fastllm_attention():
     model = build("gemma2")
     ids, mask = batch()

@@ -69,16 +69,27 @@ def resolve_skip(model, skip) -> List[Tuple[str, nn.Module]]:
                                  f"the layers that have one: {have}")
             idx.append(i % n)
         idx = sorted(set(idx))
+    out = []
     for i in idx:
-        cls = type(getattr(layers[i], child))
-        extra = [a for a in forward_return_arities(cls) if a != 2]
-        if extra:
-            # e.g. GLM-MoE-DSA: (out, weights, top-k indices), the indices read by later layers.
-            raise UnsupportedModelError(
-                f"skip_attention: {cls.__name__}.forward returns {extra[0]} values, not (output, weights): "
-                "the layer uses the others (state later layers read), which a skipped sub-layer cannot "
-                "produce. Model left unchanged.")
-    return [(f"{list_name}.{i}.{child}", getattr(layers[i], child)) for i in idx]
+        sub = getattr(layers[i], child)
+        # LongCat-Flash: a ModuleList of two attention modules, each called (and caching) on its
+        # own; the stand-in goes on each, since the list's own forward is never called.
+        parts = ([(f".{j}", m) for j, m in enumerate(sub)] if isinstance(sub, nn.ModuleList) else [("", sub)])
+        for suffix, m in parts:
+            if isinstance(m, (nn.ModuleList, nn.ModuleDict)) or not hasattr(m, "layer_idx"):
+                raise UnsupportedModelError(
+                    f"skip_attention: {list_name}.{i}.{child}{suffix} ({type(m).__name__}) is not an attention "
+                    "module with a layer_idx (its KV cache slot); fastllm cannot tell what to skip there. "
+                    "Model left unchanged.")
+            extra = [a for a in forward_return_arities(type(m)) if a != 2]
+            if extra:
+                # e.g. GLM-MoE-DSA: (out, weights, top-k indices), the indices read by later layers.
+                raise UnsupportedModelError(
+                    f"skip_attention: {type(m).__name__}.forward returns {extra[0]} values, not (output, weights): "
+                    "the layer uses the others (state later layers read), which a skipped sub-layer cannot "
+                    "produce. Model left unchanged.")
+            out.append((f"{list_name}.{i}.{child}{suffix}", m))
+    return out
 
 
 def _layer_buffers(cache, layer_idx):
