@@ -1134,6 +1134,26 @@ def test_report():
         fastllm.patch_report(model)
 
 
+def test_report_names_attention_it_does_not_serve():
+    """SigLIP's pooling head is PyTorch's nn.MultiheadAttention, which never goes through
+    transformers' attention interface: left as it was, and the report says so (not silence)."""
+    cfg = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               image_size=28, patch_size=14)
+    model = T.SiglipVisionModel(cfg).eval()
+    pixels = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        before = model(pixel_values=pixels).pooler_output
+    fastllm.patch(model, backend="torch")
+    rep = fastllm.patch_report(model)
+    assert [m.name for m in rep.replaced] == [f"encoder.layers.{i}.self_attn" for i in range(2)]
+    left = [m for m in rep.modules if m.type == "MultiheadAttention"]
+    assert [(m.name, m.action) for m in left] == [("head.attention", "left")]
+    assert "does not call transformers' attention interface" in left[0].detail
+    assert "head.attention" in str(rep)
+    with torch.no_grad():
+        assert torch.allclose(model(pixel_values=pixels).pooler_output, before, rtol=1e-5, atol=1e-5)
+
+
 def test_save_and_load(tmp_path):
     model = build("qwen3")
     ids, mask = batch()
