@@ -6,13 +6,11 @@ call the attention function, so switching the attention implementation changes n
 only a layer of an unknown type that does call it is a problem (its mask means something
 fastllm does not know). Which layers call it is read from the modules, not from the type name.
 """
-from collections import defaultdict
-from typing import List
+from typing import List, Tuple
 
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .report import ModuleEntry
 from .rules import SUPPORTED_LAYER_TYPES, uses_attention_interface
 
 
@@ -20,10 +18,10 @@ def _attention_calls(layer) -> List[str]:
     return [n for n, m in layer.named_modules() if uses_attention_interface(n, m)]
 
 
-def check_layer_types(model, cfg, attn) -> List[ModuleEntry]:
+def check_layer_types(model, cfg, attn) -> List[Tuple[str, str, str]]:
     """Raise UnsupportedModelError (model untouched) if a layer of a type outside
     SUPPORTED_LAYER_TYPES calls the attention function, or if the layers cannot be told apart;
-    else one report entry per other layer type: those layers, left to their own modules."""
+    else (name, class, why) of each layer of another type: left to its own modules."""
     name = type(model).__name__
     layer_types = list(getattr(cfg, "layer_types", None) or ())
     unknown = sorted(set(layer_types) - set(SUPPORTED_LAYER_TYPES))
@@ -40,7 +38,7 @@ def check_layer_types(model, cfg, attn) -> List[ModuleEntry]:
             f"(no single list of {len(layer_types)} layers holding the attention modules); its attention "
             f"serves only {list(SUPPORTED_LAYER_TYPES)}. Model left unchanged.")
     list_name, layers = lists[0]
-    left = defaultdict(list)
+    left = []
     for i, (kind, layer) in enumerate(zip(layer_types, layers)):
         if kind not in unknown:
             continue
@@ -50,7 +48,6 @@ def check_layer_types(model, cfg, attn) -> List[ModuleEntry]:
                 f"{name}: layer {list_name}.{i} has layer type {kind!r} and calls the attention function "
                 f"({list_name}.{i}.{calls[0]}); fastllm's attention serves only {list(SUPPORTED_LAYER_TYPES)} "
                 f"(what a {kind!r} mask means is unknown to it). Model left unchanged.")
-        left[kind].append(i)
-    return [ModuleEntry(f"{list_name}.{{{','.join(map(str, idx))}}}", type(layers[idx[0]]).__name__, "left",
-                        f"{kind!r} layer: no attention-function call, runs its own modules")
-            for kind, idx in left.items()]
+        left.append((f"{list_name}.{i}", type(layer).__name__,
+                     f"{kind!r} layer: no attention-function call, runs its own modules"))
+    return left

@@ -47,7 +47,7 @@ from ._layer_types import check_layer_types
 from ._options import normalize_options
 from ._skip import install_skip, remove_skip, resolve_skip
 from ._unserved import unserved_attention
-from .report import ModuleEntry, PatchReport
+from .report import ModuleEntry, PatchReport, grouped_entries
 from .rules import (DEFAULT_EXCLUDED, LINEAR_DEFAULT_EXCLUDE, RULES,
                     attention_unsupported_reason, sparse24_class)
 
@@ -131,7 +131,7 @@ def _check_supported(model, options, transformers) -> Tuple[List[Tuple[str, nn.M
             f"{name}: {bad[0]}.{bad[1]} slices the queries of some layers (with masks that may be None) and "
             "this transformers gives it no argument fastllm knows to turn that off. Model left unchanged.")
     left = check_layer_types(model, cfg, attn)
-    return attn, left + unserved_attention(model, attn, left)
+    return attn, grouped_entries(left, "left") + unserved_attention(model, attn, [n for n, _, _ in left])
 
 
 def _loaded_as_chosen(options, loaded):

@@ -1,6 +1,8 @@
 """PatchReport: what fastllm.patch did to a model, printable as a table (str(report))."""
+import re
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 
 @dataclass
@@ -12,6 +14,18 @@ class ModuleEntry:
     action: str          # "replaced" | "skipped" | "left"
     detail: str          # what it became, or why it was left / skipped
     bytes_saved: int = 0
+
+
+def grouped_entries(items: Iterable[Tuple[str, str, str]], action: str) -> List["ModuleEntry"]:
+    """ModuleEntries for (name, class, detail) items, one per alike group: names that differ only
+    in their last index are one entry, layers.0.attn and layers.2.attn -> layers.{0,2}.attn."""
+    groups = defaultdict(list)
+    for name, cls, detail in items:
+        idx = list(re.finditer(r"\.(\d+)(?=\.|$)", name))
+        pattern = name[:idx[-1].start() + 1] + "{}" + name[idx[-1].end():] if idx else name
+        groups[(pattern, cls, detail)].append(idx[-1].group(1) if idx else None)
+    return [ModuleEntry(pattern.replace("{}", "{" + ",".join(ids) + "}") if ids[0] is not None else pattern,
+                        cls, action, detail) for (pattern, cls, detail), ids in groups.items()]
 
 
 @dataclass
