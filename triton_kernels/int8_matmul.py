@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from . import capability, k_offsets_fit, sm_count
+from . import capability, interpreting, k_offsets_fit, sm_count
 
 # Rounds to nearest-even for |y| < 2**22 (the interpreter has no libdevice.rint).
 _RNE_MAGIC = tl.constexpr(12582912.0)
@@ -377,11 +377,6 @@ def _on(t: torch.Tensor) -> dict:
     return dict(sms=sm_count(t.device), arch=capability(t.device))
 
 
-def _interp() -> bool:
-    from . import interpreting
-    return interpreting()
-
-
 def int8_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: Optional[torch.Tensor] = None,
                 w_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                 out_dtype: torch.dtype = torch.bfloat16, config: Optional[Config] = None,
@@ -411,7 +406,7 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: Optional[torch.Tensor
         return out
     quant_a = in_mul is not None or dynamic
     kind = "w8a8-static" if quant_a else "w8a8"     # (a 16-bit A tile either way)
-    cfg = config or pick_config(kind, M, N, K, **_on(a), interpret=_interp())
+    cfg = config or pick_config(kind, M, N, K, **_on(a), interpret=interpreting())
     grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
     per_row = scaled and not dynamic and a_scale.numel() > 1
     dummy = out  # never read when the matching flag is off
@@ -425,7 +420,7 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: Optional[torch.Tensor
         in_mul.stride(0) if has_mul and in_mul.numel() > 1 else 0,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         EVEN_K=K % cfg.BLOCK_K == 0, SCALED=scaled, A_SCALE_PER_ROW=per_row, HAS_BIAS=bias is not None,
-        QUANT_A=quant_a, DYN_A=dynamic, HAS_MUL=has_mul, INTERPRET=_interp(),
+        QUANT_A=quant_a, DYN_A=dynamic, HAS_MUL=has_mul, INTERPRET=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
@@ -442,7 +437,7 @@ def w8a16_matmul(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: 
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return out
-    interp = _interp()
+    interp = interpreting()
     cfg = config or pick_config("w8a16", M, N, K, group_size=group_size, **_on(x), interpret=interp)
     if group_size and group_size % cfg.BLOCK_K:
         raise ValueError(f"BLOCK_K {cfg.BLOCK_K} must divide group_size {group_size}")

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import k_offsets_fit, sm_count
+from . import interpreting, k_offsets_fit, sm_count
 from .int8_matmul import _store_out, _tile_ids, split_k
 
 
@@ -172,11 +172,6 @@ def sparse24_kernel(x_ptr, v_ptr, m_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_p
         _store_out(c_ptrs, out, c_mask, INTERPRET)
 
 
-def _interp() -> bool:
-    from . import interpreting
-    return interpreting()
-
-
 def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor] = None,
                     a_scale: Optional[torch.Tensor] = None, w_scale: Optional[torch.Tensor] = None,
                     out_dtype: Optional[torch.dtype] = None, config: Optional[Config] = None,
@@ -195,7 +190,7 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
         out = torch.empty((M, N), dtype=dtype, device=x.device)
     if M == 0 or N == 0:
         return out
-    interp = _interp()
+    interp = interpreting()
     cfg = config or pick_config(M, N, K, s8=s8, sms=sm_count(x.device), interpret=interp)
     split = cfg.SPLIT_K
     c = out if split == 1 else torch.empty((split, M, N), dtype=torch.int32 if s8 else torch.float32,
