@@ -1,10 +1,12 @@
 """skip_attention on CPU: speed and output change of fastllm.patch(skip_attention=k) on a
 Llama-style model with random weights (no downloads here); medians of 7 prefills and 3
-generations, and the KV cache's size after the prefill. Numbers in README "Patching a model".
+generations (fastllm.bench.timing.Timer), and the KV cache's size after the prefill.
+Numbers in README "Patching a model".
 
     python bench/skip_attention_cpu.py
 """
-import time, copy, torch, transformers, fastllm
+import copy, torch, transformers, fastllm
+from fastllm.bench.timing import Timer
 torch.manual_seed(0)
 torch.set_num_threads(2)
 cfg = transformers.LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
@@ -15,24 +17,16 @@ ids = torch.randint(0, 4096, (1, 256))
 def cache_bytes(cache):
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
-def median_s(fn, n):
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        r = fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[n // 2], r
-
 def bench(model):
     with torch.no_grad():
         o = model(ids, use_cache=True)
         logits, kv = o.logits, cache_bytes(getattr(o, "cache", None) or o.past_key_values)
         for _ in range(2):
             model.generate(ids[:, :64], max_new_tokens=8, do_sample=False)
-        pre = ids.shape[1] / median_s(lambda: model(ids), 7)[0]
-        t, out = median_s(lambda: model.generate(ids[:, :64], max_new_tokens=64, min_new_tokens=64,
-                                                 do_sample=False), 3)
-        dec = 64 / t
+        pre = ids.shape[1] / Timer("cpu", warmup=0, reps=7)(lambda: model(ids))
+        gen = lambda: model.generate(ids[:, :64], max_new_tokens=64, min_new_tokens=64, do_sample=False)  # noqa: E731
+        dec = 64 / Timer("cpu", warmup=0, reps=3)(gen)
+        out = gen()   # greedy: the same tokens as the timed runs
     return logits, out, pre, dec, kv
 
 ref_logits, ref_out, pre0, dec0, kv0 = bench(base)
